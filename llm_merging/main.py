@@ -1,0 +1,136 @@
+"""Command line: ``python llm_merging/main.py -m METHOD [options]`` (also ``python -m llm_merging.main``
+and the ``llm-merging`` console script). Parses flags, discovers the method, hands over to the runner."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script from a source tree: import the package, not its folder
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+        sys.path[0] = _root
+    else:
+        sys.path.insert(0, _root)
+
+from llm_merging.errors import LLMMergingError  # noqa: E402
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="llm-merging",
+        description="Merge expert LLMs (LoRA adapters or full fine-tunes) into one model, then evaluate it.",
+    )
+    p.add_argument("-m", "--merging_method", "--method", dest="method", help="registered merge method (see --list)")
+    p.add_argument("--list", action="store_true", help="list the registered merge methods and exit")
+    p.add_argument("-d", "--dataset_filepaths", nargs="+", default=None,
+                   help="evaluation files: starter-kit JSON lines or CSV (default: data/validation/{cosmos_qa,xsum}.csv)")
+    p.add_argument("--eval_types", nargs="+", default=None, choices=("multiple_choice", "generation"),
+                   help="eval type per dataset file (default: from each row)")
+    p.add_argument("--output_folder", default="output", help="outputs go to OUTPUT_FOLDER/METHOD/ (default: output)")
+    p.add_argument("--base-model", dest="base_model", help="base model: local directory or hub id[@revision]")
+    p.add_argument("--models", nargs="+", help="expert models/adapters: local directories or hub ids[@revision]")
+    p.add_argument("--set", dest="overrides", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                   help="hyperparameters, e.g. --set density=0.3 weights=0.7,0.3")
+    p.add_argument("--time-budget", dest="time_budget", type=float, default=3600.0,
+                   help="wall-clock seconds for the whole run, from process start (default 3600)")
+    p.add_argument("-b", "--batch-size", "--eval_batch_size", dest="batch_size", default="auto",
+                   help="evaluation batch size, or 'auto' (default)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="model dtype (default auto)")
+    p.add_argument("--max-examples", dest="max_examples", type=int, help="evaluate only the first N examples of each file")
+    p.add_argument("--seed", type=int, default=0, help="seed of random merge methods (DARE, DELLA)")
+    p.add_argument("--save", default="full", choices=("full", "kit", "adapter", "none"),
+                   help="merged model output: HF directory (full), the kit's safetensor.pt (kit), "
+                        "a PEFT adapter by SVD (adapter, LoRA inputs), or none")
+    p.add_argument("--tiny", action="store_true", help="offline smoke run with tiny twin models and sample data")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false", help="merge and save only")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    return p
+
+
+def list_methods() -> str:
+    from llm_merging.merging import all_merge_handlers
+
+    handlers = all_merge_handlers()
+    width = max((len(n) for n in handlers), default=0)
+    lines = []
+    for name, cls in handlers.items():
+        desc = cls.get_description() if hasattr(cls, "get_description") else (cls.__doc__ or "").strip().split("\n")[0]
+        lines.append(f"{name:<{width}}  {desc}")
+    return "\n".join(lines)
+
+
+def _batch_size(value: str):
+    if str(value).lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        raise LLMMergingError(f"--batch-size must be a positive integer or 'auto', got {value!r}") from None
+    if n < 1:
+        raise LLMMergingError(f"--batch-size must be a positive integer or 'auto', got {value!r}")
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.quiet or not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        if args.quiet:
+            hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+    from llm_merging.merging.hparams import parse_overrides
+    from llm_merging.runner import RunConfig, Runner
+
+    try:
+        if args.list:
+            print(list_methods())
+            return 0
+        if not args.method:
+            raise LLMMergingError("no merge method given: use -m METHOD (see --list)")
+        cfg = RunConfig(
+            method=args.method, dataset_filepaths=args.dataset_filepaths, eval_types=args.eval_types,
+            output_folder=args.output_folder, base_model=args.base_model, models=args.models,
+            overrides=parse_overrides([item for group in args.overrides for item in group]),
+            time_budget=args.time_budget, batch_size=_batch_size(args.batch_size), device=args.device,
+            dtype=args.dtype, max_examples=args.max_examples, seed=args.seed, tiny=args.tiny,
+            evaluate=args.evaluate, save=args.save, progress=not args.quiet, argv=["llm-merging", *argv],
+        )
+    except LLMMergingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    runner = Runner(cfg)
+    status = runner.run()
+    if runner.preflight_ok:
+        print(runner.summary())
+    if status != 0:
+        print(f"error: {runner.report.get('error')}", file=sys.stderr)
+    return status
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,17 @@
+"""``llama_avg``: the starter kit's Llama-2-7B LoRA average (0.8/0.2), computed exactly in weight space."""
+from __future__ import annotations
+
+from .hparams import Param
+from .Linear import Linear
+
+
+class LlamaAvg(Linear):
+    """Starter kit's Llama-2-7B LoRA average (weights 0.8/0.2), exact ΔW = s·B·A in weight space."""
+
+    hyperparameters = {
+        **Linear.hyperparameters,
+        "weights": Param([0.8, 0.2], "weight of each model (one value, or one per model)", per_model=True),
+    }
+
+    def __init__(self, name: str | None = "llama_avg") -> None:
+        super().__init__(name)

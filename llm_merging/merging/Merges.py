@@ -1,0 +1,358 @@
+"""``Merges``: the starter-kit compatible base class of every merge method.
+
+A class written for the competition starter kit (either era) runs unchanged on it: same attributes
+(``list_models``, ``base_model_name``, ``is_peft``, ``architecture``, ``loaded_models``, ``merged_model``,
+...) and methods (``_load_huggingface_models_and_configs``, ``_load_base_model``, ``_load_tokenizer``,
+``predict_multiple_choice``, ``generate``, ``save_model``, ...).
+
+New methods need less: declare ``hyperparameters`` and implement ``merge_tensor``; the default
+``merge()`` then streams every parameter through the merge engine (exact LoRA ΔW, full fine-tunes
+read tensor by tensor, math on the GPU when there is one) and writes the result into the base model.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from ..errors import CheckpointError, ConfigError, ModelNotFoundError
+from ..model.refs import ModelRef, hf_token
+from .hparams import COMMON, Param
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("decoder", "encoder_decoder")
+
+
+class Merges(object):
+    """Base class of merge methods (starter-kit surface plus hyperparameters and the engine hook)."""
+
+    #: one-line description shown by ``--list`` (default: first line of the class docstring)
+    description: ClassVar[str] = ""
+    #: hyperparameters of the method, settable with ``--set KEY=VALUE``
+    hyperparameters: ClassVar[dict[str, Param]] = {}
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+
+        self.list_models: list | None = None
+        self.loaded_models: dict | None = None
+        self.loaded_configs: dict | None = None
+        self.base_model = None
+        self.tokenizer = None
+        self.input_tokenizer = None
+        self.target_tokenizer = None
+
+        self.base_model_name: str | None = None
+        self.base_model_revision_id: str | None = None
+        # None: detect adapters by adapter_config.json (entry-points-era classes never set it)
+        self.is_peft: bool | None = None
+
+        self.max_seq_len: int | None = None
+        self.max_gen_len: int | None = None
+
+        self.device = None
+        self.architecture: str | None = None
+
+        self.merged_model = None
+
+        # Our additions (never required from participant classes).
+        self.dtype: str = "auto"
+        self.seed: int = 0
+        self.progress: bool = True
+        self.hparams: dict[str, Any] = {k: copy.deepcopy(p.default) for k, p in self.all_hyperparameters().items()}
+        self.experts: list = []
+        self.merge_stats: dict[str, Any] = {}
+        self.delta_sink = None  # sees every merged task vector (the adapter writer of --save adapter)
+        self.collect_adapter = False
+        self.load_seconds = 0.0
+
+    # ------------------------------------------------------------------ kit surface
+    def get_name(self) -> str | None:
+        return self.name
+
+    def get_model_config(self):
+        """The kit declared this hook without implementing it; we return the base model's config."""
+        if self.base_model is not None:
+            return self.base_model.config
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(self.base_ref().resolve(hf_token())))
+
+    def _load_base_model(self) -> None:
+        """Load the base model (resolved reference, chosen dtype) onto ``self.device``."""
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        self._check_architecture()
+        path = self.base_ref().resolve(hf_token())
+        loader = AutoModelForSeq2SeqLM if self.architecture == "encoder_decoder" else AutoModelForCausalLM
+        device = self.torch_device()
+        kwargs: dict[str, Any] = {"dtype": self.torch_dtype()}
+        if device.type != "cpu":
+            kwargs["device_map"] = {"": str(device)}
+        t0 = time.time()
+        try:
+            model = loader.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot load base model '{self.base_model_name}' from {path}: {_first_line(exc)}") from None
+        self.base_model = model.to(device).eval()
+        self.load_seconds = getattr(self, "load_seconds", 0.0) + time.time() - t0
+
+    def _load_tokenizer(self) -> None:
+        """Load tokenizers as the kit does (decoder: left-padded input, right-padded target with EOS, no BOS)."""
+        from transformers import AutoTokenizer
+
+        self._check_architecture()
+        path = str(self.base_ref().resolve(hf_token()))
+
+        def load():
+            kwargs: dict[str, Any] = {"legacy": False}
+            if self.max_seq_len is not None:
+                kwargs["model_max_length"] = self.max_seq_len
+            try:
+                return AutoTokenizer.from_pretrained(path, **kwargs)
+            except (OSError, ValueError) as exc:
+                raise ModelNotFoundError(
+                    f"cannot load the tokenizer of base model '{self.base_model_name}' from {path}: {_first_line(exc)}"
+                ) from None
+
+        if self.architecture == "encoder_decoder":
+            if self.tokenizer is None:
+                self.tokenizer = load()
+        elif self.input_tokenizer is None or self.target_tokenizer is None:
+            self.input_tokenizer = load()
+            self.target_tokenizer = copy.deepcopy(self.input_tokenizer)
+            for tok in (self.input_tokenizer, self.target_tokenizer):
+                if tok.pad_token_id is None:
+                    tok.pad_token_id = tok.eos_token_id
+            self.input_tokenizer.padding_side = "left"
+            self.target_tokenizer.padding_side = "right"
+            self.target_tokenizer.add_bos_token = False
+            self.target_tokenizer.add_eos_token = True
+
+    def predict_multiple_choice(self, batch: dict):
+        """Score every answer choice; return ``(predicted_choice[B], scores[B, n_choices])``."""
+        from ..model import decoder_functions, encoder_decoder_functions
+
+        assert self.base_model is not None, "the model must be merged (or loaded) before evaluation"
+        scoring = self.mc_scoring
+        if self.architecture == "encoder_decoder":
+            return encoder_decoder_functions.predict_multiple_choice(self.base_model, self.tokenizer, batch)
+        if self.architecture == "decoder":
+            return decoder_functions.predict_multiple_choice(
+                self.base_model, self.input_tokenizer, self.target_tokenizer, batch, scoring=scoring
+            )
+        raise NotImplementedError(f"Architecture not implemented {self.architecture}")
+
+    def generate(self, batch: dict):
+        """Greedy generation of ``max_gen_len`` new tokens; return ``(ids, texts)``."""
+        from ..model import decoder_functions, encoder_decoder_functions
+
+        assert self.base_model is not None, "the model must be merged (or loaded) before evaluation"
+        max_gen_len = self.max_gen_len or 64
+        if self.architecture == "encoder_decoder":
+            return encoder_decoder_functions.generate(self.base_model, self.tokenizer, batch, max_gen_len)
+        if self.architecture == "decoder":
+            return decoder_functions.generate(
+                self.base_model, self.input_tokenizer, self.target_tokenizer, batch, max_gen_len
+            )
+        raise NotImplementedError(f"Architecture not implemented {self.architecture}")
+
+    def _load_huggingface_models_and_configs(self) -> None:
+        """Kit behaviour: fill ``loaded_models`` / ``loaded_configs`` with every expert, whole.
+
+        Adapters: ``load_peft_weights`` dicts and ``PeftConfig``; full models: state dicts and ``AutoConfig``.
+        Prefer the engine (``merge_tensor``) for large models: it never holds whole experts.
+        """
+        from peft import PeftConfig, load_peft_weights
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        refs = self.model_refs()
+        if not refs:
+            raise ConfigError(f"method '{self.name}': list_models must include at least 1 model")
+        if self.loaded_models is None:
+            self.loaded_models = {}
+        if self.loaded_configs is None:
+            self.loaded_configs = {}
+        parameter_names = None
+        t0 = time.time()
+        for ref in refs:
+            path = str(ref.resolve(hf_token()))
+            if self.expert_is_adapter(ref):
+                params = load_peft_weights(path, device="cpu")
+                config = PeftConfig.from_pretrained(path)
+            else:
+                loader = AutoModelForSeq2SeqLM if self.architecture == "encoder_decoder" else AutoModelForCausalLM
+                params = loader.from_pretrained(path, dtype=self.torch_dtype()).state_dict()
+                config = AutoConfig.from_pretrained(path)
+            if parameter_names is None:
+                parameter_names = set(params)
+            elif parameter_names != set(params):
+                logger.warning("parameters in %s do not match %s", ref.id, refs[0].id)
+            self.loaded_models[ref.id] = params
+            self.loaded_configs[ref.id] = config
+        self.load_seconds = getattr(self, "load_seconds", 0.0) + time.time() - t0
+
+    def merge(self):
+        """Merge the experts into the base model with the engine and ``merge_tensor``."""
+        if type(self).merge_tensor is Merges.merge_tensor:
+            raise NotImplementedError(f"merge method '{self.name}' must implement merge() or merge_tensor()")
+        from ..model.engine import load_experts, merge_into
+
+        self._load_base_model()
+        self._load_tokenizer()
+        t0 = time.time()
+        self.experts = load_experts(self, self.base_model)
+        self.load_seconds = getattr(self, "load_seconds", 0.0) + time.time() - t0
+        if self.collect_adapter:
+            from ..model.save import AdapterWriter
+
+            self.delta_sink = AdapterWriter(self.base_model, self.experts, rank=self.hparams.get("adapter_rank"))
+        self.merge_stats = merge_into(
+            self.base_model, self.experts, self.merge_tensor, progress=self.progress, method=self,
+            delta_sink=self.delta_sink,
+        )
+        self.merged_model = self.base_model
+        return self.base_model
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
+        """Return the merged task vector of parameter ``name`` (float32, same shape as ``base``).
+
+        ``task_vectors[i]`` is expert i's τ = θᵢ − θ₀ for this parameter (zeros where the expert does
+        not touch it); ``self.experts[i]`` gives access to the expert itself (e.g. LoRA factors).
+        """
+        raise NotImplementedError
+
+    def save_model(self, output_dir: str) -> None:
+        """Kit output: the merged weights as ``<output_dir>/safetensor.pt`` (safetensors format)."""
+        from ..model.save import save_state_dict
+
+        assert self.merged_model is not None, "Merged model is empty"
+        state = self.merged_model.state_dict() if isinstance(self.merged_model, torch.nn.Module) else self.merged_model
+        assert len(state) > 0, "Merged model is empty"
+        save_state_dict(state, os.path.join(output_dir, "safetensor.pt"))
+
+    # ------------------------------------------------------------------ our layer
+    @classmethod
+    def all_hyperparameters(cls) -> dict[str, Param]:
+        return {**COMMON, **cls.hyperparameters}
+
+    @classmethod
+    def get_description(cls) -> str:
+        if cls.description:
+            return cls.description
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else cls.__name__
+
+    @property
+    def mc_scoring(self) -> str:
+        return getattr(self, "hparams", {}).get("mc_scoring", "exact")
+
+    def set_hyperparameters(self, values: dict[str, Any], *, from_text: bool = False) -> None:
+        """Set and validate hyperparameters (``from_text``: values are ``--set`` strings)."""
+        specs = self.all_hyperparameters()
+        for key, value in values.items():
+            if key not in specs:
+                known = ", ".join(sorted(specs)) or "none"
+                raise ConfigError(f"unknown hyperparameter '{key}' for method '{self.name}' (known: {known})")
+            if from_text:
+                value = specs[key].parse(key, value)
+            self.hparams[key] = value
+        self.validate_hyperparameters()
+
+    def validate_hyperparameters(self) -> None:
+        n = len(self.model_refs()) if self.list_models else None
+        specs = self.all_hyperparameters()
+        for key, value in list(self.hparams.items()):
+            if key in specs:
+                self.hparams[key] = specs[key].validate(key, value, n)
+
+    def model_refs(self) -> list[ModelRef]:
+        """``list_models`` as references (tuples ``(id, revision)`` or bare strings)."""
+        if self.list_models is None:
+            return []
+        if isinstance(self.list_models, (str, tuple)):
+            items = [self.list_models]
+        else:
+            items = list(self.list_models)
+        cache = getattr(self, "_ref_cache", {})
+        refs = []
+        for item in items:
+            key = repr(item)
+            if key not in cache:
+                cache[key] = ModelRef.parse(item)
+            refs.append(cache[key])
+        self._ref_cache = cache
+        return refs
+
+    def base_ref(self) -> ModelRef:
+        if not self.base_model_name:
+            raise ConfigError(f"method '{self.name}' sets no base_model_name")
+        key = (str(self.base_model_name), self.base_model_revision_id)
+        if getattr(self, "_base_ref_key", None) != key:
+            ref = ModelRef.parse(self.base_model_name)
+            if self.base_model_revision_id and not ref.revision:
+                ref.revision = self.base_model_revision_id
+            self._base_ref, self._base_ref_key = ref, key
+        return self._base_ref
+
+    def expert_is_adapter(self, ref: ModelRef) -> bool:
+        """``is_peft`` when the class sets it, else whether the resolved directory holds an adapter."""
+        ref.resolve(hf_token())
+        if self.is_peft is None:
+            return ref.is_adapter
+        return bool(self.is_peft)
+
+    def preflight(self) -> dict[str, Any]:
+        """Resolve every reference and check it before any weights are loaded; return what was found."""
+        self._check_architecture()
+        token = hf_token()
+        base = self.base_ref()
+        base_path = base.resolve(token)
+        if not (base_path / "config.json").is_file():
+            raise ModelNotFoundError(f"base model '{base}' at {base_path} has no config.json")
+        experts = []
+        for ref in self.model_refs():
+            path = ref.resolve(token)
+            adapter = self.expert_is_adapter(ref)
+            if adapter and not ref.is_adapter:
+                raise ModelNotFoundError(f"model '{ref}' at {path} is not a PEFT adapter (no adapter_config.json)")
+            if not adapter and not (path / "config.json").is_file():
+                raise ModelNotFoundError(f"model '{ref}' at {path} has no config.json (neither model nor adapter)")
+            experts.append({"id": ref.id, "revision": ref.revision, "path": str(path),
+                            "kind": "lora" if adapter else "full"})
+        self.validate_hyperparameters()
+        return {"base": {"id": base.id, "revision": base.revision, "path": str(base_path)}, "experts": experts}
+
+    def torch_device(self) -> torch.device:
+        if self.device is None or self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        """``auto``: bfloat16 (or float16) on GPU, float32 on CPU."""
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
+        if self.dtype in (None, "auto"):
+            if self.torch_device().type == "cuda":
+                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.float32
+        if self.dtype not in names:
+            raise ConfigError(f"--dtype {self.dtype!r}: expected auto, float32, bfloat16 or float16")
+        return names[self.dtype]
+
+    def _check_architecture(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"method '{self.name}': architecture must be 'decoder' or 'encoder_decoder', got {self.architecture!r}"
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

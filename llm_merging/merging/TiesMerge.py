@@ -1,0 +1,34 @@
+"""``ties_merge``: TIES-Merging (Yadav et al. 2023, "Resolving Interference When Merging Models")."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .hparams import DENSITY, SCALE, WEIGHTS, Param, per_model
+from .Linear import Linear
+
+
+class TiesMerge(Linear):
+    """TIES-Merging: trim to top-k, elect signs, disjoint mean (Yadav et al. 2023)."""
+
+    hyperparameters = {
+        "density": DENSITY,
+        "weights": WEIGHTS,
+        "scale": SCALE,
+        "sign_method": Param("total", "sign election: 'total' (sign of the sum) or 'frequency' (majority of signs)",
+                             kind=str, choices=("total", "frequency")),
+        "weighted_sign": Param(False, "elect signs on weighted task vectors (mergekit)", kind=bool),
+        "divisor": Param("count", "disjoint mean divisor: number of agreeing models (paper) or their weight sum (mergekit)",
+                         kind=str, choices=("count", "weight_sum")),
+    }
+
+    def __init__(self, name: str | None = "ties_merge") -> None:
+        super().__init__(name)
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
+        n = len(task_vectors)
+        h = self.hparams
+        return ops.ties(
+            task_vectors, density=per_model(h["density"], n), weights=per_model(h["weights"], n), scale=h["scale"],
+            sign_method=h["sign_method"], weighted_sign=h["weighted_sign"], divisor=h["divisor"],
+        )

@@ -1,0 +1,70 @@
+"""Merge methods: the ``Merges`` base class and discovery of registered methods.
+
+Methods are registered as entry points in the group ``llm_merging.merging.Merges`` (setup.py reads
+``BUILTIN_METHODS`` below, its one home). Running from a source tree that is not installed, the
+built-in table is used directly.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+from importlib.metadata import entry_points
+
+from ..errors import ConfigError
+from .Merges import Merges
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "llm_merging.merging.Merges"
+
+# name -> "module:Class" (setup.py turns these into entry points)
+BUILTIN_METHODS = {
+    "llama_avg": "llm_merging.merging.LlamaAvg:LlamaAvg",
+    "tiny_llama_avg": "llm_merging.merging.TinyLlamaAvg:TinyLlamaAvg",
+    "flan_t5_avg": "llm_merging.merging.FlanT5Avg:FlanT5Avg",
+    "flant5_avg": "llm_merging.merging.FlanT5Avg:FlanT5Avg",
+    "linear": "llm_merging.merging.Linear:Linear",
+    "task_arithmetic": "llm_merging.merging.TaskArithmetic:TaskArithmetic",
+    "ties_merge": "llm_merging.merging.TiesMerge:TiesMerge",
+}
+
+
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def method_targets() -> dict[str, str]:
+    """Every known method name -> ``module:Class`` (installed entry points win over the built-ins)."""
+    targets = dict(BUILTIN_METHODS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        targets[ep.name] = ep.value
+    return targets
+
+
+def all_merge_handlers() -> dict[str, type]:
+    """Load every registered merge class (the starter kit's function name)."""
+    loaded = {}
+    for name, target in sorted(method_targets().items()):
+        try:
+            loaded[name] = _load(target)
+        except Exception as exc:  # one broken plugin must not hide the others
+            logger.warning("cannot load merge method '%s' (%s): %s", name, target, exc)
+    return loaded
+
+
+def get_method_class(name: str) -> type:
+    """The class registered as ``name``; ConfigError naming close matches when unknown."""
+    targets = method_targets()
+    if name not in targets:
+        close = difflib.get_close_matches(name, list(targets), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see --list"
+        raise ConfigError(f"unknown merge method '{name}'{hint}")
+    try:
+        return _load(targets[name])
+    except Exception as exc:
+        raise ConfigError(f"merge method '{name}' ({targets[name]}) cannot be imported: {exc}") from None
+
+
+__all__ = ["Merges", "ENTRY_POINT_GROUP", "BUILTIN_METHODS", "all_merge_handlers", "get_method_class", "method_targets"]

@@ -1,0 +1,144 @@
+"""Hyperparameter declarations: defaults, parsing of ``--set KEY=VALUE`` and validation."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..errors import ConfigError
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter of a merge method.
+
+    ``kind`` is float, int, str or bool. ``per_model`` values may also be a list with one entry per
+    expert. ``low``/``high`` bound numbers (``low_open``/``high_open`` exclude the bound);
+    ``choices`` restricts strings. ``optional`` admits ``None`` (``--set key=none``).
+    """
+
+    default: Any
+    help: str
+    kind: type = float
+    per_model: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+    optional: bool = False
+
+    def describe(self) -> str:
+        parts = [self.kind.__name__ + ("|list" if self.per_model else "")]
+        if self.choices:
+            parts.append("{" + ",".join(self.choices) + "}")
+        if self.low is not None or self.high is not None:
+            lo = "(" if self.low_open else "["
+            hi = ")" if self.high_open else "]"
+            parts.append(f"{lo}{'' if self.low is None else self.low}, {'' if self.high is None else self.high}{hi}")
+        return " ".join(parts)
+
+    def parse(self, key: str, text: str) -> Any:
+        """Turn the text of ``--set key=text`` into a value (not yet validated)."""
+        text = text.strip()
+        if self.optional and text.lower() in ("none", "null", ""):
+            return None
+        if self.per_model and (text.startswith("[") or "," in text):
+            try:
+                items = json.loads(text) if text.startswith("[") else [t for t in text.split(",")]
+            except json.JSONDecodeError:
+                raise ConfigError(f"--set {key}={text}: not a valid list") from None
+            if not isinstance(items, list):
+                raise ConfigError(f"--set {key}={text}: not a valid list")
+            return [self._scalar(key, str(item)) for item in items]
+        return self._scalar(key, text)
+
+    def _scalar(self, key: str, text: str) -> Any:
+        text = text.strip()
+        try:
+            if self.kind is bool:
+                if text.lower() in _TRUE:
+                    return True
+                if text.lower() in _FALSE:
+                    return False
+                raise ValueError
+            if self.kind is int:
+                return int(text)
+            if self.kind is float:
+                return float(text)
+            return text
+        except ValueError:
+            raise ConfigError(f"--set {key}={text}: expected {self.kind.__name__}") from None
+
+    def validate(self, key: str, value: Any, n_models: int | None = None) -> Any:
+        """Check type, range, choices and per-model list length; return the normalised value."""
+        if value is None:
+            if self.optional:
+                return None
+            raise ConfigError(f"hyperparameter '{key}' must not be None")
+        if isinstance(value, (list, tuple)):
+            if not self.per_model:
+                raise ConfigError(f"hyperparameter '{key}' takes a single value, got a list")
+            if n_models is not None and len(value) != n_models:
+                raise ConfigError(
+                    f"hyperparameter '{key}' has {len(value)} values but there are {n_models} models"
+                )
+            return [self._check(key, v) for v in value]
+        return self._check(key, value)
+
+    def _check(self, key: str, v: Any) -> Any:
+        if self.kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if self.kind is bool and not isinstance(v, bool) or self.kind is not bool and (
+            not isinstance(v, self.kind) or isinstance(v, bool)
+        ):
+            raise ConfigError(f"hyperparameter '{key}' must be {self.kind.__name__}, got {v!r}")
+        if self.choices is not None and v not in self.choices:
+            raise ConfigError(f"hyperparameter '{key}' must be one of {', '.join(self.choices)}; got {v!r}")
+        if self.kind in (int, float):
+            if v != v:
+                raise ConfigError(f"hyperparameter '{key}' must be a number, got NaN")
+            if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
+                raise ConfigError(f"hyperparameter '{key}'={v} out of range {self.describe()}")
+            if self.high is not None and (v > self.high or (self.high_open and v == self.high)):
+                raise ConfigError(f"hyperparameter '{key}'={v} out of range {self.describe()}")
+        return v
+
+
+def per_model(value: Any, n_models: int) -> list:
+    """Broadcast a scalar hyperparameter to one value per model."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value] * n_models
+
+
+# Parameters shared by every method (evaluation and output options).
+COMMON: dict[str, Param] = {
+    "mc_scoring": Param(
+        "exact", "multiple-choice scoring: exact log p(choice|prompt), or the starter kit's (skips the first choice token)",
+        kind=str, choices=("exact", "starter_kit"),
+    ),
+    "adapter_rank": Param(
+        None, "rank of the adapter written by --save adapter (default: sum of the input ranks, exact)",
+        kind=int, low=1, optional=True,
+    ),
+}
+
+# Frequently used declarations, so that methods share names and ranges.
+WEIGHTS = Param(1.0, "weight of each model (one value, or one per model)", per_model=True)
+SCALE = Param(1.0, "scaling λ of the merged task vector", low=0.0)
+DENSITY = Param(0.2, "fraction of entries kept per task vector, in (0, 1]", per_model=True, low=0.0, high=1.0, low_open=True)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """Split ``KEY=VALUE`` strings (``--set``) into a dict, with a clear error on a bad item."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value
+    return out

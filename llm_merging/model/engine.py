@@ -1,0 +1,125 @@
+"""The merge engine: walk the base model's parameters, get each expert's task vector for that parameter,
+call the method's per-tensor function and write the result into the base, in place.
+
+Memory: the base model plus O(one tensor × number of experts). Math in float32 on the GPU when there is
+one; results are cast to the model's dtype.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import MergeError
+from .refs import hf_token
+
+logger = logging.getLogger(__name__)
+
+TensorFn = Callable[[str, torch.Tensor, list], torch.Tensor]
+
+
+class Expert(Protocol):
+    """What the engine needs of an expert (LoRA adapter or full fine-tune)."""
+
+    name: str
+
+    def bind(self, base_param_shapes: dict[str, tuple]) -> None: ...
+
+    def param_names(self) -> set[str]: ...
+
+    def delta(self, param_name: str, base: torch.Tensor) -> torch.Tensor | None: ...
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A per-parameter seed, stable across runs, processes and devices."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**63 - 1)
+
+
+def base_param_shapes(model: torch.nn.Module) -> dict[str, tuple]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def load_experts(method, model: torch.nn.Module) -> list:
+    """Open every expert of ``method`` lazily (adapter or full checkpoint) and bind it to ``model``."""
+    from .checkpoint import FullExpert
+    from .lora import LoraAdapter
+
+    shapes = base_param_shapes(model)
+    experts = []
+    for ref in method.model_refs():
+        path = ref.resolve(hf_token())
+        if method.expert_is_adapter(ref):
+            expert = LoraAdapter.load(path, name=str(ref))
+        else:
+            expert = FullExpert(path, name=str(ref))
+        expert.bind(shapes)
+        experts.append(expert)
+    return experts
+
+
+def compute_device(param: torch.Tensor) -> torch.device:
+    """Where to do the math for ``param``: its own device, or the GPU when the model sits on the CPU."""
+    if param.device.type != "cpu":
+        return param.device
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.no_grad()
+def merge_into(
+    model: torch.nn.Module,
+    experts: Sequence[Expert],
+    merge_tensor: TensorFn,
+    *,
+    progress: bool = True,
+    method: Any = None,
+    delta_sink: Callable[[str, torch.Tensor], None] | None = None,
+) -> dict[str, Any]:
+    """Merge ``experts`` into ``model`` in place with ``merge_tensor(name, base, task_vectors)``.
+
+    ``merge_tensor`` returns the merged task vector; the parameter becomes ``base + merged``. Parameters
+    no expert touches are left as they are. ``delta_sink(name, merged)`` (e.g. the adapter writer) sees
+    every merged task vector. Raises MergeError naming the parameter if the result is not finite.
+    """
+    if not experts:
+        raise MergeError(f"method '{getattr(method, 'name', '?')}' has no expert models to merge")
+    touched: set[str] = set()
+    for expert in experts:
+        touched |= set(expert.param_names())
+    params = [(n, p) for n, p in model.named_parameters() if n in touched]
+    unknown = touched - {n for n, _ in model.named_parameters()}
+    if unknown:
+        logger.warning("%d expert tensors have no parameter in the base model (ignored): %s",
+                       len(unknown), ", ".join(sorted(unknown)[:5]))
+    t0 = time.time()
+    n_values = 0
+    device = None
+    for name, param in tqdm(params, desc="merge", unit="tensor", disable=not progress, leave=False):
+        device = compute_device(param)
+        base = param.detach().to(device=device, dtype=torch.float32)
+        task_vectors = []
+        for expert in experts:
+            tv = expert.delta(name, base)
+            task_vectors.append(torch.zeros_like(base) if tv is None else tv.to(device=device, dtype=torch.float32))
+        merged = merge_tensor(name, base, task_vectors)
+        if merged.shape != base.shape:
+            raise MergeError(f"merge of parameter '{name}' returned shape {tuple(merged.shape)}, expected {tuple(base.shape)}")
+        result = base.add_(merged)
+        if not torch.isfinite(result).all():
+            raise MergeError(f"merge produced NaN or Inf in parameter '{name}'")
+        if delta_sink is not None:
+            delta_sink(name, merged)
+        param.data.copy_(result.to(dtype=param.dtype))
+        n_values += param.numel()
+        del base, task_vectors, merged, result
+    return {
+        "tensors_merged": len(params),
+        "values_merged": n_values,
+        "seconds": round(time.time() - t0, 3),
+        "math_device": str(device) if device is not None else None,
+        "experts": [getattr(e, "name", str(e)) for e in experts],
+        "unused_expert_tensors": sorted(unknown | {t for e in experts for t in getattr(e, "unused_tensors", [])}),
+    }

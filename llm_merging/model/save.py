@@ -1,0 +1,156 @@
+"""Writing merged models: the kit's ``safetensor.pt``, a full Hugging Face directory, or a PEFT adapter.
+
+Every output is written under a temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..io_utils import atomic_path, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+def plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of ``state`` that safetensors accepts: tensors sharing storage (tied weights) kept once,
+    non-contiguous tensors made contiguous, everything on the CPU."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        t = tensor.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.device.type)
+        if t.numel() and key in seen:
+            logger.info("tensor '%s' is tied to '%s'; saved once", name, seen[key])
+            continue
+        seen[key] = name
+        out[name] = t.to("cpu").contiguous().clone()
+    return out
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """Save tensors in safetensors format at ``path`` (atomically; tied/non-contiguous tensors are fine)."""
+    from safetensors.torch import save_file
+
+    tensors = plain_state_dict(state)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """A README model card recording how the model was merged."""
+    lines = ["---", "library_name: transformers", "tags:", "- merge", "- llm_merging", "---", "",
+             f"# {info.get('method', 'merged model')}", "",
+             "Merged with [llm_merging](https://github.com/) — no training.", "",
+             "## Recipe", "", f"- method: `{info.get('method')}`"]
+    base = info.get("base") or {}
+    lines.append(f"- base model: `{base.get('id')}`" + (f" @ `{base['revision']}`" if base.get("revision") else ""))
+    lines.append("- models:")
+    for e in info.get("experts", []):
+        lines.append(f"  - `{e.get('id')}`" + (f" @ `{e['revision']}`" if e.get("revision") else "") + f" ({e.get('kind')})")
+    lines += ["", "## Hyperparameters", "", "```json", json.dumps(info.get("hyperparameters", {}), indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def save_full(model: torch.nn.Module, tokenizer, output_dir: str | Path, info: dict[str, Any] | None = None,
+              max_shard_size: str = "5GB") -> Path:
+    """Write an HF ``save_pretrained`` directory (sharded safetensors, config, generation config,
+    tokenizer, model card) that ``AutoModel*.from_pretrained`` loads."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    output_dir = Path(output_dir)
+    with atomic_path(output_dir) as tmp:
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(model_card(info or {}), encoding="utf-8")
+    return output_dir
+
+
+class AdapterWriter:
+    """Collect merged ΔW per LoRA-targeted parameter as truncated SVD factors, then write a PEFT adapter.
+
+    Rank per module: ``rank`` when given, else the sum of the input adapters' ranks for that module
+    (exact, since rank(Σ ΔWᵢ) ≤ Σ rᵢ), capped at the matrix size.
+    """
+
+    def __init__(self, model: torch.nn.Module, experts: list, rank: int | None = None) -> None:
+        self.model = model
+        self.experts = experts
+        self.rank = rank
+        self.modules = dict(model.named_modules())
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.skipped: list[str] = []
+        self.fan_in_fan_out: bool | None = None
+        for e in experts:
+            if not hasattr(e, "factors"):
+                raise ConfigError(f"--save adapter needs LoRA experts; '{getattr(e, 'name', e)}' is a full model")
+
+    def _input_rank(self, name: str) -> int:
+        total = 0
+        for e in self.experts:
+            f = e.factors(name)
+            if f is not None:
+                total += f[1].shape[0]
+        return total
+
+    def __call__(self, name: str, delta: torch.Tensor) -> None:
+        module_name, _, leaf = name.rpartition(".")
+        module = self.modules.get(module_name)
+        lora_target = leaf == "weight" and delta.dim() == 2 and any(
+            e.factors(name) is not None for e in self.experts)
+        if not lora_target:
+            if torch.count_nonzero(delta):
+                self.skipped.append(name)
+            return
+        conv1d = type(module).__name__ == "Conv1D"
+        if self.fan_in_fan_out is None:
+            self.fan_in_fan_out = conv1d
+        elif self.fan_in_fan_out != conv1d:
+            raise ConfigError("--save adapter: the targets mix Linear and Conv1D layers, which one PEFT adapter cannot hold")
+        mat = delta.t() if conv1d else delta  # PEFT factors are (out, r) @ (r, in)
+        r = min(self.rank or self._input_rank(name), *mat.shape)
+        u, s, vh = torch.linalg.svd(mat.float(), full_matrices=False)
+        b = (u[:, :r] * s[:r]).contiguous().cpu()
+        a = vh[:r].contiguous().cpu()
+        self.factors[module_name] = (b, a)
+
+    def save(self, output_dir: str | Path, base_model_name: str, info: dict[str, Any] | None = None) -> Path:
+        if not self.factors:
+            raise ConfigError("--save adapter: no LoRA-targeted parameter was merged")
+        if self.skipped:
+            logger.warning("--save adapter: %d merged tensors are not LoRA targets and are not in the adapter: %s",
+                           len(self.skipped), ", ".join(self.skipped[:5]))
+        ranks = {m: a.shape[0] for m, (b, a) in self.factors.items()}
+        r = max(set(ranks.values()), key=list(ranks.values()).count)
+        pattern = {m: k for m, k in ranks.items() if k != r}
+        task = "SEQ_2_SEQ_LM" if getattr(self.model.config, "is_encoder_decoder", False) else "CAUSAL_LM"
+        config = {
+            "peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_model_name,
+            "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+            "target_modules": sorted(self.factors), "fan_in_fan_out": bool(self.fan_in_fan_out),
+            "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
+            "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
+        }
+        tensors = {}
+        for m, (b, a) in self.factors.items():
+            tensors[f"base_model.model.{m}.lora_A.weight"] = a
+            tensors[f"base_model.model.{m}.lora_B.weight"] = b
+        output_dir = Path(output_dir)
+        with atomic_path(output_dir) as tmp:
+            tmp.mkdir(parents=True)
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            atomic_write_json(tmp / "adapter_config.json", config)
+            (tmp / "README.md").write_text(model_card(info or {}), encoding="utf-8")
+        return output_dir

@@ -1,0 +1,380 @@
+"""The pipeline under one wall-clock budget: preflight → merge (with load) → save → evaluate → report.
+
+Exit statuses: 0 success, 2 a user error (one line on stderr), 3 the budget ran out (finished work is
+kept and the report is marked partial), 130 interrupted (Ctrl-C, same), 1 an internal error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .budget import Budget
+from .errors import BudgetExceeded, ConfigError, DataError, LLMMergingError
+from .io_utils import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+SAVE_MODES = ("full", "kit", "adapter", "none")
+DEFAULT_DATASETS = ["data/validation/cosmos_qa.csv", "data/validation/xsum.csv"]
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; the CLI fills it from its flags."""
+
+    method: str
+    dataset_filepaths: list[str] | None = None
+    eval_types: list[str] | None = None
+    output_folder: str = "output"
+    base_model: str | None = None
+    models: list[str] | None = None
+    overrides: dict[str, str] = field(default_factory=dict)
+    time_budget: float = 3600.0
+    batch_size: str | int = "auto"
+    device: str | None = None
+    dtype: str | None = None
+    max_examples: int | None = None
+    seed: int = 0
+    tiny: bool = False
+    evaluate: bool = True
+    save: str = "full"
+    progress: bool = True
+    argv: list[str] = field(default_factory=list)
+
+
+def instantiate(name: str):
+    """Create the method registered as ``name`` (kit classes take ``name``; very old ones take nothing)."""
+    from .merging import get_method_class
+
+    cls = get_method_class(name)
+    try:
+        method = cls(name)
+    except TypeError:
+        method = cls()
+    if getattr(method, "name", None) is None:
+        method.name = name
+    _ensure_our_attributes(method)
+    return method
+
+
+def _ensure_our_attributes(method) -> None:
+    """Kit classes may skip our base ``__init__`` extras (e.g. a class with its own ``__init__`` that
+    never calls ``super().__init__``); give them defaults."""
+    from .merging.Merges import Merges
+
+    defaults = Merges.__new__(Merges)
+    Merges.__init__(defaults, method.name)
+    for key, value in vars(defaults).items():
+        if not hasattr(method, key):
+            setattr(method, key, value)
+    for key, value in defaults.hparams.items():
+        method.hparams.setdefault(key, value)
+
+
+def apply_tiny(method) -> None:
+    """Swap the method's models for offline tiny twins (same architecture, one per listed expert)."""
+    from . import tiny
+
+    arch = method.architecture if method.architecture in ("decoder", "encoder_decoder") else "decoder"
+    n = max(len(method.model_refs()), 1)
+    adapters = True if method.is_peft is None else bool(method.is_peft)
+    method.base_model_name = str(tiny.base_dir(arch))
+    method.base_model_revision_id = None
+    maker = tiny.lora_expert_dir if adapters else tiny.full_expert_dir
+    method.list_models = [(str(maker(arch, i)), None) for i in range(n)]
+    method.max_gen_len = min(method.max_gen_len or 16, 16)
+
+
+def apply_config(method, cfg: RunConfig) -> None:
+    """Apply CLI overrides (models, device, dtype, seed, hyperparameters) to a method instance."""
+    if cfg.tiny:
+        apply_tiny(method)
+    if cfg.base_model:
+        method.base_model_name = cfg.base_model
+        method.base_model_revision_id = None
+    if cfg.models:
+        method.list_models = list(cfg.models)
+    if cfg.device:
+        method.device = cfg.device
+    if cfg.dtype:
+        method.dtype = cfg.dtype
+    method.seed = cfg.seed
+    method.progress = cfg.progress
+    method.set_hyperparameters(cfg.overrides, from_text=True)
+    if cfg.save == "adapter":
+        hp = method.hparams.get("adapter_rank")
+        if hp is not None and hp < 1:
+            raise ConfigError("--set adapter_rank must be at least 1")
+
+
+def check_output_folder(path: Path) -> None:
+    """Fail early (one line) when the output folder cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output folder '{path}' is not writable: {exc.strerror or exc}") from None
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak resident memory of this process and, when there is a GPU, peak GPU memory (MiB)."""
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out: dict[str, Any] = {"peak_rss_mib": round(rss_kb / 1024, 1)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    except Exception:  # pragma: no cover
+        pass
+    return out
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("llm_merging", "torch", "transformers", "peft", "safetensors", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+class Runner:
+    """One run of one method; ``run()`` returns the exit status and leaves ``report``."""
+
+    def __init__(self, cfg: RunConfig, budget: Budget | None = None) -> None:
+        self.cfg = cfg
+        self.budget = budget or Budget(cfg.time_budget)
+        self.method = None
+        self.out_dir = Path(cfg.output_folder) / cfg.method
+        self.report: dict[str, Any] = {
+            "method": cfg.method, "status": "running", "partial": False, "exit_status": None,
+            "command": cfg.argv, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self.datasets: list[str] = []
+        self.preflight_ok = False  # nothing is written before the preflight passed
+
+    # -------------------------------------------------------------- phases
+    def preflight(self) -> None:
+        cfg = self.cfg
+        if not cfg.time_budget or cfg.time_budget <= 0:
+            raise ConfigError(f"--time-budget must be positive, got {cfg.time_budget}")
+        if cfg.save not in SAVE_MODES:
+            raise ConfigError(f"--save must be one of {', '.join(SAVE_MODES)}, got {cfg.save!r}")
+        if cfg.max_examples is not None and cfg.max_examples < 1:
+            raise ConfigError(f"--max-examples must be at least 1, got {cfg.max_examples}")
+        method = self.method = instantiate(cfg.method)
+        apply_config(method, cfg)
+        if cfg.evaluate:
+            self._check_datasets()
+        self.report["models"] = method.preflight()
+        check_output_folder(self.out_dir)
+        self.preflight_ok = True
+        self.report["hyperparameters"] = dict(method.hparams)
+        self.report["architecture"] = method.architecture
+        self.report["device"] = str(method.torch_device())
+        self.report["dtype"] = str(method.torch_dtype()).replace("torch.", "")
+
+    def _check_datasets(self) -> None:
+        from . import tiny
+        from .data import load_examples
+
+        cfg = self.cfg
+        files = cfg.dataset_filepaths or (tiny.sample_data_files() if cfg.tiny else DEFAULT_DATASETS)
+        if cfg.eval_types and len(cfg.eval_types) != len(files):
+            raise ConfigError(
+                f"--eval_types has {len(cfg.eval_types)} values but --dataset_filepaths has {len(files)} files"
+            )
+        sizes = {}
+        for i, path in enumerate(files):
+            if not os.path.isfile(path):
+                hint = " (pass --dataset_filepaths, or --no-eval)" if not cfg.dataset_filepaths else ""
+                raise DataError(f"dataset file '{path}' does not exist{hint}")
+            eval_type = cfg.eval_types[i] if cfg.eval_types else None
+            sizes[path] = len(load_examples(path, eval_type=eval_type))
+        self.datasets = list(files)
+        self.report["dataset_sizes"] = sizes
+
+    def merge(self) -> None:
+        self.method.merge()
+        if getattr(self.method, "base_model", None) is None:
+            raise LLMMergingError(f"method '{self.cfg.method}': merge() left no model in self.base_model")
+        self.report["merge_stats"] = getattr(self.method, "merge_stats", {}) or {}
+
+    def prepare_adapter_sink(self) -> None:
+        """For --save adapter, collect low-rank factors while merging (before weights are overwritten)."""
+        if self.cfg.save != "adapter":
+            return
+        from .merging.Merges import Merges
+
+        if type(self.method).merge is not Merges.merge:
+            raise ConfigError(f"--save adapter needs an engine-based method; '{self.cfg.method}' overrides merge()")
+        if any(e["kind"] != "lora" for e in self.report["models"]["experts"]):
+            raise ConfigError("--save adapter needs LoRA experts only; use --save full for full fine-tunes")
+        self.method.collect_adapter = True
+
+    def save(self) -> None:
+        from .model.save import save_full
+
+        mode = self.cfg.save
+        method = self.method
+        info = {"method": self.cfg.method, **self.report.get("models", {}), "hyperparameters": method.hparams}
+        if mode == "none":
+            return
+        if mode == "kit":
+            method.save_model(str(self.out_dir))
+            self.report["saved"] = {"format": "kit", "path": str(self.out_dir / "safetensor.pt")}
+        elif mode == "full":
+            tok = method.tokenizer if method.architecture == "encoder_decoder" else method.input_tokenizer
+            path = save_full(method.base_model, tok, self.out_dir / "merged_model", info)
+            self.report["saved"] = {"format": "full", "path": str(path)}
+        else:
+            writer = getattr(method, "delta_sink", None)
+            if writer is None:
+                raise ConfigError("--save adapter: the merge collected no adapter factors")
+            path = writer.save(self.out_dir / "adapter", self.report["models"]["base"]["id"], info)
+            self.report["saved"] = {"format": "adapter", "path": str(path)}
+
+    def evaluate(self) -> bool:
+        """Evaluate every dataset; return False when the budget stopped it."""
+        from .evaluation import evaluate_model
+
+        cfg = self.cfg
+        result = evaluate_model(
+            self.method, self.datasets, cfg.output_folder, eval_types=cfg.eval_types,
+            batch_size=cfg.batch_size, max_examples=cfg.max_examples, budget=self.budget, progress=cfg.progress,
+        )
+        self.report["evaluation"] = _jsonable(result)
+        for ds in _jsonable(result).get("datasets", []):
+            name = ds.get("name") or Path(ds.get("path", "?")).stem
+            if ds.get("seconds") is not None:
+                self.budget.phases[f"evaluate:{name}"] = ds["seconds"]
+        partial = bool(getattr(result, "partial", False)) or any(d.get("partial") for d in self.report["evaluation"].get("datasets", []))
+        return not partial
+
+    # -------------------------------------------------------------- driver
+    def run(self) -> int:
+        status = 0
+        try:
+            with self.budget.phase("preflight"):
+                self.preflight()
+                self.prepare_adapter_sink()
+            self._check_budget("merge")
+            with self.budget.phase("merge"):
+                self.merge()
+            self._check_budget("save")
+            with self.budget.phase("save"):
+                self.save()
+            if self.cfg.evaluate:
+                self._check_budget("evaluate")
+                t0 = time.time()
+                complete = self.evaluate()
+                self.budget.phases["evaluate"] = time.time() - t0
+                if not complete:
+                    raise BudgetExceeded(
+                        f"time budget of {self.cfg.time_budget:g} s ran out during evaluation; finished predictions were saved"
+                    )
+            self.report["status"] = "ok"
+        except BudgetExceeded as exc:
+            status = self._fail(exc, "partial", exc.exit_code)
+        except KeyboardInterrupt:
+            status = self._fail("interrupted (Ctrl-C); finished work was kept", "partial", 130)
+        except LLMMergingError as exc:
+            status = self._fail(exc, "error", exc.exit_code)
+        except Exception as exc:  # an internal bug: still one line, traceback with --debug
+            logger.debug("internal error", exc_info=True)
+            status = self._fail(f"internal error: {type(exc).__name__}: {exc}", "error", 1)
+            self.report["internal_error"] = True
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                raise
+        finally:
+            self.report["exit_status"] = status
+            self._write_report()
+        return status
+
+    def _check_budget(self, phase: str) -> None:
+        if self.budget.expired():
+            raise BudgetExceeded(f"time budget of {self.cfg.time_budget:g} s ran out before the {phase} phase")
+
+    def _fail(self, exc: Any, status: str, code: int) -> int:
+        self.report["status"] = status
+        self.report["partial"] = status == "partial"
+        self.report["error"] = str(exc)
+        return code
+
+    def _write_report(self) -> None:
+        merge_load = getattr(self.method, "load_seconds", None) if self.method is not None else None
+        phases = {}
+        for k, v in self.budget.phases.items():
+            if k == "merge" and merge_load is not None:  # report loading apart from the merge math
+                phases["load"] = round(merge_load, 3)
+                v = max(v - merge_load, 0.0)
+            phases[k] = round(v, 3)
+        self.report["phases_seconds"] = phases
+        self.report["budget"] = {
+            "seconds": self.cfg.time_budget, "elapsed": round(self.budget.elapsed(), 3),
+            "remaining": round(self.budget.remaining(), 3),
+        }
+        self.report.update(peak_memory())
+        self.report["versions"] = versions()
+        self.report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if not self.preflight_ok:
+            return
+        try:
+            if self.out_dir.is_dir():
+                atomic_write_json(self.out_dir / "report.json", _jsonable(self.report))
+        except OSError as exc:
+            logger.error("cannot write report.json in %s: %s", self.out_dir, exc)
+
+    def summary(self) -> str:
+        """A short human summary: phases and scores."""
+        r = self.report
+        lines = [f"method {r['method']}: {r['status']} (exit {r['exit_status']})"]
+        for name, sec in r.get("phases_seconds", {}).items():
+            lines.append(f"  {name:<28} {sec:9.2f} s")
+        b = r.get("budget", {})
+        lines.append(f"  {'budget left':<28} {b.get('remaining', 0):9.2f} s of {b.get('seconds', 0):g}")
+        lines.append(f"  {'peak RAM':<28} {r.get('peak_rss_mib', 0):9.1f} MiB" +
+                     (f", peak GPU {r['peak_gpu_mib']:.1f} MiB" if "peak_gpu_mib" in r else ""))
+        for ds in r.get("evaluation", {}).get("datasets", []):
+            scores = ", ".join(f"{k}={v:.4f}" for k, v in (ds.get("scores") or {}).items() if isinstance(v, (int, float)))
+            name = ds.get("name") or Path(ds.get("path", "?")).name
+            lines.append(f"  {name:<28} {ds.get('n_evaluated', '?')}/{ds.get('n_examples', '?')} {scores}")
+        if r.get("saved"):
+            lines.append(f"  model saved ({r['saved']['format']}): {r['saved']['path']}")
+        lines.append(f"  report: {self.out_dir / 'report.json'}")
+        return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if hasattr(obj, "to_dict"):
+        return _jsonable(obj.to_dict())
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        return str(obj)
