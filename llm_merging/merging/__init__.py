@@ -55,7 +55,13 @@ def all_merge_handlers() -> dict[str, type]:
 
 
 def get_method_class(name: str) -> type:
-    """The class registered as ``name``; ConfigError naming close matches when unknown."""
+    """The class registered as ``name`` (or given directly as ``module:Class``); ConfigError naming
+    close matches when unknown."""
+    if ":" in name:
+        try:
+            return _load(name)
+        except Exception as exc:
+            raise ConfigError(f"merge class '{name}' cannot be imported: {exc}") from None
     targets = method_targets()
     if name not in targets:
         close = difflib.get_close_matches(name, list(targets), n=3, cutoff=0.5)
