@@ -57,6 +57,7 @@ def instantiate(name: str):
     from .merging import get_method_class
 
     cls = get_method_class(name)
+    name = name.rpartition(":")[2]  # "package.module:Class" runs an unregistered class as "Class"
     try:
         method = cls(name)
     except TypeError:
@@ -182,6 +183,7 @@ class Runner:
         if cfg.evaluate:
             self._check_datasets()
         self.report["models"] = method.preflight()
+        self.out_dir = Path(cfg.output_folder) / str(method.get_name())
         check_output_folder(self.out_dir)
         self.preflight_ok = True
         self.report["hyperparameters"] = dict(method.hparams)
