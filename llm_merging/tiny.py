@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,7 +94,9 @@ def _atomic_dir(target: Path, build) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(tmp)
+        with warnings.catch_warnings():  # library deprecation chatter while building toy models
+            warnings.simplefilter("ignore")
+            build(tmp)
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race
