@@ -327,7 +327,20 @@ class Merges(object):
             experts.append({"id": ref.id, "revision": ref.revision, "path": str(path),
                             "kind": "lora" if adapter else "full"})
         self.validate_hyperparameters()
+        self._check_compatibility(base_path)
         return {"base": {"id": base.id, "revision": base.revision, "path": str(base_path)}, "experts": experts}
+
+    def _check_compatibility(self, base_path: Path) -> None:
+        """Read only headers and configs: every expert must fit the base (shapes, modules in common)."""
+        from ..model.engine import check_base_files, config_param_shapes, open_experts
+
+        check_base_files(base_path)
+        if not self.model_refs():
+            return
+        for expert in open_experts(self, config_param_shapes(base_path, self.architecture)):
+            close = getattr(expert, "close", None)
+            if close is not None:
+                close()
 
     def torch_device(self) -> torch.device:
         if self.device is None or self.device == "auto":

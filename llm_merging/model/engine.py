@@ -43,12 +43,41 @@ def base_param_shapes(model: torch.nn.Module) -> dict[str, tuple]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def load_experts(method, model: torch.nn.Module) -> list:
-    """Open every expert of ``method`` lazily (adapter or full checkpoint) and bind it to ``model``."""
+def config_param_shapes(model_dir, architecture: str) -> dict[str, tuple]:
+    """Parameter shapes of the model in ``model_dir`` from its config alone (meta device, no weights)."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from ..errors import CheckpointError
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+        loader = AutoModelForSeq2SeqLM if architecture == "encoder_decoder" else AutoModelForCausalLM
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = loader.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read the model config in {model_dir}: {text[:300]}") from None
+    return base_param_shapes(model)
+
+
+def check_base_files(model_dir) -> None:
+    """Check the headers of the base model's safetensors files (truncated downloads) without reading data."""
+    from pathlib import Path
+
+    from .checkpoint import read_safetensors_header
+
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        read_safetensors_header(file)
+
+
+def open_experts(method, shapes: dict[str, tuple]) -> list:
+    """Open every expert of ``method`` lazily (adapter or full checkpoint) and bind it to ``shapes``."""
     from .checkpoint import FullExpert
     from .lora import LoraAdapter
 
-    shapes = base_param_shapes(model)
     experts = []
     for ref in method.model_refs():
         path = ref.resolve(hf_token())
@@ -59,6 +88,11 @@ def load_experts(method, model: torch.nn.Module) -> list:
         expert.bind(shapes)
         experts.append(expert)
     return experts
+
+
+def load_experts(method, model: torch.nn.Module) -> list:
+    """Open every expert of ``method`` lazily and bind it to the loaded base ``model``."""
+    return open_experts(method, base_param_shapes(model))
 
 
 def compute_device(param: torch.Tensor) -> torch.device:
