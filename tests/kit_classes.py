@@ -89,3 +89,10 @@ class AlwaysFirstChoice(Linear):
         scores = torch.zeros(n, n_choices)
         scores[:, 0] = 1.0
         return torch.zeros(n, dtype=torch.long), scores
+
+
+class NanMerge(Linear):
+    """A merge that produces NaN (error-path test)."""
+
+    def merge_tensor(self, name, base, task_vectors):
+        return task_vectors[0] * float("inf") * 0.0
