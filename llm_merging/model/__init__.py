@@ -1,0 +1,1 @@
+"""Model references, lazy checkpoint reading, LoRA task vectors, loading and saving."""

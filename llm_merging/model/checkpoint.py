@@ -1,0 +1,518 @@
+"""Lazy, tensor-by-tensor reading of full checkpoints, and full fine-tunes seen as task vectors.
+
+`CheckpointReader` opens a Hugging Face model directory (single or sharded safetensors, single or sharded
+``pytorch_model.bin``) and reads one tensor at a time; nothing is loaded up front except file headers.
+
+`FullExpert` exposes a full fine-tune with the duck-typed expert protocol shared with
+`llm_merging.model.lora.LoraAdapter`: ``name``, ``bind(shapes)``, ``param_names()``,
+``delta(param_name, base)``.
+
+The helpers `read_safetensors_header` (integrity check before any mmap read) and `match_names`
+(parameter-name mapping tolerant of a differing leading prefix) are shared with the LoRA code.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from llm_merging.errors import CheckpointError, LLMMergingError
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+# bytes per element of each safetensors dtype (sub-byte types counted per packed byte where relevant)
+_ST_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+
+def _shape_str(shape: Iterable[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+# --------------------------------------------------------------------------------------------------------
+# safetensors integrity
+# --------------------------------------------------------------------------------------------------------
+def read_safetensors_header(path: str | os.PathLike, error_cls: type[LLMMergingError] = CheckpointError) -> dict:
+    """Read and check the header of a safetensors file *without* touching its data.
+
+    Returns ``{tensor_name: {"dtype", "shape", "data_offsets"}}`` (``__metadata__`` removed). Raises
+    ``error_cls`` naming the file when the file is too short, the header is not valid JSON, or the
+    header's offsets point past the end of the file (a truncated download): reading such a file through
+    mmap could crash the process, so this check runs before any tensor is read.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise error_cls(f"corrupted safetensors file {path}: {size} bytes, too short for a header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise error_cls(
+                    f"truncated or corrupted safetensors file {path}: header length {n} exceeds file size {size}"
+                )
+            raw = fh.read(n)
+    except OSError as exc:
+        raise error_cls(f"cannot read safetensors file {path}: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise error_cls(f"corrupted safetensors file {path}: bad header ({msg})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    data_end = 0
+    for key, info in header.items():
+        try:
+            start, end = (int(x) for x in info["data_offsets"])
+            shape = [int(s) for s in info["shape"]]
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise error_cls(f"corrupted safetensors file {path}: bad header entry for tensor '{key}'") from None
+        bits = _ST_DTYPE_BITS.get(dtype)
+        if bits is not None:
+            numel = 1
+            for s in shape:
+                numel *= s
+            if end - start != (numel * bits + 7) // 8:
+                raise error_cls(
+                    f"corrupted safetensors file {path}: tensor '{key}' {dtype}{_shape_str(shape)} "
+                    f"has {end - start} bytes"
+                )
+        if start < 0 or end < start:
+            raise error_cls(f"corrupted safetensors file {path}: bad offsets for tensor '{key}'")
+        data_end = max(data_end, end)
+    if data_start + data_end > size:
+        raise error_cls(
+            f"truncated safetensors file {path}: its header needs {data_start + data_end} bytes "
+            f"but the file has {size}"
+        )
+    return header
+
+
+def open_safetensors(path: str | os.PathLike, error_cls: type[LLMMergingError] = CheckpointError):
+    """Check ``path`` (see `read_safetensors_header`) and return ``(safe_open handle, header)``."""
+    from safetensors import safe_open
+
+    header = read_safetensors_header(path, error_cls)
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error type on a bad header
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise error_cls(f"corrupted safetensors file {path}: {msg}") from None
+    return handle, header
+
+
+def load_torch_file(path: str | os.PathLike, error_cls: type[LLMMergingError] = CheckpointError) -> dict:
+    """``torch.load`` a ``.bin`` state dict lazily (mmap, weights only); errors name the file."""
+    path = Path(path)
+    try:
+        try:
+            obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as exc:
+            # legacy (non-zip) serialization cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise error_cls(f"missing weights file {path}") from None
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error_cls(f"cannot read truncated or corrupted weights file {path}: {msg}") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise error_cls(f"weights file {path} does not hold a state dict of tensors")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------------
+# name mapping
+# --------------------------------------------------------------------------------------------------------
+def match_names(src_names: Iterable[str], dst_names: Iterable[str]) -> dict[str, str]:
+    """Map source tensor names onto destination names, tolerating a differing leading prefix.
+
+    One rule ``src_prefix -> dst_prefix`` is chosen for the whole checkpoint: the one that maps the most
+    source names (a core of at least two dotted components must be shared, e.g. ``q_proj.weight``); ties
+    prefer the shortest prefixes, so identical names win. Names the rule does not map fall back to an
+    identical destination name. Examples: ``layers.0.x.weight -> model.layers.0.x.weight``,
+    ``transformer.h.0.attn.c_attn.weight -> h.0.attn.c_attn.weight``. Unmapped names are left out.
+    """
+    src = list(dict.fromkeys(src_names))
+    dst = set(dst_names)
+    suffix_index: dict[str, list[str]] = {}
+    for d in dst:
+        parts = d.split(".")
+        for i in range(len(parts) - 1):  # core of >= 2 components
+            suffix_index.setdefault(".".join(parts[i:]), []).append(".".join(parts[:i]) + "." if i else "")
+    votes: Counter = Counter()
+    for s in src:
+        parts = s.split(".")
+        for i in range(len(parts) - 1):
+            core = ".".join(parts[i:])
+            hits = suffix_index.get(core)
+            if hits:
+                sp = ".".join(parts[:i]) + "." if i else ""
+                for dp in set(hits):
+                    votes[(sp, dp)] += 1
+                break
+    mapping: dict[str, str] = {}
+    if votes:
+        (sp, dp), _ = min(votes.items(), key=lambda kv: (-kv[1], len(kv[0][0]) + len(kv[0][1]), kv[0]))
+        for s in src:
+            if s.startswith(sp):
+                d = dp + s[len(sp):]
+                if d in dst:
+                    mapping[s] = d
+    taken = set(mapping.values())
+    for s in src:
+        if s not in mapping and s in dst and s not in taken:
+            mapping[s] = s
+            taken.add(s)
+    return mapping
+
+
+_VOCAB_MODULES = ("lm_head", "wte", "embed_tokens", "word_embeddings", "embed_in", "embed_out", "shared",
+                  "tok_embeddings", "output", "embeddings", "wpe_vocab")
+
+
+def is_vocab_param(name: str) -> bool:
+    """Whether ``name`` is an input embedding or output head whose first dimension is the vocabulary."""
+    parts = name.split(".")
+    module = parts[-2] if len(parts) >= 2 else parts[-1]
+    return module in _VOCAB_MODULES or "embed" in module or module.endswith("lm_head")
+
+
+_EMBED_CANDIDATES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                     "tok_embeddings.weight", "shared.weight")
+
+
+# --------------------------------------------------------------------------------------------------------
+# CheckpointReader
+# --------------------------------------------------------------------------------------------------------
+class CheckpointReader:
+    """Read tensors one at a time from a Hugging Face model directory (or a single weights file).
+
+    Supports ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``,
+    ``pytorch_model.bin`` and sharded ``.bin`` with ``pytorch_model.bin.index.json`` (``.bin`` files are
+    loaded with ``torch.load(mmap=True, weights_only=True)`` the first time one of their tensors is asked).
+    Every safetensors file is checked for truncation when the reader opens; problems raise
+    `CheckpointError` naming the file.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.path = Path(model_dir)
+        self._key_file: dict[str, Path] = {}
+        self._shapes: dict[str, tuple] = {}
+        self._st_handles: dict[Path, object] = {}
+        self._bin_cache: dict[Path, dict] = {}
+        self.format: str
+        if self.path.is_file():
+            self._open_single(self.path)
+        elif self.path.is_dir():
+            if (self.path / SAFE_INDEX).is_file():
+                self._open_index(self.path / SAFE_INDEX, safetensors=True)
+            elif (self.path / SAFE_WEIGHTS).is_file():
+                self._open_single(self.path / SAFE_WEIGHTS)
+            elif (self.path / BIN_INDEX).is_file():
+                self._open_index(self.path / BIN_INDEX, safetensors=False)
+            elif (self.path / BIN_WEIGHTS).is_file():
+                self._open_single(self.path / BIN_WEIGHTS)
+            else:
+                raise CheckpointError(
+                    f"no model weights in {self.path} (looked for {SAFE_WEIGHTS}, {SAFE_INDEX}, "
+                    f"{BIN_WEIGHTS}, {BIN_INDEX})"
+                )
+        else:
+            raise CheckpointError(f"checkpoint path {self.path} does not exist")
+
+    # -- opening ----------------------------------------------------------------------------------------
+    def _open_single(self, file: Path) -> None:
+        if file.name.endswith(".safetensors"):
+            self.format = "safetensors"
+            self._add_safetensors(file)
+        else:
+            self.format = "bin"
+            sd = self._load_bin(file)
+            for k, v in sd.items():
+                self._key_file[k] = file
+                self._shapes[k] = tuple(v.shape)
+
+    def _add_safetensors(self, file: Path, expected: Iterable[str] | None = None, index: Path | None = None):
+        handle, header = open_safetensors(file, CheckpointError)
+        self._st_handles[file] = handle
+        if expected is None:
+            expected = header.keys()
+        for k in expected:
+            info = header.get(k)
+            if info is None:
+                raise CheckpointError(f"broken index {index}: tensor '{k}' is not in shard {file}")
+            self._key_file[k] = file
+            self._shapes[k] = tuple(int(s) for s in info["shape"])
+
+    def _open_index(self, index: Path, safetensors: bool) -> None:
+        self.format = "safetensors" if safetensors else "bin"
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            weight_map = data["weight_map"]
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError("empty or invalid weight_map")
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise ValueError("weight_map must map tensor names to file names")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"broken index {index}: {msg}") from None
+        by_file: dict[str, list[str]] = {}
+        for k, f in weight_map.items():
+            by_file.setdefault(f, []).append(k)
+        for fname, keys in by_file.items():
+            shard = index.parent / fname
+            if not shard.is_file():
+                raise CheckpointError(f"broken index {index}: shard {shard} is missing")
+            if safetensors:
+                self._add_safetensors(shard, keys, index)
+            else:
+                for k in keys:  # shapes are read lazily, when the shard is first loaded
+                    self._key_file[k] = shard
+
+    def _load_bin(self, file: Path) -> dict:
+        sd = self._bin_cache.get(file)
+        if sd is None:
+            sd = load_torch_file(file, CheckpointError)
+            self._bin_cache[file] = sd
+        return sd
+
+    # -- API ----------------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._key_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_file
+
+    def file_of(self, key: str) -> Path:
+        return self._file(key)
+
+    def _file(self, key: str) -> Path:
+        try:
+            return self._key_file[key]
+        except KeyError:
+            raise CheckpointError(f"tensor '{key}' is not in checkpoint {self.path}") from None
+
+    def _bin_tensor(self, key: str) -> torch.Tensor:
+        file = self._file(key)
+        sd = self._load_bin(file)
+        if key not in sd:
+            raise CheckpointError(f"broken index for {self.path}: tensor '{key}' is not in shard {file}")
+        return sd[key]
+
+    def shape(self, key: str) -> tuple:
+        if key not in self._shapes:
+            self._shapes[key] = tuple(self._bin_tensor(key).shape)
+        return self._shapes[key]
+
+    def get(self, key: str, device=None, dtype=None) -> torch.Tensor:
+        """Read one tensor (optionally moved to ``device`` and cast to ``dtype``)."""
+        file = self._file(key)
+        if file in self._st_handles:
+            try:
+                t = self._st_handles[file].get_tensor(key)
+            except Exception as exc:
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise CheckpointError(f"cannot read tensor '{key}' from {file}: {msg}") from None
+        else:  # a view into the mmap-ed file: always hand out a copy
+            return self._bin_tensor(key).to(device=device, dtype=dtype, copy=True)
+        if device is not None or dtype is not None:
+            t = t.to(device=device, dtype=dtype)
+        return t
+
+    def close(self) -> None:
+        self._st_handles.clear()
+        self._bin_cache.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader({str(self.path)!r}, {self.format}, {len(self._key_file)} tensors)"
+
+
+# --------------------------------------------------------------------------------------------------------
+# FullExpert
+# --------------------------------------------------------------------------------------------------------
+def _summary(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+_BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "position_ids")
+
+
+class FullExpert:
+    """A fully fine-tuned model seen as per-tensor task vectors ``expert - base``.
+
+    After `bind`, ``param_names()`` lists the base parameters the checkpoint provides; ``delta`` reads one
+    tensor at a time. Attributes set by `bind`: ``mapping`` (base name -> checkpoint key),
+    ``unmatched_keys`` (checkpoint tensors with no base parameter: warned), ``missing_params`` (base
+    parameters absent from the checkpoint, whose task vector is 0: warned, except a tied ``lm_head``),
+    ``vocab_mismatch`` (base name -> (base rows, expert rows)).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, name: str | None = None):
+        self.path = Path(model_dir)
+        self.name = name or self.path.name
+        self.reader = CheckpointReader(self.path)
+        self.mapping: dict[str, str] = {}
+        self.unmatched_keys: list[str] = []
+        self.missing_params: list[str] = []
+        self.vocab_mismatch: dict[str, tuple[int, int]] = {}
+        self._bound = False
+        self._tie = self._ties_embeddings()
+
+    def _ties_embeddings(self) -> bool:
+        cfg = self.path / "config.json" if self.path.is_dir() else self.path.parent / "config.json"
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return True
+        if "tie_word_embeddings" in data:
+            return bool(data["tie_word_embeddings"])
+        text_cfg = data.get("text_config")
+        if isinstance(text_cfg, dict) and "tie_word_embeddings" in text_cfg:
+            return bool(text_cfg["tie_word_embeddings"])
+        return True  # transformers' default
+
+    def bind(self, base_param_shapes: dict[str, tuple]) -> None:
+        shapes = {k: tuple(int(s) for s in v) for k, v in base_param_shapes.items()}
+        keys = self.reader.keys()
+        m = match_names(keys, shapes)
+        if not m:
+            raise CheckpointError(
+                f"expert {self.name} ({self.path}): no tensor in common with the base model "
+                f"(checkpoint has e.g. {_summary(keys, 3)}; base has e.g. {_summary(list(shapes), 3)})"
+            )
+        mapping: dict[str, str] = {}
+        vocab: dict[str, tuple[int, int]] = {}
+        for key, base_name in m.items():
+            es, bs = self.reader.shape(key), shapes[base_name]
+            if es != bs:
+                if (len(es) == len(bs) >= 1 and es[1:] == bs[1:] and is_vocab_param(base_name)):
+                    vocab[base_name] = (bs[0], es[0])
+                else:
+                    raise CheckpointError(
+                        f"expert {self.name}: tensor '{key}' in {self.reader.file_of(key)} has shape "
+                        f"{_shape_str(es)} but base parameter '{base_name}' has shape {_shape_str(bs)}"
+                    )
+            mapping[base_name] = key
+        missing = [n for n in shapes if n not in mapping]
+        # a tied output head absent from the checkpoint: the expert's head is its input embedding
+        for n in list(missing):
+            if n == "lm_head.weight" or n.endswith(".lm_head.weight"):
+                emb = next((k for suf in _EMBED_CANDIDATES for k in keys if k == suf or k.endswith("." + suf)),
+                           None)
+                if emb is not None and self._tie and self.reader.shape(emb)[1:] == shapes[n][1:]:
+                    mapping[n] = emb
+                    es = self.reader.shape(emb)
+                    if es != shapes[n]:
+                        vocab[n] = (shapes[n][0], es[0])
+                    missing.remove(n)
+                    logger.info("expert %s: tied %s taken from %s", self.name, n, emb)
+                elif not self._tie or emb is None:
+                    logger.info("expert %s: %s absent from the checkpoint (tied head)", self.name, n)
+        self.mapping = mapping
+        self.vocab_mismatch = vocab
+        used = set(mapping.values())
+        self.unmatched_keys = [k for k in keys if k not in used]
+        self.missing_params = missing
+        real_unmatched = [k for k in self.unmatched_keys if not k.endswith(_BUFFER_SUFFIXES)]
+        if real_unmatched:
+            logger.warning("expert %s: %d checkpoint tensor(s) match no base parameter and are ignored: %s",
+                           self.name, len(real_unmatched), _summary(real_unmatched))
+        important_missing = [n for n in missing if not n.endswith("lm_head.weight")]
+        if important_missing:
+            logger.warning("expert %s: %d base parameter(s) absent from the checkpoint (task vector 0): %s",
+                           self.name, len(important_missing), _summary(important_missing))
+        for n, (b_rows, e_rows) in vocab.items():
+            logger.warning(
+                "expert %s: vocabulary size differs for %s (base %d rows, expert %d): %s", self.name, n,
+                b_rows, e_rows,
+                "rows beyond the expert's vocabulary keep the base values" if e_rows < b_rows
+                else "the expert's extra rows are ignored")
+        self._bound = True
+
+    def _check_bound(self) -> None:
+        if not self._bound:
+            raise RuntimeError(f"expert {self.name}: call bind(base_param_shapes) first")
+
+    def param_names(self) -> set[str]:
+        self._check_bound()
+        return set(self.mapping)
+
+    def tensor(self, param_name: str, base: torch.Tensor) -> torch.Tensor | None:
+        """The expert's full tensor for ``param_name`` in float32 on ``base.device`` (None if absent).
+
+        On a vocabulary mismatch the result has the base's shape: rows beyond the expert's vocabulary take
+        the base's values; expert rows beyond the base's vocabulary are dropped.
+        """
+        self._check_bound()
+        key = self.mapping.get(param_name)
+        if key is None:
+            return None
+        t = self.reader.get(key, device=base.device, dtype=torch.float32)
+        if param_name in self.vocab_mismatch:
+            out = base.detach().to(dtype=torch.float32, copy=True)
+            n = min(out.shape[0], t.shape[0])
+            out[:n] = t[:n]
+            return out
+        if tuple(t.shape) != tuple(base.shape):
+            raise CheckpointError(
+                f"expert {self.name}: tensor '{key}' has shape {_shape_str(t.shape)} but base parameter "
+                f"'{param_name}' has shape {_shape_str(base.shape)}"
+            )
+        return t
+
+    def delta(self, param_name: str, base: torch.Tensor) -> torch.Tensor | None:
+        """Task vector ``expert - base`` in float32 on ``base.device`` (None if the expert lacks it).
+
+        On a vocabulary mismatch, computed on the common rows; other rows are 0.
+        """
+        self._check_bound()
+        key = self.mapping.get(param_name)
+        if key is None:
+            return None
+        t = self.reader.get(key, device=base.device, dtype=torch.float32)
+        b = base.detach()
+        if param_name in self.vocab_mismatch:
+            out = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
+            n = min(out.shape[0], t.shape[0])
+            out[:n] = t[:n] - b[:n].float()
+            return out
+        if tuple(t.shape) != tuple(b.shape):
+            raise CheckpointError(
+                f"expert {self.name}: tensor '{key}' has shape {_shape_str(t.shape)} but base parameter "
+                f"'{param_name}' has shape {_shape_str(b.shape)}"
+            )
+        return t - b.float()
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __repr__(self) -> str:
+        return f"FullExpert({self.name!r}, {str(self.path)!r})"
