@@ -1,0 +1,54 @@
+"""Pure per-tensor merge math: no I/O, no Hugging Face objects.
+
+Conventions: inputs are same-shape tensors (never modified); results are new float32 tensors on the
+inputs' device. Most functions take task vectors τᵢ = θᵢ − θ₀ and return the merged task vector (the
+caller adds θ₀); ``linear``, ``slerp``/``lerp`` and ``geometric_median`` work on whatever they are given.
+Per-model hyperparameters accept a number or one number per model; bad values raise
+:class:`llm_merging.errors.ConfigError` naming the parameter.
+"""
+from __future__ import annotations
+
+from .basic import linear, task_arithmetic
+from .geometric_median import geometric_median
+from .masks import (
+    apply_mask,
+    breadcrumbs_mask,
+    della_keep_probabilities,
+    della_mask,
+    magnitude_mask,
+    random_mask,
+)
+from .model_stock import model_stock, model_stock_ratio
+from .slerp import lerp, slerp
+from .sparsify import breadcrumbs, dare, della, magnitude_prune
+from .svd import iso_c, iso_cts, knots, tsv
+from .ties import consensus_merge, elect_sign, ties
+from ._common import derive_seed
+
+__all__ = [
+    "apply_mask",
+    "breadcrumbs",
+    "breadcrumbs_mask",
+    "consensus_merge",
+    "dare",
+    "della",
+    "della_keep_probabilities",
+    "della_mask",
+    "derive_seed",
+    "elect_sign",
+    "geometric_median",
+    "iso_c",
+    "iso_cts",
+    "knots",
+    "lerp",
+    "linear",
+    "magnitude_mask",
+    "magnitude_prune",
+    "model_stock",
+    "model_stock_ratio",
+    "random_mask",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "tsv",
+]

@@ -1,0 +1,203 @@
+"""Shared validation and numerical helpers for :mod:`llm_merging.ops` (private)."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from llm_merging.errors import ConfigError
+
+#: A hyperparameter given once for all models or once per model.
+PerModel = Union[float, Sequence[float]]
+
+_MASK64 = (1 << 64) - 1
+
+
+def check_tensors(tensors: Sequence[Tensor], name: str = "task_vectors", min_count: int = 1) -> list[Tensor]:
+    """Return ``tensors`` as a list after checking count, type, shape and device."""
+    if isinstance(tensors, Tensor):
+        raise ConfigError(f"{name}: expected a sequence of tensors, got a single tensor")
+    try:
+        items = list(tensors)
+    except TypeError:
+        raise ConfigError(f"{name}: expected a sequence of tensors, got {type(tensors).__name__}") from None
+    if len(items) < min_count:
+        raise ConfigError(f"{name}: expected at least {min_count} tensor(s), got {len(items)}")
+    for i, t in enumerate(items):
+        if not isinstance(t, Tensor):
+            raise ConfigError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+        if t.is_complex():
+            raise ConfigError(f"{name}[{i}]: complex tensors are not supported")
+    shape, device = items[0].shape, items[0].device
+    for i, t in enumerate(items[1:], start=1):
+        if t.shape != shape:
+            raise ConfigError(
+                f"{name}[{i}]: shape {tuple(t.shape)} does not match {name}[0] shape {tuple(shape)}"
+            )
+        if t.device != device:
+            raise ConfigError(f"{name}[{i}]: device {t.device} does not match {name}[0] device {device}")
+    return items
+
+
+def check_pair(a: Tensor, b: Tensor, names: tuple[str, str] = ("a", "b")) -> None:
+    """Check that two tensors have the same shape and device."""
+    for n, t in zip(names, (a, b)):
+        if not isinstance(t, Tensor):
+            raise ConfigError(f"{n}: expected a torch.Tensor, got {type(t).__name__}")
+    if a.shape != b.shape:
+        raise ConfigError(f"{names[1]}: shape {tuple(b.shape)} does not match {names[0]} shape {tuple(a.shape)}")
+    if a.device != b.device:
+        raise ConfigError(f"{names[1]}: device {b.device} does not match {names[0]} device {a.device}")
+
+
+def f32(t: Tensor) -> Tensor:
+    """A float32 view or copy of ``t`` (never modified by the caller's code paths)."""
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
+def stack_f32(tensors: Sequence[Tensor]) -> Tensor:
+    """Stack into one new float32 tensor ``(N, *shape)`` with a single allocation."""
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float32, device=tensors[0].device)
+    for i, t in enumerate(tensors):
+        out[i].copy_(t)
+    return out
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_real(value: object, name: str) -> float:
+    """A finite real number."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if not _is_real(value) or not math.isfinite(float(value)):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def check_range(
+    value: object,
+    name: str,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """A finite number inside the interval (brackets as given by ``*_open``)."""
+    v = check_real(value, name)
+    lo_ok = v > low if low_open else v >= low
+    hi_ok = v < high if high_open else v <= high
+    if not (lo_ok and hi_ok):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{name}: {v!r} is outside {interval}")
+    return v
+
+
+def per_model(
+    value: PerModel,
+    n: int,
+    name: str,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> list[float]:
+    """Expand a scalar or a per-model sequence into ``n`` checked floats."""
+    if isinstance(value, Tensor):
+        value = value.tolist() if value.dim() > 0 else value.item()
+    if isinstance(value, (str, bytes)):
+        raise ConfigError(f"{name}: expected a number or one number per model, got {value!r}")
+    if isinstance(value, Sequence):
+        values = list(value)
+        if len(values) != n:
+            raise ConfigError(f"{name}: expected one value per model ({n}), got {len(values)}")
+        return [
+            check_range(v, f"{name}[{i}]", low, high, low_open=low_open, high_open=high_open)
+            for i, v in enumerate(values)
+        ]
+    v = check_range(value, name, low, high, low_open=low_open, high_open=high_open)
+    return [v] * n
+
+
+def weight_list(weights: Optional[PerModel], n: int, name: str = "weights") -> list[float]:
+    """Per-model weights (default all 1.0); any finite real numbers."""
+    if weights is None:
+        return [1.0] * n
+    return per_model(weights, n, name)
+
+
+def weight_tensor(weights: Sequence[float], like: Tensor) -> Tensor:
+    """Weights as a float32 tensor shaped ``(N, 1, ..., 1)`` to broadcast against ``like`` ``(N, *shape)``."""
+    w = torch.tensor(weights, dtype=torch.float32, device=like.device)
+    return w.view(-1, *([1] * (like.dim() - 1)))
+
+
+def check_choice(value: object, name: str, choices: Sequence[object]) -> object:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        shown = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{name}: {value!r} is not one of {shown}")
+    return value
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """An integer seed (Python int or integral number, not bool)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ConfigError(f"{name}: expected an integer, got {seed!r}")
+    return int(seed)
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Seed of stream ``index`` derived from ``seed`` with the SplitMix64 finaliser.
+
+    Distinct, well-mixed, non-negative 63-bit seeds: model ``i`` of tensor seed ``s`` never
+    shares a stream with model ``i+1`` of tensor seed ``s-1`` (as plain ``seed + i`` would).
+    """
+    z = ((seed & _MASK64) + 0x9E3779B97F4A7C15 * (index + 1)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return z & ((1 << 63) - 1)
+
+
+def cpu_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (masks are drawn on CPU for device independence)."""
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def keep_count(density: float, n: int) -> int:
+    """k = round(density * n) (half up), at least 1 when density > 0, at most n."""
+    if density >= 1.0:
+        return n
+    if density <= 0.0 or n == 0:
+        return 0
+    return min(n, max(1, int(math.floor(density * n + 0.5))))
+
+
+def dot64(x: Tensor, y: Tensor, chunk: int = 1 << 22) -> float:
+    """Dot product of two same-shape tensors, accumulated in float64 chunk by chunk (low memory)."""
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, xf.numel(), chunk):
+        xs = xf[start : start + chunk].to(torch.float64)
+        ys = xs if y is x else yf[start : start + chunk].to(torch.float64)
+        total += torch.dot(xs, ys)
+    return float(total)
+
+
+def norm64(x: Tensor) -> float:
+    """Euclidean norm of a tensor, accumulated in float64."""
+    return math.sqrt(max(dot64(x, x), 0.0))
+
+
+def polar(x: Tensor) -> Tensor:
+    """Orthogonal polar factor ``P Qᵀ`` of ``x = P Σ Qᵀ`` (thin SVD): the closest matrix with orthonormal
+    columns (or rows, when ``x`` is wide)."""
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh

@@ -1,0 +1,198 @@
+"""Sparsification masks and rescaling: magnitude top-k, DARE random drop, breadcrumbs, DELLA MagPrune.
+
+Top-k convention (used by every magnitude-based mask here): keep exactly
+``k = round(density · numel)`` entries (round half up; at least 1 when density > 0; all when density ≥ 1),
+ordered by |x| descending and, among equal magnitudes, by flat index ascending. The order is a total
+order, so the result is deterministic and identical on CPU and GPU, and the top-a set is contained in
+the top-b set for a ≤ b. (PEFT and mergekit use ``k = int(density · numel)`` and leave ties to
+``torch.topk``/``argsort``; the results agree whenever density·numel is an integer and there are no ties.)
+
+Random masks (DARE, DELLA) are drawn from a CPU ``torch.Generator`` seeded with the given seed and only
+then moved to the tensor's device, so one seed yields bit-identical masks on CPU and GPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from llm_merging.errors import ConfigError
+
+from ._common import check_choice, check_range, cpu_generator, f32, keep_count
+
+RESCALES = ("inverse", "l1", None)
+_L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor threshold
+
+
+def _kth_largest(a: Tensor, k: int, use_topk: Optional[bool] = None) -> Tensor:
+    """The k-th largest value of the 1-D tensor ``a`` (1 ≤ k ≤ numel).
+
+    CPU: ``torch.kthvalue`` (quickselect). CUDA and other devices: ``torch.topk`` on the smaller side,
+    because CUDA ``kthvalue`` runs one block per slice and is very slow on one huge slice
+    (pytorch/pytorch#75599), while ``topk`` uses a multi-block radix select.
+    """
+    n = a.numel()
+    if use_topk is None:
+        use_topk = a.device.type != "cpu"
+    if not use_topk:
+        return torch.kthvalue(a, n - k + 1).values
+    if k <= n - k + 1:
+        return torch.topk(a, k, largest=True, sorted=False).values.min()
+    return torch.topk(a, n - k + 1, largest=False, sorted=False).values.max()
+
+
+def _topk_flat(a: Tensor, k: int, use_topk: Optional[bool] = None) -> Tensor:
+    """Boolean mask of the k largest entries of the 1-D tensor ``a`` (ties → lower index first)."""
+    n = a.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=a.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=a.device)
+    thr = _kth_largest(a, k, use_topk)
+    mask = a > thr
+    need = k - int(mask.sum())
+    if need > 0:
+        eq = a == thr
+        if int(eq.sum()) > need:
+            eq &= torch.cumsum(eq, dim=0, dtype=torch.int32) <= need
+        mask |= eq
+    return mask
+
+
+def magnitude_mask(x: Tensor, density: float) -> Tensor:
+    """Boolean mask keeping the top ``round(density·numel)`` entries of ``x`` by magnitude.
+
+    See the module docstring for the exact count and the tie rule. ``density`` in (0, 1].
+    """
+    d = check_range(density, "density", 0.0, 1.0, low_open=True)
+    n = x.numel()
+    k = keep_count(d, n)
+    return _topk_flat(f32(x).detach().abs().reshape(-1), k).reshape(x.shape)
+
+
+def random_mask(
+    shape: Union[torch.Size, tuple[int, ...]],
+    density: float,
+    seed: int,
+    device: Union[str, torch.device, None] = None,
+) -> Tensor:
+    """DARE mask: each entry kept independently with probability ``density`` (Bernoulli).
+
+    Drawn as ``torch.rand(shape, generator=CPU generator seeded with seed) < density`` on CPU, then moved
+    to ``device``: bit-identical on every device for a given seed.
+    """
+    d = check_range(density, "density", 0.0, 1.0, low_open=True)
+    if d >= 1.0:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    u = torch.rand(shape, generator=cpu_generator(seed), dtype=torch.float32)
+    return (u < d).to(device)
+
+
+def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs mask (Davari & Belilovsky 2023): drop the ``gamma`` fraction of largest-magnitude
+    entries (outliers) and the smallest ones, keeping ``round(density·numel)`` entries in between.
+
+    Counts as mergekit ``magnitude_outliers``: ``n_top = round(gamma·n)`` outliers dropped,
+    ``n_keep = round(density·n)`` kept, ``n − n_keep − n_top`` smallest dropped; when
+    density + gamma > 1 the number of outliers dropped is reduced to ``n − n_keep`` (mergekit does the
+    same). density ≥ 1 keeps everything.
+    """
+    d = check_range(density, "density", 0.0, 1.0, low_open=True)
+    g = check_range(gamma, "gamma", 0.0, 1.0, high_open=True)
+    n = x.numel()
+    if d >= 1.0:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    n_keep = keep_count(d, n)
+    n_top = min(int(math.floor(g * n + 0.5)), n - n_keep)
+    a = f32(x).detach().abs().reshape(-1)
+    mask = _topk_flat(a, n_keep + n_top)
+    if n_top > 0:
+        mask &= ~_topk_flat(a, n_top)
+    return mask.reshape(x.shape)
+
+
+def _check_della(density: float, epsilon: float) -> tuple[float, float]:
+    d = check_range(density, "density", 0.0, 1.0, low_open=True)
+    e = check_range(epsilon, "epsilon", 0.0, 1.0)
+    if d < 1.0 and (d - e < 0.0 or d + e > 1.0):
+        raise ConfigError(
+            f"epsilon: {e!r} puts keep probabilities [{d - e:g}, {d + e:g}] outside [0, 1] for density {d!r}"
+        )
+    return d, e
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+
+
+def della_keep_probabilities(x: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA MagPrune keep probabilities (Deep et al. 2024, mergekit ``della_magprune``).
+
+    Within each row (dim 0 of a ≥2-D tensor, flattening the rest; a 1-D tensor is one row) entries are
+    ranked by |x| (stable: equal magnitudes rank by index), and the keep probability rises linearly with
+    the rank from ``density − ε`` (smallest magnitude) to ``density + ε`` (largest), i.e. the drop
+    probability pᵢ runs from ``p + ε`` down to ``p − ε`` around p = 1 − density. A one-entry row gets
+    ``density``. density ≥ 1 gives all ones (no pruning; ε is then ignored, as in mergekit).
+    Keep probabilities outside [0, 1] are a :class:`ConfigError`.
+
+    The paper spaces the probabilities over [p − ε/2, p + ε/2]; this follows mergekit's ±ε.
+    """
+    d, e = _check_della(density, epsilon)
+    if d >= 1.0:
+        return torch.ones(x.shape, dtype=torch.float32, device=x.device)
+    rows = _rows(f32(x).detach())
+    m = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(m, device=x.device).expand_as(order))
+    del order
+    # Probability per rank, computed once on CPU in float64 so every device uses the same float32 values.
+    if m > 1:
+        table = (d - e) + (2.0 * e) * torch.arange(m, dtype=torch.float64) / (m - 1)
+    else:
+        table = torch.full((1,), d, dtype=torch.float64)
+    table = table.clamp(0.0, 1.0).to(torch.float32).to(x.device)
+    return table[ranks].reshape(x.shape)
+
+
+def della_mask(x: Tensor, density: float, epsilon: float, seed: int) -> tuple[Tensor, Tensor]:
+    """DELLA drop mask and the keep probabilities it was drawn with: ``(mask, keep_prob)``.
+
+    ``mask = u < keep_prob`` with ``u = torch.rand`` from a CPU generator seeded with ``seed`` (drawn on
+    CPU, moved to the device): bit-identical on every device for a given seed.
+    """
+    keep = della_keep_probabilities(x, density, epsilon)
+    if density >= 1.0:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device), keep
+    u = torch.rand(tuple(_rows(x).shape), generator=cpu_generator(seed), dtype=torch.float32)
+    mask = u.to(x.device).reshape(x.shape) < keep
+    return mask, keep
+
+
+def apply_mask(
+    x: Tensor,
+    mask: Tensor,
+    rescale: Optional[str] = None,
+    keep_prob: Union[float, Tensor, None] = None,
+) -> Tensor:
+    """``x`` with dropped entries zeroed and the kept ones rescaled.
+
+    ``rescale``: ``"inverse"`` divides kept entries by their keep probability (DARE 1/p, DELLA 1/(1−pᵢ));
+    ``"l1"`` scales the result so its L1 norm equals that of ``x`` (mergekit ``rescale=True``; skipped when
+    either norm is below 1e-7, as mergekit); ``None`` no rescaling. Returns a new float32 tensor.
+    """
+    check_choice(rescale, "rescale", RESCALES)
+    xf = f32(x)
+    if rescale == "inverse":
+        if keep_prob is None:
+            raise ConfigError("keep_prob: required for rescale='inverse'")
+        return torch.where(mask, xf / keep_prob, 0.0)
+    masked = torch.where(mask, xf, 0.0)
+    if rescale == "l1":
+        before = float(xf.abs().sum(dtype=torch.float64))
+        after = float(masked.abs().sum(dtype=torch.float64))
+        if before >= _L1_EPS and after >= _L1_EPS:
+            masked = masked * (before / after)
+    return masked
