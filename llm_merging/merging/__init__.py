@@ -27,6 +27,20 @@ BUILTIN_METHODS = {
     "linear": "llm_merging.merging.Linear:Linear",
     "task_arithmetic": "llm_merging.merging.TaskArithmetic:TaskArithmetic",
     "ties_merge": "llm_merging.merging.TiesMerge:TiesMerge",
+    "dare_linear": "llm_merging.merging.DareLinear:DareLinear",
+    "dare_ties": "llm_merging.merging.DareTies:DareTies",
+    "magnitude_prune": "llm_merging.merging.MagnitudePrune:MagnitudePrune",
+    "breadcrumbs": "llm_merging.merging.Breadcrumbs:Breadcrumbs",
+    "breadcrumbs_ties": "llm_merging.merging.BreadcrumbsTies:BreadcrumbsTies",
+    "della": "llm_merging.merging.Della:Della",
+    "della_linear": "llm_merging.merging.DellaLinear:DellaLinear",
+    "slerp": "llm_merging.merging.Slerp:Slerp",
+    "model_stock": "llm_merging.merging.ModelStock:ModelStock",
+    "geometric_median": "llm_merging.merging.GeometricMedian:GeometricMedian",
+    "tsv_merge": "llm_merging.merging.TsvMerge:TsvMerge",
+    "iso_c": "llm_merging.merging.IsoC:IsoC",
+    "iso_cts": "llm_merging.merging.IsoCts:IsoCts",
+    "knots_ties": "llm_merging.merging.KnotsTies:KnotsTies",
 }
 
 

@@ -1,0 +1,24 @@
+"""``geometric_median``: the weighted geometric median of the task vectors (Weiszfeld's algorithm)."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .hparams import WEIGHTS, Param, per_model
+from .Linear import Linear
+
+class GeometricMedian(Linear):
+    """Geometric median of the task vectors per tensor (Weiszfeld iterations)."""
+
+    hyperparameters = {
+        "weights": WEIGHTS,
+        "eps": Param(1e-6, "stop when the relative change is below eps", low=0.0, low_open=True),
+        "max_iter": Param(100, "maximum Weiszfeld iterations", kind=int, low=1),
+    }
+
+    def __init__(self, name: str | None = "geometric_median") -> None:
+        super().__init__(name)
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
+        n, h = len(task_vectors), self.hparams
+        return ops.geometric_median(task_vectors, weights=per_model(h["weights"], n), eps=h["eps"], max_iter=h["max_iter"])

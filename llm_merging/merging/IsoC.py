@@ -1,0 +1,21 @@
+"""``iso_c``: Iso-C (Marczak et al. 2025): flatten the spectrum of the summed task matrix."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .hparams import SCALE
+from .Linear import Linear
+
+class IsoC(Linear):
+    """Iso-C (Marczak et al. 2025): Σ τᵢ = UΣVᵀ replaced by σ̄·UVᵀ (isotropic spectrum)."""
+
+    hyperparameters = {
+        "scale": SCALE,
+    }
+
+    def __init__(self, name: str | None = "iso_c") -> None:
+        super().__init__(name)
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
+        return ops.iso_c(task_vectors, scale=self.hparams["scale"])

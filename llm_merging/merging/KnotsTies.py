@@ -1,0 +1,45 @@
+"""``knots_ties``: KnOTS (Stoica et al. 2025): align LoRA updates in a shared SVD basis, then TIES-merge them."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..errors import ConfigError
+from .hparams import DENSITY, SCALE, WEIGHTS, Param, per_model
+from .Linear import Linear
+
+class KnotsTies(Linear):
+    """KnOTS (Stoica et al. 2025): shared SVD basis of the LoRA updates, then TIES (or task arithmetic)."""
+
+    hyperparameters = {
+        "density": DENSITY,
+        "weights": WEIGHTS,
+        "scale": SCALE,
+        "merge": Param("ties", "merge of the aligned factors: ties | task_arithmetic", kind=str, choices=("ties", "task_arithmetic")),
+        "sign_method": Param("total", "sign election: total | frequency", kind=str, choices=("total", "frequency")),
+        "weighted_sign": Param(False, "elect signs on weighted task vectors (mergekit)", kind=bool),
+        "divisor": Param("count", "disjoint mean divisor: count (paper) | weight_sum (mergekit)", kind=str, choices=("count", "weight_sum")),
+    }
+
+    def __init__(self, name: str | None = "knots_ties") -> None:
+        super().__init__(name)
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
+        h = self.hparams
+        factors, weights, densities = [], per_model(h["weights"], len(task_vectors)), per_model(h["density"], len(task_vectors))
+        keep = []
+        for i, (expert, tv) in enumerate(zip(self.experts, task_vectors)):
+            f = expert.factors(name) if hasattr(expert, "factors") else None
+            if f is None:
+                if torch.count_nonzero(tv):
+                    raise ConfigError(f"knots_ties needs LoRA experts: '{expert.name}' changes '{name}' without LoRA factors")
+                continue
+            b, a = f
+            factors.append((b.to(base.device, torch.float32), a.to(base.device, torch.float32)))
+            keep.append(i)
+        if not factors:
+            return torch.zeros_like(base)
+        return ops.knots(
+            factors, method=h["merge"], density=[densities[i] for i in keep], weights=[weights[i] for i in keep],
+            scale=h["scale"], sign_method=h["sign_method"], weighted_sign=h["weighted_sign"], divisor=h["divisor"],
+        )

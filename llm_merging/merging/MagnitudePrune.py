@@ -1,0 +1,25 @@
+"""``magnitude_prune``: keep the largest-magnitude entries of each task vector, then a weighted sum (PEFT's magnitude_prune)."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .hparams import DENSITY, SCALE, WEIGHTS, Param, per_model
+from .Linear import Linear
+
+class MagnitudePrune(Linear):
+    """Magnitude pruning: keep each task vector's top-k entries by |τ|, then λ Σ wᵢτ̂ᵢ."""
+
+    hyperparameters = {
+        "density": Param(0.5, "fraction of entries kept per task vector, in (0, 1]", per_model=True, low=0.0, high=1.0, low_open=True),
+        "weights": WEIGHTS,
+        "scale": SCALE,
+    }
+
+    def __init__(self, name: str | None = "magnitude_prune") -> None:
+        super().__init__(name)
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
+        n, h = len(task_vectors), self.hparams
+        return ops.magnitude_prune(task_vectors, density=per_model(h["density"], n), weights=per_model(h["weights"], n),
+                                   scale=h["scale"])

@@ -1,0 +1,28 @@
+"""``model_stock``: Model Stock (Jang et al. 2024): interpolate the expert average towards the base by the task vectors' angle."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..errors import ConfigError
+from .hparams import Param
+from .Linear import Linear
+
+class ModelStock(Linear):
+    """Model Stock (Jang et al. 2024): θ₀ + t·mean(τᵢ), t = N·cosθ / (1 + (N−1)·cosθ)."""
+
+    hyperparameters = {
+        "filter_wise": Param(False, "one ratio per output row instead of per tensor", kind=bool),
+    }
+
+    def __init__(self, name: str | None = "model_stock") -> None:
+        super().__init__(name)
+
+    def validate_hyperparameters(self) -> None:
+        super().validate_hyperparameters()
+        n = len(self.model_refs())
+        if self.list_models is not None and n < 2:
+            raise ConfigError(f"method '{self.name}' needs at least 2 models, got {n}")
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
+        return ops.model_stock(task_vectors, filter_wise=self.hparams["filter_wise"])

@@ -1,0 +1,32 @@
+"""``slerp``: spherical linear interpolation of two models (Shoemake 1985; mergekit's slerp)."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..errors import ConfigError
+from .hparams import Param
+from .Linear import Linear
+
+class Slerp(Linear):
+    """SLERP of two experts: on their task vectors (default) or on their full weights."""
+
+    hyperparameters = {
+        "t": Param(0.5, "interpolation factor: 0 gives the first model, 1 the second", low=0.0, high=1.0),
+        "space": Param("task_vectors", "interpolate task vectors (θ₀ + slerp(τ₁, τ₂)) or full weights (slerp(θ₁, θ₂))", kind=str, choices=("task_vectors", "weights")),
+    }
+
+    def __init__(self, name: str | None = "slerp") -> None:
+        super().__init__(name)
+
+    def validate_hyperparameters(self) -> None:
+        super().validate_hyperparameters()
+        n = len(self.model_refs())
+        if self.list_models is not None and n != 2:
+            raise ConfigError(f"method '{self.name}' interpolates exactly 2 models, got {n}")
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
+        t = self.hparams["t"]
+        if self.hparams["space"] == "weights":
+            return ops.slerp(base + task_vectors[0], base + task_vectors[1], t) - base
+        return ops.slerp(task_vectors[0], task_vectors[1], t)
