@@ -93,7 +93,7 @@ def test_list_prints_every_method(capsys):
 def test_unknown_method_names_close_matches(capsys, tmp_path):
     assert main(["-m", "ties_merg", "--tiny", "--output_folder", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: unknown merge method 'ties_merg'; did you mean ties_merge?"]
+    assert len(err) == 1 and err[0].startswith("error: unknown merge method 'ties_merg'; did you mean ties_merge")
     assert list(tmp_path.iterdir()) == []
 
 
