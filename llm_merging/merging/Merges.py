@@ -95,6 +95,8 @@ class Merges(object):
         kwargs: dict[str, Any] = {"dtype": self.torch_dtype()}
         if device.type != "cpu":
             kwargs["device_map"] = {"": str(device)}
+        else:  # merging writes into the weights: mmap-backed pages would be counted twice in RSS
+            kwargs["disable_mmap"] = True
         t0 = time.time()
         try:
             model = loader.from_pretrained(str(path), **kwargs)

@@ -39,6 +39,12 @@ _ST_DTYPE_BITS = {
 }
 
 
+_ST_TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+}
+
+
 def _shape_str(shape: Iterable[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
@@ -220,6 +226,7 @@ class CheckpointReader:
         self._key_file: dict[str, Path] = {}
         self._shapes: dict[str, tuple] = {}
         self._st_handles: dict[Path, object] = {}
+        self._st_spans: dict[str, tuple[int, int, str]] = {}  # key -> (file offset, byte count, dtype)
         self._bin_cache: dict[Path, dict] = {}
         self.format: str
         if self.path.is_file():
@@ -255,7 +262,15 @@ class CheckpointReader:
 
     def _add_safetensors(self, file: Path, expected: Iterable[str] | None = None, index: Path | None = None):
         handle, header = open_safetensors(file, CheckpointError)
-        self._st_handles[file] = handle
+        with open(file, "rb") as fh:
+            data_start = 8 + struct.unpack("<Q", fh.read(8))[0]
+        if any(info["dtype"] not in _ST_TORCH_DTYPES for info in header.values()):
+            self._st_handles[file] = handle  # exotic dtypes: let safetensors decode them
+        else:
+            del handle  # plain reads keep expert pages out of this process's RSS (no mmap)
+        for k, info in header.items():
+            start, end = (int(x) for x in info["data_offsets"])
+            self._st_spans[k] = (data_start + start, end - start, info["dtype"])
         if expected is None:
             expected = header.keys()
         for k in expected:
@@ -328,7 +343,9 @@ class CheckpointReader:
     def get(self, key: str, device=None, dtype=None) -> torch.Tensor:
         """Read one tensor (optionally moved to ``device`` and cast to ``dtype``)."""
         file = self._file(key)
-        if file in self._st_handles:
+        if self.format == "safetensors" and file not in self._st_handles:
+            t = self._read_span(file, key)
+        elif file in self._st_handles:
             try:
                 t = self._st_handles[file].get_tensor(key)
             except Exception as exc:
@@ -339,6 +356,23 @@ class CheckpointReader:
         if device is not None or dtype is not None:
             t = t.to(device=device, dtype=dtype)
         return t
+
+    def _read_span(self, file: Path, key: str) -> torch.Tensor:
+        """Read one safetensors tensor with a plain file read into its own buffer."""
+        offset, nbytes, dtype = self._st_spans[key]
+        buf = bytearray(nbytes)
+        try:
+            with open(file, "rb", buffering=0) as fh:
+                fh.seek(offset)
+                got = fh.readinto(buf)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read tensor '{key}' from {file}: {exc.strerror or exc}") from None
+        if got != nbytes:
+            raise CheckpointError(f"truncated safetensors file {file}: tensor '{key}' is cut short")
+        shape = self._shapes[key]
+        if nbytes == 0:
+            return torch.empty(shape, dtype=_ST_TORCH_DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=_ST_TORCH_DTYPES[dtype]).reshape(shape)
 
     def close(self) -> None:
         self._st_handles.clear()

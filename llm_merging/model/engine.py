@@ -95,6 +95,17 @@ def load_experts(method, model: torch.nn.Module) -> list:
     return open_experts(method, base_param_shapes(model))
 
 
+def _return_large_frees_to_the_os() -> None:
+    """Serve allocations of 1 MiB and more with mmap (glibc), so per-tensor temporaries of the merge
+    are given back to the OS instead of growing the heap. No-op where glibc is absent."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def compute_device(param: torch.Tensor) -> torch.device:
     """Where to do the math for ``param``: its own device, or the GPU when the model sits on the CPU."""
     if param.device.type != "cpu":
@@ -128,6 +139,7 @@ def merge_into(
     if unknown:
         logger.warning("%d expert tensors have no parameter in the base model (ignored): %s",
                        len(unknown), ", ".join(sorted(unknown)[:5]))
+    _return_large_frees_to_the_os()
     t0 = time.time()
     n_values = 0
     device = None
