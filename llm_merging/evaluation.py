@@ -1,0 +1,530 @@
+"""Batched evaluation of a merge method on kit data files: predictions, scores, submission CSV.
+
+``evaluate_model(merge_method, dataset_filepaths, output_folder)`` keeps the kit's positional
+signature. For each data file it
+
+1. loads the rows (:mod:`llm_merging.data`), groups them by eval type (and, for multiple choice, by
+   number of choices, so that kit-style code which assumes one choice count per batch keeps working),
+   sorts each group by length (longest first: less padding, and memory problems show up at once);
+2. calls ``merge_method.predict_multiple_choice(batch)`` / ``merge_method.generate(batch)`` on kit
+   batches (dict of lists), so a participant class overriding either method is what gets evaluated;
+3. restores the input order and writes, under ``<output_folder>/<method name>/``:
+
+   * ``predictions/<file stem>.jsonl``: the row's fields plus ``prediction`` (choice index or text),
+     ``predicted_choice`` + ``answer_choices_scores`` (multiple choice) or ``predicted_text``;
+   * ``<file stem>_submission.csv`` (files with an ``id`` column): ``id,prediction`` in input order,
+     choice predictions as the kit writes them (the index as a string);
+   * ``scores.jsonl``: one line appended per run, ``{<stem>: {metric: value}, ..., "average": {...}}``
+     with values rounded to 3 digits.
+
+Under a :class:`~llm_merging.budget.Budget` it stops between batches once the budget is spent, keeps
+what finished and marks the dataset partial.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .data import EVAL_TYPES, GENERATION, MULTIPLE_CHOICE, check_eval_type, load_examples
+from .errors import ConfigError
+from .io_utils import atomic_append_line, atomic_write_text
+from .metrics import accuracy, rouge
+
+logger = logging.getLogger(__name__)
+
+# Batch sizes used on CPU with batch_size="auto" (measured with benchmarks/eval_speed.py).
+CPU_BATCH_SIZE = {MULTIPLE_CHOICE: 16, GENERATION: 16}
+MAX_AUTO_BATCH_SIZE = 256
+_GPU_MEMORY_FRACTION = 0.6
+
+
+@dataclass
+class DatasetResult:
+    """Outcome of one data file."""
+
+    name: str
+    path: str
+    eval_types: list[str]
+    n_examples: int
+    n_evaluated: int = 0
+    n_scored: int = 0
+    scores: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    partial: bool = False
+    batch_size: int | None = None
+    predictions_path: str | None = None
+    submission_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvaluationResult:
+    """Outcome of :func:`evaluate_model`; ``to_dict()`` feeds ``report.json``."""
+
+    method: str
+    output_dir: str
+    datasets: list[DatasetResult] = field(default_factory=list)
+    average: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    scores_path: str | None = None
+
+    @property
+    def partial(self) -> bool:
+        return any(d.partial for d in self.datasets)
+
+    @property
+    def scores(self) -> dict[str, dict[str, float]]:
+        return {d.name: dict(d.scores) for d in self.datasets}
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "output_dir": self.output_dir,
+            "partial": self.partial,
+            "seconds": self.seconds,
+            "average": dict(self.average),
+            "scores_path": self.scores_path,
+            "datasets": [d.to_dict() for d in self.datasets],
+        }
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+def _method_name(merge_method) -> str:
+    getter = getattr(merge_method, "get_name", None)
+    name = getter() if callable(getter) else getattr(merge_method, "name", None)
+    if not name:
+        raise ConfigError("merge method has no name (get_name() / .name)")
+    return str(name)
+
+
+def _normalize_paths(dataset_filepaths) -> list[str]:
+    if dataset_filepaths is None:
+        raise ConfigError("no dataset file paths given")
+    if isinstance(dataset_filepaths, (str, os.PathLike)):
+        return [os.fspath(dataset_filepaths)]
+    return [os.fspath(p) for p in dataset_filepaths]
+
+
+def _normalize_eval_types(eval_types, n: int) -> list[str | None]:
+    if eval_types is None:
+        return [None] * n
+    if isinstance(eval_types, str):
+        eval_types = [eval_types] * n
+    eval_types = list(eval_types)
+    if len(eval_types) == 1 and n > 1:
+        eval_types = eval_types * n
+    if len(eval_types) != n:
+        raise ConfigError(f"--eval_types: {len(eval_types)} eval types for {n} dataset files")
+    out: list[str | None] = []
+    for t in eval_types:
+        if t is None or t in ("", "auto"):
+            out.append(None)
+        else:
+            out.append(check_eval_type(t, "--eval_types"))
+    return out
+
+
+def _normalize_batch_size(batch_size) -> int | None:
+    """``None`` for "auto", else a positive int."""
+    if batch_size is None or batch_size == "auto":
+        return None
+    if isinstance(batch_size, str) and batch_size.strip().isdigit():
+        batch_size = int(batch_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size must be 'auto' or a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+def _unique_names(paths: Sequence[str]) -> list[str]:
+    """Output names: the file stem, disambiguated when two files share it."""
+    stems = [Path(p).stem if not p.startswith("hf:") else p[3:].replace("/", "_").replace(":", "_").replace("@", "_")
+             for p in paths]
+    out, used = [], set()
+    for p, stem in zip(paths, stems):
+        name = stem
+        if stems.count(stem) > 1:
+            name = f"{stem}_{Path(p).suffix.lstrip('.') or 'data'}"
+        base, k = name, 2
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        out.append(name)
+    return out
+
+
+def _length_key(row: dict) -> int:
+    n = len(row["input"])
+    if row["eval_type"] == MULTIPLE_CHOICE:
+        n += max((len(c) for c in row.get("answer_choices", ())), default=0)
+    return n
+
+
+def plan_groups(rows: Sequence[dict]) -> list[tuple[str, list[int]]]:
+    """Row indices grouped by eval type (multiple choice: also by choice count), each group sorted
+    longest first; groups ordered by their longest example."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        key = (row["eval_type"], len(row.get("answer_choices", ())) if row["eval_type"] == MULTIPLE_CHOICE else 0)
+        groups.setdefault(key, []).append(i)
+    out = []
+    for key, idx in groups.items():
+        idx.sort(key=lambda i: (-_length_key(rows[i]), i))
+        out.append((key[0], idx))
+    out.sort(key=lambda g: -_length_key(rows[g[1][0]]))
+    return out
+
+
+def make_batch(rows: Sequence[dict]) -> dict[str, list]:
+    """Kit batch (dict of lists) from rows; values are copies, so a method may modify them."""
+    keys: list[str] = []
+    for row in rows:
+        for k in row:
+            if k not in keys:
+                keys.append(k)
+    return {k: [copy.deepcopy(row.get(k)) for row in rows] for k in keys}
+
+
+def _to_list(x) -> list:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().tolist()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return list(x)
+
+
+def _finite_or_none(v: float) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _is_oom(err: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    return isinstance(err, oom_types)
+
+
+def _model_of(merge_method):
+    for attr in ("base_model", "merged_model"):
+        model = getattr(merge_method, attr, None)
+        if isinstance(model, torch.nn.Module):
+            return model
+    return None
+
+
+def _device_of(merge_method) -> torch.device:
+    model = _model_of(merge_method)
+    if model is not None:
+        try:
+            return model.get_input_embeddings().weight.device
+        except Exception:
+            try:
+                return next(model.parameters()).device
+            except StopIteration:
+                pass
+    try:
+        return torch.device(str(getattr(merge_method, "device", "cpu") or "cpu"))
+    except RuntimeError:
+        return torch.device("cpu")
+
+
+def estimate_example_bytes(config, dtype_bytes: int, eval_type: str, prompt_tokens: int,
+                           n_choices: int = 0, choice_tokens: int = 0, gen_tokens: int = 0) -> int:
+    """Rough peak GPU memory of one example (KV cache, activations, logits), for batch_size="auto"."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def first(*names, default=None):
+        for n in names:
+            v = getattr(cfg, n, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return default
+
+    hidden = first("hidden_size", "d_model", "n_embd", default=4096)
+    layers = first("num_hidden_layers", "num_layers", "n_layer", default=32)
+    layers += first("num_decoder_layers", default=0) if getattr(cfg, "is_encoder_decoder", False) else 0
+    heads = first("num_attention_heads", "num_heads", "n_head", default=32)
+    kv_heads = first("num_key_value_heads", default=heads)
+    head_dim = first("head_dim", "d_kv", default=max(hidden // heads, 1))
+    inter = first("intermediate_size", "d_ff", "n_inner", default=4 * hidden)
+    vocab = first("vocab_size", default=32000)
+    kv_per_token = 2 * layers * kv_heads * head_dim * dtype_bytes
+    act_per_token = (4 * hidden + 3 * inter) * dtype_bytes
+    attn = heads * prompt_tokens * prompt_tokens * dtype_bytes
+    if eval_type == MULTIPLE_CHOICE:
+        cache_tokens = prompt_tokens * (1 + n_choices) + n_choices * choice_tokens
+        logits = (1 + n_choices * choice_tokens) * vocab * 4 * 3
+        acts = max(prompt_tokens, n_choices * choice_tokens) * act_per_token
+    else:
+        cache_tokens = prompt_tokens + gen_tokens
+        logits = vocab * 4 * 4
+        acts = prompt_tokens * act_per_token
+    return int(cache_tokens * kv_per_token + acts + attn + logits)
+
+
+def auto_batch_size(merge_method, eval_type: str, rows: Sequence[dict]) -> int:
+    """Batch size for ``rows`` (one group): fixed on CPU, from free memory on GPU."""
+    device = _device_of(merge_method)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return CPU_BATCH_SIZE[eval_type]
+    model = _model_of(merge_method)
+    if model is None or getattr(model, "config", None) is None:
+        return 8
+    free, _total = torch.cuda.mem_get_info(device)
+    try:
+        dtype_bytes = next(model.parameters()).element_size()
+    except StopIteration:
+        dtype_bytes = 2
+    longest = max(rows, key=_length_key)
+    prompt_tokens = len(longest["input"]) // 3 + 8  # ~3-4 characters a token in English
+    choices = longest.get("answer_choices", ()) if eval_type == MULTIPLE_CHOICE else ()
+    choice_tokens = max((len(c) for c in choices), default=0) // 2 + 2
+    gen_tokens = int(getattr(merge_method, "max_gen_len", None) or 64)
+    per_example = estimate_example_bytes(model.config, dtype_bytes, eval_type, prompt_tokens,
+                                         len(choices), choice_tokens, gen_tokens)
+    size = int(free * _GPU_MEMORY_FRACTION // max(per_example, 1))
+    return max(1, min(MAX_AUTO_BATCH_SIZE, size, len(rows)))
+
+
+class _Pace:
+    """Seconds per example for each eval type, to check whether the rest fits the budget."""
+
+    def __init__(self, remaining: dict[str, int]) -> None:
+        self.remaining = dict(remaining)
+        self.seconds = {t: 0.0 for t in EVAL_TYPES}
+        self.done = {t: 0 for t in EVAL_TYPES}
+        self.batches = {t: 0 for t in EVAL_TYPES}
+        self.warned = False
+
+    def add(self, eval_type: str, seconds: float, n: int) -> None:
+        self.seconds[eval_type] += seconds
+        self.done[eval_type] += n
+        self.batches[eval_type] += 1
+        self.remaining[eval_type] -= n
+
+    def projected(self) -> float:
+        rates = {t: self.seconds[t] / self.done[t] for t in EVAL_TYPES if self.done[t]}
+        fallback = max(rates.values()) if rates else 0.0
+        return sum(self.remaining[t] * rates.get(t, fallback) for t in EVAL_TYPES)
+
+    def check(self, eval_type: str, budget) -> None:
+        # Estimate after the first two batches of each eval type (they are the longest: conservative).
+        if budget is None or self.warned or self.batches[eval_type] != 2:
+            return
+        need, left = self.projected(), budget.remaining()
+        if need > left:
+            self.warned = True
+            logger.warning("evaluation may not fit the time budget: about %.0f s of work left, %.0f s of "
+                           "budget left; unfinished datasets will be marked partial", need, max(left, 0.0))
+
+
+def _run_batch(merge_method, eval_type: str, rows: Sequence[dict]):
+    batch = make_batch(rows)
+    n = len(rows)
+    if eval_type == MULTIPLE_CHOICE:
+        predicted, scores = merge_method.predict_multiple_choice(batch)
+        predicted, scores = _to_list(predicted), _to_list(scores)
+        if len(predicted) != n or len(scores) != n:
+            raise ConfigError(f"predict_multiple_choice returned {len(predicted)} predictions and "
+                              f"{len(scores)} score rows for a batch of {n}")
+        out = []
+        for row, p, s in zip(rows, predicted, scores):
+            k = len(row["answer_choices"])
+            s = s if isinstance(s, list) else [s]
+            out.append({"prediction": int(p), "predicted_choice": int(p),
+                        "answer_choices_scores": [_finite_or_none(v) for v in s[:k]]})
+        return out
+    ids, texts = merge_method.generate(batch)
+    texts = _to_list(texts)
+    if len(texts) != n:
+        raise ConfigError(f"generate returned {len(texts)} texts for a batch of {n}")
+    return [{"prediction": str(t), "predicted_text": str(t)} for t in texts]
+
+
+def _score_rows(rows: Sequence[dict], preds: dict[int, dict]) -> tuple[dict[str, float], int]:
+    """Metrics over the evaluated rows that have a gold answer: accuracy (multiple choice with a
+    label) and ROUGE F-measures (generation with a target)."""
+    mc = [(preds[i]["prediction"], rows[i]["label"]) for i in sorted(preds)
+          if rows[i]["eval_type"] == MULTIPLE_CHOICE and "label" in rows[i]]
+    gen = [(preds[i]["prediction"], rows[i]["target"]) for i in sorted(preds)
+           if rows[i]["eval_type"] == GENERATION and rows[i].get("target") is not None]
+    scores: dict[str, float] = {}
+    if mc:
+        scores["accuracy"] = accuracy([p for p, _ in mc], [t for _, t in mc])
+    if gen:
+        scores.update(rouge([p for p, _ in gen], [t for _, t in gen]))
+    return scores, len(mc) + len(gen)
+
+
+def _primary(scores: dict[str, float]) -> float | None:
+    if "accuracy" in scores and "rougeL" in scores:
+        return (scores["accuracy"] + scores["rougeL"]) / 2
+    if "accuracy" in scores:
+        return scores["accuracy"]
+    return scores.get("rougeL")
+
+
+def _write_predictions(path: Path, rows: Sequence[dict], preds: dict[int, dict]) -> None:
+    lines = []
+    for i in sorted(preds):
+        rec = dict(rows[i])
+        rec.update(preds[i])
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _write_submission(path: Path, rows: Sequence[dict], preds: dict[int, dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "prediction"])
+    for i in sorted(preds):
+        writer.writerow([rows[i]["id"], str(preds[i]["prediction"])])
+    atomic_write_text(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+def evaluate_dataset(
+    merge_method,
+    rows: Sequence[dict],
+    *,
+    batch_size: int | None = None,
+    budget=None,
+    progress: bool = True,
+    desc: str = "eval",
+    pace: _Pace | None = None,
+) -> tuple[dict[int, dict], bool, int | None]:
+    """Predictions for ``rows``: ``({row index: prediction fields}, partial, last batch size)``."""
+    from tqdm.auto import tqdm
+
+    preds: dict[int, dict] = {}
+    partial = False
+    used: int | None = None
+    bar = tqdm(total=len(rows), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+    try:
+        with torch.no_grad():
+            for eval_type, order in plan_groups(rows):
+                size = batch_size or auto_batch_size(merge_method, eval_type, [rows[i] for i in order])
+                pos = 0
+                while pos < len(order):
+                    if budget is not None and budget.remaining() <= 0:
+                        partial = True
+                        logger.warning("time budget spent: %s stops after %d of %d examples",
+                                       desc, len(preds), len(rows))
+                        return preds, partial, used
+                    chunk = order[pos: pos + size]
+                    t0 = time.perf_counter()
+                    try:
+                        out = _run_batch(merge_method, eval_type, [rows[i] for i in chunk])
+                    except Exception as err:
+                        if not _is_oom(err) or len(chunk) == 1:
+                            raise
+                        size = max(1, len(chunk) // 2)
+                        logger.warning("out of memory with batch size %d: retrying with %d", len(chunk), size)
+                        del err
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        continue
+                    for i, p in zip(chunk, out):
+                        preds[i] = p
+                    used = size
+                    pos += len(chunk)
+                    bar.update(len(chunk))
+                    if pace is not None:
+                        pace.add(eval_type, time.perf_counter() - t0, len(chunk))
+                        pace.check(eval_type, budget)
+    finally:
+        bar.close()
+    return preds, partial, used
+
+
+def evaluate_model(
+    merge_method,
+    dataset_filepaths,
+    output_folder: str | os.PathLike = "output",
+    *,
+    eval_types=None,
+    batch_size: int | str = "auto",
+    max_examples: int | None = None,
+    budget=None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Evaluate ``merge_method`` on each data file; write predictions, submission CSVs and scores.
+
+    ``eval_types``: one per file (or one for all), ``None``/"auto" to take it from each row.
+    ``batch_size``: "auto" (fixed on CPU, from free memory on GPU, halved on out-of-memory) or an int.
+    ``budget``: an object with ``remaining()`` seconds; once spent, evaluation stops between batches and
+    what finished is kept (datasets marked partial).
+    """
+    t_start = time.perf_counter()
+    name = _method_name(merge_method)
+    paths = _normalize_paths(dataset_filepaths)
+    types = _normalize_eval_types(eval_types, len(paths))
+    fixed_size = _normalize_batch_size(batch_size)
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 0):
+        raise ConfigError(f"max_examples must be a non-negative integer, got {max_examples!r}")
+
+    # Load everything first: a bad file fails the run before any time is spent on the model.
+    datasets = [load_examples(p, eval_type=t, max_examples=max_examples) for p, t in zip(paths, types)]
+    names = _unique_names(paths)
+    out_dir = Path(output_folder) / name
+    pred_dir = out_dir / "predictions"
+    result = EvaluationResult(method=name, output_dir=str(out_dir))
+    remaining = {t: sum(r["eval_type"] == t for rows in datasets for r in rows) for t in EVAL_TYPES}
+    pace = _Pace(remaining)
+
+    for path, dname, rows in zip(paths, names, datasets):
+        t0 = time.perf_counter()
+        dres = DatasetResult(name=dname, path=path, n_examples=len(rows),
+                             eval_types=sorted({r["eval_type"] for r in rows}))
+        preds, dres.partial, dres.batch_size = evaluate_dataset(
+            merge_method, rows, batch_size=fixed_size, budget=budget, progress=progress, desc=dname, pace=pace)
+        dres.n_evaluated = len(preds)
+        dres.partial = dres.partial or len(preds) < len(rows)
+        dres.scores, dres.n_scored = _score_rows(rows, preds)
+        pred_path = pred_dir / f"{dname}.jsonl"
+        _write_predictions(pred_path, rows, preds)
+        dres.predictions_path = str(pred_path)
+        if rows and all("id" in r for r in rows):
+            sub_path = out_dir / f"{dname}_submission.csv"
+            _write_submission(sub_path, rows, preds)
+            dres.submission_path = str(sub_path)
+        dres.seconds = time.perf_counter() - t0
+        result.datasets.append(dres)
+        if dres.scores:
+            logger.info("%s: %s%s", dname, ", ".join(f"{k}={v:.4f}" for k, v in dres.scores.items()),
+                        " (partial)" if dres.partial else "")
+
+    scored = [d.scores for d in result.datasets if d.scores]
+    if scored:
+        result.average["score"] = sum(_primary(s) for s in scored) / len(scored)
+        if all(set(s) == {"accuracy"} for s in scored):  # the kit's own average
+            result.average["accuracy"] = result.average["score"]
+
+    if result.datasets:
+        line: dict[str, Any] = {}
+        for d in result.datasets:
+            entry: dict[str, Any] = {k: round(v, 3) for k, v in d.scores.items()}
+            if d.partial:
+                entry["partial"] = True
+            line[d.name] = entry
+        if result.average:
+            line["average"] = {k: round(v, 3) for k, v in result.average.items()}
+        scores_path = out_dir / "scores.jsonl"
+        atomic_append_line(scores_path, json.dumps(line))
+        result.scores_path = str(scores_path)
+    result.seconds = time.perf_counter() - t_start
+    return result

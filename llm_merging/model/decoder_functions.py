@@ -1,0 +1,528 @@
+"""Scoring and generation for decoder-only (causal) language models, starter-kit compatible.
+
+Kit-compatible entry points (same positional signatures as the starter kit):
+
+* ``predict_multiple_choice(transformer, input_tokenizer, target_tokenizer, batch, *, scoring="exact")``
+  -> ``(predicted_choice LongTensor[B], scores FloatTensor[B, max_choices])``;
+* ``generate(transformer, input_tokenizer, target_tokenizer, batch, max_gen_len)`` -> ``(ids, texts)``;
+* ``tokenize_batch(input_tokenizer, target_tokenizer, batch, device)`` -> padded tensors.
+
+A batch is the kit's dict of lists (``input``, ``answer_choices``, ...). Answer choices may be lists or
+the kit CSV's Python-list strings, and their number may differ between the examples of a batch (missing
+choices score ``-inf``).
+
+Multiple choice (``scoring="exact"``): score = sum of log p(choice tokens | prompt), every choice token
+included. The prompts (``input_tokenizer``) run once, right-padded and without a mask, so the fast
+causal attention kernels apply; each prompt's last real position gives the distribution of the first
+choice token, and its KV cache (a transformers ``DynamicCache``) is copied to each of its choices, which
+then run only their own tokens (``target_tokenizer``: no BOS, EOS appended) minus the last one, with
+the prompt's padding masked and positions continuing from the prompt's length. Logits are computed
+only where a choice token is scored. ``scoring="starter_kit"`` drops the first-token term, as the kit's
+decoder code does (it conditions on the first choice token instead of scoring it).
+
+Generation: greedy, ``max_new_tokens = max_gen_len``, per-sequence EOS stop, text = new tokens with
+special tokens skipped. The same right-padded prefill is followed by one batched step per token
+(finished sequences leave the batch); models without ``position_ids``/2D ``logits_to_keep`` support
+use ``model.generate`` on left-padded prompts instead.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import logging
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SCORINGS = ("exact", "starter_kit")
+_NO_LIMIT = 1_000_000
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+# (shared with encoder_decoder_functions)
+
+def model_device(model) -> torch.device:
+    """Device of the model's input embeddings (the device inputs must go to)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except Exception:
+        return getattr(model, "device", torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls) -> frozenset:
+    try:
+        return frozenset(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def cache_kwarg(model) -> str:
+    """Name of the cache argument of ``model.forward`` (``cache`` in recent transformers 5.x)."""
+    params = _forward_params(type(model))
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)
+def _bool_logits_to_keep(cls) -> bool:
+    """Whether ``cls.forward`` slices hidden states with transformers' ``slice_logits_to_keep``
+    (which accepts a 2D boolean mask and returns logits for the True positions only)."""
+    if "logits_to_keep" not in _forward_params(cls):
+        return False
+    try:
+        return "slice_logits_to_keep(" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def as_texts(values: Sequence[Any]) -> list[str]:
+    return [v if isinstance(v, str) else str(v) for v in values]
+
+
+def choice_lists(batch: dict) -> list[list[str]]:
+    """``batch["answer_choices"]`` as lists of strings (kit CSV strings are parsed)."""
+    import ast
+
+    if "answer_choices" not in batch:
+        raise ConfigError("multiple-choice batch has no 'answer_choices'")
+    out = []
+    for choices in batch["answer_choices"]:
+        if isinstance(choices, str):
+            choices = ast.literal_eval(choices) if choices.strip().startswith("[") else [choices]
+        out.append(as_texts(list(choices)))
+    return out
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device=None):
+    """Pad token id lists into ``(ids, mask)`` LongTensors, on the ``left`` or ``right``."""
+    n = len(seqs)
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        t = torch.as_tensor(list(s), dtype=torch.long)
+        if side == "left":
+            ids[i, width - len(s):] = t
+            mask[i, width - len(s):] = 1
+        else:
+            ids[i, : len(s)] = t
+            mask[i, : len(s)] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask
+
+
+def pad_id_of(*tokenizers) -> int:
+    for tok in tokenizers:
+        for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+            value = getattr(tok, attr, None)
+            if isinstance(value, int):
+                return value
+    return 0
+
+
+def length_limit(model, tokenizer) -> int:
+    """Longest sequence the model takes: the smaller of the tokenizer's and the model's limits."""
+    limit = _NO_LIMIT
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < _NO_LIMIT:
+        limit = tok_max
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, attr, None) if cfg is not None else None
+        if isinstance(value, int) and value > 0:
+            limit = min(limit, value)
+            break
+    return limit
+
+
+def truncate_left(ids: list[int], room: int, keep_first: bool) -> list[int]:
+    """Keep the end of ``ids`` (kit prompts end with the question); keep the first token (BOS) if asked."""
+    room = max(room, 1)
+    if len(ids) <= room:
+        return ids
+    if keep_first and room > 1:
+        return ids[:1] + ids[len(ids) - room + 1:]
+    return ids[len(ids) - room:]
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    return [int(value)]
+
+
+def greedy_generation_config(model, tokenizer, max_new_tokens: int):
+    """Greedy decoding config: the model's own config with sampling switched off, ``max_new_tokens``
+    and EOS = the model's EOS ids plus the tokenizer's."""
+    from transformers import GenerationConfig
+
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ConfigError(f"max_gen_len must be a positive integer, got {max_new_tokens!r}")
+    base = getattr(model, "generation_config", None)
+    cfg = copy.deepcopy(base) if base is not None else GenerationConfig()
+    eos = _as_id_list(cfg.eos_token_id)
+    for t in _as_id_list(getattr(tokenizer, "eos_token_id", None)):
+        if t not in eos:
+            eos.append(t)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+    cfg.do_sample = False
+    cfg.num_beams = 1
+    cfg.num_return_sequences = 1
+    for attr in ("temperature", "top_p", "top_k", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff"):
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, None)
+    cfg.max_new_tokens = max_new_tokens
+    cfg.min_new_tokens = None
+    cfg.eos_token_id = eos or None
+    cfg.pad_token_id = pad
+    cfg.return_dict_in_generate = True
+    cfg.output_scores = False
+    cfg.output_logits = False
+    return cfg
+
+
+def trim_generated(new_ids: torch.Tensor, eos_ids: Sequence[int]) -> list[list[int]]:
+    """New token ids per sequence, cut after the first EOS (the padding that follows is dropped)."""
+    eos = set(int(e) for e in eos_ids)
+    out = []
+    for row in new_ids.tolist():
+        kept = []
+        for t in row:
+            kept.append(t)
+            if t in eos:
+                break
+        out.append(kept)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- kit API
+
+def tokenize_batch(input_tokenizer, target_tokenizer, batch, device=None) -> dict:
+    """Kit-compatible tokenisation: ``input_ids``/``input_mask`` (left-padded, input tokenizer) and
+    ``answer_choices_ids``/``..._mask``, ``target_ids``/``..._mask`` (right-padded, target tokenizer).
+
+    The batch is not modified.
+    """
+    pad = pad_id_of(input_tokenizer, target_tokenizer)
+    out: dict[str, torch.Tensor] = {}
+    if "input" in batch:
+        ids = input_tokenizer(as_texts(batch["input"]))["input_ids"]
+        out["input_ids"], out["input_mask"] = pad_sequences(ids, pad, "left", device)
+    if "answer_choices" in batch:
+        flat = [c for cs in choice_lists(batch) for c in cs]
+        ids = target_tokenizer(flat)["input_ids"] if flat else []
+        out["answer_choices_ids"], out["answer_choices_mask"] = pad_sequences(ids, pad, "right", device)
+    if "target" in batch:
+        ids = target_tokenizer(as_texts(batch["target"]))["input_ids"]
+        out["target_ids"], out["target_mask"] = pad_sequences(ids, pad, "right", device)
+    return out
+
+
+def predict_multiple_choice(
+    transformer,
+    input_tokenizer,
+    target_tokenizer,
+    batch,
+    *,
+    scoring: str = "exact",
+):
+    """Score every answer choice of every example; returns ``(predicted_choice[B], scores[B, C])``.
+
+    ``C`` is the largest number of choices in the batch; missing choices score ``-inf``. Tensors are
+    returned on the CPU, scores in float32.
+    """
+    if scoring not in SCORINGS:
+        raise ConfigError(f"mc_scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    prompts = as_texts(batch["input"])
+    choices = choice_lists(batch)
+    prompt_ids = [list(x) for x in input_tokenizer(prompts)["input_ids"]]
+    flat = [c for cs in choices for c in cs]
+    choice_ids = [list(x) for x in target_tokenizer(flat)["input_ids"]] if flat else []
+    counts = [len(cs) for cs in choices]
+
+    limit = length_limit(transformer, input_tokenizer)
+    longest_choice = max((len(c) for c in choice_ids), default=0)
+    bos = getattr(input_tokenizer, "bos_token_id", None)
+    room = limit - longest_choice
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) > room:
+            logger.warning("prompt of %d tokens truncated from the left to %d", len(ids), max(room, 1))
+            prompt_ids[i] = truncate_left(ids, room, keep_first=bos is not None and ids[:1] == [bos])
+
+    flat_scores = score_choices(
+        transformer, prompt_ids, choice_ids, counts,
+        pad_id=pad_id_of(input_tokenizer, target_tokenizer),
+        score_first_token=scoring == "exact",
+    )
+    return _per_example(flat_scores, counts)
+
+
+def _per_example(flat_scores: torch.Tensor, counts: Sequence[int]):
+    """Split flat choice scores into ``(predicted[B], scores[B, C])`` padded with ``-inf``."""
+    width = max(counts, default=0)
+    scores = torch.full((len(counts), max(width, 1)), float("-inf"), dtype=torch.float32)
+    offset = 0
+    for i, n in enumerate(counts):
+        scores[i, :n] = flat_scores[offset: offset + n]
+        offset += n
+    predicted = scores.argmax(dim=1) if width else torch.zeros(len(counts), dtype=torch.long)
+    return predicted, scores
+
+
+def _prefill(model, prompt_ids: Sequence[Sequence[int]], pad_id: int):
+    """Run right-padded prompts through the model without an attention mask.
+
+    Right padding keeps every real token before the padding, so plain causal attention is exact for
+    real positions and the fast ``is_causal`` kernels apply (no 4D mask is built; with left padding a
+    masked kernel runs over the whole prompt). The padded positions produce cache entries that later
+    passes mask out. Returns ``(cache, last_logp[B, V], lengths[B], prompt_mask[B, Lp])``.
+    """
+    from transformers import DynamicCache
+
+    device = model_device(model)
+    ids, mask = pad_sequences(prompt_ids, pad_id, "right", device)
+    lengths = mask.sum(-1)
+    if bool((lengths == 0).any()):
+        raise ConfigError("empty prompt: the input tokenizer produced no tokens")
+    cache = DynamicCache(config=model.config)
+    kwargs = {"input_ids": ids, cache_kwarg(model): cache, "use_cache": True}
+    last = (lengths - 1)[:, None]  # [B, 1] position of each prompt's last real token
+    if _bool_logits_to_keep(type(model)):
+        logits = model(**kwargs, logits_to_keep=last).logits[:, -1, :]
+    else:
+        logits = _gather_last(model(**kwargs).logits, last)
+    return cache, torch.log_softmax(logits.float(), dim=-1), lengths, mask
+
+
+def _gather_last(logits: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    index = last[:, :, None].expand(-1, 1, logits.shape[-1])
+    return logits.gather(1, index).squeeze(1)
+
+
+def fast_path_supported(model) -> bool:
+    """Whether the model takes ``position_ids`` and 2D ``logits_to_keep`` (modern transformers models);
+    otherwise generation falls back to ``model.generate`` with left padding."""
+    return "position_ids" in _forward_params(type(model)) and _bool_logits_to_keep(type(model))
+
+
+# Per-forward cost, in padded choice tokens, used to decide how to split the choice pass into chunks
+# of similar length (more chunks: less padding but more forward calls).
+CHUNK_OVERHEAD_TOKENS = {"cpu": 128, "cuda": 2048}
+
+
+def plan_chunks(lengths: Sequence[int], overhead: int) -> list[list[int]]:
+    """Split rows into chunks of similar length minimising ``sum(rows * longest) + overhead * chunks``.
+
+    Exact dynamic programme over the sorted distinct lengths. Returns lists of row indices.
+    """
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    distinct: list[int] = []  # distinct lengths, ascending
+    upto: list[int] = []  # number of rows with length <= distinct[g]
+    for k, i in enumerate(order):
+        if distinct and lengths[i] == distinct[-1]:
+            upto[-1] = k + 1
+        else:
+            distinct.append(lengths[i])
+            upto.append(k + 1)
+    g = len(distinct)
+    best = [0.0] + [float("inf")] * g
+    cut = [0] * (g + 1)
+    for j in range(1, g + 1):
+        rows_j = upto[j - 1]
+        for i in range(j):
+            cost = best[i] + (rows_j - (upto[i - 1] if i else 0)) * distinct[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], g
+    while j > 0:
+        i = cut[j]
+        bounds.append((upto[i - 1] if i else 0, upto[j - 1]))
+        j = i
+    return [order[lo:hi] for lo, hi in reversed(bounds)]
+
+
+def cache_rows(cache, index: torch.Tensor):
+    """A cache holding rows ``index`` of ``cache``; ``cache`` itself is left intact (its tensors are
+    shared until the new cache's layers are reassigned by indexing and updates)."""
+    from transformers import EncoderDecoderCache
+
+    if isinstance(cache, EncoderDecoderCache):
+        new = copy.copy(cache)
+        new.self_attention_cache = cache_rows(cache.self_attention_cache, index)
+        new.cross_attention_cache = cache_rows(cache.cross_attention_cache, index)
+        new.is_updated = dict(cache.is_updated)
+        return new
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    new.batch_select_indices(index)
+    return new
+
+
+def first_token_scores(first_logp: torch.Tensor, choice_ids, owner: torch.Tensor) -> torch.Tensor:
+    """log p(first choice token) for every choice (0 for an empty choice)."""
+    device = first_logp.device
+    first = torch.as_tensor([c[0] if len(c) else 0 for c in choice_ids], dtype=torch.long, device=device)
+    has = torch.as_tensor([len(c) > 0 for c in choice_ids], dtype=torch.bool, device=device)
+    lp = first_logp[owner, first]
+    return torch.where(has, lp, torch.zeros_like(lp))
+
+
+def continuation_scores(choice_ids, owner: torch.Tensor, pad_id: int, device, run) -> torch.Tensor:
+    """Sum of log p(choice token t | prompt, tokens < t) over t >= 1, for every choice (flat).
+
+    Choices of two or more tokens are split into chunks of similar length (:func:`plan_chunks`); for
+    each chunk ``run(rows, ids, mask, need)`` returns logits ``[M, V]`` at the ``need`` positions
+    (``ids``/``mask``: the chunk's choice tokens minus the last, right-padded; ``rows``: the chunk's
+    owners, i.e. prompt indices). The last choice token is never an input.
+    """
+    scores = torch.zeros(len(choice_ids), dtype=torch.float32, device=device)
+    multi = [i for i, c in enumerate(choice_ids) if len(c) > 1]
+    overhead = CHUNK_OVERHEAD_TOKENS.get(torch.device(device).type, CHUNK_OVERHEAD_TOKENS["cuda"])
+    for chunk in plan_chunks([len(choice_ids[i]) - 1 for i in multi], overhead):
+        idx = [multi[k] for k in chunk]
+        cids, cmask = pad_sequences([choice_ids[i] for i in idx], pad_id, "right", device)
+        need = cmask[:, 1:].bool()  # positions whose next token is a real choice token
+        rows = owner[torch.as_tensor(idx, device=device)]
+        logits = run(rows, cids[:, :-1], cmask[:, :-1], need)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        token_lp = logp.gather(-1, cids[:, 1:][need].unsqueeze(-1)).squeeze(-1)
+        per_pos = torch.zeros(need.shape, dtype=torch.float32, device=device).masked_scatter(need, token_lp)
+        scores[torch.as_tensor(idx, device=device)] = per_pos.sum(-1)
+    return scores
+
+
+@torch.inference_mode()
+def score_choices(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    choice_ids: Sequence[Sequence[int]],
+    counts: Sequence[int],
+    *,
+    pad_id: int = 0,
+    score_first_token: bool = True,
+) -> torch.Tensor:
+    """Sum of log-probabilities of each choice's tokens given its prompt (decoder-only model).
+
+    ``choice_ids`` is flat: the first ``counts[0]`` choices belong to prompt 0, and so on. Returns a
+    float32 CPU tensor ``[len(choice_ids)]``.
+    """
+    device = model_device(model)
+    if not choice_ids:
+        return torch.zeros(0)
+    cache, last_logp, lengths, prompt_mask = _prefill(model, prompt_ids, pad_id)
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                    torch.as_tensor(list(counts), device=device))
+    params = _forward_params(type(model))
+    cache_kw = cache_kwarg(model)
+
+    def run(rows, ids, mask, need):
+        # Each choice continues its prompt's cache: the prompt's padding (a hole between prompt and
+        # choice) is masked, positions continue from the prompt's real length.
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": torch.cat([prompt_mask[rows], mask], dim=1),
+            cache_kw: cache_rows(cache, rows),
+            "use_cache": True,
+        }
+        if "position_ids" in params:
+            kwargs["position_ids"] = lengths[rows, None] + torch.arange(ids.shape[1], device=device)[None, :]
+        if _bool_logits_to_keep(type(model)):
+            return model(**kwargs, logits_to_keep=need).logits  # only the scored positions
+        return model(**kwargs).logits[need]
+
+    scores = continuation_scores(choice_ids, owner, pad_id, device, run)
+    if score_first_token:
+        scores += first_token_scores(last_logp, choice_ids, owner)
+    return scores.cpu()
+
+
+@torch.inference_mode()
+def greedy_decode(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                  eos_ids: Sequence[int], pad_id: int) -> list[list[int]]:
+    """Batched greedy decoding with right-padded prompts (see :func:`_prefill`).
+
+    Each new token is appended after the longest prompt, its position continuing from its own prompt's
+    length, the padding hole masked. Sequences that reach EOS leave the batch (their cache rows are
+    dropped). Returns the new token ids of each prompt, up to and including its first EOS.
+    """
+    device = model_device(model)
+    cache, last_logp, lengths, mask = _prefill(model, prompt_ids, pad_id)
+    eos = torch.as_tensor(list(eos_ids) or [-1], device=device)
+    n = len(prompt_ids)
+    out: list[list[int]] = [[] for _ in range(n)]
+    active = torch.arange(n, device=device)
+    next_tok = last_logp.argmax(-1)
+    kw = cache_kwarg(model)
+    for step in range(max_new_tokens):
+        for row, tok in zip(active.tolist(), next_tok.tolist()):
+            out[row].append(tok)
+        if step == max_new_tokens - 1:
+            break
+        alive = ~torch.isin(next_tok, eos)
+        if not bool(alive.all()):
+            if not bool(alive.any()):
+                break
+            keep = alive.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            active, next_tok, lengths, mask = active[keep], next_tok[keep], lengths[keep], mask[keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        logits = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=(lengths + step)[:, None],
+                       use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+        next_tok = logits[:, -1, :].argmax(-1)
+    return out
+
+
+@torch.inference_mode()
+def generate(
+    transformer,
+    input_tokenizer,
+    target_tokenizer,
+    batch,
+    max_gen_len,
+):
+    """Greedy generation, batched; returns ``(ids, texts)``.
+
+    ``ids``: the new token ids of each example (up to and including its first EOS); ``texts``: their
+    decoding with special tokens skipped. Models without the fast path (see
+    :func:`fast_path_supported`) use ``model.generate`` with left padding.
+    """
+    cfg = greedy_generation_config(transformer, input_tokenizer, max_gen_len)
+    prompt_ids = [list(x) for x in input_tokenizer(as_texts(batch["input"]))["input_ids"]]
+    limit = length_limit(transformer, input_tokenizer)
+    bos = getattr(input_tokenizer, "bos_token_id", None)
+    room = limit - max_gen_len
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) > room:
+            logger.warning("prompt of %d tokens truncated from the left to %d", len(ids), max(room, 1))
+            prompt_ids[i] = truncate_left(ids, room, keep_first=bos is not None and ids[:1] == [bos])
+    eos_ids = _as_id_list(cfg.eos_token_id)
+    if fast_path_supported(transformer):
+        new_ids = greedy_decode(transformer, prompt_ids, max_gen_len, eos_ids, cfg.pad_token_id)
+    else:
+        new_ids = hf_generate(transformer, prompt_ids, cfg)
+    texts = input_tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+    return new_ids, texts
+
+
+def hf_generate(model, prompt_ids: Sequence[Sequence[int]], cfg) -> list[list[int]]:
+    """``model.generate`` on left-padded prompts; new token ids up to and including the first EOS."""
+    ids, mask = pad_sequences(prompt_ids, cfg.pad_token_id, "left", model_device(model))
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    return trim_generated(sequences[:, ids.shape[1]:].cpu(), _as_id_list(cfg.eos_token_id))
