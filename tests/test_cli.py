@@ -117,3 +117,18 @@ def test_module_entrypoint_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llm_merging.main", "--list"], capture_output=True, text=True,
                           cwd=str(tmp_path), timeout=120)
     assert proc.returncode == 0 and "ties_merge" in proc.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "starter_kit")),
+                    reason="starter kit data not present")
+def test_starter_kit_validation_files_load_and_evaluate(tmp_path):
+    kit = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "starter_kit")
+    files = [os.path.join(kit, f) for f in ("cosmos_qa.json", "xsum.json", "validation/cosmos_qa.csv",
+                                             "validation/xsum.csv", "test.csv")]
+    assert main(["-m", "linear", "--tiny", "--quiet", "--save", "none", "--max-examples", "2",
+                 "--output_folder", str(tmp_path), "--dataset_filepaths", *files]) == 0
+    report = json.loads((tmp_path / "linear" / "report.json").read_text())
+    sizes = {os.path.basename(k): v for k, v in report["dataset_sizes"].items()}
+    assert sizes["cosmos_qa.json"] == 500 and sizes["xsum.json"] == 200 and sizes["test.csv"] == 807
+    assert all(d["n_evaluated"] == 2 for d in report["evaluation"]["datasets"])
+    assert (tmp_path / "linear" / "test_submission.csv").exists()
