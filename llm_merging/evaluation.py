@@ -173,18 +173,46 @@ def _length_key(row: dict) -> int:
     return n
 
 
-def plan_groups(rows: Sequence[dict]) -> list[tuple[str, list[int]]]:
+def _sort_tokenizer(merge_method):
+    """The tokenizer that encodes prompts, when the method exposes one (kit attribute names)."""
+    for attr in ("input_tokenizer", "tokenizer"):
+        tok = getattr(merge_method, attr, None)
+        if callable(tok):
+            return tok
+    return None
+
+
+def row_lengths(rows: Sequence[dict], tokenizer=None) -> list[int]:
+    """Sort keys: the prompt's token count when a tokenizer is given (exact padding), else characters."""
+    if tokenizer is not None and rows:
+        try:
+            ids = tokenizer([r["input"] for r in rows], add_special_tokens=False)["input_ids"]
+            return [len(x) for x in ids]
+        except Exception:  # a tokenizer with an unusual interface: fall back to characters
+            logger.debug("token lengths unavailable; sorting by characters", exc_info=True)
+    return [len(r["input"]) for r in rows]
+
+
+def plan_groups(rows: Sequence[dict], lengths: Sequence[int] | None = None) -> list[tuple[str, list[int]]]:
     """Row indices grouped by eval type (multiple choice: also by choice count), each group sorted
-    longest first; groups ordered by their longest example."""
+    longest first (by ``lengths``, default characters; ties: longest choice, then input order); groups
+    ordered by their longest example."""
+    if lengths is None:
+        lengths = [len(r["input"]) for r in rows]
+
+    def key(i: int):
+        longest_choice = max((len(c) for c in rows[i].get("answer_choices", ())), default=0)
+        return (-lengths[i], -longest_choice, i)
+
     groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
-        key = (row["eval_type"], len(row.get("answer_choices", ())) if row["eval_type"] == MULTIPLE_CHOICE else 0)
-        groups.setdefault(key, []).append(i)
+        k = (row["eval_type"], len(row.get("answer_choices", ())) if row["eval_type"] == MULTIPLE_CHOICE else 0)
+        groups.setdefault(k, []).append(i)
     out = []
-    for key, idx in groups.items():
-        idx.sort(key=lambda i: (-_length_key(rows[i]), i))
-        out.append((key[0], idx))
-    out.sort(key=lambda g: -_length_key(rows[g[1][0]]))
+    for k, idx in groups.items():
+        idx.sort(key=key)
+        out.append((k[0], idx))
+    out.sort(key=lambda g: key(g[1][0]))
     return out
 
 
@@ -416,7 +444,8 @@ def evaluate_dataset(
     bar = tqdm(total=len(rows), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
     try:
         with torch.no_grad():
-            for eval_type, order in plan_groups(rows):
+            lengths = row_lengths(rows, _sort_tokenizer(merge_method))
+            for eval_type, order in plan_groups(rows, lengths):
                 size = batch_size or auto_batch_size(merge_method, eval_type, [rows[i] for i in order])
                 pos = 0
                 while pos < len(order):
@@ -432,7 +461,7 @@ def evaluate_dataset(
                     except Exception as err:
                         if not _is_oom(err) or len(chunk) == 1:
                             raise
-                        size = max(1, len(chunk) // 2)
+                        size = max(1, (len(chunk) + 1) // 2)
                         logger.warning("out of memory with batch size %d: retrying with %d", len(chunk), size)
                         del err
                         if torch.cuda.is_available():
