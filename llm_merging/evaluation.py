@@ -15,7 +15,11 @@ signature. For each data file it
    * ``<file stem>_submission.csv`` (files with an ``id`` column): ``id,prediction`` in input order,
      choice predictions as the kit writes them (the index as a string);
    * ``scores.jsonl``: one line appended per run, ``{<stem>: {metric: value}, ..., "average": {...}}``
-     with values rounded to 3 digits.
+     with values rounded to 3 digits. Metrics: ``accuracy`` over multiple-choice rows with a label,
+     ``rouge1/rouge2/rougeL/rougeLsum`` over generation rows with a target (a file without gold answers,
+     like the kit's test.csv, gets ``{}``); ``"partial": true`` marks a file cut short by the budget.
+     ``average``: ``score`` = mean over scored files of their main metric (accuracy, rougeL, or the
+     mean of both for a mixed file), plus the kit's ``accuracy`` average when every file is accuracy-only.
 
 Under a :class:`~llm_merging.budget.Budget` it stops between batches once the budget is spent, keeps
 what finished and marks the dataset partial.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import io
 import json
 import logging
@@ -44,7 +49,7 @@ from .metrics import accuracy, rouge
 logger = logging.getLogger(__name__)
 
 # Batch sizes used on CPU with batch_size="auto" (measured with benchmarks/eval_speed.py).
-CPU_BATCH_SIZE = {MULTIPLE_CHOICE: 16, GENERATION: 16}
+CPU_BATCH_SIZE = {MULTIPLE_CHOICE: 16, GENERATION: 8}
 MAX_AUTO_BATCH_SIZE = 256
 _GPU_MEMORY_FRACTION = 0.6
 
@@ -456,14 +461,17 @@ def evaluate_dataset(
                         return preds, partial, used
                     chunk = order[pos: pos + size]
                     t0 = time.perf_counter()
+                    out = None
                     try:
                         out = _run_batch(merge_method, eval_type, [rows[i] for i in chunk])
                     except Exception as err:
                         if not _is_oom(err) or len(chunk) == 1:
                             raise
+                    if out is None:  # out of memory: retry the same examples in smaller batches
+                        # (outside the except block, so the failed batch's tensors are already freed)
                         size = max(1, (len(chunk) + 1) // 2)
                         logger.warning("out of memory with batch size %d: retrying with %d", len(chunk), size)
-                        del err
+                        gc.collect()
                         if torch.cuda.is_available():
                             torch.cuda.empty_cache()
                         continue

@@ -3,6 +3,7 @@
 Reference computations here are deliberately naive: one full forward pass per (prompt, choice) pair.
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -267,3 +268,32 @@ def test_rouge_matches_rouge_score_directly():
     assert swapped["rougeL"] == pytest.approx(0.5) and swapped["rougeLsum"] == pytest.approx(1.0)
     # no stemming: "dogs"/"dog" and "ran"/"runs" do not match
     assert metrics.rouge(["Running dogs ran"], ["running dog runs"])["rouge1"] == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------- another architecture: GPT-2 (no BOS)
+
+GPT2_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "shared", "data", "real_adapters", "gpt2", "base_config")
+
+
+@pytest.mark.skipif(not os.path.isdir(GPT2_CONFIG), reason="GPT-2 tokenizer/config not available")
+def test_gpt2_absolute_positions_and_tokenizer_without_bos():
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config.from_pretrained(GPT2_CONFIG)
+    cfg.n_layer, cfg.n_embd, cfg.n_head = 2, 64, 4
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg).eval()
+    inp = AutoTokenizer.from_pretrained(GPT2_CONFIG, padding_side="left")
+    inp.pad_token = inp.eos_token
+    tgt = copy.deepcopy(inp)
+    tgt.padding_side, tgt.add_bos_token, tgt.add_eos_token = "right", False, True
+    idx = [0, 1, 2, 3]
+    _, scores = df.predict_multiple_choice(model, inp, tgt, _batch(idx))
+    for row, i in enumerate(idx):
+        expected = [_brute_decoder(model, inp, tgt, PROMPTS[i], c) for c in CHOICES[i]]
+        assert scores[row, : len(expected)].tolist() == pytest.approx(expected, abs=ATOL)
+    prompts = PROMPTS[:3] + [""]  # an empty prompt encodes to nothing with GPT-2: it becomes EOS
+    ids, _ = df.generate(model, inp, tgt, {"input": prompts}, 5)
+    cfg_gen = df.greedy_generation_config(model, inp, 5)
+    assert ids == df.hf_generate(model, [inp(p)["input_ids"] or [inp.eos_token_id] for p in prompts], cfg_gen)

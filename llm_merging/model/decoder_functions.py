@@ -100,23 +100,23 @@ def choice_lists(batch: dict) -> list[list[str]]:
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, side: str, device=None):
     """Pad token id lists into ``(ids, mask)`` LongTensors, on the ``left`` or ``right``."""
-    n = len(seqs)
     width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if not s:
-            continue
-        t = torch.as_tensor(list(s), dtype=torch.long)
+    ids, mask = [], []
+    for s in seqs:
+        s = list(s)
+        fill = width - len(s)
         if side == "left":
-            ids[i, width - len(s):] = t
-            mask[i, width - len(s):] = 1
+            ids.append([pad_id] * fill + s)
+            mask.append([0] * fill + [1] * len(s))
         else:
-            ids[i, : len(s)] = t
-            mask[i, : len(s)] = 1
+            ids.append(s + [pad_id] * fill)
+            mask.append([1] * len(s) + [0] * fill)
+    shape = (len(seqs), width)
+    ids_t = torch.tensor(ids, dtype=torch.long).reshape(shape)
+    mask_t = torch.tensor(mask, dtype=torch.long).reshape(shape)
     if device is not None:
-        ids, mask = ids.to(device), mask.to(device)
-    return ids, mask
+        ids_t, mask_t = ids_t.to(device), mask_t.to(device)
+    return ids_t, mask_t
 
 
 def pad_id_of(*tokenizers) -> int:
@@ -151,6 +151,25 @@ def truncate_left(ids: list[int], room: int, keep_first: bool) -> list[int]:
     if keep_first and room > 1:
         return ids[:1] + ids[len(ids) - room + 1:]
     return ids[len(ids) - room:]
+
+
+def encode_prompts(model, tokenizer, texts, *, reserve: int = 0, keep_first_special: bool = True) -> list[list[int]]:
+    """Token ids of each prompt. A prompt that encodes to nothing becomes the BOS (or EOS) token; one
+    longer than the model's limit minus ``reserve`` loses its beginning (kit prompts end with the
+    question), keeping a leading BOS."""
+    ids = [list(x) for x in tokenizer(as_texts(texts))["input_ids"]]
+    filler = getattr(tokenizer, "bos_token_id", None)
+    if filler is None:
+        filler = getattr(tokenizer, "eos_token_id", None)
+    room = length_limit(model, tokenizer) - reserve
+    bos = getattr(tokenizer, "bos_token_id", None)
+    for i, seq in enumerate(ids):
+        if not seq:
+            ids[i] = [filler if filler is not None else pad_id_of(tokenizer)]
+        elif len(seq) > room:
+            logger.warning("prompt of %d tokens truncated from the left to %d", len(seq), max(room, 1))
+            ids[i] = truncate_left(seq, room, keep_first=keep_first_special and bos is not None and seq[:1] == [bos])
+    return ids
 
 
 def _as_id_list(value) -> list[int]:
@@ -247,22 +266,12 @@ def predict_multiple_choice(
     """
     if scoring not in SCORINGS:
         raise ConfigError(f"mc_scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
-    prompts = as_texts(batch["input"])
     choices = choice_lists(batch)
-    prompt_ids = [list(x) for x in input_tokenizer(prompts)["input_ids"]]
     flat = [c for cs in choices for c in cs]
     choice_ids = [list(x) for x in target_tokenizer(flat)["input_ids"]] if flat else []
     counts = [len(cs) for cs in choices]
-
-    limit = length_limit(transformer, input_tokenizer)
     longest_choice = max((len(c) for c in choice_ids), default=0)
-    bos = getattr(input_tokenizer, "bos_token_id", None)
-    room = limit - longest_choice
-    for i, ids in enumerate(prompt_ids):
-        if len(ids) > room:
-            logger.warning("prompt of %d tokens truncated from the left to %d", len(ids), max(room, 1))
-            prompt_ids[i] = truncate_left(ids, room, keep_first=bos is not None and ids[:1] == [bos])
-
+    prompt_ids = encode_prompts(transformer, input_tokenizer, batch["input"], reserve=longest_choice)
     flat_scores = score_choices(
         transformer, prompt_ids, choice_ids, counts,
         pad_id=pad_id_of(input_tokenizer, target_tokenizer),
@@ -503,14 +512,7 @@ def generate(
     :func:`fast_path_supported`) use ``model.generate`` with left padding.
     """
     cfg = greedy_generation_config(transformer, input_tokenizer, max_gen_len)
-    prompt_ids = [list(x) for x in input_tokenizer(as_texts(batch["input"]))["input_ids"]]
-    limit = length_limit(transformer, input_tokenizer)
-    bos = getattr(input_tokenizer, "bos_token_id", None)
-    room = limit - max_gen_len
-    for i, ids in enumerate(prompt_ids):
-        if len(ids) > room:
-            logger.warning("prompt of %d tokens truncated from the left to %d", len(ids), max(room, 1))
-            prompt_ids[i] = truncate_left(ids, room, keep_first=bos is not None and ids[:1] == [bos])
+    prompt_ids = encode_prompts(transformer, input_tokenizer, batch["input"], reserve=max_gen_len)
     eos_ids = _as_id_list(cfg.eos_token_id)
     if fast_path_supported(transformer):
         new_ids = greedy_decode(transformer, prompt_ids, max_gen_len, eos_ids, cfg.pad_token_id)

@@ -26,28 +26,21 @@ from .decoder_functions import (
     cache_kwarg,
     cache_rows,
     choice_lists,
+    encode_prompts,
     continuation_scores,
     first_token_scores,
     greedy_generation_config,
-    length_limit,
     model_device,
     pad_id_of,
     pad_sequences,
     trim_generated,
-    truncate_left,
 )
 
 logger = logging.getLogger(__name__)
 
 
 def _encode_inputs(transformer, tokenizer, texts):
-    ids = [list(x) for x in tokenizer(as_texts(texts))["input_ids"]]
-    limit = length_limit(transformer, tokenizer)
-    for i, seq in enumerate(ids):
-        if len(seq) > limit:
-            logger.warning("input of %d tokens truncated from the left to %d", len(seq), limit)
-            ids[i] = truncate_left(seq, limit, keep_first=False)
-    return ids
+    return encode_prompts(transformer, tokenizer, texts, keep_first_special=False)
 
 
 def tokenize_batch(tokenizer, batch, device=None) -> dict:
