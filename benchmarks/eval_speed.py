@@ -1,13 +1,15 @@
 """Evaluation speed: the batched engine vs the same code one example at a time, in one run.
 
-The batched engine sorts each group by length (less padding), reuses each prompt's KV cache across its
-answer choices and computes logits only where a choice token is scored; the baseline runs the same
-functions with batch size 1. Reported per dataset: examples/s of each, their ratio, and the agreement
-of the predictions (multiple-choice picks; generation: identical texts).
+Both sides use the same functions: prompts right-padded and run once (causal fast path, no mask),
+each prompt's KV cache reused by its answer choices, logits only where a choice token is scored,
+greedy decoding with finished sequences leaving the batch. The batched side groups and sorts by token
+length and runs ``--batch-size`` examples per call (``auto``: the evaluator's CPU default); the
+baseline runs batch size 1. Reported per dataset: examples/s of each, their ratio (best of
+``--repeats`` interleaved runs, which tames load spikes on a shared machine) and the agreement of the
+predictions (multiple-choice picks; generation: identical texts).
 
-    python benchmarks/eval_speed.py                      # tiny decoder on CPU, kit validation files
-    python benchmarks/eval_speed.py --threads 2 --max-examples 200
-    python benchmarks/eval_speed.py --model PATH --device cuda --dtype bfloat16
+    python benchmarks/eval_speed.py --threads 2          # tiny decoder on 2 CPU cores, kit validation files
+    python benchmarks/eval_speed.py --model PATH --device cuda --dtype bfloat16 --max-examples 500
 
 Data: ``--data-dir`` (default ``../shared/data/starter_kit`` from the repository root) holding
 ``validation/cosmos_qa.csv`` and ``validation/xsum.csv``.
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "starter_kit"))
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    ap.add_argument("--max-examples", type=int, default=100)
+    ap.add_argument("--max-examples", type=int, default=200)
     ap.add_argument("--model", default=None, help="causal LM directory (default: the tiny offline decoder)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
