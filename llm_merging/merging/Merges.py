@@ -95,8 +95,6 @@ class Merges(object):
         kwargs: dict[str, Any] = {"dtype": self.torch_dtype()}
         if device.type != "cpu":
             kwargs["device_map"] = {"": str(device)}
-        else:  # merging writes into the weights: mmap-backed pages would be counted twice in RSS
-            kwargs["disable_mmap"] = True
         t0 = time.time()
         try:
             model = loader.from_pretrained(str(path), **kwargs)
@@ -217,7 +215,7 @@ class Merges(object):
             self.delta_sink = AdapterWriter(self.base_model, self.experts, rank=self.hparams.get("adapter_rank"))
         self.merge_stats = merge_into(
             self.base_model, self.experts, self.merge_tensor, progress=self.progress, method=self,
-            delta_sink=self.delta_sink,
+            delta_sink=self.delta_sink, base_dir=self.base_ref().local_path,
         )
         self.merged_model = self.base_model
         return self.base_model

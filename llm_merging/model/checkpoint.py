@@ -360,11 +360,11 @@ class CheckpointReader:
     def _read_span(self, file: Path, key: str) -> torch.Tensor:
         """Read one safetensors tensor with a plain file read into its own buffer."""
         offset, nbytes, dtype = self._st_spans[key]
-        buf = bytearray(nbytes)
+        buf = torch.empty(nbytes, dtype=torch.uint8)  # uninitialised: no zero-filling
         try:
             with open(file, "rb", buffering=0) as fh:
                 fh.seek(offset)
-                got = fh.readinto(buf)
+                got = fh.readinto(memoryview(buf.numpy())) if nbytes else 0
         except OSError as exc:
             raise CheckpointError(f"cannot read tensor '{key}' from {file}: {exc.strerror or exc}") from None
         if got != nbytes:
@@ -372,7 +372,7 @@ class CheckpointReader:
         shape = self._shapes[key]
         if nbytes == 0:
             return torch.empty(shape, dtype=_ST_TORCH_DTYPES[dtype])
-        return torch.frombuffer(buf, dtype=_ST_TORCH_DTYPES[dtype]).reshape(shape)
+        return buf.view(_ST_TORCH_DTYPES[dtype]).reshape(shape)
 
     def close(self) -> None:
         self._st_handles.clear()
@@ -543,7 +543,7 @@ class FullExpert:
                 f"expert {self.name}: tensor '{key}' has shape {_shape_str(t.shape)} but base parameter "
                 f"'{param_name}' has shape {_shape_str(b.shape)}"
             )
-        return t - b.float()
+        return t.sub_(b) if t.dtype == b.dtype else t - b.float()  # t is a fresh copy: subtract in place
 
     def close(self) -> None:
         self.reader.close()

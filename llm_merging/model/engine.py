@@ -106,6 +106,19 @@ def _return_large_frees_to_the_os() -> None:
         pass
 
 
+def _base_reader(base_dir, model: torch.nn.Module):
+    """The base checkpoint as a tensor reader bound to ``model`` (None when its files cannot serve)."""
+    from ..errors import LLMMergingError
+    from .checkpoint import FullExpert
+
+    try:
+        reader = FullExpert(base_dir, name="base")
+        reader.bind(base_param_shapes(model))
+    except LLMMergingError:
+        return None
+    return None if reader.vocab_mismatch else reader
+
+
 def compute_device(param: torch.Tensor) -> torch.device:
     """Where to do the math for ``param``: its own device, or the GPU when the model sits on the CPU."""
     if param.device.type != "cpu":
@@ -122,12 +135,17 @@ def merge_into(
     progress: bool = True,
     method: Any = None,
     delta_sink: Callable[[str, torch.Tensor], None] | None = None,
+    base_dir=None,
 ) -> dict[str, Any]:
     """Merge ``experts`` into ``model`` in place with ``merge_tensor(name, base, task_vectors)``.
 
     ``merge_tensor`` returns the merged task vector; the parameter becomes ``base + merged``. Parameters
     no expert touches are left as they are. ``delta_sink(name, merged)`` (e.g. the adapter writer) sees
     every merged task vector. Raises MergeError naming the parameter if the result is not finite.
+
+    ``base_dir`` (the base model's directory): on the CPU, base values are read from its files with plain
+    reads and merged parameters get fresh storage, so the memory-mapped weights of the loaded model are
+    never touched (no page is counted twice in RSS).
     """
     if not experts:
         raise MergeError(f"method '{getattr(method, 'name', '?')}' has no expert models to merge")
@@ -140,12 +158,17 @@ def merge_into(
         logger.warning("%d expert tensors have no parameter in the base model (ignored): %s",
                        len(unknown), ", ".join(sorted(unknown)[:5]))
     _return_large_frees_to_the_os()
+    base_reader = _base_reader(base_dir, model) if base_dir is not None else None
     t0 = time.time()
     n_values = 0
     device = None
     for name, param in tqdm(params, desc="merge", unit="tensor", disable=not progress, leave=False):
         device = compute_device(param)
-        base = param.detach().to(device=device, dtype=torch.float32)
+        on_cpu = param.device.type == "cpu"
+        if on_cpu and base_reader is not None and name in base_reader.mapping:
+            base = base_reader.tensor(name, param).to(device=device)
+        else:
+            base = param.detach().to(device=device, dtype=torch.float32, copy=True)
         task_vectors = []
         for expert in experts:
             tv = expert.delta(name, base)
@@ -154,11 +177,14 @@ def merge_into(
         if merged.shape != base.shape:
             raise MergeError(f"merge of parameter '{name}' returned shape {tuple(merged.shape)}, expected {tuple(base.shape)}")
         result = base.add_(merged)
-        if not torch.isfinite(result).all():
+        if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():  # cheap check first
             raise MergeError(f"merge produced NaN or Inf in parameter '{name}'")
         if delta_sink is not None:
             delta_sink(name, merged)
-        param.data.copy_(result.to(dtype=param.dtype))
+        if on_cpu:
+            param.data = result.to(device=param.device, dtype=param.dtype)
+        else:
+            param.data.copy_(result.to(dtype=param.dtype))
         n_values += param.numel()
         del base, task_vectors, merged, result
     return {

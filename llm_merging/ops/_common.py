@@ -66,6 +66,14 @@ def stack_f32(tensors: Sequence[Tensor]) -> Tensor:
     return out
 
 
+def weighted_sum_f32(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``Σ wᵢ xᵢ`` in float32, accumulated in place: one output tensor, no stacked copy of the inputs."""
+    out = torch.mul(tensors[0].to(torch.float32), float(weights[0]))
+    for t, w in zip(tensors[1:], weights[1:]):
+        out.add_(t.to(torch.float32), alpha=float(w))
+    return out
+
+
 def _is_real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 

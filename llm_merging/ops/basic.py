@@ -7,7 +7,7 @@ from torch import Tensor
 
 from llm_merging.errors import ConfigError
 
-from ._common import PerModel, check_real, check_tensors, stack_f32, weight_list, weight_tensor
+from ._common import PerModel, check_real, check_tensors, weight_list, weighted_sum_f32
 
 
 def linear(tensors: Sequence[Tensor], weights: Optional[PerModel] = None, normalize: bool = True) -> Tensor:
@@ -22,10 +22,9 @@ def linear(tensors: Sequence[Tensor], weights: Optional[PerModel] = None, normal
     total = sum(w)
     if normalize and abs(total) < 1e-12:
         raise ConfigError(f"weights: sum is {total!r}; cannot normalise (use normalize=False)")
-    stacked = stack_f32(ts)
-    out = (stacked * weight_tensor(w, stacked)).sum(dim=0)
+    out = weighted_sum_f32(ts, w)
     if normalize:
-        out = out / total
+        out.div_(total)
     return out
 
 
@@ -40,5 +39,4 @@ def task_arithmetic(
     ts = check_tensors(task_vectors)
     w = weight_list(weights, len(ts))
     lam = check_real(scale, "scale")
-    stacked = stack_f32(ts)
-    return (stacked * weight_tensor(w, stacked)).sum(dim=0) * lam
+    return weighted_sum_f32(ts, w).mul_(lam)
