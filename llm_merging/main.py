@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall-clock seconds for the whole run, from process start (default 3600)")
     p.add_argument("-b", "--batch-size", "--eval_batch_size", dest="batch_size", default="auto",
                    help="evaluation batch size, or 'auto' (default)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--device", help="auto (default: the GPU when there is one, spread over all GPUs when there are "
+                                    "several), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="model dtype (default auto)")
     p.add_argument("--max-examples", dest="max_examples", type=int, help="evaluate only the first N examples of each file")
     p.add_argument("--seed", type=int, default=0, help="seed of random merge methods (DARE, DELLA)")

@@ -106,7 +106,7 @@ def apply_config(method, cfg: RunConfig) -> None:
     if cfg.models:
         method.list_models = list(cfg.models)
     if cfg.device:
-        method.device = cfg.device
+        method.device = check_device(cfg.device)
     if cfg.dtype:
         method.dtype = cfg.dtype
     method.seed = cfg.seed
@@ -116,6 +116,27 @@ def apply_config(method, cfg: RunConfig) -> None:
         hp = method.hparams.get("adapter_rank")
         if hp is not None and hp < 1:
             raise ConfigError("--set adapter_rank must be at least 1")
+
+
+def check_device(name: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` that exists on this machine; ConfigError otherwise."""
+    import torch
+
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ConfigError(f"--device {name}: no GPU is available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= n:
+            raise ConfigError(f"--device {name}: this machine has {n} GPU(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return name
 
 
 def check_output_folder(path: Path) -> None:

@@ -70,6 +70,7 @@ CASES = {
                           "'density' has 3 values but there are 2 models"),
     "bad choice": (["-m", "ties_merge", "--tiny", "--set", "sign_method=median"], "'sign_method' must be one of"),
     "budget not positive": (["-m", "ties_merge", "--tiny", "--time-budget", "0"], "--time-budget must be positive"),
+    "bad device": (["-m", "ties_merge", "--tiny", "--device", "tpu9"], "--device 'tpu9'"),
     "batch size": (["-m", "ties_merge", "--tiny", "--batch-size", "0"], "--batch-size must be a positive integer"),
 }
 
@@ -146,3 +147,10 @@ def test_nan_from_a_merge_names_the_parameter(capsys, tmp_path):
     assert _files(out) == ["NanMerge/report.json"]  # the report says what failed; no model was written
     report = json.loads((out / "NanMerge" / "report.json").read_text())
     assert report["status"] == "error" and report["exit_status"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPU")
+def test_cuda_requested_without_gpu(capsys, tmp_path):
+    code, err, out = _run(capsys, tmp_path, "-m", "ties_merge", "--tiny", "--device", "cuda")
+    assert code == 2 and err == ["error: --device cuda: no GPU is available on this machine (use --device cpu)"]
+    assert _files(out) == []

@@ -93,14 +93,24 @@ class Merges(object):
         loader = AutoModelForSeq2SeqLM if self.architecture == "encoder_decoder" else AutoModelForCausalLM
         device = self.torch_device()
         kwargs: dict[str, Any] = {"dtype": self.torch_dtype()}
-        if device.type != "cpu":
+        spread = self.device in (None, "auto") and torch.cuda.device_count() > 1
+        if spread:  # accelerate's device map over every GPU (never CPU or disk offload: weights stay real)
+            kwargs["device_map"] = "auto"
+            kwargs["max_memory"] = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+        elif device.type != "cpu":
             kwargs["device_map"] = {"": str(device)}
         t0 = time.time()
         try:
             model = loader.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"cannot load base model '{self.base_model_name}' from {path}: {_first_line(exc)}") from None
-        self.base_model = model.to(device).eval()
+        offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if offloaded:
+            raise CheckpointError(
+                f"base model '{self.base_model_name}' does not fit the GPUs ({len(offloaded)} tensors offloaded, "
+                f"e.g. {offloaded[0]}); use --dtype bfloat16 or a machine with more GPU memory"
+            )
+        self.base_model = (model if spread else model.to(device)).eval()
         self.load_seconds = getattr(self, "load_seconds", 0.0) + time.time() - t0
 
     def _load_tokenizer(self) -> None:
@@ -343,6 +353,8 @@ class Merges(object):
                 close()
 
     def torch_device(self) -> torch.device:
+        """The main device; ``auto`` is the (first) GPU when there is one, else the CPU. With several GPUs,
+        ``auto`` spreads the base model over all of them (accelerate's device map)."""
         if self.device is None or self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
