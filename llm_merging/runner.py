@@ -11,7 +11,6 @@ import logging
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field

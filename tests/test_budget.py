@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import torch
 from transformers import AutoModelForCausalLM
 
 from llm_merging import tiny

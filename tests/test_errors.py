@@ -1,6 +1,5 @@
 """Every user mistake: one line naming the thing at fault, a non-zero exit, no partial output."""
 import json
-import os
 import shutil
 
 import pytest

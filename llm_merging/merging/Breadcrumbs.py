@@ -1,18 +1,22 @@
-"""``breadcrumbs``: Model Breadcrumbs (Davari & Belilovsky 2023): drop the smallest and the largest-magnitude entries."""
+"""``breadcrumbs``: Model Breadcrumbs (Davari & Belilovsky 2023): drop the smallest and the largest entries."""
 from __future__ import annotations
 
 import torch
 
 from .. import ops
-from .hparams import DENSITY, SCALE, WEIGHTS, Param, per_model
+from .hparams import SCALE, WEIGHTS, Param, consensus_kwargs, per_model
 from .Linear import Linear
+
 
 class Breadcrumbs(Linear):
     """Model Breadcrumbs: mask out small entries and outliers (top γ) of each task vector, weighted sum."""
 
+    consensus: str | None = None
     hyperparameters = {
-        "density": Param(0.9, "fraction of entries kept before removing outliers, in (0, 1]", per_model=True, low=0.0, high=1.0, low_open=True),
-        "gamma": Param(0.01, "fraction of largest-magnitude outliers removed, in [0, 1)", per_model=True, low=0.0, high=1.0, high_open=True),
+        "density": Param(0.9, "fraction of entries kept before removing outliers, in (0, 1]", per_model=True,
+                         low=0.0, high=1.0, low_open=True),
+        "gamma": Param(0.01, "fraction of largest-magnitude outliers removed, in [0, 1)", per_model=True,
+                       low=0.0, high=1.0, high_open=True),
         "weights": WEIGHTS,
         "scale": SCALE,
     }
@@ -22,7 +26,8 @@ class Breadcrumbs(Linear):
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         n, h = len(task_vectors), self.hparams
+        extra = consensus_kwargs(h) if self.consensus else {}
         return ops.breadcrumbs(
             task_vectors, density=per_model(h["density"], n), gamma=per_model(h["gamma"], n),
-            weights=per_model(h["weights"], n), scale=h["scale"], consensus=None,
+            weights=per_model(h["weights"], n), scale=h["scale"], consensus=self.consensus, **extra,
         )

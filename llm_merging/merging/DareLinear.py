@@ -5,17 +5,21 @@ import torch
 
 from .. import ops
 from ..model.engine import param_seed
-from .hparams import SCALE, WEIGHTS, Param, per_model
+from .hparams import SCALE, WEIGHTS, Param, consensus_kwargs, per_model
 from .Linear import Linear
+
 
 class DareLinear(Linear):
     """DARE (Yu et al. 2024): random drop with keep probability p, rescale by 1/p, then weighted sum."""
 
+    consensus: str | None = None
     hyperparameters = {
-        "density": Param(0.5, "probability p of keeping each entry, in (0, 1]", per_model=True, low=0.0, high=1.0, low_open=True),
+        "density": Param(0.5, "probability p of keeping each entry, in (0, 1]", per_model=True, low=0.0, high=1.0,
+                         low_open=True),
         "weights": WEIGHTS,
         "scale": SCALE,
-        "rescale": Param("inverse", "rescale of kept entries: inverse (1/p, paper) | l1 (mergekit norm-preserving) | none", kind=str, choices=("inverse", "l1", "none")),
+        "rescale": Param("inverse", "rescale of kept entries: inverse (1/p, paper) | l1 (mergekit) | none", kind=str,
+                         choices=("inverse", "l1", "none")),
     }
 
     def __init__(self, name: str | None = "dare_linear") -> None:
@@ -23,8 +27,9 @@ class DareLinear(Linear):
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         n, h = len(task_vectors), self.hparams
+        extra = consensus_kwargs(h) if self.consensus else {}
         return ops.dare(
             task_vectors, density=per_model(h["density"], n), weights=per_model(h["weights"], n), scale=h["scale"],
-            consensus=None, rescale=None if h["rescale"] == "none" else h["rescale"],
-            seed=param_seed(self.seed, name),
+            consensus=self.consensus, rescale=None if h["rescale"] == "none" else h["rescale"],
+            seed=param_seed(self.seed, name), **extra,
         )

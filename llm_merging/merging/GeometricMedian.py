@@ -7,6 +7,7 @@ from .. import ops
 from .hparams import WEIGHTS, Param, per_model
 from .Linear import Linear
 
+
 class GeometricMedian(Linear):
     """Geometric median of the task vectors per tensor (Weiszfeld iterations)."""
 

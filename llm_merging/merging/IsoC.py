@@ -7,6 +7,7 @@ from .. import ops
 from .hparams import SCALE
 from .Linear import Linear
 
+
 class IsoC(Linear):
     """Iso-C (Marczak et al. 2025): Σ τᵢ = UΣVᵀ replaced by σ̄·UVᵀ (isotropic spectrum)."""
 

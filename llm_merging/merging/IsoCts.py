@@ -7,6 +7,7 @@ from .. import ops
 from .hparams import SCALE, Param
 from .Linear import Linear
 
+
 class IsoCts(Linear):
     """Iso-CTS (Marczak et al. 2025): common and task-specific subspaces, isotropic spectrum."""
 

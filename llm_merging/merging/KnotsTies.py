@@ -5,8 +5,9 @@ import torch
 
 from .. import ops
 from ..errors import ConfigError
-from .hparams import DENSITY, SCALE, WEIGHTS, Param, per_model
+from .hparams import CONSENSUS, DENSITY, SCALE, WEIGHTS, Param, consensus_kwargs, per_model
 from .Linear import Linear
+
 
 class KnotsTies(Linear):
     """KnOTS (Stoica et al. 2025): shared SVD basis of the LoRA updates, then TIES (or task arithmetic)."""
@@ -16,9 +17,7 @@ class KnotsTies(Linear):
         "weights": WEIGHTS,
         "scale": SCALE,
         "merge": Param("ties", "merge of the aligned factors: ties | task_arithmetic", kind=str, choices=("ties", "task_arithmetic")),
-        "sign_method": Param("total", "sign election: total | frequency", kind=str, choices=("total", "frequency")),
-        "weighted_sign": Param(False, "elect signs on weighted task vectors (mergekit)", kind=bool),
-        "divisor": Param("count", "disjoint mean divisor: count (paper) | weight_sum (mergekit)", kind=str, choices=("count", "weight_sum")),
+        **CONSENSUS,
     }
 
     def __init__(self, name: str | None = "knots_ties") -> None:
@@ -41,5 +40,5 @@ class KnotsTies(Linear):
             return torch.zeros_like(base)
         return ops.knots(
             factors, method=h["merge"], density=[densities[i] for i in keep], weights=[weights[i] for i in keep],
-            scale=h["scale"], sign_method=h["sign_method"], weighted_sign=h["weighted_sign"], divisor=h["divisor"],
+            scale=h["scale"], **consensus_kwargs(h),
         )

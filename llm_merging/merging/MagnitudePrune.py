@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .hparams import DENSITY, SCALE, WEIGHTS, Param, per_model
+from .hparams import SCALE, WEIGHTS, Param, per_model
 from .Linear import Linear
+
 
 class MagnitudePrune(Linear):
     """Magnitude pruning: keep each task vector's top-k entries by |τ|, then λ Σ wᵢτ̂ᵢ."""

@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from .hparams import Param
 from .Linear import Linear
 
+
 class ModelStock(Linear):
     """Model Stock (Jang et al. 2024): θ₀ + t·mean(τᵢ), t = N·cosθ / (1 + (N−1)·cosθ)."""
 

@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from .hparams import Param
 from .Linear import Linear
 
+
 class Slerp(Linear):
     """SLERP of two experts: on their task vectors (default) or on their full weights."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .hparams import DENSITY, SCALE, WEIGHTS, Param, per_model
+from .hparams import CONSENSUS, DENSITY, SCALE, WEIGHTS, consensus_kwargs, per_model
 from .Linear import Linear
 
 
@@ -15,11 +15,7 @@ class TiesMerge(Linear):
         "density": DENSITY,
         "weights": WEIGHTS,
         "scale": SCALE,
-        "sign_method": Param("total", "sign election: 'total' (sign of the sum) or 'frequency' (majority of signs)",
-                             kind=str, choices=("total", "frequency")),
-        "weighted_sign": Param(False, "elect signs on weighted task vectors (mergekit)", kind=bool),
-        "divisor": Param("count", "disjoint mean divisor: number of agreeing models (paper) or their weight sum (mergekit)",
-                         kind=str, choices=("count", "weight_sum")),
+        **CONSENSUS,
     }
 
     def __init__(self, name: str | None = "ties_merge") -> None:
@@ -30,5 +26,5 @@ class TiesMerge(Linear):
         h = self.hparams
         return ops.ties(
             task_vectors, density=per_model(h["density"], n), weights=per_model(h["weights"], n), scale=h["scale"],
-            sign_method=h["sign_method"], weighted_sign=h["weighted_sign"], divisor=h["divisor"],
+            **consensus_kwargs(h),
         )

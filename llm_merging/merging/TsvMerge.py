@@ -7,6 +7,7 @@ from .. import ops
 from .hparams import SCALE, Param
 from .Linear import Linear
 
+
 class TsvMerge(Linear):
     """TSV-Merge (Gargiulo et al. 2025): per-task top singular vectors, orthogonalised, recombined."""
 

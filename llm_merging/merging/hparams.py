@@ -132,6 +132,20 @@ WEIGHTS = Param(1.0, "weight of each model (one value, or one per model)", per_m
 SCALE = Param(1.0, "scaling λ of the merged task vector", low=0.0)
 DENSITY = Param(0.2, "fraction of entries kept per task vector, in (0, 1]", per_model=True, low=0.0, high=1.0, low_open=True)
 
+# TIES sign consensus options (ties_merge and every *_ties variant).
+CONSENSUS: dict[str, Param] = {
+    "sign_method": Param("total", "sign election: 'total' (sign of the sum) or 'frequency' (majority of signs)",
+                         kind=str, choices=("total", "frequency")),
+    "weighted_sign": Param(False, "elect signs on weighted task vectors (mergekit)", kind=bool),
+    "divisor": Param("count", "disjoint mean divisor: number of agreeing models (paper) or their weight sum (mergekit)",
+                     kind=str, choices=("count", "weight_sum")),
+}
+
+
+def consensus_kwargs(hparams: dict) -> dict:
+    """The CONSENSUS options of ``hparams`` as keyword arguments of the ``ops`` functions."""
+    return {key: hparams[key] for key in CONSENSUS}
+
 
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     """Split ``KEY=VALUE`` strings (``--set``) into a dict, with a clear error on a bad item."""
