@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except LLMMergingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    runner = Runner(cfg)
+    from llm_merging.budget import Budget
+
+    runner = Runner(cfg, budget=Budget(cfg.time_budget))  # counted from process start (competition rule)
     status = runner.run()
     if runner.preflight_ok:
         print(runner.summary())

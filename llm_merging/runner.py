@@ -90,9 +90,19 @@ def apply_tiny(method) -> None:
     adapters = True if method.is_peft is None else bool(method.is_peft)
     method.base_model_name = str(tiny.base_dir(arch))
     method.base_model_revision_id = None
-    maker = tiny.lora_expert_dir if adapters else tiny.full_expert_dir
-    method.list_models = [(str(maker(arch, i)), None) for i in range(n)]
+    if adapters:  # classes with their own merge() (kit style) may average A/B matrices: give equal ranks
+        uniform = not engine_based(method)
+        method.list_models = [(str(tiny.lora_expert_dir(arch, i, uniform=uniform)), None) for i in range(n)]
+    else:
+        method.list_models = [(str(tiny.full_expert_dir(arch, i)), None) for i in range(n)]
     method.max_gen_len = min(method.max_gen_len or 16, 16)
+
+
+def engine_based(method) -> bool:
+    """True when the method merges through the engine (``merge_tensor``), not its own ``merge()``."""
+    from .merging.Merges import Merges
+
+    return type(method).merge is Merges.merge
 
 
 def apply_config(method, cfg: RunConfig) -> None:
@@ -104,8 +114,17 @@ def apply_config(method, cfg: RunConfig) -> None:
         method.base_model_revision_id = None
     if cfg.models:
         method.list_models = list(cfg.models)
+        if engine_based(method):  # the engine takes adapters and full models alike: detect each
+            method.is_peft = None
     if cfg.device:
         method.device = check_device(cfg.device)
+    elif method.device is not None and str(method.device) != "auto":
+        try:
+            check_device(str(method.device))
+        except ConfigError:  # e.g. a kit class hard-coding "cuda", run on a machine without GPU
+            logger.warning("method '%s' asks for device %s, which this machine lacks; using the CPU",
+                           method.name, method.device)
+            method.device = "cpu"
     if cfg.dtype:
         method.dtype = cfg.dtype
     method.seed = cfg.seed
@@ -179,7 +198,8 @@ class Runner:
 
     def __init__(self, cfg: RunConfig, budget: Budget | None = None) -> None:
         self.cfg = cfg
-        self.budget = budget or Budget(cfg.time_budget)
+        # The CLI passes a budget counted from process start; library callers get one that starts now.
+        self.budget = budget or Budget(cfg.time_budget, start=time.time())
         self.method = None
         self.out_dir = Path(cfg.output_folder) / cfg.method
         self.report: dict[str, Any] = {
@@ -192,7 +212,7 @@ class Runner:
     # -------------------------------------------------------------- phases
     def preflight(self) -> None:
         cfg = self.cfg
-        if not cfg.time_budget or cfg.time_budget <= 0:
+        if not cfg.time_budget > 0:  # also rejects NaN
             raise ConfigError(f"--time-budget must be positive, got {cfg.time_budget}")
         if cfg.save not in SAVE_MODES:
             raise ConfigError(f"--save must be one of {', '.join(SAVE_MODES)}, got {cfg.save!r}")
@@ -200,6 +220,7 @@ class Runner:
             raise ConfigError(f"--max-examples must be at least 1, got {cfg.max_examples}")
         method = self.method = instantiate(cfg.method)
         apply_config(method, cfg)
+        method.should_stop = self.budget.expired
         if cfg.evaluate:
             self._check_datasets()
         self.report["models"] = method.preflight()
@@ -207,6 +228,7 @@ class Runner:
         check_output_folder(self.out_dir)
         self.preflight_ok = True
         self.report["hyperparameters"] = dict(method.hparams)
+        self.report["seed"] = method.seed
         self.report["architecture"] = method.architecture
         self.report["device"] = str(method.torch_device())
         self.report["dtype"] = str(method.torch_dtype()).replace("torch.", "")
@@ -223,11 +245,11 @@ class Runner:
             )
         sizes = {}
         for i, path in enumerate(files):
-            if not os.path.isfile(path):
+            if not path.startswith("hf:") and not os.path.isfile(path):
                 hint = " (pass --dataset_filepaths, or --no-eval)" if not cfg.dataset_filepaths else ""
                 raise DataError(f"dataset file '{path}' does not exist{hint}")
             eval_type = cfg.eval_types[i] if cfg.eval_types else None
-            sizes[path] = len(load_examples(path, eval_type=eval_type))
+            sizes[path] = len(load_examples(path, eval_type=eval_type))  # full size, for the report
         self.datasets = list(files)
         self.report["dataset_sizes"] = sizes
 
@@ -241,9 +263,7 @@ class Runner:
         """For --save adapter, collect low-rank factors while merging (before weights are overwritten)."""
         if self.cfg.save != "adapter":
             return
-        from .merging.Merges import Merges
-
-        if type(self.method).merge is not Merges.merge:
+        if not engine_based(self.method):
             raise ConfigError(f"--save adapter needs an engine-based method; '{self.cfg.method}' overrides merge()")
         if any(e["kind"] != "lora" for e in self.report["models"]["experts"]):
             raise ConfigError("--save adapter needs LoRA experts only; use --save full for full fine-tunes")
@@ -269,7 +289,9 @@ class Runner:
             if writer is None:
                 raise ConfigError("--save adapter: the merge collected no adapter factors")
             path = writer.save(self.out_dir / "adapter", self.report["models"]["base"]["id"], info)
-            self.report["saved"] = {"format": "adapter", "path": str(path)}
+            self.report["saved"] = {"format": "adapter", "path": str(path),
+                                    "max_relative_error": round(max(writer.errors.values()), 6),
+                                    "relative_error_by_module": {m: round(e, 6) for m, e in writer.errors.items()}}
 
     def evaluate(self) -> bool:
         """Evaluate every dataset; return False when the budget stopped it."""
@@ -298,8 +320,7 @@ class Runner:
             self._check_budget("merge")
             with self.budget.phase("merge"):
                 self.merge()
-            self._check_budget("save")
-            with self.budget.phase("save"):
+            with self.budget.phase("save"):  # a finished merge is always saved, even past the budget
                 self.save()
             if self.cfg.evaluate:
                 self._check_budget("evaluate")

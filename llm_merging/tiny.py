@@ -152,10 +152,14 @@ def base_dir(architecture: str = "decoder") -> Path:
     return _atomic_dir(target, build)
 
 
-def lora_expert_dir(architecture: str = "decoder", index: int = 0) -> Path:
-    """Path of tiny LoRA expert ``index`` (a real PEFT adapter with random, nonzero A and B)."""
+def lora_expert_dir(architecture: str = "decoder", index: int = 0, uniform: bool = False) -> Path:
+    """Path of tiny LoRA expert ``index`` (a real PEFT adapter with random, nonzero A and B).
+
+    Experts differ in rank and target modules, unless ``uniform``: then all share the first one's
+    configuration (for starter-kit classes that average A and B matrices directly).
+    """
     _check_arch(architecture)
-    target = cache_dir() / architecture / f"lora-{index}"
+    target = cache_dir() / architecture / (f"lora-u{index}" if uniform else f"lora-{index}")
 
     def build(tmp: Path) -> None:
         from peft import LoraConfig, get_peft_model
@@ -165,7 +169,7 @@ def lora_expert_dir(architecture: str = "decoder", index: int = 0) -> Path:
         loader = AutoModelForCausalLM if architecture == "decoder" else AutoModelForSeq2SeqLM
         model = loader.from_pretrained(str(base))
         specs = _DECODER_LORA if architecture == "decoder" else _T5_LORA
-        spec = dict(specs[index % len(specs)])
+        spec = dict(specs[0 if uniform else index % len(specs)])
         task = "CAUSAL_LM" if architecture == "decoder" else "SEQ_2_SEQ_LM"
         peft_model = get_peft_model(model, LoraConfig(task_type=task, lora_dropout=0.0, **spec))
         gen = torch.Generator().manual_seed(1000 + index)

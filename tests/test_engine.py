@@ -120,11 +120,14 @@ def test_save_state_dict_handles_tied_and_non_contiguous(tmp_path):
     from safetensors.torch import load_file
 
     w = torch.randn(4, 6)
-    state = {"embed.weight": w, "lm_head.weight": w, "t.weight": w.t(), "x": torch.arange(3.0)}
+    v = torch.randn(6, 3)
+    state = {"embed.weight": w, "lm_head.weight": w, "t.weight": w.t(), "x": torch.arange(3.0),
+             "top": v[:2], "bottom": v[2:]}  # two views of one storage
     save_state_dict(state, tmp_path / "safetensor.pt")
     loaded = load_file(str(tmp_path / "safetensor.pt"))
-    assert set(loaded) == {"embed.weight", "t.weight", "x"}
+    assert set(loaded) == {"embed.weight", "t.weight", "x", "top", "bottom"}
     torch.testing.assert_close(loaded["t.weight"], w.t())
+    torch.testing.assert_close(torch.cat([loaded["top"], loaded["bottom"]]), v)
     assert not list(tmp_path.glob(".*"))
 
 

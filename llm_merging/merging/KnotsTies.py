@@ -23,6 +23,13 @@ class KnotsTies(Linear):
     def __init__(self, name: str | None = "knots_ties") -> None:
         super().__init__(name)
 
+    def preflight(self) -> dict:
+        found = super().preflight()
+        full = [e["id"] for e in found["experts"] if e["kind"] != "lora"]
+        if full:
+            raise ConfigError(f"method '{self.name}' merges LoRA adapters only; '{full[0]}' is a full model")
+        return found
+
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         h = self.hparams
         factors, weights, densities = [], per_model(h["weights"], len(task_vectors)), per_model(h["density"], len(task_vectors))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..errors import ConfigError
 from .hparams import WEIGHTS, Param, per_model
 from .Merges import Merges
 
@@ -31,6 +32,13 @@ class Linear(Merges):
         self.architecture = "decoder"
         self.loaded_models = {}
         self.loaded_configs = {}
+
+    def validate_hyperparameters(self) -> None:
+        super().validate_hyperparameters()
+        if self.hparams.get("normalize") and self.list_models:
+            weights = per_model(self.hparams["weights"], len(self.model_refs()))
+            if abs(sum(weights)) < 1e-12:
+                raise ConfigError(f"method '{self.name}': weights {weights} sum to 0; cannot normalise (set normalize=false)")
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         # θᵢ = θ₀ + τᵢ, so Σwᵢθᵢ/Σwᵢ = θ₀ + Σwᵢτᵢ/Σwᵢ: averaging the task vectors is exact.

@@ -70,6 +70,7 @@ class Merges(object):
         self.merge_stats: dict[str, Any] = {}
         self.delta_sink = None  # sees every merged task vector (the adapter writer of --save adapter)
         self.collect_adapter = False
+        self.should_stop = None  # set by the runner: True once the wall-clock budget is spent
         self.load_seconds = 0.0
 
     # ------------------------------------------------------------------ kit surface
@@ -225,7 +226,7 @@ class Merges(object):
             self.delta_sink = AdapterWriter(self.base_model, self.experts, rank=self.hparams.get("adapter_rank"))
         self.merge_stats = merge_into(
             self.base_model, self.experts, self.merge_tensor, progress=self.progress, method=self,
-            delta_sink=self.delta_sink, base_dir=self.base_ref().local_path,
+            delta_sink=self.delta_sink, base_dir=self.base_ref().local_path, should_stop=self.should_stop,
         )
         self.merged_model = self.base_model
         return self.base_model
@@ -286,8 +287,10 @@ class Merges(object):
         """``list_models`` as references (tuples ``(id, revision)`` or bare strings)."""
         if self.list_models is None:
             return []
-        if isinstance(self.list_models, (str, tuple)):
-            items = [self.list_models]
+        if isinstance(self.list_models, str) or (
+            isinstance(self.list_models, tuple) and not any(isinstance(x, (tuple, list)) for x in self.list_models)
+        ):
+            items = [self.list_models]  # one model: "id" or ("id", revision)
         else:
             items = list(self.list_models)
         cache = getattr(self, "_ref_cache", {})
@@ -320,12 +323,13 @@ class Merges(object):
 
     def preflight(self) -> dict[str, Any]:
         """Resolve every reference and check it before any weights are loaded; return what was found."""
-        self._check_architecture()
         token = hf_token()
         base = self.base_ref()
         base_path = base.resolve(token)
         if not (base_path / "config.json").is_file():
             raise ModelNotFoundError(f"base model '{base}' at {base_path} has no config.json")
+        self._match_architecture(base, base_path)
+        self._check_architecture()
         experts = []
         for ref in self.model_refs():
             path = ref.resolve(token)
@@ -334,11 +338,29 @@ class Merges(object):
                 raise ModelNotFoundError(f"model '{ref}' at {path} is not a PEFT adapter (no adapter_config.json)")
             if not adapter and not (path / "config.json").is_file():
                 raise ModelNotFoundError(f"model '{ref}' at {path} has no config.json (neither model nor adapter)")
-            experts.append({"id": ref.id, "revision": ref.revision, "path": str(path),
-                            "kind": "lora" if adapter else "full"})
+            experts.append({"id": ref.id, "revision": ref.revision, "resolved_revision": _snapshot_commit(path),
+                            "path": str(path), "kind": "lora" if adapter else "full"})
         self.validate_hyperparameters()
         self._check_compatibility(base_path)
-        return {"base": {"id": base.id, "revision": base.revision, "path": str(base_path)}, "experts": experts}
+        return {"base": {"id": base.id, "revision": base.revision, "resolved_revision": _snapshot_commit(base_path),
+                         "path": str(base_path)}, "experts": experts}
+
+    def _match_architecture(self, base: ModelRef, base_path: Path) -> None:
+        """Engine methods follow the base model (decoder or encoder-decoder); classes with their own
+        ``merge()`` keep theirs, and a mismatch is a clear error instead of a failed load."""
+        import json
+
+        try:
+            config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(f"base model '{base}': cannot read {base_path / 'config.json'}: {exc}") from None
+        actual = "encoder_decoder" if config.get("is_encoder_decoder") else "decoder"
+        if type(self).merge is Merges.merge:
+            self.architecture = actual
+        elif self.architecture in ARCHITECTURES and self.architecture != actual:
+            raise ConfigError(
+                f"method '{self.name}' is written for a {self.architecture} model but base model '{base}' is {actual}"
+            )
 
     def _check_compatibility(self, base_path: Path) -> None:
         """Read only headers and configs: every expert must fit the base (shapes, modules in common)."""
@@ -376,6 +398,11 @@ class Merges(object):
             raise ConfigError(
                 f"method '{self.name}': architecture must be 'decoder' or 'encoder_decoder', got {self.architecture!r}"
             )
+
+
+def _snapshot_commit(path: Path) -> str | None:
+    """The commit of a Hugging Face cache snapshot directory (``.../snapshots/<commit>``), else None."""
+    return path.name if path.parent.name == "snapshots" else None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -99,8 +100,8 @@ class Param:
         if self.choices is not None and v not in self.choices:
             raise ConfigError(f"hyperparameter '{key}' must be one of {', '.join(self.choices)}; got {v!r}")
         if self.kind in (int, float):
-            if v != v:
-                raise ConfigError(f"hyperparameter '{key}' must be a number, got NaN")
+            if not math.isfinite(v):
+                raise ConfigError(f"hyperparameter '{key}' must be a finite number, got {v}")
             if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
                 raise ConfigError(f"hyperparameter '{key}'={v} out of range {self.describe()}")
             if self.high is not None and (v > self.high or (self.high_open and v == self.high)):
@@ -122,7 +123,7 @@ COMMON: dict[str, Param] = {
         kind=str, choices=("exact", "starter_kit"),
     ),
     "adapter_rank": Param(
-        None, "rank of the adapter written by --save adapter (default: sum of the input ranks, exact)",
+        None, "rank of the adapter written by --save adapter (default: sum of the input ranks; exact for linear merges)",
         kind=int, low=1, optional=True,
     ),
 }

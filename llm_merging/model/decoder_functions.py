@@ -63,8 +63,10 @@ def _forward_params(cls) -> frozenset:
 
 
 def cache_kwarg(model) -> str:
-    """Name of the cache argument of ``model.forward`` (``cache`` in recent transformers 5.x)."""
-    params = _forward_params(type(model))
+    """Name of the cache argument of ``model.forward`` (``cache`` in recent transformers 5.x). A PEFT
+    wrapper forwards keyword arguments to the model it wraps, so that model's signature decides."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = _forward_params(type(inner))
     return "cache" if "cache" in params else "past_key_values"
 
 

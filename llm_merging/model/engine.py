@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import MergeError
+from ..errors import BudgetExceeded, MergeError
 from .refs import hf_token
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ def merge_into(
     method: Any = None,
     delta_sink: Callable[[str, torch.Tensor], None] | None = None,
     base_dir=None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Merge ``experts`` into ``model`` in place with ``merge_tensor(name, base, task_vectors)``.
 
@@ -143,9 +144,10 @@ def merge_into(
     no expert touches are left as they are. ``delta_sink(name, merged)`` (e.g. the adapter writer) sees
     every merged task vector. Raises MergeError naming the parameter if the result is not finite.
 
-    ``base_dir`` (the base model's directory): on the CPU, base values are read from its files with plain
-    reads and merged parameters get fresh storage, so the memory-mapped weights of the loaded model are
-    never touched (no page is counted twice in RSS).
+    ``base_dir`` (the base model's directory): base values are read from its files (exact θ₀ whatever
+    dtype the model was loaded in); on the CPU merged parameters get fresh storage, so the memory-mapped
+    weights of the loaded model are never touched (no page is counted twice in RSS).
+    ``should_stop()`` is asked between tensors (the wall-clock budget): True raises BudgetExceeded.
     """
     if not experts:
         raise MergeError(f"method '{getattr(method, 'name', '?')}' has no expert models to merge")
@@ -165,7 +167,11 @@ def merge_into(
     for name, param in tqdm(params, desc="merge", unit="tensor", disable=not progress, leave=False):
         device = compute_device(param)
         on_cpu = param.device.type == "cpu"
-        if on_cpu and base_reader is not None and name in base_reader.mapping:
+        if should_stop is not None and should_stop():
+            raise BudgetExceeded(f"time budget ran out while merging (at parameter '{name}'); nothing was saved")
+        if base_reader is not None and name in base_reader.mapping:
+            # θ₀ as stored: the loaded copy may be rounded to a narrower dtype (e.g. bf16 from fp16 files),
+            # and that rounding error would otherwise enter every task vector.
             base = base_reader.tensor(name, param).to(device=device)
         else:
             base = param.detach().to(device=device, dtype=torch.float32, copy=True)
@@ -187,6 +193,8 @@ def merge_into(
             param.data.copy_(result.to(dtype=param.dtype))
         n_values += param.numel()
         del base, task_vectors, merged, result
+    if device is not None and device.type == "cuda":
+        torch.cuda.empty_cache()  # give fp32 temporaries back: evaluation sizes its batches from free memory
     return {
         "tensors_merged": len(params),
         "values_merged": n_values,

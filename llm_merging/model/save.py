@@ -18,9 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 def plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A copy of ``state`` that safetensors accepts: tensors sharing storage (tied weights) kept once,
-    non-contiguous tensors made contiguous, everything on the CPU."""
-    out: dict[str, torch.Tensor] = {}
+    """A view of ``state`` that safetensors accepts: tensors tied to an earlier one (same storage, offset,
+    shape and strides) are kept once; tensors that are non-contiguous or share storage with another kept
+    tensor are copied; everything else is passed through as it is (no copy of the whole model)."""
+    kept: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
@@ -31,7 +32,16 @@ def plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             logger.info("tensor '%s' is tied to '%s'; saved once", name, seen[key])
             continue
         seen[key] = name
-        out[name] = t.to("cpu").contiguous().clone()
+        kept[name] = t
+    storages: dict[int, int] = {}
+    for t in kept.values():
+        ptr = t.untyped_storage().data_ptr()
+        storages[ptr] = storages.get(ptr, 0) + 1
+    out = {}
+    for name, t in kept.items():
+        shared = t.numel() and storages[t.untyped_storage().data_ptr()] > 1
+        t = t.to("cpu")
+        out[name] = t.clone(memory_format=torch.contiguous_format) if shared or not t.is_contiguous() else t
     return out
 
 
@@ -79,8 +89,10 @@ def save_full(model: torch.nn.Module, tokenizer, output_dir: str | Path, info: d
 class AdapterWriter:
     """Collect merged ΔW per LoRA-targeted parameter as truncated SVD factors, then write a PEFT adapter.
 
-    Rank per module: ``rank`` when given, else the sum of the input adapters' ranks for that module
-    (exact, since rank(Σ ΔWᵢ) ≤ Σ rᵢ), capped at the matrix size.
+    Rank per module: ``rank`` when given, else the sum of the input adapters' ranks for that module,
+    capped at the matrix size. That is exact for methods that combine the ΔWᵢ linearly (rank(Σ wᵢΔWᵢ) ≤ Σ rᵢ);
+    trimming methods (TIES, DARE, ...) make ΔW full rank, so the truncation error of every module is
+    kept in ``errors`` (and reported), with a warning above 1 %.
     """
 
     def __init__(self, model: torch.nn.Module, experts: list, rank: int | None = None) -> None:
@@ -89,6 +101,7 @@ class AdapterWriter:
         self.rank = rank
         self.modules = dict(model.named_modules())
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.errors: dict[str, float] = {}  # relative Frobenius error of the truncation, per module
         self.skipped: list[str] = []
         self.fan_in_fan_out: bool | None = None
         for e in experts:
@@ -120,6 +133,8 @@ class AdapterWriter:
         mat = delta.t() if conv1d else delta  # PEFT factors are (out, r) @ (r, in)
         r = min(self.rank or self._input_rank(name), *mat.shape)
         u, s, vh = torch.linalg.svd(mat.float(), full_matrices=False)
+        total = float(s.norm())
+        self.errors[module_name] = float(s[r:].norm()) / total if total > 0 else 0.0
         b = (u[:, :r] * s[:r]).contiguous().cpu()
         a = vh[:r].contiguous().cpu()
         self.factors[module_name] = (b, a)
@@ -130,6 +145,11 @@ class AdapterWriter:
         if self.skipped:
             logger.warning("--save adapter: %d merged tensors are not LoRA targets and are not in the adapter: %s",
                            len(self.skipped), ", ".join(self.skipped[:5]))
+        worst = max(self.errors, key=self.errors.get)
+        if self.errors[worst] > 0.01:
+            logger.warning("--save adapter: the rank-limited adapter differs from the merged model by up to %.1f%% "
+                           "(relative Frobenius error, %s); raise --set adapter_rank or use --save full "
+                           "(trimming methods such as TIES or DARE make ΔW full rank)", 100 * self.errors[worst], worst)
         ranks = {m: a.shape[0] for m, (b, a) in self.factors.items()}
         r = max(set(ranks.values()), key=list(ranks.values()).count)
         pattern = {m: k for m, k in ranks.items() if k != r}

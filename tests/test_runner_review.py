@@ -1,0 +1,93 @@
+"""Runner behaviours: architecture and expert kinds follow the models given, budgets around the merge,
+kit classes on machines without a GPU, library use of the runner."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llm_merging import tiny
+from llm_merging.budget import Budget
+from llm_merging.main import main
+from llm_merging.runner import RunConfig, Runner
+
+
+def _report(path):
+    return json.loads(path.read_text())
+
+
+def test_generic_method_on_an_encoder_decoder_base(tmp_path):
+    models = [str(tiny.lora_expert_dir("encoder_decoder", i)) for i in range(2)]
+    assert main(["-m", "ties_merge", "--quiet", "--output_folder", str(tmp_path), "--base-model",
+                 str(tiny.base_dir("encoder_decoder")), "--models", *models, "--max-examples", "2",
+                 "--dataset_filepaths", *tiny.sample_data_files()[:2], "--save", "none"]) == 0
+    report = _report(tmp_path / "ties_merge" / "report.json")
+    assert report["architecture"] == "encoder_decoder" and report["status"] == "ok"
+
+
+def test_class_with_fixed_is_peft_takes_the_other_kind_of_models(tmp_path):
+    adapters = [str(tiny.lora_expert_dir("decoder", i)) for i in range(2)]
+    assert main(["-m", "tiny_llama_avg", "--tiny", "--quiet", "--output_folder", str(tmp_path), "--no-eval",
+                 "--save", "none", "--models", *adapters]) == 0
+    report = _report(tmp_path / "tiny_llama_avg" / "report.json")
+    assert [e["kind"] for e in report["models"]["experts"]] == ["lora", "lora"]
+
+
+def test_kit_class_runs_with_tiny(tmp_path):
+    assert main(["-m", "kit_classes:KitLoraAvg", "--tiny", "--quiet", "--output_folder", str(tmp_path),
+                 "--max-examples", "1", "--save", "kit"]) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPU")
+def test_kit_class_hard_coding_cuda_falls_back_to_cpu(tmp_path, caplog):
+    models = [str(tiny.full_expert_dir("decoder", i)) for i in range(2)]
+    assert main(["-m", "kit_classes:KitCudaDevice", "--base-model", str(tiny.base_dir("decoder")), "--models",
+                 *models, "--quiet", "--no-eval", "--output_folder", str(tmp_path)]) == 0
+    assert "using the CPU" in caplog.text
+
+
+def test_hf_dataset_spec_is_handed_to_the_loader(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    code = main(["-m", "linear", "--tiny", "--quiet", "--output_folder", str(tmp_path / "out"),
+                 "--dataset_filepaths", "hf:someone/absent-dataset"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "absent-dataset" in err[0] and "does not exist" not in err[0], err
+
+
+class _Flag(Budget):
+    """A budget that expires when ``when(runner)`` becomes true."""
+
+    def __init__(self, when):
+        super().__init__(3600)
+        self.when, self.runner = when, None
+
+    def remaining(self):
+        return -1.0 if self.runner is not None and self.when(self.runner) else super().remaining()
+
+
+def _run_with(tmp_path, when):
+    cfg = RunConfig(method="linear", tiny=True, output_folder=str(tmp_path), progress=False,
+                    dataset_filepaths=tiny.sample_data_files()[:1])
+    budget = _Flag(when)
+    runner = Runner(cfg, budget=budget)
+    budget.runner = runner
+    return runner.run(), runner
+
+
+def test_budget_spent_during_merge_stops_it(tmp_path):
+    code, runner = _run_with(tmp_path, lambda r: r.method is not None and r.method.base_model is not None)
+    assert code == 3 and "while merging" in runner.report["error"]
+    assert not (tmp_path / "linear" / "merged_model").exists()
+    assert _report(tmp_path / "linear" / "report.json")["partial"] is True
+
+
+def test_budget_spent_right_after_merge_still_saves_the_model(tmp_path):
+    code, runner = _run_with(tmp_path, lambda r: "merge_stats" in r.report)
+    assert code == 3 and "before the evaluate phase" in runner.report["error"]
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "linear" / "merged_model"))
+    assert merged.num_parameters() > 0
+
+
+def test_library_runner_budget_starts_now(tmp_path):
+    runner = Runner(RunConfig(method="linear", tiny=True, output_folder=str(tmp_path), time_budget=30))
+    assert runner.budget.elapsed() < 5
