@@ -91,3 +91,19 @@ def test_budget_spent_right_after_merge_still_saves_the_model(tmp_path):
 def test_library_runner_budget_starts_now(tmp_path):
     runner = Runner(RunConfig(method="linear", tiny=True, output_folder=str(tmp_path), time_budget=30))
     assert runner.budget.elapsed() < 5
+
+
+@pytest.mark.parametrize("stored, expected", [("float16", torch.float16), ("bfloat16", torch.bfloat16),
+                                              ("float32", torch.bfloat16)])
+def test_auto_dtype_on_gpu_keeps_the_checkpoints_half_precision(tmp_path, monkeypatch, stored, expected):
+    from llm_merging.merging.Linear import Linear
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": stored}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    m = Linear()
+    m.base_model_name = str(tmp_path)
+    m.base_ref().resolve()
+    assert m.torch_dtype() == expected
+    m.device = "cpu"
+    assert m.torch_dtype() == torch.float32

@@ -382,16 +382,31 @@ class Merges(object):
         return torch.device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
-        """``auto``: bfloat16 (or float16) on GPU, float32 on CPU."""
+        """``auto``: on GPU the base checkpoint's own half precision (float16 or bfloat16; bfloat16 when it
+        is stored in float32), on CPU float32. Keeping an fp16 checkpoint in fp16 matters for merging: bf16
+        rounds away a large part of small fine-tuning deltas."""
         names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}
         if self.dtype in (None, "auto"):
-            if self.torch_device().type == "cuda":
-                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.float32
+            if self.torch_device().type != "cuda":
+                return torch.float32
+            stored = names.get(str(self._base_config().get("torch_dtype") or self._base_config().get("dtype")))
+            if stored in (torch.float16, torch.bfloat16):
+                return stored
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if self.dtype not in names:
             raise ConfigError(f"--dtype {self.dtype!r}: expected auto, float32, bfloat16 or float16")
         return names[self.dtype]
+
+    def _base_config(self) -> dict:
+        """The base model's config.json as a dict ({} when it cannot be read yet)."""
+        import json
+
+        path = self.base_ref().local_path if self.base_model_name else None
+        try:
+            return json.loads((path / "config.json").read_text(encoding="utf-8")) if path else {}
+        except (OSError, ValueError):
+            return {}
 
     def _check_architecture(self) -> None:
         if self.architecture not in ARCHITECTURES:
