@@ -45,6 +45,16 @@ _ST_TORCH_DTYPES = {
 }
 
 
+def _move(t: torch.Tensor, device=None, dtype=None) -> torch.Tensor:
+    """Move first, then cast: the transfer carries the stored (often half-precision) bytes and the
+    cast runs on the target device (a one-call ``to(cuda, float32)`` would cast on the CPU)."""
+    if device is not None:
+        t = t.to(device=device)
+    if dtype is not None:
+        t = t.to(dtype=dtype)
+    return t
+
+
 def _shape_str(shape: Iterable[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
@@ -352,10 +362,8 @@ class CheckpointReader:
                 msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise CheckpointError(f"cannot read tensor '{key}' from {file}: {msg}") from None
         else:  # a view into the mmap-ed file: always hand out a copy
-            return self._bin_tensor(key).to(device=device, dtype=dtype, copy=True)
-        if device is not None or dtype is not None:
-            t = t.to(device=device, dtype=dtype)
-        return t
+            return _move(self._bin_tensor(key).clone(), device, dtype)
+        return _move(t, device, dtype)
 
     def _read_span(self, file: Path, key: str) -> torch.Tensor:
         """Read one safetensors tensor with a plain file read into its own buffer."""

@@ -23,7 +23,9 @@ decoder code does (it conditions on the first choice token instead of scoring it
 Generation: greedy, ``max_new_tokens = max_gen_len``, per-sequence EOS stop, text = new tokens with
 special tokens skipped. The same right-padded prefill is followed by one batched step per token
 (finished sequences leave the batch); models without ``position_ids``/2D ``logits_to_keep`` support
-use ``model.generate`` on left-padded prompts instead.
+use ``model.generate`` on left-padded prompts instead. Where a padding gap would change results (a model
+without ``position_ids``, or a sliding window shorter than prompt plus continuation, since windows
+count cache positions), scoring runs per group of equally long prompts and generation uses left padding.
 """
 from __future__ import annotations
 
@@ -62,12 +64,34 @@ def _forward_params(cls) -> frozenset:
         return frozenset()
 
 
+def forward_owner(model):
+    """The model whose ``forward`` signature counts: PEFT wrappers (``get_base_model``) and
+    ``torch.compile`` wrappers (``_orig_mod``) pass keyword arguments through to the model they wrap."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+    return model
+
+
 def cache_kwarg(model) -> str:
-    """Name of the cache argument of ``model.forward`` (``cache`` in recent transformers 5.x). A PEFT
-    wrapper forwards keyword arguments to the model it wraps, so that model's signature decides."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = _forward_params(type(inner))
-    return "cache" if "cache" in params else "past_key_values"
+    """Name of the cache argument of ``model.forward`` (``cache`` in recent transformers 5.x)."""
+    return "cache" if "cache" in _forward_params(type(forward_owner(model))) else "past_key_values"
+
+
+def sliding_window(model) -> int | None:
+    """The attention window of a model with sliding-window layers (Mistral v0.1, Gemma 2/3), else None."""
+    cfg = getattr(forward_owner(model), "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and not any("sliding" in str(t) for t in types):
+        return None
+    return int(window)
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,7 +227,9 @@ def greedy_generation_config(model, tokenizer, max_new_tokens: int):
     cfg.do_sample = False
     cfg.num_beams = 1
     cfg.num_return_sequences = 1
-    for attr in ("temperature", "top_p", "top_k", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff"):
+    for attr in ("temperature", "top_p", "top_k", "typical_p", "min_p", "epsilon_cutoff", "eta_cutoff",
+                 "repetition_penalty", "no_repeat_ngram_size", "suppress_tokens", "begin_suppress_tokens",
+                 "bad_words_ids", "sequence_bias", "length_penalty"):  # pure greedy, as the fast path
         if hasattr(cfg, attr):
             setattr(cfg, attr, None)
     cfg.max_new_tokens = max_new_tokens
@@ -274,12 +300,39 @@ def predict_multiple_choice(
     counts = [len(cs) for cs in choices]
     longest_choice = max((len(c) for c in choice_ids), default=0)
     prompt_ids = encode_prompts(transformer, input_tokenizer, batch["input"], reserve=longest_choice)
-    flat_scores = score_choices(
-        transformer, prompt_ids, choice_ids, counts,
-        pad_id=pad_id_of(input_tokenizer, target_tokenizer),
-        score_first_token=scoring == "exact",
-    )
+    kwargs = {"pad_id": pad_id_of(input_tokenizer, target_tokenizer), "score_first_token": scoring == "exact"}
+    if not _padding_gap_is_safe(transformer, prompt_ids, longest_choice):
+        flat_scores = _score_by_prompt_length(transformer, prompt_ids, choice_ids, counts, **kwargs)
+    else:
+        flat_scores = score_choices(transformer, prompt_ids, choice_ids, counts, **kwargs)
     return _per_example(flat_scores, counts)
+
+
+def _padding_gap_is_safe(model, prompt_ids: Sequence[Sequence[int]], extra: int) -> bool:
+    """Whether right-padded prompts can be continued across their padding gap: the model must take
+    ``position_ids``, and a sliding window (counted in cache positions) must cover the longest prompt
+    plus ``extra`` continuation tokens."""
+    if "position_ids" not in _forward_params(type(forward_owner(model))):
+        return False
+    window = sliding_window(model)
+    return window is None or max((len(p) for p in prompt_ids), default=0) + extra <= window
+
+
+def _score_by_prompt_length(model, prompt_ids, choice_ids, counts, **kwargs) -> torch.Tensor:
+    """:func:`score_choices` on groups of equally long prompts (no padding gap), scores in input order."""
+    starts = [0]
+    for n in counts:
+        starts.append(starts[-1] + n)
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompt_ids):
+        groups.setdefault(len(p), []).append(i)
+    out = torch.zeros(len(choice_ids), dtype=torch.float32)
+    for rows in groups.values():
+        flat = [j for i in rows for j in range(starts[i], starts[i + 1])]
+        scores = score_choices(model, [prompt_ids[i] for i in rows], [choice_ids[j] for j in flat],
+                               [counts[i] for i in rows], **kwargs)
+        out[torch.as_tensor(flat, dtype=torch.long)] = scores
+    return out
 
 
 def _per_example(flat_scores: torch.Tensor, counts: Sequence[int]):
@@ -312,7 +365,7 @@ def _prefill(model, prompt_ids: Sequence[Sequence[int]], pad_id: int):
     cache = DynamicCache(config=model.config)
     kwargs = {"input_ids": ids, cache_kwarg(model): cache, "use_cache": True}
     last = (lengths - 1)[:, None]  # [B, 1] position of each prompt's last real token
-    if _bool_logits_to_keep(type(model)):
+    if _bool_logits_to_keep(type(forward_owner(model))):
         logits = model(**kwargs, logits_to_keep=last).logits[:, -1, :]
     else:
         logits = _gather_last(model(**kwargs).logits, last)
@@ -327,7 +380,8 @@ def _gather_last(logits: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
 def fast_path_supported(model) -> bool:
     """Whether the model takes ``position_ids`` and 2D ``logits_to_keep`` (modern transformers models);
     otherwise generation falls back to ``model.generate`` with left padding."""
-    return "position_ids" in _forward_params(type(model)) and _bool_logits_to_keep(type(model))
+    owner = type(forward_owner(model))
+    return "position_ids" in _forward_params(owner) and _bool_logits_to_keep(owner)
 
 
 # Per-forward cost, in padded choice tokens, used to decide how to split the choice pass into chunks
@@ -439,7 +493,8 @@ def score_choices(
     cache, last_logp, lengths, prompt_mask = _prefill(model, prompt_ids, pad_id)
     owner = torch.repeat_interleave(torch.arange(len(counts), device=device),
                                     torch.as_tensor(list(counts), device=device))
-    params = _forward_params(type(model))
+    params = _forward_params(type(forward_owner(model)))
+    keep_mask = _bool_logits_to_keep(type(forward_owner(model)))
     cache_kw = cache_kwarg(model)
 
     def run(rows, ids, mask, need):
@@ -453,7 +508,7 @@ def score_choices(
         }
         if "position_ids" in params:
             kwargs["position_ids"] = lengths[rows, None] + torch.arange(ids.shape[1], device=device)[None, :]
-        if _bool_logits_to_keep(type(model)):
+        if keep_mask:
             return model(**kwargs, logits_to_keep=need).logits  # only the scored positions
         return model(**kwargs).logits[need]
 
@@ -516,7 +571,7 @@ def generate(
     cfg = greedy_generation_config(transformer, input_tokenizer, max_gen_len)
     prompt_ids = encode_prompts(transformer, input_tokenizer, batch["input"], reserve=max_gen_len)
     eos_ids = _as_id_list(cfg.eos_token_id)
-    if fast_path_supported(transformer):
+    if fast_path_supported(transformer) and _padding_gap_is_safe(transformer, prompt_ids, max_gen_len):
         new_ids = greedy_decode(transformer, prompt_ids, max_gen_len, eos_ids, cfg.pad_token_id)
     else:
         new_ids = hf_generate(transformer, prompt_ids, cfg)

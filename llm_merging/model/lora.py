@@ -269,13 +269,13 @@ class LoraAdapter:
     # ---------------------------------------------------------------------------------------------------
     def _get(self, key: str, device=None) -> torch.Tensor:
         if isinstance(self._tensors, dict):
-            return self._tensors[key].to(device=device, dtype=torch.float32, copy=True)
+            return self._tensors[key].to(device=device, copy=True).to(dtype=torch.float32)
         try:
             t = self._tensors.get_tensor(key)
         except Exception as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise AdapterError(f"adapter {self.name}: cannot read '{key}' from {self.weights_file}: {msg}") from None
-        return t.to(device=device, dtype=torch.float32)
+        return t.to(device=device).to(dtype=torch.float32)  # transfer the stored bytes, cast on the device
 
     def module_names(self) -> list[str]:
         """Names of the modules carrying LoRA factors, as in the base model that trained the adapter

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from ._common import (
@@ -30,9 +31,16 @@ from ._common import (
     per_model,
     stack_f32,
     weight_list,
-    weight_tensor,
 )
-from .masks import RESCALES, _check_della, apply_mask, breadcrumbs_mask, della_mask, magnitude_mask, random_mask
+from .masks import (
+    RESCALES,
+    _check_della,
+    apply_mask,
+    breadcrumbs_mask,
+    della_mask,
+    magnitude_mask,
+    random_mask,
+)
 from .ties import DIVISORS, SIGN_METHODS, consensus_merge
 
 CONSENSUS = (None, "ties")
@@ -50,7 +58,8 @@ def _combine(
     if consensus == "ties":
         out = consensus_merge(stacked, w, sign_method=sign_method, weighted_sign=weighted_sign, divisor=divisor)
     else:
-        out = (stacked * weight_tensor(w, stacked)).sum(dim=0)
+        # Σ wᵢ xᵢ without materialising the weighted stack
+        out = torch.tensordot(torch.tensor(w, dtype=stacked.dtype, device=stacked.device), stacked, dims=1)
     return out * lam
 
 
