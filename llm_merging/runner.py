@@ -72,8 +72,7 @@ def _ensure_our_attributes(method) -> None:
     never calls ``super().__init__``); give them defaults."""
     from .merging.Merges import Merges
 
-    defaults = Merges.__new__(Merges)
-    Merges.__init__(defaults, method.name)
+    defaults = Merges(method.name)
     for key, value in vars(defaults).items():
         if not hasattr(method, key):
             setattr(method, key, value)
@@ -91,18 +90,11 @@ def apply_tiny(method) -> None:
     method.base_model_name = str(tiny.base_dir(arch))
     method.base_model_revision_id = None
     if adapters:  # classes with their own merge() (kit style) may average A/B matrices: give equal ranks
-        uniform = not engine_based(method)
+        uniform = not method.uses_engine()
         method.list_models = [(str(tiny.lora_expert_dir(arch, i, uniform=uniform)), None) for i in range(n)]
     else:
         method.list_models = [(str(tiny.full_expert_dir(arch, i)), None) for i in range(n)]
     method.max_gen_len = min(method.max_gen_len or 16, 16)
-
-
-def engine_based(method) -> bool:
-    """True when the method merges through the engine (``merge_tensor``), not its own ``merge()``."""
-    from .merging.Merges import Merges
-
-    return type(method).merge is Merges.merge
 
 
 def apply_config(method, cfg: RunConfig) -> None:
@@ -114,7 +106,7 @@ def apply_config(method, cfg: RunConfig) -> None:
         method.base_model_revision_id = None
     if cfg.models:
         method.list_models = list(cfg.models)
-        if engine_based(method):  # the engine takes adapters and full models alike: detect each
+        if method.uses_engine():  # the engine takes adapters and full models alike: detect each
             method.is_peft = None
     if cfg.device:
         method.device = check_device(cfg.device)
@@ -130,10 +122,6 @@ def apply_config(method, cfg: RunConfig) -> None:
     method.seed = cfg.seed
     method.progress = cfg.progress
     method.set_hyperparameters(cfg.overrides, from_text=True)
-    if cfg.save == "adapter":
-        hp = method.hparams.get("adapter_rank")
-        if hp is not None and hp < 1:
-            raise ConfigError("--set adapter_rank must be at least 1")
 
 
 def check_device(name: str) -> str:
@@ -263,7 +251,7 @@ class Runner:
         """For --save adapter, collect low-rank factors while merging (before weights are overwritten)."""
         if self.cfg.save != "adapter":
             return
-        if not engine_based(self.method):
+        if not self.method.uses_engine():
             raise ConfigError(f"--save adapter needs an engine-based method; '{self.cfg.method}' overrides merge()")
         if any(e["kind"] != "lora" for e in self.report["models"]["experts"]):
             raise ConfigError("--save adapter needs LoRA experts only; use --save full for full fine-tunes")
@@ -303,12 +291,9 @@ class Runner:
             batch_size=cfg.batch_size, max_examples=cfg.max_examples, budget=self.budget, progress=cfg.progress,
         )
         self.report["evaluation"] = _jsonable(result)
-        for ds in _jsonable(result).get("datasets", []):
-            name = ds.get("name") or Path(ds.get("path", "?")).stem
-            if ds.get("seconds") is not None:
-                self.budget.phases[f"evaluate:{name}"] = ds["seconds"]
-        partial = bool(getattr(result, "partial", False)) or any(d.get("partial") for d in self.report["evaluation"].get("datasets", []))
-        return not partial
+        for ds in result.datasets:
+            self.budget.phases[f"evaluate:{ds.name}"] = ds.seconds
+        return not result.partial
 
     # -------------------------------------------------------------- driver
     def run(self) -> int:

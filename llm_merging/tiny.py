@@ -128,14 +128,18 @@ def _t5_config(vocab_size: int):
 
 
 def _new_model(architecture: str, vocab_size: int, seed: int):
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from .model import auto_model_class
 
     torch.manual_seed(seed)
-    if architecture == "decoder":
-        model = AutoModelForCausalLM.from_config(_decoder_config(vocab_size))
-    else:
-        model = AutoModelForSeq2SeqLM.from_config(_t5_config(vocab_size))
-    return model.eval()
+    config = _decoder_config(vocab_size) if architecture == "decoder" else _t5_config(vocab_size)
+    return auto_model_class(architecture).from_config(config).eval()
+
+
+def _load_base(architecture: str):
+    """The tiny base model, loaded from its cache directory."""
+    from .model import auto_model_class
+
+    return auto_model_class(architecture).from_pretrained(str(base_dir(architecture)))
 
 
 def base_dir(architecture: str = "decoder") -> Path:
@@ -163,11 +167,8 @@ def lora_expert_dir(architecture: str = "decoder", index: int = 0, uniform: bool
 
     def build(tmp: Path) -> None:
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        base = base_dir(architecture)
-        loader = AutoModelForCausalLM if architecture == "decoder" else AutoModelForSeq2SeqLM
-        model = loader.from_pretrained(str(base))
+        model = _load_base(architecture)
         specs = _DECODER_LORA if architecture == "decoder" else _T5_LORA
         spec = dict(specs[0 if uniform else index % len(specs)])
         task = "CAUSAL_LM" if architecture == "decoder" else "SEQ_2_SEQ_LM"
@@ -177,7 +178,7 @@ def lora_expert_dir(architecture: str = "decoder", index: int = 0, uniform: bool
             for name, param in peft_model.named_parameters():
                 if "lora_" in name:
                     param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-        peft_model.peft_config["default"].base_model_name_or_path = str(base)
+        peft_model.peft_config["default"].base_model_name_or_path = str(base_dir(architecture))
         peft_model.save_pretrained(str(tmp))
 
     return _atomic_dir(target, build)
@@ -189,17 +190,15 @@ def full_expert_dir(architecture: str = "decoder", index: int = 0) -> Path:
     target = cache_dir() / architecture / f"full-{index}"
 
     def build(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        base = base_dir(architecture)
-        loader = AutoModelForCausalLM if architecture == "decoder" else AutoModelForSeq2SeqLM
-        model = loader.from_pretrained(str(base))
+        model = _load_base(architecture)
         gen = torch.Generator().manual_seed(2000 + index)
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(torch.randn(param.shape, generator=gen) * 0.02)
         model.save_pretrained(str(tmp))
-        AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(str(base_dir(architecture))).save_pretrained(str(tmp))
 
     return _atomic_dir(target, build)
 

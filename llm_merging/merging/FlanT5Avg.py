@@ -1,7 +1,9 @@
 """``flan_t5_avg`` (alias ``flant5_avg``): the starter kit's Flan-T5-XL LoRA average (0.5/0.5), exact in weight space."""
 from __future__ import annotations
 
-from .hparams import Param
+from dataclasses import replace
+
+from .hparams import WEIGHTS
 from .Linear import Linear
 
 
@@ -10,7 +12,7 @@ class FlanT5Avg(Linear):
 
     hyperparameters = {
         **Linear.hyperparameters,
-        "weights": Param([0.5, 0.5], "weight of each model (one value, or one per model)", per_model=True),
+        "weights": replace(WEIGHTS, default=[0.5, 0.5]),
     }
 
     def __init__(self, name: str | None = "flan_t5_avg") -> None:

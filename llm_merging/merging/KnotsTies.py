@@ -5,7 +5,15 @@ import torch
 
 from .. import ops
 from ..errors import ConfigError
-from .hparams import CONSENSUS, DENSITY, SCALE, WEIGHTS, Param, consensus_kwargs, per_model
+from .hparams import (
+    CONSENSUS,
+    DENSITY,
+    SCALE,
+    WEIGHTS,
+    Param,
+    consensus_kwargs,
+    per_model,
+)
 from .Linear import Linear
 
 

@@ -87,11 +87,11 @@ class Merges(object):
 
     def _load_base_model(self) -> None:
         """Load the base model (resolved reference, chosen dtype) onto ``self.device``."""
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+        from ..model import auto_model_class
 
         self._check_architecture()
         path = self.base_ref().resolve(hf_token())
-        loader = AutoModelForSeq2SeqLM if self.architecture == "encoder_decoder" else AutoModelForCausalLM
+        loader = auto_model_class(self.architecture)
         device = self.torch_device()
         kwargs: dict[str, Any] = {"dtype": self.torch_dtype()}
         spread = self.device in (None, "auto") and torch.cuda.device_count() > 1
@@ -112,7 +112,7 @@ class Merges(object):
                 f"e.g. {offloaded[0]}); use --dtype bfloat16 or a machine with more GPU memory"
             )
         self.base_model = (model if spread else model.to(device)).eval()
-        self.load_seconds = getattr(self, "load_seconds", 0.0) + time.time() - t0
+        self.load_seconds += time.time() - t0
 
     def _load_tokenizer(self) -> None:
         """Load tokenizers as the kit does (decoder: left-padded input, right-padded target with EOS, no BOS)."""
@@ -181,7 +181,9 @@ class Merges(object):
         Prefer the engine (``merge_tensor``) for large models: it never holds whole experts.
         """
         from peft import PeftConfig, load_peft_weights
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+        from transformers import AutoConfig
+
+        from ..model import auto_model_class
 
         refs = self.model_refs()
         if not refs:
@@ -198,8 +200,7 @@ class Merges(object):
                 params = load_peft_weights(path, device="cpu")
                 config = PeftConfig.from_pretrained(path)
             else:
-                loader = AutoModelForSeq2SeqLM if self.architecture == "encoder_decoder" else AutoModelForCausalLM
-                params = loader.from_pretrained(path, dtype=self.torch_dtype()).state_dict()
+                params = auto_model_class(self.architecture).from_pretrained(path, dtype=self.torch_dtype()).state_dict()
                 config = AutoConfig.from_pretrained(path)
             if parameter_names is None:
                 parameter_names = set(params)
@@ -207,7 +208,7 @@ class Merges(object):
                 logger.warning("parameters in %s do not match %s", ref.id, refs[0].id)
             self.loaded_models[ref.id] = params
             self.loaded_configs[ref.id] = config
-        self.load_seconds = getattr(self, "load_seconds", 0.0) + time.time() - t0
+        self.load_seconds += time.time() - t0
 
     def merge(self):
         """Merge the experts into the base model with the engine and ``merge_tensor``."""
@@ -219,7 +220,7 @@ class Merges(object):
         self._load_tokenizer()
         t0 = time.time()
         self.experts = load_experts(self, self.base_model)
-        self.load_seconds = getattr(self, "load_seconds", 0.0) + time.time() - t0
+        self.load_seconds += time.time() - t0
         if self.collect_adapter:
             from ..model.save import AdapterWriter
 
@@ -249,6 +250,11 @@ class Merges(object):
         save_state_dict(state, os.path.join(output_dir, "safetensor.pt"))
 
     # ------------------------------------------------------------------ our layer
+    @classmethod
+    def uses_engine(cls) -> bool:
+        """True when the class merges through the engine (``merge_tensor``), not its own ``merge()``."""
+        return cls.merge is Merges.merge
+
     @classmethod
     def all_hyperparameters(cls) -> dict[str, Param]:
         return {**COMMON, **cls.hyperparameters}
@@ -348,14 +354,9 @@ class Merges(object):
     def _match_architecture(self, base: ModelRef, base_path: Path) -> None:
         """Engine methods follow the base model (decoder or encoder-decoder); classes with their own
         ``merge()`` keep theirs, and a mismatch is a clear error instead of a failed load."""
-        import json
-
-        try:
-            config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(f"base model '{base}': cannot read {base_path / 'config.json'}: {exc}") from None
+        config = self._base_config(strict=True)
         actual = "encoder_decoder" if config.get("is_encoder_decoder") else "decoder"
-        if type(self).merge is Merges.merge:
+        if self.uses_engine():
             self.architecture = actual
         elif self.architecture in ARCHITECTURES and self.architecture != actual:
             raise ConfigError(
@@ -390,7 +391,8 @@ class Merges(object):
         if self.dtype in (None, "auto"):
             if self.torch_device().type != "cuda":
                 return torch.float32
-            stored = names.get(str(self._base_config().get("torch_dtype") or self._base_config().get("dtype")))
+            config = self._base_config()
+            stored = names.get(str(config.get("torch_dtype") or config.get("dtype")))
             if stored in (torch.float16, torch.bfloat16):
                 return stored
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -398,14 +400,17 @@ class Merges(object):
             raise ConfigError(f"--dtype {self.dtype!r}: expected auto, float32, bfloat16 or float16")
         return names[self.dtype]
 
-    def _base_config(self) -> dict:
-        """The base model's config.json as a dict ({} when it cannot be read yet)."""
+    def _base_config(self, strict: bool = False) -> dict:
+        """The base model's config.json as a dict; {} when it is not resolved or unreadable, unless
+        ``strict`` (then a ModelNotFoundError naming the file)."""
         import json
 
         path = self.base_ref().local_path if self.base_model_name else None
         try:
             return json.loads((path / "config.json").read_text(encoding="utf-8")) if path else {}
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            if strict:
+                raise ModelNotFoundError(f"base model '{self.base_ref()}': cannot read {path / 'config.json'}: {exc}") from None
             return {}
 
     def _check_architecture(self) -> None:

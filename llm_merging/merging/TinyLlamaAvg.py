@@ -1,7 +1,9 @@
 """``tiny_llama_avg``: the starter kit's TinyLlama full-model average (0.8/0.2)."""
 from __future__ import annotations
 
-from .hparams import Param
+from dataclasses import replace
+
+from .hparams import WEIGHTS
 from .Linear import Linear
 
 
@@ -10,7 +12,7 @@ class TinyLlamaAvg(Linear):
 
     hyperparameters = {
         **Linear.hyperparameters,
-        "weights": Param([0.8, 0.2], "weight of each model (one value, or one per model)", per_model=True),
+        "weights": replace(WEIGHTS, default=[0.8, 0.2]),
     }
 
     def __init__(self, name: str | None = "tiny_llama_avg") -> None:

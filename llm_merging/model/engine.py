@@ -47,16 +47,16 @@ def config_param_shapes(model_dir, architecture: str) -> dict[str, tuple]:
     """Parameter shapes of the model in ``model_dir`` from its config alone (meta device, no weights)."""
     import warnings
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
 
     from ..errors import CheckpointError
+    from . import auto_model_class
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
-        loader = AutoModelForSeq2SeqLM if architecture == "encoder_decoder" else AutoModelForCausalLM
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = loader.from_config(config)
+            model = auto_model_class(architecture).from_config(config)
     except (OSError, ValueError, KeyError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read the model config in {model_dir}: {text[:300]}") from None
@@ -152,13 +152,9 @@ def merge_into(
     if not experts:
         raise MergeError(f"method '{getattr(method, 'name', '?')}' has no expert models to merge")
     touched: set[str] = set()
-    for expert in experts:
+    for expert in experts:  # experts are bound to this model: their names are its parameter names
         touched |= set(expert.param_names())
     params = [(n, p) for n, p in model.named_parameters() if n in touched]
-    unknown = touched - {n for n, _ in model.named_parameters()}
-    if unknown:
-        logger.warning("%d expert tensors have no parameter in the base model (ignored): %s",
-                       len(unknown), ", ".join(sorted(unknown)[:5]))
     _return_large_frees_to_the_os()
     base_reader = _base_reader(base_dir, model) if base_dir is not None else None
     t0 = time.time()
@@ -201,5 +197,5 @@ def merge_into(
         "seconds": round(time.time() - t0, 3),
         "math_device": str(device) if device is not None else None,
         "experts": [getattr(e, "name", str(e)) for e in experts],
-        "unused_expert_tensors": sorted(unknown | {t for e in experts for t in getattr(e, "unused_tensors", [])}),
+        "unused_expert_tensors": sorted({t for e in experts for t in getattr(e, "unused_tensors", [])}),
     }

@@ -31,10 +31,10 @@ from llm_merging.model.checkpoint import (
     match_names,
     open_safetensors,
 )
+from llm_merging.model.refs import ADAPTER_CONFIG, is_adapter_dir  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFE = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
 
@@ -60,11 +60,6 @@ _VARIANT_FIELDS = {
 }
 # initialisations that modify the base weights: the saved factors are relative to a different base
 _BASE_MODIFYING_INITS = ("pissa", "corda", "olora", "mica", "loftq", "lora_ga")
-
-
-def is_adapter_dir(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a PEFT adapter directory (holds ``adapter_config.json``)."""
-    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def get_pattern_key(pattern_keys, key_to_match: str) -> str:

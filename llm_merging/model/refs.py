@@ -15,6 +15,11 @@ from ..errors import ModelNotFoundError
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PEFT adapter directory (holds ``adapter_config.json``)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
 @dataclass
 class ModelRef:
     """A model or adapter: ``id`` (path or hub id), ``revision`` and, once resolved, ``local_path``."""
@@ -49,7 +54,7 @@ class ModelRef:
     @property
     def is_adapter(self) -> bool:
         """True when the resolved directory holds a PEFT adapter (``adapter_config.json``)."""
-        return self.local_path is not None and (self.local_path / ADAPTER_CONFIG).is_file()
+        return self.local_path is not None and is_adapter_dir(self.local_path)
 
     def resolve(self, token: str | None = None) -> Path:
         """Return the local directory of this reference, from disk or the Hugging Face cache."""

@@ -108,20 +108,13 @@ class AdapterWriter:
             if not hasattr(e, "factors"):
                 raise ConfigError(f"--save adapter needs LoRA experts; '{getattr(e, 'name', e)}' is a full model")
 
-    def _input_rank(self, name: str) -> int:
-        total = 0
-        for e in self.experts:
-            f = e.factors(name)
-            if f is not None:
-                total += f[1].shape[0]
-        return total
-
     def __call__(self, name: str, delta: torch.Tensor) -> None:
         module_name, _, leaf = name.rpartition(".")
         module = self.modules.get(module_name)
-        lora_target = leaf == "weight" and delta.dim() == 2 and any(
-            e.factors(name) is not None for e in self.experts)
-        if not lora_target:
+        input_ranks = []  # rank of each adapter that has LoRA factors for this parameter (factors read once)
+        if leaf == "weight" and delta.dim() == 2:
+            input_ranks = [f[1].shape[0] for f in (e.factors(name) for e in self.experts) if f is not None]
+        if not input_ranks:
             if torch.count_nonzero(delta):
                 self.skipped.append(name)
             return
@@ -131,7 +124,7 @@ class AdapterWriter:
         elif self.fan_in_fan_out != conv1d:
             raise ConfigError("--save adapter: the targets mix Linear and Conv1D layers, which one PEFT adapter cannot hold")
         mat = delta.t() if conv1d else delta  # PEFT factors are (out, r) @ (r, in)
-        r = min(self.rank or self._input_rank(name), *mat.shape)
+        r = min(self.rank or sum(input_ranks), *mat.shape)
         u, s, vh = torch.linalg.svd(mat.float(), full_matrices=False)
         total = float(s.norm())
         self.errors[module_name] = float(s[r:].norm()) / total if total > 0 else 0.0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from ._common import (
@@ -31,6 +30,7 @@ from ._common import (
     per_model,
     stack_f32,
     weight_list,
+    weighted_sum_f32,
 )
 from .masks import (
     RESCALES,
@@ -58,8 +58,7 @@ def _combine(
     if consensus == "ties":
         out = consensus_merge(stacked, w, sign_method=sign_method, weighted_sign=weighted_sign, divisor=divisor)
     else:
-        # Σ wᵢ xᵢ without materialising the weighted stack
-        out = torch.tensordot(torch.tensor(w, dtype=stacked.dtype, device=stacked.device), stacked, dims=1)
+        out = weighted_sum_f32(stacked, w)
     return out * lam
 
 
