@@ -498,6 +498,7 @@ def evaluate_model(
     max_examples: int | None = None,
     budget=None,
     progress: bool = True,
+    examples: Sequence[list[dict]] | None = None,
 ) -> EvaluationResult:
     """Evaluate ``merge_method`` on each data file; write predictions, submission CSVs and scores.
 
@@ -505,6 +506,8 @@ def evaluate_model(
     ``batch_size``: "auto" (fixed on CPU, from free memory on GPU, halved on out-of-memory) or an int.
     ``budget``: an object with ``remaining()`` seconds; once spent, evaluation stops between batches and
     what finished is kept (datasets marked partial).
+    ``examples``: the files' rows already loaded with :func:`load_examples` (same ``eval_types``), so
+    they are not read again.
     """
     t_start = time.perf_counter()
     name = _method_name(merge_method)
@@ -515,7 +518,10 @@ def evaluate_model(
         raise ConfigError(f"max_examples must be a non-negative integer, got {max_examples!r}")
 
     # Load everything first: a bad file fails the run before any time is spent on the model.
-    datasets = [load_examples(p, eval_type=t, max_examples=max_examples) for p, t in zip(paths, types)]
+    if examples is None:
+        datasets = [load_examples(p, eval_type=t, max_examples=max_examples) for p, t in zip(paths, types)]
+    else:
+        datasets = [list(rows)[:max_examples] for rows in examples]
     names = _unique_names(paths)
     out_dir = Path(output_folder) / name
     pred_dir = out_dir / "predictions"

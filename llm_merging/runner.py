@@ -195,6 +195,7 @@ class Runner:
             "command": cfg.argv, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         self.datasets: list[str] = []
+        self.examples: list[list[dict]] = []  # rows of each dataset, loaded once in preflight
         self.preflight_ok = False  # nothing is written before the preflight passed
 
     # -------------------------------------------------------------- phases
@@ -231,13 +232,14 @@ class Runner:
             raise ConfigError(
                 f"--eval_types has {len(cfg.eval_types)} values but --dataset_filepaths has {len(files)} files"
             )
-        sizes = {}
+        sizes, self.examples = {}, []
         for i, path in enumerate(files):
             if not path.startswith("hf:") and not os.path.isfile(path):
                 hint = " (pass --dataset_filepaths, or --no-eval)" if not cfg.dataset_filepaths else ""
                 raise DataError(f"dataset file '{path}' does not exist{hint}")
             eval_type = cfg.eval_types[i] if cfg.eval_types else None
-            sizes[path] = len(load_examples(path, eval_type=eval_type))  # full size, for the report
+            self.examples.append(load_examples(path, eval_type=eval_type))  # checked whole before any loading
+            sizes[path] = len(self.examples[-1])
         self.datasets = list(files)
         self.report["dataset_sizes"] = sizes
 
@@ -289,6 +291,7 @@ class Runner:
         result = evaluate_model(
             self.method, self.datasets, cfg.output_folder, eval_types=cfg.eval_types,
             batch_size=cfg.batch_size, max_examples=cfg.max_examples, budget=self.budget, progress=cfg.progress,
+            examples=self.examples,
         )
         self.report["evaluation"] = _jsonable(result)
         for ds in result.datasets:
