@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .hparams import SCALE, WEIGHTS, Param, consensus_kwargs, per_model
-from .Linear import Linear
+from .hparams import SCALE, WEIGHTS, Param, consensus_kwargs
+from .base import TaskVectorMerge
 
 
-class Breadcrumbs(Linear):
+class Breadcrumbs(TaskVectorMerge):
     """Model Breadcrumbs: mask out small entries and outliers (top γ) of each task vector, weighted sum."""
 
     consensus: str | None = None
@@ -21,13 +21,11 @@ class Breadcrumbs(Linear):
         "scale": SCALE,
     }
 
-    def __init__(self, name: str | None = "breadcrumbs") -> None:
-        super().__init__(name)
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         n, h = len(task_vectors), self.hparams
         extra = consensus_kwargs(h) if self.consensus else {}
         return ops.breadcrumbs(
-            task_vectors, density=per_model(h["density"], n), gamma=per_model(h["gamma"], n),
-            weights=per_model(h["weights"], n), scale=h["scale"], consensus=self.consensus, **extra,
+            task_vectors, density=h["density"], gamma=h["gamma"],
+            weights=h["weights"], scale=h["scale"], consensus=self.consensus, **extra,
         )

@@ -11,5 +11,3 @@ class BreadcrumbsTies(Breadcrumbs):
     consensus = "ties"
     hyperparameters = {**Breadcrumbs.hyperparameters, **CONSENSUS}
 
-    def __init__(self, name: str | None = "breadcrumbs_ties") -> None:
-        super().__init__(name)

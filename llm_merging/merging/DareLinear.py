@@ -4,12 +4,11 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..model.engine import param_seed
-from .hparams import SCALE, WEIGHTS, Param, consensus_kwargs, per_model
-from .Linear import Linear
+from .hparams import SCALE, WEIGHTS, Param, consensus_kwargs
+from .base import TaskVectorMerge
 
 
-class DareLinear(Linear):
+class DareLinear(TaskVectorMerge):
     """DARE (Yu et al. 2024): random drop with keep probability p, rescale by 1/p, then weighted sum."""
 
     consensus: str | None = None
@@ -22,14 +21,12 @@ class DareLinear(Linear):
                          choices=("inverse", "l1", "none")),
     }
 
-    def __init__(self, name: str | None = "dare_linear") -> None:
-        super().__init__(name)
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         n, h = len(task_vectors), self.hparams
         extra = consensus_kwargs(h) if self.consensus else {}
         return ops.dare(
-            task_vectors, density=per_model(h["density"], n), weights=per_model(h["weights"], n), scale=h["scale"],
+            task_vectors, density=h["density"], weights=h["weights"], scale=h["scale"],
             consensus=self.consensus, rescale=None if h["rescale"] == "none" else h["rescale"],
-            seed=param_seed(self.seed, name), **extra,
+            seed=self.tensor_seed(name), **extra,
         )

@@ -11,5 +11,3 @@ class DareTies(DareLinear):
     consensus = "ties"
     hyperparameters = {**DareLinear.hyperparameters, **CONSENSUS}
 
-    def __init__(self, name: str | None = "dare_ties") -> None:
-        super().__init__(name)

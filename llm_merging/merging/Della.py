@@ -11,5 +11,3 @@ class Della(DellaLinear):
     consensus = "ties"
     hyperparameters = {**DellaLinear.hyperparameters, **CONSENSUS}
 
-    def __init__(self, name: str | None = "della") -> None:
-        super().__init__(name)

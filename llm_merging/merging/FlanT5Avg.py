@@ -15,7 +15,7 @@ class FlanT5Avg(Linear):
         "weights": replace(WEIGHTS, default=[0.5, 0.5]),
     }
 
-    def __init__(self, name: str | None = "flan_t5_avg") -> None:
+    def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
         self.base_model_name = "google/flan-t5-xl"
         self.base_model_revision_id = "7d6315df2c2fb742f0f5b556879d730926ca9001"

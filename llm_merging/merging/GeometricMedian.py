@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .hparams import WEIGHTS, Param, per_model
-from .Linear import Linear
+from .hparams import WEIGHTS, Param
+from .base import TaskVectorMerge
 
 
-class GeometricMedian(Linear):
+class GeometricMedian(TaskVectorMerge):
     """Geometric median of the task vectors per tensor (Weiszfeld iterations)."""
 
     hyperparameters = {
@@ -17,9 +17,7 @@ class GeometricMedian(Linear):
         "max_iter": Param(100, "maximum Weiszfeld iterations", kind=int, low=1),
     }
 
-    def __init__(self, name: str | None = "geometric_median") -> None:
-        super().__init__(name)
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         n, h = len(task_vectors), self.hparams
-        return ops.geometric_median(task_vectors, weights=per_model(h["weights"], n), eps=h["eps"], max_iter=h["max_iter"])
+        return ops.geometric_median(task_vectors, weights=h["weights"], eps=h["eps"], max_iter=h["max_iter"])

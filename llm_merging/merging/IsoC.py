@@ -5,18 +5,16 @@ import torch
 
 from .. import ops
 from .hparams import SCALE
-from .Linear import Linear
+from .base import TaskVectorMerge
 
 
-class IsoC(Linear):
+class IsoC(TaskVectorMerge):
     """Iso-C (Marczak et al. 2025): Σ τᵢ = UΣVᵀ replaced by σ̄·UVᵀ (isotropic spectrum)."""
 
     hyperparameters = {
         "scale": SCALE,
     }
 
-    def __init__(self, name: str | None = "iso_c") -> None:
-        super().__init__(name)
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         return ops.iso_c(task_vectors, scale=self.hparams["scale"])

@@ -5,10 +5,10 @@ import torch
 
 from .. import ops
 from .hparams import SCALE, Param
-from .Linear import Linear
+from .base import TaskVectorMerge
 
 
-class IsoCts(Linear):
+class IsoCts(TaskVectorMerge):
     """Iso-CTS (Marczak et al. 2025): common and task-specific subspaces, isotropic spectrum."""
 
     hyperparameters = {
@@ -16,8 +16,6 @@ class IsoCts(Linear):
         "common_space_fraction": Param(0.8, "fraction of the rank given to the common subspace", low=0.0, high=1.0, low_open=True),
     }
 
-    def __init__(self, name: str | None = "iso_cts") -> None:
-        super().__init__(name)
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         h = self.hparams

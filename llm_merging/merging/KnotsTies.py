@@ -12,12 +12,11 @@ from .hparams import (
     WEIGHTS,
     Param,
     consensus_kwargs,
-    per_model,
 )
-from .Linear import Linear
+from .base import TaskVectorMerge
 
 
-class KnotsTies(Linear):
+class KnotsTies(TaskVectorMerge):
     """KnOTS (Stoica et al. 2025): shared SVD basis of the LoRA updates, then TIES (or task arithmetic)."""
 
     hyperparameters = {
@@ -28,8 +27,6 @@ class KnotsTies(Linear):
         **CONSENSUS,
     }
 
-    def __init__(self, name: str | None = "knots_ties") -> None:
-        super().__init__(name)
 
     def preflight(self) -> dict:
         found = super().preflight()
@@ -40,7 +37,7 @@ class KnotsTies(Linear):
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         h = self.hparams
-        factors, weights, densities = [], per_model(h["weights"], len(task_vectors)), per_model(h["density"], len(task_vectors))
+        factors, weights, densities = [], h["weights"], h["density"]
         keep = []
         for i, (expert, tv) in enumerate(zip(self.experts, task_vectors)):
             f = expert.factors(name) if hasattr(expert, "factors") else None

@@ -15,5 +15,3 @@ class LlamaAvg(Linear):
         "weights": replace(WEIGHTS, default=[0.8, 0.2]),
     }
 
-    def __init__(self, name: str | None = "llama_avg") -> None:
-        super().__init__(name)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .hparams import SCALE, WEIGHTS, Param, per_model
-from .Linear import Linear
+from .hparams import SCALE, WEIGHTS, Param
+from .base import TaskVectorMerge
 
 
-class MagnitudePrune(Linear):
+class MagnitudePrune(TaskVectorMerge):
     """Magnitude pruning: keep each task vector's top-k entries by |τ|, then λ Σ wᵢτ̂ᵢ."""
 
     hyperparameters = {
@@ -17,10 +17,8 @@ class MagnitudePrune(Linear):
         "scale": SCALE,
     }
 
-    def __init__(self, name: str | None = "magnitude_prune") -> None:
-        super().__init__(name)
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         n, h = len(task_vectors), self.hparams
-        return ops.magnitude_prune(task_vectors, density=per_model(h["density"], n), weights=per_model(h["weights"], n),
+        return ops.magnitude_prune(task_vectors, density=h["density"], weights=h["weights"],
                                    scale=h["scale"])

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError
 from ..model.refs import ModelRef, hf_token
+from . import settings
 from .hparams import COMMON, Param
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Merges(object):
         self.collect_adapter = False
         self.should_stop = None  # set by the runner: True once the wall-clock budget is spent
         self.load_seconds = 0.0
+        self.layout = None  # depth and slice of each tensor (settings.Layout), set in preflight and merge
+        self.slice_lengths = None  # layers per output slice of a recipe (None: one slice)
 
     # ------------------------------------------------------------------ kit surface
     def get_name(self) -> str | None:
@@ -225,8 +228,10 @@ class Merges(object):
             from ..model.save import AdapterWriter
 
             self.delta_sink = AdapterWriter(self.base_model, self.experts, rank=self.hparams.get("adapter_rank"))
+        self.layout = settings.Layout([n for n, _ in self.base_model.named_parameters()],
+                                      self.slice_lengths)
         self.merge_stats = merge_into(
-            self.base_model, self.experts, self.merge_tensor, progress=self.progress, method=self,
+            self.base_model, self.experts, self.merge_resolved, progress=self.progress, method=self,
             delta_sink=self.delta_sink, base_dir=self.base_ref().local_path, should_stop=self.should_stop,
         )
         self.merged_model = self.base_model
@@ -283,11 +288,73 @@ class Merges(object):
         self.validate_hyperparameters()
 
     def validate_hyperparameters(self) -> None:
+        """Check every value each hyperparameter can take (per tensor too), then the method's own rules
+        (:meth:`check_values`) wherever the values are the same for every tensor; per-tensor values are
+        checked tensor by tensor in preflight (:meth:`check_all_tensors`)."""
         n = len(self.model_refs()) if self.list_models else None
         specs = self.all_hyperparameters()
         for key, value in list(self.hparams.items()):
             if key in specs:
                 self.hparams[key] = specs[key].validate(key, value, n)
+        if n and not any(settings.is_structured(v) for v in self.hparams.values()):
+            self.check_values(self.resolve_hparams("", n))
+
+    def check_values(self, values: dict[str, Any]) -> None:
+        """Method-specific checks of resolved values (per-model entries are lists); raise ConfigError."""
+
+    def resolve_hparams(self, name: str, n_models: int | None = None) -> dict[str, Any]:
+        """The hyperparameters for tensor ``name`` as plain values: gradients, filters and slice/model
+        precedence resolved (:mod:`settings`), per-model entries as one value per model."""
+        n = len(self.model_refs()) if n_models is None else n_models
+        pos = self.layout.position(name) if self.layout is not None else settings.Position(name)
+        specs = self.all_hyperparameters()
+        out: dict[str, Any] = {}
+        for key, value in self.hparams.items():
+            spec = specs.get(key)
+            if spec is not None and spec.per_model:
+                items = list(value) if isinstance(value, (list, tuple)) else [value] * n
+                default = spec.default if isinstance(spec.default, list) else [spec.default] * len(items)
+                out[key] = [_resolved(v, pos, default[i] if i < len(default) else spec.default)
+                            for i, v in enumerate(items)]
+            else:
+                out[key] = _resolved(value, pos, spec.default if spec is not None else None)
+        return out
+
+    def merge_resolved(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
+        """``merge_tensor`` with ``self.hparams`` holding this tensor's resolved values (what the engine calls)."""
+        raw = self.hparams
+        self.hparams = self.resolve_hparams(name, len(task_vectors))
+        try:
+            return self.merge_tensor(name, base, task_vectors)
+        finally:
+            self.hparams = raw
+
+    def check_all_tensors(self, names) -> int:
+        """Preflight: resolve the hyperparameters of every tensor in ``names`` and check them (ranges and
+        :meth:`check_values`); return the number of distinct value sets checked."""
+        self.layout = settings.Layout(list(names), self.slice_lengths)
+        if not any(settings.is_structured(v) for v in self.hparams.values()):
+            return 1
+        specs = self.all_hyperparameters()
+        n = len(self.model_refs())
+        seen = set()
+        for name in names:
+            values = self.resolve_hparams(name, n)
+            key = repr(sorted(values.items()))
+            if key in seen:
+                continue
+            seen.add(key)
+            for k, v in values.items():
+                if k in specs:
+                    try:
+                        specs[k].validate(k, v, n)
+                    except ConfigError as exc:
+                        raise ConfigError(f"{exc} (resolved for tensor '{name}')") from None
+            try:
+                self.check_values(values)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (resolved for tensor '{name}')") from None
+        return len(seen)
 
     def model_refs(self) -> list[ModelRef]:
         """``list_models`` as references (tuples ``(id, revision)`` or bare strings)."""
@@ -368,9 +435,11 @@ class Merges(object):
         from ..model.engine import check_base_files, config_param_shapes, open_experts
 
         check_base_files(base_path)
+        shapes = config_param_shapes(base_path, self.architecture)
+        self.check_all_tensors(list(shapes))
         if not self.model_refs():
             return
-        for expert in open_experts(self, config_param_shapes(base_path, self.architecture)):
+        for expert in open_experts(self, shapes):
             close = getattr(expert, "close", None)
             if close is not None:
                 close()
@@ -423,6 +492,13 @@ class Merges(object):
 def _snapshot_commit(path: Path) -> str | None:
     """The commit of a Hugging Face cache snapshot directory (``.../snapshots/<commit>``), else None."""
     return path.name if path.parent.name == "snapshots" else None
+
+
+def _resolved(setting: Any, pos: settings.Position, default: Any) -> Any:
+    if not settings.is_structured(setting):
+        return setting
+    value = settings.evaluate(setting, pos)
+    return default if value is None else value
 
 
 def _first_line(exc: BaseException) -> str:

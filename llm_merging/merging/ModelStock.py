@@ -6,18 +6,16 @@ import torch
 from .. import ops
 from ..errors import ConfigError
 from .hparams import Param
-from .Linear import Linear
+from .base import TaskVectorMerge
 
 
-class ModelStock(Linear):
+class ModelStock(TaskVectorMerge):
     """Model Stock (Jang et al. 2024): θ₀ + t·mean(τᵢ), t = N·cosθ / (1 + (N−1)·cosθ)."""
 
     hyperparameters = {
         "filter_wise": Param(False, "one ratio per output row instead of per tensor", kind=bool),
     }
 
-    def __init__(self, name: str | None = "model_stock") -> None:
-        super().__init__(name)
 
     def validate_hyperparameters(self) -> None:
         super().validate_hyperparameters()

@@ -6,10 +6,10 @@ import torch
 from .. import ops
 from ..errors import ConfigError
 from .hparams import Param
-from .Linear import Linear
+from .base import TaskVectorMerge
 
 
-class Slerp(Linear):
+class Slerp(TaskVectorMerge):
     """SLERP of two experts: on their task vectors (default) or on their full weights."""
 
     hyperparameters = {
@@ -17,8 +17,6 @@ class Slerp(Linear):
         "space": Param("task_vectors", "interpolate task vectors (θ₀ + slerp(τ₁, τ₂)) or full weights (slerp(θ₁, θ₂))", kind=str, choices=("task_vectors", "weights")),
     }
 
-    def __init__(self, name: str | None = "slerp") -> None:
-        super().__init__(name)
 
     def validate_hyperparameters(self) -> None:
         super().validate_hyperparameters()

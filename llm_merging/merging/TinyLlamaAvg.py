@@ -15,7 +15,7 @@ class TinyLlamaAvg(Linear):
         "weights": replace(WEIGHTS, default=[0.8, 0.2]),
     }
 
-    def __init__(self, name: str | None = "tiny_llama_avg") -> None:
+    def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
         self.base_model_name = "TinyLlama/TinyLlama_v1.1"
         self.base_model_revision_id = "f67f7cf6a907e567552b946699a9b9b45394fc46"

@@ -5,10 +5,10 @@ import torch
 
 from .. import ops
 from .hparams import SCALE, Param
-from .Linear import Linear
+from .base import TaskVectorMerge
 
 
-class TsvMerge(Linear):
+class TsvMerge(TaskVectorMerge):
     """TSV-Merge (Gargiulo et al. 2025): per-task top singular vectors, orthogonalised, recombined."""
 
     hyperparameters = {
@@ -16,8 +16,6 @@ class TsvMerge(Linear):
         "rank_per_task": Param(None, "singular vectors kept per task (default min(m, n) / number of tasks)", kind=int, low=1, optional=True),
     }
 
-    def __init__(self, name: str | None = "tsv_merge") -> None:
-        super().__init__(name)
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         return ops.tsv(task_vectors, scale=self.hparams["scale"], rank_per_task=self.hparams["rank_per_task"])

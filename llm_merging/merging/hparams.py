@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import ConfigError
+from . import settings
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -43,10 +44,29 @@ class Param:
         return " ".join(parts)
 
     def parse(self, key: str, text: str) -> Any:
-        """Turn the text of ``--set key=text`` into a value (not yet validated)."""
+        """Turn the text of ``--set key=text`` into a value (not yet validated).
+
+        ``0.7,0.3`` or ``[0.7, 0.3]``: one value per model; ``{gradient: [1, 0.5, 0.1]}``: a gradient over
+        layer depth; ``[{filter: mlp, value: 0.5}, {value: 1}]``: a filter list (YAML flow syntax; see
+        :mod:`llm_merging.merging.settings`); a list of gradients/filter lists: one per model.
+        """
         text = text.strip()
         if self.optional and text.lower() in ("none", "null", ""):
             return None
+        structured = settings.parse_cli(text, f"--set {key}")
+        if structured is not None:
+            return structured
+        if text.startswith("[") and "{" in text:  # a per-model list of gradients / filter lists
+            import yaml
+
+            try:
+                items = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise ConfigError(f"--set {key}={text}: not a valid list") from None
+            if not self.per_model:
+                raise ConfigError(f"--set {key}: hyperparameter '{key}' takes a single value, not one per model")
+            return [item if isinstance(item, settings.SCALARS) else settings.cli_object(item, f"--set {key}[{i}]")
+                    for i, item in enumerate(items)]
         if self.per_model and (text.startswith("[") or "," in text):
             try:
                 items = json.loads(text) if text.startswith("[") else [t for t in text.split(",")]
@@ -87,8 +107,20 @@ class Param:
                 raise ConfigError(
                     f"hyperparameter '{key}' has {len(value)} values but there are {n_models} models"
                 )
-            return [self._check(key, v) for v in value]
-        return self._check(key, value)
+            return [self._setting(key, v) for v in value]
+        return self._setting(key, value)
+
+    def _setting(self, key: str, setting: Any) -> Any:
+        """Check every value a (possibly per-tensor) setting can take; return it normalised."""
+        if not settings.is_structured(setting):
+            return self._check(key, setting)
+        if self.kind is int and any(isinstance(s, settings.Gradient) and len(set(s.anchors)) > 1
+                                    for s in _nodes(setting)):
+            raise ConfigError(f"hyperparameter '{key}' is an integer: it takes no gradient")
+        for leaf in settings.leaves(setting):
+            if leaf is not None:
+                self._check(key, leaf)
+        return _map_leaves(setting, lambda v: v if v is None else self._check(key, v))
 
     def _check(self, key: str, v: Any) -> Any:
         if self.kind is float and isinstance(v, int) and not isinstance(v, bool):
@@ -107,6 +139,33 @@ class Param:
             if self.high is not None and (v > self.high or (self.high_open and v == self.high)):
                 raise ConfigError(f"hyperparameter '{key}'={v} out of range {self.describe()}")
         return v
+
+
+def _nodes(setting: Any):
+    yield setting
+    children = ()
+    if isinstance(setting, settings.Filtered):
+        children = [v for _, v in setting.entries]
+    elif isinstance(setting, settings.Sliced):
+        children = setting.per_slice
+    elif isinstance(setting, settings.Chain):
+        children = setting.levels
+    elif isinstance(setting, (list, tuple)):
+        children = setting
+    for c in children:
+        yield from _nodes(c)
+
+
+def _map_leaves(setting: Any, fn) -> Any:
+    if isinstance(setting, settings.Gradient):
+        return settings.Gradient(tuple(fn(v) for v in setting.anchors))
+    if isinstance(setting, settings.Filtered):
+        return settings.Filtered(tuple((f, _map_leaves(v, fn)) for f, v in setting.entries))
+    if isinstance(setting, settings.Sliced):
+        return settings.Sliced(tuple(None if v is None else _map_leaves(v, fn) for v in setting.per_slice))
+    if isinstance(setting, settings.Chain):
+        return settings.Chain(tuple(_map_leaves(v, fn) for v in setting.levels))
+    return fn(setting)
 
 
 def per_model(value: Any, n_models: int) -> list:

@@ -1,0 +1,55 @@
+"""``TaskVectorMerge``: the base class of the built-in methods (and the easiest one to extend).
+
+A method declares ``hyperparameters`` and implements ``merge_tensor(name, base, task_vectors)``; the engine
+streams the parameters and, for each tensor, hands it ``self.hparams`` resolved to plain values (gradients,
+filters and recipe precedence applied; per-model entries as one value per model). ::
+
+    class MyMerge(TaskVectorMerge):
+        \"\"\"Half of the mean task vector.\"\"\"
+        hyperparameters = {"weights": WEIGHTS}
+
+        def merge_tensor(self, name, base, task_vectors):
+            return 0.5 * ops.linear(task_vectors, weights=self.hparams["weights"])
+"""
+from __future__ import annotations
+
+import re
+import zlib
+
+from .Merges import Merges
+
+# Defaults when no models are given: the starter kit's Llama-2-7B LoRA experts.
+DEFAULT_BASE = ("meta-llama/Llama-2-7b-hf", "01c7f73d771dfac7d292323805ebc428287df4f9")
+DEFAULT_EXPERTS = [
+    ("abcdabcd987/gsm8k-llama2-7b-lora-16", "636b5eb8da724edae406ba69ef90fd06478e6df7"),
+    ("FinGPT/fingpt-forecaster_dow30_llama2-7b_lora", "69f77190315afdb03a889d89bf2a0f932b311617"),
+]
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A per-parameter seed, stable across runs, processes and devices."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**63 - 1)
+
+
+def method_name(cls: type) -> str:
+    """The registered name a class gets by default: ``TiesMerge`` → ``ties_merge``, ``FlanT5Avg`` → ``flan_t5_avg``."""
+    return "_".join(part.lower() for part in re.findall(r"[A-Z][a-z]*\d*|\d+", cls.__name__))
+
+
+class TaskVectorMerge(Merges):
+    """Base of engine methods: default models and settings; ``merge_tensor`` sees resolved values."""
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name or method_name(type(self)))
+        self.base_model_name, self.base_model_revision_id = DEFAULT_BASE
+        self.list_models = list(DEFAULT_EXPERTS)
+        self.max_seq_len = None
+        self.max_gen_len = 64
+        self.device = "auto"
+        self.architecture = "decoder"
+        self.loaded_models = {}
+        self.loaded_configs = {}
+
+    def tensor_seed(self, name: str) -> int:
+        """The seed of random methods for parameter ``name`` (from ``--seed``)."""
+        return param_seed(self.seed, name)
