@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-m", "--merging_method", "--method", dest="method", help="registered merge method (see --list)")
     p.add_argument("--list", action="store_true", help="list the registered merge methods and exit")
+    p.add_argument("--recipe", help="a mergekit-style YAML recipe (method, models, per-layer/per-module values); "
+                                    "output, evaluation, device and budget flags still apply")
     p.add_argument("-d", "--dataset_filepaths", nargs="+", default=None,
                    help="evaluation files: starter-kit JSON lines or CSV (default: data/validation/{cosmos_qa,xsum}.csv)")
     p.add_argument("--eval_types", nargs="+", default=None, choices=("multiple_choice", "generation"),
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "several), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="model dtype (default auto)")
     p.add_argument("--max-examples", dest="max_examples", type=int, help="evaluate only the first N examples of each file")
-    p.add_argument("--seed", type=int, default=0, help="seed of random merge methods (DARE, DELLA)")
+    p.add_argument("--seed", type=int, default=None, help="seed of random merge methods (DARE, DELLA; default: the recipe's, else 0)")
     p.add_argument("--save", default="full", choices=("full", "kit", "adapter", "none"),
                    help="merged model output: HF directory (full), the kit's safetensor.pt (kit), "
                         "a PEFT adapter by SVD (adapter, LoRA inputs), or none")
@@ -106,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             print(list_methods())
             return 0
-        if not args.method:
-            raise LLMMergingError("no merge method given: use -m METHOD (see --list)")
+        if not args.method and not args.recipe:
+            raise LLMMergingError("no merge method given: use -m METHOD (see --list) or --recipe FILE.yml")
         cfg = RunConfig(
-            method=args.method, dataset_filepaths=args.dataset_filepaths, eval_types=args.eval_types,
+            method=args.method or "", recipe=args.recipe, dataset_filepaths=args.dataset_filepaths, eval_types=args.eval_types,
             output_folder=args.output_folder, base_model=args.base_model, models=args.models,
             overrides=parse_overrides([item for group in args.overrides for item in group]),
             time_budget=args.time_budget, batch_size=_batch_size(args.batch_size), device=args.device,

@@ -43,7 +43,8 @@ class RunConfig:
     device: str | None = None
     dtype: str | None = None
     max_examples: int | None = None
-    seed: int = 0
+    seed: int | None = None  # None: the recipe's, else 0
+    recipe: str | None = None  # a mergekit-style YAML recipe (models, method, hyperparameters)
     tiny: bool = False
     evaluate: bool = True
     save: str = "full"
@@ -119,7 +120,12 @@ def apply_config(method, cfg: RunConfig) -> None:
             method.device = "cpu"
     if cfg.dtype:
         method.dtype = cfg.dtype
-    method.seed = cfg.seed
+    elif getattr(method, "recipe", None) is not None and method.recipe.dtype:
+        method.dtype = method.recipe.dtype
+    if cfg.seed is not None or not getattr(method, "recipe", None) or method.recipe.seed is None:
+        method.seed = 0 if cfg.seed is None else cfg.seed
+    else:
+        method.seed = method.recipe.seed
     method.progress = cfg.progress
     method.set_hyperparameters(cfg.overrides, from_text=True)
 
@@ -207,7 +213,21 @@ class Runner:
             raise ConfigError(f"--save must be one of {', '.join(SAVE_MODES)}, got {cfg.save!r}")
         if cfg.max_examples is not None and cfg.max_examples < 1:
             raise ConfigError(f"--max-examples must be at least 1, got {cfg.max_examples}")
+        recipe = None
+        if cfg.recipe:
+            from .recipe import apply_recipe, load_recipe
+
+            if cfg.models or cfg.base_model or cfg.tiny:
+                raise ConfigError(f"--recipe {cfg.recipe}: the recipe names the models; drop --base-model/--models/--tiny")
+            recipe = load_recipe(cfg.recipe)
+            if cfg.method and cfg.method != recipe.method:
+                raise ConfigError(f"--recipe {cfg.recipe} merges with '{recipe.method}', but -m asks for '{cfg.method}'")
+            cfg.method = recipe.method
+            self.report["method"] = cfg.method
+            self.report["recipe"] = {"path": cfg.recipe, "merge_method": recipe.document.get("merge_method")}
         method = self.method = instantiate(cfg.method)
+        if recipe is not None:
+            apply_recipe(method, recipe)
         apply_config(method, cfg)
         method.should_stop = self.budget.expired
         if cfg.evaluate:
@@ -216,7 +236,7 @@ class Runner:
         self.out_dir = Path(cfg.output_folder) / str(method.get_name())
         check_output_folder(self.out_dir)
         self.preflight_ok = True
-        self.report["hyperparameters"] = dict(method.hparams)
+        self.report["hyperparameters"] = _jsonable(_settings_json(method.hparams))
         self.report["seed"] = method.seed
         self.report["architecture"] = method.architecture
         self.report["device"] = str(method.torch_device())
@@ -265,6 +285,7 @@ class Runner:
         mode = self.cfg.save
         method = self.method
         info = {"method": self.cfg.method, **self.report.get("models", {}), "hyperparameters": method.hparams}
+        self.write_recipe()
         if mode == "none":
             return
         if mode == "kit":
@@ -282,6 +303,14 @@ class Runner:
             self.report["saved"] = {"format": "adapter", "path": str(path),
                                     "max_relative_error": round(max(writer.errors.values()), 6),
                                     "relative_error_by_module": {m: round(e, 6) for m, e in writer.errors.items()}}
+
+    def write_recipe(self) -> None:
+        """``recipe.yml``: reproduces this merge with ``--recipe`` (models pinned to the revisions used)."""
+        from .recipe import recipe_document, write_recipe
+
+        doc = recipe_document(self.method, self.report.get("models"), dtype=self.report.get("dtype"), seed=self.method.seed)
+        path = write_recipe(self.out_dir / "recipe.yml", doc)
+        self.report["recipe_out"] = str(path)
 
     def evaluate(self) -> bool:
         """Evaluate every dataset; return False when the budget stopped it."""
@@ -389,6 +418,21 @@ class Runner:
             lines.append(f"  model saved ({r['saved']['format']}): {r['saved']['path']}")
         lines.append(f"  report: {self.out_dir / 'report.json'}")
         return "\n".join(lines)
+
+
+def _settings_json(hparams: dict) -> dict:
+    """Hyperparameters for report.json: per-tensor settings in recipe (YAML) form."""
+    from .merging import settings
+
+    def one(v):
+        if isinstance(v, list):
+            return [one(x) for x in v]
+        try:
+            return settings.to_yaml(v)
+        except ValueError:
+            return repr(v)
+
+    return {k: one(v) for k, v in hparams.items()}
 
 
 def _jsonable(obj: Any) -> Any:

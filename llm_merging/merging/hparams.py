@@ -197,14 +197,18 @@ CONSENSUS: dict[str, Param] = {
     "sign_method": Param("total", "sign election: 'total' (sign of the sum) or 'frequency' (majority of signs)",
                          kind=str, choices=("total", "frequency")),
     "weighted_sign": Param(False, "elect signs on weighted task vectors (mergekit)", kind=bool),
-    "divisor": Param("count", "disjoint mean divisor: number of agreeing models (paper) or their weight sum (mergekit)",
-                     kind=str, choices=("count", "weight_sum")),
+    "divisor": Param("count", "disjoint mean divisor: number of agreeing models (paper), their weight sum (mergekit "
+                              "normalize: true) or none (mergekit normalize: false)",
+                     kind=str, choices=("count", "weight_sum", "none")),
 }
 
 
 def consensus_kwargs(hparams: dict) -> dict:
     """The CONSENSUS options of ``hparams`` as keyword arguments of the ``ops`` functions."""
-    return {key: hparams[key] for key in CONSENSUS}
+    out = {key: hparams[key] for key in CONSENSUS}
+    if out["divisor"] == "none":
+        out["divisor"] = None
+    return out
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:

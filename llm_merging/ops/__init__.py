@@ -18,15 +18,27 @@ from .masks import (
     magnitude_mask,
     random_mask,
 )
+from .mergekit_methods import (
+    arcee_fusion,
+    arcee_fusion_importance,
+    nearswap,
+    ram,
+    ramplus_tl,
+    sce,
+    sce_mask,
+)
 from .model_stock import model_stock, model_stock_ratio
 from .slerp import lerp, slerp
 from .sparsify import breadcrumbs, dare, della, magnitude_prune
+from .spherical import karcher, multislerp, nuslerp
 from .svd import iso_c, iso_cts, knots, tsv
 from .ties import consensus_merge, elect_sign, ties
 from ._common import derive_seed
 
 __all__ = [
     "apply_mask",
+    "arcee_fusion",
+    "arcee_fusion_importance",
     "breadcrumbs",
     "breadcrumbs_mask",
     "consensus_merge",
@@ -39,6 +51,7 @@ __all__ = [
     "geometric_median",
     "iso_c",
     "iso_cts",
+    "karcher",
     "knots",
     "lerp",
     "linear",
@@ -46,7 +59,14 @@ __all__ = [
     "magnitude_prune",
     "model_stock",
     "model_stock_ratio",
+    "multislerp",
+    "nearswap",
+    "nuslerp",
+    "ram",
+    "ramplus_tl",
     "random_mask",
+    "sce",
+    "sce_mask",
     "slerp",
     "task_arithmetic",
     "ties",
