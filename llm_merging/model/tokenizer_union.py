@@ -318,6 +318,8 @@ def _config_vocab_size(path: Path) -> int | None:
         cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    if not isinstance(cfg, dict):
+        return None
     for c in (cfg, cfg.get("text_config") or {}, cfg.get("llm_config") or {}):
         v = c.get("vocab_size") if isinstance(c, dict) else None
         if isinstance(v, int) and v > 0:
