@@ -186,6 +186,8 @@ def parse_cli(text: str, where: str) -> Any | None:
         obj = yaml.safe_load(stripped)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: not valid YAML flow syntax ({str(exc).splitlines()[0]})") from None
+    if isinstance(obj, list) and not all(isinstance(v, Mapping) and "value" in v for v in obj):
+        return None  # a per-model list (of gradients / filter lists): the caller splits it
     return cli_object(obj, where)
 
 

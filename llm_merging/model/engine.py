@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -32,11 +31,6 @@ class Expert(Protocol):
     def param_names(self) -> set[str]: ...
 
     def delta(self, param_name: str, base: torch.Tensor) -> torch.Tensor | None: ...
-
-
-def param_seed(seed: int, name: str) -> int:
-    """A per-parameter seed, stable across runs, processes and devices."""
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**63 - 1)
 
 
 def base_param_shapes(model: torch.nn.Module) -> dict[str, tuple]:
@@ -73,15 +67,36 @@ def check_base_files(model_dir) -> None:
         read_safetensors_header(file)
 
 
+class BaseAsExpert:
+    """The base model listed among the models (mergekit's linear and slerp take it as an input): τ = 0."""
+
+    kind = "base"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def bind(self, base_param_shapes: dict[str, tuple]) -> None:
+        pass
+
+    def param_names(self) -> set[str]:
+        return set()  # touches nothing by itself; where another expert touches a tensor its τ is 0
+
+    def delta(self, param_name: str, base: torch.Tensor) -> None:
+        return None
+
+
 def open_experts(method, shapes: dict[str, tuple]) -> list:
     """Open every expert of ``method`` lazily (adapter or full checkpoint) and bind it to ``shapes``."""
     from .checkpoint import FullExpert
     from .lora import LoraAdapter
 
     experts = []
+    base_path = method.base_ref().resolve(hf_token()).resolve()
     for ref in method.model_refs():
         path = ref.resolve(hf_token())
-        if method.expert_is_adapter(ref):
+        if path.resolve() == base_path:
+            expert = BaseAsExpert(str(ref))
+        elif method.expert_is_adapter(ref):
             expert = LoraAdapter.load(path, name=str(ref))
         else:
             expert = FullExpert(path, name=str(ref))

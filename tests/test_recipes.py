@@ -1,0 +1,246 @@
+"""Per-tensor hyperparameters (gradients, filters, precedence), --recipe, and recipe.yml round trips."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm_merging import tiny
+from llm_merging.errors import ConfigError
+from llm_merging.main import main
+from llm_merging.merging import settings
+from llm_merging.merging.hparams import DENSITY, Param
+from llm_merging.recipe import load_recipe
+
+NAMES = ["model.embed_tokens.weight", *[f"model.layers.{i}.mlp.up_proj.weight" for i in range(5)],
+         *[f"model.layers.{i}.self_attn.q_proj.weight" for i in range(5)], "model.norm.weight", "lm_head.weight"]
+
+
+def value(setting, name, layout=None):
+    layout = layout or settings.Layout(NAMES)
+    return settings.evaluate(setting, layout.position(name))
+
+
+# ------------------------------------------------------------------ gradients, filters, precedence
+def test_gradient_first_middle_last_layer_and_outside_layers():
+    g = settings.Gradient((1.0, 0.7, 0.1))
+    assert value(g, "model.layers.0.mlp.up_proj.weight") == pytest.approx(1.0)
+    assert value(g, "model.layers.1.mlp.up_proj.weight") == pytest.approx(0.85)  # t=.25, s=.5
+    assert value(g, "model.layers.2.mlp.up_proj.weight") == pytest.approx(0.7)
+    assert value(g, "model.layers.3.mlp.up_proj.weight") == pytest.approx(0.4)
+    assert value(g, "model.layers.4.mlp.up_proj.weight") == pytest.approx(0.1)
+    # mergekit 0.1.5 plans embeddings, the final norm and the head with t = 0
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert value(g, name) == pytest.approx(1.0)
+
+
+def test_string_gradient_picks_and_one_layer_slice():
+    g = settings.Gradient(("a", "b", "c"))
+    assert [value(g, f"model.layers.{i}.mlp.up_proj.weight") for i in range(5)] == ["a", "a", "b", "b", "c"]
+    one = settings.Layout(["model.layers.0.mlp.weight"])
+    assert one.position("model.layers.0.mlp.weight").t == 1.0
+
+
+def test_filter_first_match_wins_and_values_may_be_gradients():
+    f = settings.from_yaml([{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": 0.5}, {"value": 0.3}], "t")
+    assert value(f, "model.layers.0.self_attn.q_proj.weight") == 0
+    assert value(f, "model.layers.4.self_attn.q_proj.weight") == 1
+    assert value(f, "model.layers.2.self_attn.q_proj.weight") == pytest.approx(0.5)
+    assert value(f, "model.layers.3.mlp.up_proj.weight") == 0.5
+    assert value(f, "lm_head.weight") == 0.3
+    assert value(settings.from_yaml([{"filter": "mlp", "value": 1}], "t"), "lm_head.weight") is None
+
+
+def test_slices_give_each_slice_its_own_depth():
+    layout = settings.Layout(NAMES, slices=[2, 3])
+    assert layout.position("model.layers.1.mlp.up_proj.weight") == settings.Position("model.layers.1.mlp.up_proj.weight", 1.0, 0)
+    assert layout.position("model.layers.2.mlp.up_proj.weight").t == 0.0
+    assert layout.position("model.layers.3.mlp.up_proj.weight").t == 0.5
+    assert layout.position("lm_head.weight").slice == 1 and layout.position("model.embed_tokens.weight").slice == 0
+    with pytest.raises(ConfigError, match="slices hold 4 layers"):
+        settings.Layout(NAMES, slices=[2, 2])
+
+
+def test_precedence_slice_source_over_slice_over_model_over_global(tmp_path):
+    base, e0, e1 = str(tiny.base_dir("decoder")), str(tiny.full_expert_dir("decoder", 0)), str(tiny.full_expert_dir("decoder", 1))
+    path = tmp_path / "r.yml"
+    path.write_text(f"""
+merge_method: llm_merging.task_arithmetic
+base_model: {base}
+slices:
+  - sources:
+      - model: {e0}
+        layer_range: [0, 1]
+        parameters: {{weights: 0.1}}
+      - model: {e1}
+        layer_range: [0, 1]
+    parameters: {{weights: 0.2}}
+  - sources:
+      - model: {e0}
+        layer_range: [1, 2]
+      - model: {e1}
+        layer_range: [1, 2]
+parameters:
+  weights: 0.4
+  scale: [1.0, 3.0]
+""")
+    from llm_merging.recipe import apply_recipe
+    from llm_merging.runner import instantiate
+
+    r = load_recipe(path)
+    m = instantiate(r.method)
+    apply_recipe(m, r)
+    m.layout = settings.Layout(["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"], r.slice_lengths)
+    h0 = m.resolve_hparams("model.layers.0.mlp.up_proj.weight")
+    h1 = m.resolve_hparams("model.layers.1.mlp.up_proj.weight")
+    assert h0["weights"] == [0.1, 0.2]  # source > slice
+    assert h1["weights"] == [0.4, 0.4]  # global where the slice sets nothing
+    assert h0["scale"] == pytest.approx(3.0) and h1["scale"] == pytest.approx(3.0)  # 1-layer slices: t = 1
+
+
+def test_model_level_over_global_and_filter_falls_back(tmp_path):
+    base, e0, e1 = str(tiny.base_dir("decoder")), str(tiny.full_expert_dir("decoder", 0)), str(tiny.full_expert_dir("decoder", 1))
+    path = tmp_path / "r.yml"
+    path.write_text(f"""
+merge_method: ties
+base_model: {base}
+models:
+  - model: {e0}
+    parameters:
+      weight: 0.7
+      density: [{{filter: mlp, value: 0.9}}]
+  - model: {e1}
+parameters:
+  weight: 0.3
+  density: 0.5
+""")
+    from llm_merging.recipe import apply_recipe
+    from llm_merging.runner import instantiate
+
+    r = load_recipe(path)
+    m = instantiate(r.method)
+    apply_recipe(m, r)
+    assert r.method == "ties_merge"
+    h = m.resolve_hparams("model.layers.0.mlp.up_proj.weight")
+    assert h["weights"] == [0.7, 0.3] and h["density"] == [0.9, 0.5]
+    h = m.resolve_hparams("model.layers.0.self_attn.q_proj.weight")
+    assert h["density"] == [0.5, 0.5]  # the model's filter does not match: the global value
+    assert h["weighted_sign"] is True and h["divisor"] == "weight_sum"  # mergekit's TIES conventions
+
+
+def test_param_validates_every_anchor_and_filter_value():
+    with pytest.raises(ConfigError, match="density"):
+        DENSITY.validate("density", settings.Gradient((1.0, 1.5)))
+    with pytest.raises(ConfigError, match="density"):
+        DENSITY.validate("density", [0.5, settings.from_yaml([{"filter": "mlp", "value": 0.0}, {"value": 0.5}], "d")])
+    with pytest.raises(ConfigError, match="integer"):
+        Param(3, "n", kind=int).validate("n", settings.Gradient((1, 5)))
+    assert DENSITY.validate("density", settings.Gradient((1, 0.5))) == settings.Gradient((1.0, 0.5))
+
+
+def test_cli_syntax_for_gradients_and_filters():
+    assert DENSITY.parse("density", "{gradient: [1, 0.5, 0.1]}") == settings.Gradient((1, 0.5, 0.1))
+    f = DENSITY.parse("density", "[{filter: mlp, value: 0.5}, {value: [1, 0.2]}]")
+    assert f == settings.Filtered((("mlp", 0.5), (None, settings.Gradient((1, 0.2)))))
+    per = DENSITY.parse("density", "[{gradient: [1, 0]}, 0.3]")
+    assert per == [settings.Gradient((1, 0)), 0.3]
+    assert DENSITY.parse("density", "0.7,0.3") == [0.7, 0.3]
+    with pytest.raises(ConfigError, match="--set density"):
+        DENSITY.parse("density", "{gradient: 3}")
+
+
+# ------------------------------------------------------------------ end to end
+def _run(capsys, out, *args):
+    code = main(["--output_folder", str(out), "--quiet", "--no-eval", *args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def _tensors(d):
+    return load_file(str(d / "merged_model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def models():
+    return str(tiny.base_dir("decoder")), [str(tiny.full_expert_dir("decoder", i)) for i in range(2)]
+
+
+def test_recipe_equals_cli_flags_and_recipe_yml_round_trips_byte_for_byte(capsys, tmp_path, models):
+    base, experts = models
+    density = "[{filter: mlp, value: [1, 0.2]}, {value: 0.4}]"
+    code, err = _run(capsys, tmp_path / "cli", "-m", "ties_merge", "--base-model", base, "--models", *experts,
+                     "--set", f"density={density}", "weights=0.7,0.3", "--seed", "3")
+    assert code == 0, err
+    cli_dir = tmp_path / "cli" / "ties_merge"
+    recipe_text = (cli_dir / "recipe.yml").read_text()
+    assert "merge_method: ties_merge" in recipe_text and "seed: 3" in recipe_text
+    code, err = _run(capsys, tmp_path / "again", "--recipe", str(cli_dir / "recipe.yml"))
+    assert code == 0, err
+    again = tmp_path / "again" / "ties_merge"
+    assert (again / "recipe.yml").read_text() == recipe_text
+    assert (again / "merged_model" / "model.safetensors").read_bytes() == (cli_dir / "merged_model" / "model.safetensors").read_bytes()
+    # the per-tensor values really differ between MLP layers 0 and 1
+    a, b = _tensors(cli_dir), _tensors(again)
+    base_t = load_file(str(next((tiny.base_dir("decoder")).glob("*.safetensors"))))
+    up0 = "model.layers.0.mlp.up_proj.weight"
+    up1 = "model.layers.1.mlp.up_proj.weight"
+    changed0 = (a[up0] != base_t[up0]).float().mean().item()
+    changed1 = (a[up1] != base_t[up1]).float().mean().item()
+    # density 1 at the first layer; 0.2 per expert at the last (two experts: at most 40 % of entries)
+    assert changed0 > 0.9 and changed1 < 0.45
+    assert torch.equal(a[up0], b[up0])
+
+
+def test_mergekit_ties_recipe_against_formula(capsys, tmp_path, models):
+    base, experts = models
+    path = tmp_path / "ties.yml"
+    path.write_text(f"""
+merge_method: ties
+base_model: {base}
+models:
+  - model: {experts[0]}
+    parameters: {{weight: 0.6}}
+  - model: {experts[1]}
+    parameters: {{weight: 0.4}}
+parameters: {{density: 1.0, int8_mask: true}}
+dtype: float32
+""")
+    code, err = _run(capsys, tmp_path / "out", "--recipe", str(path))
+    assert code == 0, err
+    merged = _tensors(tmp_path / "out" / "ties_merge")
+    b = load_file(str(next(tiny.base_dir("decoder").glob("*.safetensors"))))
+    e = [load_file(str(next(tiny.full_expert_dir("decoder", i).glob("*.safetensors")))) for i in range(2)]
+    name = "model.layers.1.self_attn.v_proj.weight"
+    d = torch.stack([x[name].double() - b[name].double() for x in e])
+    w = torch.tensor([0.6, 0.4], dtype=torch.float64).view(2, 1, 1)
+    wd = d * w
+    sign = torch.where(wd.sum(0) >= 0, 1.0, -1.0).double()
+    agree = (torch.sign(wd) == sign).double()
+    den = (w * agree).sum(0)
+    den[den == 0] = 1
+    want = b[name].double() + (wd * agree).sum(0) / den
+    assert torch.allclose(merged[name].double(), want, rtol=1e-5, atol=1e-6)
+    report = json.loads((tmp_path / "out" / "ties_merge" / "report.json").read_text())
+    assert report["recipe"]["merge_method"] == "ties"
+
+
+@pytest.mark.parametrize("body, message", [
+    ("merge_method: ties\nbase_model: BASE\nmodels: [EXPERT]\nfoo: 1\n", "foo: unknown key"),
+    ("merge_method: ties\nbase_model: BASE\nmodels:\n  - model: EXPERT\n    paramters: {weight: 1}\n", "paramters: unknown key"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [EXPERT]\nparameters: {dencity: 0.5}\n", "dencity: unknown parameter"),
+    ("merge_method: tie\nbase_model: BASE\nmodels: [EXPERT]\n", "did you mean ties"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [EXPERT]\nparameters: {density: [1, 1.5]}\n", "density"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [EXPERT]\nparameters: {density: [1\n", "not valid YAML"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [/no/such/model]\n", "/no/such/model"),
+    ("merge_method: ties\nbase_model: BASE\nslices:\n  - sources:\n      - model: EXPERT\n        layer_range: [0, 40]\n",
+     "slices hold 40 layers"),
+    ("merge_method: ties\nmodels: [EXPERT]\n", "base_model"),
+])
+def test_bad_recipes_are_one_line_errors_with_nothing_written(capsys, tmp_path, models, body, message):
+    base, experts = models
+    path = tmp_path / "bad.yml"
+    path.write_text(body.replace("BASE", base).replace("EXPERT", experts[0]))
+    out = tmp_path / "out"
+    code, err = _run(capsys, out, "--recipe", str(path))
+    assert code == 2
+    assert len(err) == 1 and message in err[0], err
+    assert not any(p.is_file() for p in out.rglob("*")) if out.exists() else True
