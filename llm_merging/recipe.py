@@ -47,6 +47,7 @@ class Recipe:
     models: list[str]  # expert references (LoRA directories for BASE+LORA)
     hparams: dict[str, Any] = field(default_factory=dict)
     slice_lengths: list[int] | None = None
+    slices: list[tuple[str, tuple[int, int]]] | None = None  # passthrough: (model, layer range) per output slice
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer: dict[str, Any] | None = None  # {"source", "tokens", "pad_to_multiple_of"}
@@ -173,6 +174,8 @@ def load_recipe(path: str | Path) -> Recipe:
             sources = sl.get("sources")
             if not isinstance(sources, list) or not sources:
                 raise _err(path, f"{where}.sources", "expected a non-empty list")
+            if method == "passthrough" and len(sources) != 1:
+                raise _err(path, f"{where}.sources", f"passthrough takes exactly one source per slice, got {len(sources)}")
             these, per_source, length = [], {}, None
             for j, src in enumerate(sources):
                 sw = f"{where}.sources[{j}]"
@@ -204,18 +207,42 @@ def load_recipe(path: str | Path) -> Recipe:
             source_params.append(per_source)
             start += length
         refs = order if order is not None else []
-        if method == "passthrough":
-            refs = []
+        if method == "passthrough":  # one source per slice: its parameters are the slice's
+            passthrough_slices = []
+            for k, per_source in enumerate(source_params):
+                (key, lr), = per_source.pop("__ranges__").items()
+                slice_params[k] = {**slice_params[k], **per_source.pop(key)}
+                passthrough_slices.append((key, lr))
+            refs = list(dict.fromkeys(key for key, _ in passthrough_slices))
     if base is None:
         if mk is not None and mk.needs_base:
             raise _err(path, "base_model", f"merge method '{name}' needs a base_model")
         if method != "passthrough":
             raise _err(path, "base_model", "missing: the engine merges experts into a base model")
+        base = refs[0]  # passthrough: config and tokenizer of the first model
+    if method == "passthrough" and "models" in doc:
+        if len(refs) != 1:
+            raise _err(path, "models", f"passthrough copies exactly one model, got {len(refs)}; use slices to stack layers")
+    if method == "passthrough":
+        if "slices" not in doc:
+            passthrough_slices = None
+        for params in model_params.values():  # one model: its parameters are global
+            global_params = {**global_params, **params}
+        hparams = _our_settings(path, method, mk, [], global_params, {}, slice_params, [])
+        slices = [(base if k == "__base__" else k, lr) for k, lr in passthrough_slices] if passthrough_slices else None
+        return _finish(path, doc, name, mk, method, base, [base if r == "__base__" else r for r in refs], hparams,
+                       slice_lengths, slices)
 
     experts = [r for r in refs if r != "__base__" or (mk is not None and mk.base_as_model)]
     if mk is not None and mk.base_as_model and not base_listed and base is not None:
         experts = ["__base__", *experts]  # mergekit adds the base as an input when it is not listed
     hparams = _our_settings(path, method, mk, experts, global_params, model_params, slice_params, source_params)
+    return _finish(path, doc, name, mk, method, base, [base if r == "__base__" else r for r in experts], hparams,
+                   slice_lengths, None)
+
+
+def _finish(path, doc, name, mk, method, base, models, hparams, slice_lengths, slices) -> Recipe:
+    """The output options shared by every recipe, then the Recipe."""
 
     tok = None
     if doc.get("tokenizer_source") is not None and doc.get("tokenizer") is not None:
@@ -246,7 +273,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise _err(path, "llm_merging.seed", f"expected an integer, got {seed!r}")
     return Recipe(
         path=path, method=method, mergekit_method=name if mk is not None else None, base_model=base,
-        models=[base if r == "__base__" else r for r in experts], hparams=hparams, slice_lengths=slice_lengths,
+        models=models, hparams=hparams, slice_lengths=slice_lengths, slices=slices,
         dtype=dtypes["dtype"], out_dtype=dtypes["out_dtype"], tokenizer=tok, chat_template=chat, seed=seed,
         document=doc,
     )
@@ -353,6 +380,8 @@ def apply_recipe(method, recipe: Recipe) -> None:
     if method.uses_engine():
         method.is_peft = None  # detect each expert's kind
     method.slice_lengths = recipe.slice_lengths
+    if recipe.slices is not None:
+        method.slices = list(recipe.slices)
     method.recipe = recipe
     method.set_hyperparameters(recipe.hparams)
 

@@ -244,3 +244,42 @@ def test_bad_recipes_are_one_line_errors_with_nothing_written(capsys, tmp_path, 
     assert code == 2
     assert len(err) == 1 and message in err[0], err
     assert not any(p.is_file() for p in out.rglob("*")) if out.exists() else True
+
+
+def test_passthrough_slices_stack_layers_into_a_loadable_model(capsys, tmp_path, models):
+    from transformers import AutoModelForCausalLM
+
+    _, experts = models
+    path = tmp_path / "pt.yml"
+    path.write_text(f"""
+merge_method: passthrough
+slices:
+  - sources:
+      - model: {experts[0]}
+        layer_range: [0, 2]
+  - sources:
+      - model: {experts[1]}
+        layer_range: [1, 2]
+        parameters:
+          scale: [{{filter: o_proj, value: 0.5}}, {{value: 1.0}}]
+""")
+    code, err = _run(capsys, tmp_path / "out", "--recipe", str(path))
+    assert code == 0, err
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "passthrough" / "merged_model"))
+    assert model.config.num_hidden_layers == 3 and len(model.model.layers) == 3
+    sd = model.state_dict()
+    a, b = (load_file(str(next(tiny.full_expert_dir("decoder", i).glob("*.safetensors")))) for i in range(2))
+    assert torch.equal(sd["model.layers.1.mlp.up_proj.weight"], a["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(sd["model.layers.2.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
+    assert torch.allclose(sd["model.layers.2.self_attn.o_proj.weight"], 0.5 * b["model.layers.1.self_attn.o_proj.weight"])
+    assert torch.equal(sd["model.embed_tokens.weight"], a["model.embed_tokens.weight"])  # first slice's model
+    assert torch.equal(sd["model.norm.weight"], b["model.norm.weight"])  # last slice's model
+
+
+def test_passthrough_layer_range_beyond_the_model_is_one_line(capsys, tmp_path, models):
+    _, experts = models
+    path = tmp_path / "pt.yml"
+    path.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {experts[0]}\n        layer_range: [1, 5]\n")
+    code, err = _run(capsys, tmp_path / "out", "--recipe", str(path))
+    assert code == 2 and len(err) == 1 and "goes beyond model" in err[0], err
+    assert not (tmp_path / "out" / "passthrough" / "merged_model").exists()

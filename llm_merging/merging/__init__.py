@@ -41,6 +41,7 @@ BUILTIN_METHODS = {
     "iso_c": "llm_merging.merging.IsoC:IsoC",
     "iso_cts": "llm_merging.merging.IsoCts:IsoCts",
     "knots_ties": "llm_merging.merging.KnotsTies:KnotsTies",
+    "passthrough": "llm_merging.merging.Passthrough:Passthrough",
 }
 
 
