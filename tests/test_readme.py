@@ -25,3 +25,16 @@ def test_new_method_example_runs(tmp_path):
         capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_recipe_examples_parse(tmp_path):
+    from llm_merging.recipe import load_recipe
+
+    text = open(f"{REPO_ROOT}/README.md", encoding="utf-8").read()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert len(blocks) >= 3
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"r{i}.yml"
+        path.write_text(block)
+        recipe = load_recipe(path)
+        assert recipe.models and recipe.method
