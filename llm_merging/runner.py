@@ -268,6 +268,12 @@ class Runner:
         if getattr(self.method, "base_model", None) is None:
             raise LLMMergingError(f"method '{self.cfg.method}': merge() left no model in self.base_model")
         self.report["merge_stats"] = getattr(self.method, "merge_stats", {}) or {}
+        recipe = getattr(self.method, "recipe", None)
+        if recipe is not None and recipe.out_dtype:  # mergekit's out_dtype: the saved (and evaluated) dtype
+            import torch
+
+            self.method.base_model.to(getattr(torch, recipe.out_dtype))
+            self.report["out_dtype"] = recipe.out_dtype
 
     def prepare_adapter_sink(self) -> None:
         """For --save adapter, collect low-rank factors while merging (before weights are overwritten)."""

@@ -283,3 +283,17 @@ def test_passthrough_layer_range_beyond_the_model_is_one_line(capsys, tmp_path, 
     code, err = _run(capsys, tmp_path / "out", "--recipe", str(path))
     assert code == 2 and len(err) == 1 and "goes beyond model" in err[0], err
     assert not (tmp_path / "out" / "passthrough" / "merged_model").exists()
+
+
+def test_out_dtype_sets_the_saved_dtype(capsys, tmp_path, models):
+    base, experts = models
+    path = tmp_path / "r.yml"
+    path.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                    f"  - model: {experts[0]}\n    parameters: {{weight: 1.0}}\ndtype: float32\nout_dtype: bfloat16\n")
+    code, err = _run(capsys, tmp_path / "out", "--recipe", str(path))
+    assert code == 0, err
+    merged = _tensors(tmp_path / "out" / "task_arithmetic")
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    e = load_file(str(next(tiny.full_expert_dir("decoder", 0).glob("*.safetensors"))))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(merged[name], e[name].to(torch.bfloat16))  # weight 1: the expert, then cast
