@@ -234,8 +234,9 @@ def load_recipe(path: str | Path) -> Recipe:
                        slice_lengths, slices)
 
     experts = [r for r in refs if r != "__base__" or (mk is not None and mk.base_as_model)]
-    if mk is not None and mk.base_as_model and not base_listed and base is not None:
-        experts = ["__base__", *experts]  # mergekit adds the base as an input when it is not listed
+    if mk is not None and mk.base_as_model and base is not None:
+        # mergekit adds the base as an input when it is not listed, and puts it first (slerp: t = 0 is the base)
+        experts = ["__base__", *(r for r in experts if r != "__base__")]
     hparams = _our_settings(path, method, mk, experts, global_params, model_params, slice_params, source_params)
     return _finish(path, doc, name, mk, method, base, [base if r == "__base__" else r for r in experts], hparams,
                    slice_lengths, None)
@@ -388,37 +389,116 @@ def apply_recipe(method, recipe: Recipe) -> None:
 
 # ------------------------------------------------------------------ writing recipe.yml
 def recipe_document(method, models_info: dict | None, *, dtype: str | None, seed: int) -> dict:
-    """The recipe that reproduces a run: the recipe it came from (models pinned to the revisions used), or,
-    for a CLI run, the method and every hyperparameter in our vocabulary."""
+    """The recipe that reproduces a run: the recipe it came from (hub models pinned to the revisions used),
+    or, for a CLI run, every hyperparameter in mergekit's vocabulary when the run is exactly a mergekit
+    merge (checked by reading it back), else in ours."""
     recipe = getattr(method, "recipe", None)
+    models_info = models_info or {}
     if recipe is not None:
-        doc = dict(recipe.document)
+        doc = _pin_document(recipe.document, models_info)
         doc["llm_merging"] = {**(doc.get("llm_merging") or {}), "seed": seed}
         if dtype and not doc.get("dtype"):
             doc["dtype"] = dtype
         return doc
     from .merging.mergekit_names import MERGEKIT_METHODS
 
-    name = method.name
-    doc: dict[str, Any] = {"merge_method": OUR_PREFIX + name if name in MERGEKIT_METHODS else name}
-    experts = (models_info or {}).get("experts") or [{"id": r.id, "revision": r.revision} for r in method.model_refs()]
-    base = (models_info or {}).get("base") or {"id": method.base_ref().id, "revision": method.base_ref().revision}
-    doc["base_model"] = _pinned(base)
+    experts = models_info.get("experts") or [{"id": r.id, "revision": r.revision} for r in method.model_refs()]
+    base = models_info.get("base") or {"id": method.base_ref().id, "revision": method.base_ref().revision}
     specs = method.all_hyperparameters()
+    ours = {k: v for k, v in method.hparams.items() if k in specs}
+    for mk in MERGEKIT_METHODS.values():
+        if mk.ours == method.name:
+            doc = _mergekit_document(mk, ours, specs, base, experts, dtype, seed)
+            if doc is not None:
+                return doc
+    name = method.name
+    return _document(OUR_PREFIX + name if name in MERGEKIT_METHODS else name, ours, specs, base, experts, dtype, seed)
+
+
+def _document(name: str, values: dict, specs: dict, base: dict, experts: list, dtype, seed) -> dict:
+    doc: dict[str, Any] = {"merge_method": name, "base_model": _pinned(base)}
     global_params: dict[str, Any] = {}
     per_model: list[dict[str, Any]] = [{} for _ in experts]
-    for key, value in method.hparams.items():
+    for key, value in values.items():
         spec = specs.get(key)
-        if isinstance(value, list) and spec is not None and spec.per_model:
+        if isinstance(value, list) and (spec is None or spec.per_model):
             for i, v in enumerate(value):
                 per_model[i][key] = settings.to_yaml(v)
         else:
             global_params[key] = settings.to_yaml(value)
     doc["models"] = [{"model": _pinned(e), **({"parameters": p} if p else {})} for e, p in zip(experts, per_model)]
-    doc["parameters"] = global_params
+    if global_params:
+        doc["parameters"] = global_params
     if dtype:
         doc["dtype"] = dtype
     doc["llm_merging"] = {"seed": seed}
+    return doc
+
+
+def _mergekit_document(mk, values: dict, specs: dict, base: dict, experts: list, dtype, seed) -> dict | None:
+    """``values`` as a recipe for mergekit's ``mk.name``, or None when mergekit's conventions give another
+    merge (e.g. our TIES divisor 'count', a keep count mergekit does not have)."""
+    from .merging.hparams import COMMON
+
+    if any(values[k] != COMMON[k].default for k in COMMON if k in values):
+        return None  # evaluation/output options set on the CLI: keep our vocabulary
+    inverse = {ours: theirs for theirs, ours in mk.params.items()}
+    theirs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in inverse:
+            if key == "divisor":  # mergekit's normalize (TIES family)
+                if value not in ("weight_sum", "none"):
+                    return None
+                value = value == "weight_sum"
+            theirs[inverse[key]] = value
+    doc = _document(mk.name, theirs, {inverse[k]: specs[k] for k in inverse if k in specs}, base, experts, dtype, seed)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # read it back: the same method and values, or not mergekit's
+        path = Path(tmp) / "recipe.yml"
+        path.write_text(dump(doc), encoding="utf-8")
+        try:
+            back = load_recipe(path)
+        except ConfigError:
+            return None
+    if back.method != mk.ours or len(back.models) != len(experts):
+        return None
+    for key, value in values.items():
+        if key in COMMON:
+            continue
+        got = back.hparams.get(key, specs[key].default)
+        n = len(experts)
+        want_v, got_v = (specs[key].validate(key, v, n) for v in (value, got))
+        if isinstance(want_v, list) != isinstance(got_v, list):
+            want_v, got_v = (v if isinstance(v, list) else [v] * n for v in (want_v, got_v))
+        if want_v != got_v:
+            return None
+    return doc
+
+
+def _pin_document(doc: dict, models_info: dict) -> dict:
+    """A copy of ``doc`` whose hub models carry the commit they resolved to (``id@commit``)."""
+    import copy
+
+    pins = {}
+    for info in [models_info.get("base") or {}, *(models_info.get("experts") or [])]:
+        if info.get("id") and info.get("resolved_revision") and not Path(str(info["id"])).exists():
+            pins[str(info["id"])] = f"{info['id']}@{info['resolved_revision']}"
+    doc = copy.deepcopy(doc)
+
+    def pin(ref: Any) -> Any:
+        if not isinstance(ref, str) or "@" in ref:
+            return ref
+        return "+".join(pins.get(part, part) for part in ref.split("+"))
+
+    if "base_model" in doc:
+        doc["base_model"] = pin(doc["base_model"])
+    for entry in doc.get("models") or []:
+        if isinstance(entry, dict):
+            entry["model"] = pin(entry.get("model"))
+    for sl in doc.get("slices") or []:
+        for src in sl.get("sources") or []:
+            src["model"] = pin(src.get("model"))
     return doc
 
 

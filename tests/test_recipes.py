@@ -297,3 +297,24 @@ def test_out_dtype_sets_the_saved_dtype(capsys, tmp_path, models):
     e = load_file(str(next(tiny.full_expert_dir("decoder", 0).glob("*.safetensors"))))
     name = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(merged[name], e[name].to(torch.bfloat16))  # weight 1: the expert, then cast
+
+
+def test_cli_run_that_is_a_mergekit_merge_writes_mergekit_vocabulary(capsys, tmp_path, models):
+    base, experts = models
+    code, err = _run(capsys, tmp_path / "cli", "-m", "task_arithmetic", "--base-model", base, "--models", *experts,
+                     "--set", "weights=0.7,0.3", "scale=0.9")
+    assert code == 0, err
+    d = tmp_path / "cli" / "task_arithmetic"
+    import yaml
+
+    doc = yaml.safe_load((d / "recipe.yml").read_text())
+    assert doc["merge_method"] == "task_arithmetic" and doc["parameters"]["lambda"] == 0.9
+    assert [m["parameters"]["weight"] for m in doc["models"]] == [0.7, 0.3]
+    code, err = _run(capsys, tmp_path / "again", "--recipe", str(d / "recipe.yml"))
+    assert code == 0, err
+    again = tmp_path / "again" / "task_arithmetic"
+    assert (again / "merged_model" / "model.safetensors").read_bytes() == (d / "merged_model" / "model.safetensors").read_bytes()
+    # our TIES defaults (count divisor, unweighted election) are not mergekit's ties: our vocabulary
+    code, err = _run(capsys, tmp_path / "ties", "-m", "ties_merge", "--base-model", base, "--models", *experts)
+    assert code == 0, err
+    assert yaml.safe_load((tmp_path / "ties" / "ties_merge" / "recipe.yml").read_text())["merge_method"] == "ties_merge"
