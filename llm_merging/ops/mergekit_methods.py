@@ -64,8 +64,8 @@ def sce(task_vectors: Sequence[Tensor], select_topk: float = 1.0, *, stable_ties
     1. Select (``select_topk`` < 1, mergekit default 1.0 = keep all): zero every entry outside
        :func:`sce_mask` (``stable_ties`` as there), in all task vectors.
     2. Calculate: per-model weights ``ηᵢ = mean(τᵢ²) / Σⱼ mean(τⱼ²)`` of the selected vectors; when
-       ``Σⱼ mean(τⱼ²) < 1e-6`` mergekit uses equal weights 1/N instead (an absolute threshold: for typical
-       LLM fine-tuning deltas of rms ≲ 1e-3 the weights are then equal).
+       ``Σⱼ mean(τⱼ²) < 1e-6`` mergekit uses equal weights 1/N instead (an absolute threshold: LLM
+       fine-tuning deltas of rms below 1e-3/√N, which are typical, get equal weights).
     3. Erase: γ = sign(Σᵢ τᵢ) per entry (+1 on ties); model i takes part where τᵢ is nonzero with sign γ.
 
     Result: ``Σ_agreeing ηᵢτᵢ / max(Σ_agreeing ηᵢ, 1e-6)`` (0 where no model agrees). Takes task vectors
@@ -124,7 +124,9 @@ def ram(task_vectors: Sequence[Tensor], epsilon: float = 1e-5) -> Tensor:
     return out
 
 
-def ramplus_tl(task_vectors: Sequence[Tensor], r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> Tensor:
+def ramplus_tl(
+    task_vectors: Sequence[Tensor], r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5
+) -> Tensor:
     """RAM+ tensor-local (arXiv:2601.13572; mergekit ``ramplus_tl``): RAM with each model's unique
     entries amplified.
 

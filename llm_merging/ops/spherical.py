@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -26,11 +26,22 @@ from ._common import (
     f32,
     norm64,
     weight_list,
-    weighted_sum_f32,
 )
 
 _NUSLERP_NORM_EPS = 1e-7  # mergekit nuslerp ``_normalize``: x / max(‖x‖, 1e-7)
 _CHUNK = 1 << 22  # elements per float64 block in the per-vector reductions
+
+
+def _weighted_sum(tensors: Iterable[Tensor], coefficients: Sequence[float]) -> Tensor:
+    """``Σ cᵢ xᵢ`` in float32, each product rounded before it is added (as mergekit's
+    ``(x * w).sum(0)``), so that exactly opposite terms cancel to exactly 0. ``tensors`` may be a
+    generator (one term in memory at a time)."""
+    out: Optional[Tensor] = None
+    for t, c in zip(tensors, coefficients):
+        term = t * float(c)
+        out = term if out is None else out.add_(term)
+    assert out is not None
+    return out
 
 
 def _check_base(base: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
@@ -73,9 +84,16 @@ def _vector_stats(x0: Tensor, x1: Tensor, columns: bool) -> tuple[Tensor, Tensor
 
 
 def _nuslerp_coefficients(n0: Tensor, n1: Tensor, dot: Tensor, t: float, eps: float) -> tuple[Tensor, Tensor]:
-    """(s0, s1) with slerp = s0·x0 + s1·x1 per vector, mergekit's ``nuslerp`` branches (float64)."""
+    """(s0, s1) with slerp = s0·x0 + s1·x1 per vector, mergekit's ``nuslerp`` branches.
+
+    cos θ and the coefficients are float64; the colinearity test ``1 − cos² ≤ eps²`` is evaluated on cos θ
+    rounded to float32, in float32, as mergekit evaluates it on float32 inputs: (anti)parallel vectors
+    (|cos θ| within ~3e-8 of 1) always take the linear branch, where the float32 products s0·x0 + s1·x1
+    with sin θ → 0 would otherwise cancel catastrophically (near θ = π the slerp limit is not the lerp).
+    """
     cos = (dot / (n0.clamp_min(_NUSLERP_NORM_EPS) * n1.clamp_min(_NUSLERP_NORM_EPS))).clamp(-1.0, 1.0)
-    colinear = (1.0 - cos.square()) <= eps * eps
+    cos32 = cos.to(torch.float32)
+    colinear = (1.0 - cos32.square()) <= eps * eps
     theta = torch.acos(torch.where(colinear, 0.0, cos))
     sin_theta = torch.where(colinear, 1.0, torch.sin(theta))
     s0 = torch.where(colinear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
@@ -108,7 +126,8 @@ def nuslerp(
     task vectors xᵢ = θᵢ − base are, and ``base`` + the result is returned (weights either way).
 
     Per vector: ``cos θ = ⟨x₀/max(‖x₀‖, 1e-7), x₁/max(‖x₁‖, 1e-7)⟩`` clamped to [−1, 1]; when
-    ``1 − cos²θ ≤ eps²`` (parallel or antiparallel) the result is ``(1 − t)x₀ + t x₁``, otherwise
+    ``1 − cos²θ ≤ eps²``, evaluated in float32 as mergekit does (|cos θ| within ~3e-8 of 1: parallel
+    or antiparallel), the result is ``(1 − t)x₀ + t x₁``, otherwise
     ``(sin((1 − t)θ)·x₀ + sin(tθ)·x₁) / sin θ`` on the unnormalised vectors. A zero vector gives cos θ = 0,
     so θ = π/2 (mergekit's rule, not a linear fallback). Vectors: ``flatten=True`` (mergekit
     ``nuslerp_flatten``, default true): the whole tensor is one vector; ``flatten=False``: each slice
@@ -199,7 +218,7 @@ def multislerp(
     if all(nx == 0.0 for nx in norms):
         out = torch.zeros_like(xs[0])
     else:
-        mean = weighted_sum_f32(xs, [wi / (nx + e) for wi, nx in zip(w, norms)])
+        mean = _weighted_sum((x / (nx + e) for x, nx in zip(xs, norms)), w)
         mean_norm = norm64(mean)
         if mean_norm < e:
             if n != 2:
@@ -207,7 +226,7 @@ def multislerp(
                     "multislerp: the weighted mean of the normalised inputs is zero (antipodal inputs whose "
                     "weights balance out); use different weights"
                 )
-            out = weighted_sum_f32(xs, w)
+            out = _weighted_sum(xs, w)
         else:
             avg_norm = sum(wi * nx for wi, nx in zip(w, norms))
             out = mean.mul_(avg_norm / mean_norm)
@@ -237,11 +256,15 @@ def karcher(
     With uᵢ = xᵢ/‖xᵢ‖ (flattened) over the inputs with ‖xᵢ‖ > ``tol`` and αᵢ > 0 (weights renormalised
     over them to α̂ᵢ): start from m = normalise(Σ α̂ᵢuᵢ) (the first such uᵢ when that sum's norm is
     < ``tol``), then up to ``max_iter`` times: θᵢ = arccos(clamp(⟨m, uᵢ⟩)), tangent
-    ``v = Σ_{θᵢ ≥ tol} α̂ᵢ θᵢ/sin θᵢ · (uᵢ − cos θᵢ·m)``; stop when ‖v‖ < ``tol``, else
+    ``v = Σ α̂ᵢ θᵢ/sin θᵢ · (uᵢ − cos θᵢ·m)`` over the i with θᵢ ≥ ``tol``; stop when ‖v‖ < ``tol``, else
     ``m ← normalise(cos‖v‖·m + sin‖v‖·v/‖v‖)``. Result ``(Σᵢ αᵢ‖xᵢ‖) · m`` (all inputs in the norm
     average); all inputs (near) zero → 0. mergekit defaults: ``max_iter`` 10, ``tol`` 1e-5 (absolute, on
-    norms and angles). The mean of exactly antipodal inputs is undefined; mergekit (and this) then keep
-    the first input's direction.
+    norms and angles).
+
+    One addition: an input at the antipode of m (π − θᵢ < ``tol``, where the logarithm map is undefined)
+    adds no tangent term. mergekit keeps it, and its θ/sin θ ≈ 1e7–1e16 then multiplies rounding noise,
+    so its result for (near-)antipodal inputs is arbitrary; here e.g. two exactly opposite inputs give the
+    first one's direction (mergekit's starting point) deterministically.
     """
     ts = check_tensors(tensors, "tensors")
     n = len(ts)
@@ -263,15 +286,18 @@ def karcher(
     a_hat = [alphas[i] / a_sum for i in valid]
     units = [xs[i] / norms[i] for i in valid]
 
-    mean = weighted_sum_f32(units, a_hat)
+    mean = _weighted_sum(units, a_hat)
     mean_norm = norm64(mean)
     mean = units[0].clone() if mean_norm < eps else mean.div_(mean_norm)
     for _ in range(iters):
         tangent = torch.zeros_like(mean)
-        for a, u in zip(a_hat, units):
-            cos = max(-1.0, min(1.0, dot64(mean, u)))
+        mean_norm = norm64(mean)
+        if mean_norm == 0.0:
+            break
+        for a, u, x, nx in zip(a_hat, units, (xs[i] for i in valid), (norms[i] for i in valid)):
+            cos = max(-1.0, min(1.0, dot64(mean, x) / (nx * mean_norm)))
             theta = math.acos(cos)
-            if theta < eps:
+            if theta < eps or math.pi - theta < eps:
                 continue
             tangent.add_(u - mean * cos, alpha=a * theta / math.sin(theta))
         tangent_norm = norm64(tangent)
