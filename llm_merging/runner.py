@@ -268,6 +268,9 @@ class Runner:
         if getattr(self.method, "base_model", None) is None:
             raise LLMMergingError(f"method '{self.cfg.method}': merge() left no model in self.base_model")
         self.report["merge_stats"] = getattr(self.method, "merge_stats", {}) or {}
+        vocabulary = getattr(self.method, "vocabulary_report", None)  # output tokenizer, or vocabulary mismatches
+        if vocabulary:
+            self.report["vocabulary"] = vocabulary
         recipe = getattr(self.method, "recipe", None)
         if recipe is not None and recipe.out_dtype:  # mergekit's out_dtype: the saved (and evaluated) dtype
             import torch
@@ -298,7 +301,9 @@ class Runner:
             method.save_model(str(self.out_dir))
             self.report["saved"] = {"format": "kit", "path": str(self.out_dir / "safetensor.pt")}
         elif mode == "full":
-            tok = method.tokenizer if method.architecture == "encoder_decoder" else method.input_tokenizer
+            tok = getattr(method, "output_tokenizer", None)  # a recipe's tokenizer_source / chat_template
+            if tok is None:
+                tok = method.tokenizer if method.architecture == "encoder_decoder" else method.input_tokenizer
             path = save_full(method.base_model, tok, self.out_dir / "merged_model", info)
             self.report["saved"] = {"format": "full", "path": str(path)}
         else:
@@ -433,10 +438,13 @@ def _settings_json(hparams: dict) -> dict:
     def one(v):
         if isinstance(v, list):
             return [one(x) for x in v]
-        try:
-            return settings.to_yaml(v)
-        except ValueError:
-            return repr(v)
+        if isinstance(v, settings.Chain):  # recipe precedence levels, highest first
+            return {"first_set_of": [one(x) for x in v.levels]}
+        if isinstance(v, settings.Sliced):
+            return {"per_slice": [one(x) for x in v.per_slice]}
+        if isinstance(v, settings.Filtered):
+            return [{**({"filter": f} if f is not None else {}), "value": one(x)} for f, x in v.entries]
+        return settings.to_yaml(v)
 
     return {k: one(v) for k, v in hparams.items()}
 
