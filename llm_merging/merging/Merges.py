@@ -122,7 +122,8 @@ class Merges(object):
         from transformers import AutoTokenizer
 
         self._check_architecture()
-        path = str(self.base_ref().resolve(hf_token()))
+        # a recipe's output tokenizer, while `_recipe_tokenizer` loads it; else the base model's
+        path = getattr(self, "_tokenizer_path", None) or str(self.base_ref().resolve(hf_token()))
 
         def load():
             kwargs: dict[str, Any] = {"legacy": False}
@@ -218,7 +219,11 @@ class Merges(object):
         if type(self).merge_tensor is Merges.merge_tensor:
             raise NotImplementedError(f"merge method '{self.name}' must implement merge() or merge_tensor()")
         from ..model.engine import load_experts, merge_into
+        from ..model.tokenizer_union import vocabulary_report
 
+        plan = self._recipe_tokenizer()  # before any weights: a bad tokenizer setting fails fast
+        if plan is not None and self.collect_adapter and not plan.is_identity:
+            raise ConfigError("--save adapter cannot change the vocabulary (the recipe's tokenizer); use --save full")
         self._load_base_model()
         self._load_tokenizer()
         t0 = time.time()
@@ -233,9 +238,52 @@ class Merges(object):
         self.merge_stats = merge_into(
             self.base_model, self.experts, self.merge_resolved, progress=self.progress, method=self,
             delta_sink=self.delta_sink, base_dir=self.base_ref().local_path, should_stop=self.should_stop,
+            tokenizer_plan=plan,
         )
+        recipe_tok = getattr(getattr(self, "recipe", None), "tokenizer", None) or {}
+        self.vocabulary_report = vocabulary_report(plan, self.experts, recipe_tok.get("source"),
+                                                   self.merge_stats.pop("vocabulary", None))
         self.merged_model = self.base_model
         return self.base_model
+
+    def _recipe_tokenizer(self):
+        """A recipe's ``tokenizer_source`` / ``tokenizer:`` / ``chat_template``: build the output tokenizer
+        (`tokenizer_union.recipe_tokenizer`), keep it as ``output_tokenizer`` (what is saved) and make it
+        the tokenizer of the merged model (evaluation included); return its plan (None: no tokenizer setting)."""
+        recipe = getattr(self, "recipe", None)
+        self.output_tokenizer = None
+        if recipe is None or (getattr(recipe, "tokenizer", None) is None and not getattr(recipe, "chat_template", None)):
+            return None
+        import tempfile
+
+        from ..model.tokenizer_union import recipe_tokenizer
+
+        token = hf_token()
+        base_path = self.base_ref().resolve(token)
+        refs = self.model_refs()
+        paths = [r.resolve(token) for r in refs]
+        known = {str(self.base_model_name): base_path, self.base_ref().id: base_path}
+        for ref, path in zip(refs, paths):
+            known.setdefault(str(ref), path)
+            known.setdefault(ref.id, path)
+
+        def local(value):
+            if isinstance(value, str) and value in known:
+                return str(known[value])
+            return value
+
+        plan, tok = recipe_tokenizer(recipe.tokenizer, recipe.chat_template, base_path, paths, local)
+        self.output_tokenizer = tok
+        if plan is not None:  # evaluation and generation use the output tokenizer (padded as the kit's)
+            self.tokenizer = self.input_tokenizer = self.target_tokenizer = None
+            with tempfile.TemporaryDirectory(prefix="llm-merging-tok-") as tmp:
+                plan.save(tmp)
+                self._tokenizer_path = tmp
+                try:
+                    self._load_tokenizer()
+                finally:
+                    self._tokenizer_path = None
+        return plan
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         """Return the merged task vector of parameter ``name`` (float32, same shape as ``base``).

@@ -530,6 +530,16 @@ class FullExpert:
             )
         return t
 
+    def raw_tensor(self, param_name: str, device=None, dtype=torch.float32) -> torch.Tensor | None:
+        """The checkpoint's tensor for ``param_name`` as stored, in the expert's own vocabulary (no padding
+        or truncation to the base's rows), cast to ``dtype`` on ``device``; None if the expert lacks it.
+        Used when an output tokenizer re-indexes the vocabulary tensors."""
+        self._check_bound()
+        key = self.mapping.get(param_name)
+        if key is None:
+            return None
+        return self.reader.get(key, device=device, dtype=dtype)
+
     def delta(self, param_name: str, base: torch.Tensor) -> torch.Tensor | None:
         """Task vector ``expert - base`` in float32 on ``base.device`` (None if the expert lacks it).
 

@@ -152,6 +152,7 @@ def merge_into(
     delta_sink: Callable[[str, torch.Tensor], None] | None = None,
     base_dir=None,
     should_stop: Callable[[], bool] | None = None,
+    tokenizer_plan=None,
 ) -> dict[str, Any]:
     """Merge ``experts`` into ``model`` in place with ``merge_tensor(name, base, task_vectors)``.
 
@@ -163,13 +164,20 @@ def merge_into(
     dtype the model was loaded in); on the CPU merged parameters get fresh storage, so the memory-mapped
     weights of the loaded model are never touched (no page is counted twice in RSS).
     ``should_stop()`` is asked between tensors (the wall-clock budget): True raises BudgetExceeded.
+    ``tokenizer_plan`` (a `tokenizer_union.TokenizerPlan`, recipes' ``tokenizer_source``): unless it is the
+    identity, the input embedding and output head are merged on its vocabulary by `merge_vocabulary`
+    (and the model resized); every other tensor goes through the loop below as usual.
     """
     if not experts:
         raise MergeError(f"method '{getattr(method, 'name', '?')}' has no expert models to merge")
     touched: set[str] = set()
     for expert in experts:  # experts are bound to this model: their names are its parameter names
         touched |= set(expert.param_names())
-    params = [(n, p) for n, p in model.named_parameters() if n in touched]
+    reindex = tokenizer_plan is not None and not tokenizer_plan.is_identity
+    if reindex and delta_sink is not None:
+        raise MergeError("a tokenizer that changes the vocabulary cannot be written as an adapter; use --save full")
+    vocab_names = {n for n, _ in vocab_params(model, tokenizer_plan.source_rows[0])} if reindex else set()
+    params = [(n, p) for n, p in model.named_parameters() if n in touched and n not in vocab_names]
     _return_large_frees_to_the_os()
     base_reader = _base_reader(base_dir, model) if base_dir is not None else None
     t0 = time.time()
@@ -204,13 +212,132 @@ def merge_into(
             param.data.copy_(result.to(dtype=param.dtype))
         n_values += param.numel()
         del base, task_vectors, merged, result
+    vocab_stats = None
+    if reindex:
+        if should_stop is not None and should_stop():
+            raise BudgetExceeded("time budget ran out while merging (at the vocabulary tensors); nothing was saved")
+        vocab_stats = merge_vocabulary(model, experts, merge_tensor, tokenizer_plan, base_reader=base_reader,
+                                       progress=progress)
+        n_values += vocab_stats.pop("values")
+        device = device or torch.device(vocab_stats["math_device"])
     if device is not None and device.type == "cuda":
         torch.cuda.empty_cache()  # give fp32 temporaries back: evaluation sizes its batches from free memory
     return {
-        "tensors_merged": len(params),
+        "tensors_merged": len(params) + (len(vocab_stats["tensors"]) if vocab_stats else 0),
         "values_merged": n_values,
         "seconds": round(time.time() - t0, 3),
         "math_device": str(device) if device is not None else None,
         "experts": [getattr(e, "name", str(e)) for e in experts],
         "unused_expert_tensors": sorted({t for e in experts for t in getattr(e, "unused_tensors", [])}),
+        **({"vocabulary": vocab_stats} if vocab_stats else {}),
     }
+
+
+# --------------------------------------------------------------------------------------------------------
+# the vocabulary tensors under an output tokenizer (recipes' tokenizer_source / tokenizer:)
+# --------------------------------------------------------------------------------------------------------
+def vocab_params(model: torch.nn.Module, rows: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters of ``model``'s input embedding and output head whose first dimension is the
+    vocabulary (``rows`` long); a tied head is the embedding's parameter and is listed once."""
+    from .checkpoint import is_vocab_param
+
+    owned: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        if module is not None:
+            owned |= {id(p) for p in module.parameters(recurse=False)}
+    out = []
+    for name, p in model.named_parameters():
+        mine = id(p) in owned if owned else is_vocab_param(name)
+        if mine and p.dim() >= 1 and p.shape[0] == rows:
+            out.append((name, p))
+    return out
+
+
+def _base_value(base_reader, name: str, param: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if base_reader is not None and name in base_reader.mapping:
+        return base_reader.tensor(name, param).to(device=device)
+    return param.detach().to(device=device, dtype=torch.float32, copy=True)
+
+
+def _expert_rows(expert, name: str, base: torch.Tensor) -> torch.Tensor | None:
+    """Expert's full matrix for ``name`` in its own vocabulary (float32 on ``base.device``); None when it
+    lacks the weight. Full fine-tunes: the checkpoint's rows as stored (no pad-or-truncate to the base's
+    vocabulary); adapters and the base listed as a model: base + ΔW, in the base's vocabulary."""
+    raw = getattr(expert, "raw_tensor", None)
+    if raw is not None:
+        t = raw(name, device=base.device)
+        return None if t is None else t.to(dtype=torch.float32)
+    tv = expert.delta(name, base)
+    if tv is None:
+        return base  # never written to: align_rows makes new tensors
+    return tv.to(device=base.device, dtype=torch.float32).add_(base)
+
+
+@torch.no_grad()
+def merge_vocabulary(model: torch.nn.Module, experts: Sequence[Expert], merge_tensor: TensorFn, plan, *,
+                     base_reader=None, progress: bool = False) -> dict[str, Any]:
+    """Merge the input embedding and output head on the vocabulary of ``plan`` (mergekit 0.1.5's
+    ``tokenizer_source``), then resize ``model`` to ``plan.vocab_size`` and write the merged rows.
+
+    For each such parameter: the base's and every expert's full matrix, each in its own vocabulary, are
+    re-indexed by ``plan.align`` (base first; a model lacking the weight is left out and its τ is 0); the
+    task vectors are taken from the aligned base and merged with ``merge_tensor``, as mergekit does.
+    Memory: one vocabulary matrix per model (twice while aligning), per parameter; the results are kept
+    in the model's dtype until the resize. Tied weights are one parameter: aligned once, written to both.
+    """
+    base_rows = plan.source_rows[0]
+    params = vocab_params(model, base_rows)
+    if not params:
+        raise MergeError(f"the output tokenizer needs the input embedding re-indexed, but the base model has no "
+                         f"embedding or head with {base_rows} rows (its config.vocab_size)")
+    results: dict[str, torch.Tensor] = {}
+    device = None
+    n_values = 0
+    for name, param in tqdm(params, desc="merge vocabulary", unit="tensor", disable=not progress, leave=False):
+        device = compute_device(param)
+        base = _base_value(base_reader, name, param, device)
+        rows = [base] + [_expert_rows(e, name, base) for e in experts]
+        aligned = plan.align(rows)
+        del rows, base
+        base_al = aligned[0]
+        task_vectors = [torch.zeros_like(base_al) if a is None else a.sub_(base_al) for a in aligned[1:]]
+        del aligned
+        merged = merge_tensor(name, base_al, task_vectors)
+        if merged.shape != base_al.shape:
+            raise MergeError(f"merge of parameter '{name}' returned shape {tuple(merged.shape)}, "
+                             f"expected {tuple(base_al.shape)}")
+        result = base_al.add_(merged)
+        if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
+            raise MergeError(f"merge produced NaN or Inf in parameter '{name}'")
+        results[name] = result.to(dtype=param.dtype)
+        n_values += result.numel()
+        del task_vectors, merged, result, base_al
+
+    # resize (tied heads follow the embedding), then overwrite every row with the merge result
+    try:
+        model.resize_token_embeddings(plan.vocab_size, mean_resizing=False)
+    except TypeError:  # older transformers
+        model.resize_token_embeddings(plan.vocab_size)
+    config = getattr(model, "config", None)
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text.vocab_size = plan.vocab_size
+        if text is not config and hasattr(config, "vocab_size"):
+            config.vocab_size = plan.vocab_size
+    now = dict(model.named_parameters())
+    for name, value in results.items():
+        p = now.get(name)
+        if p is None or tuple(p.shape) != tuple(value.shape):
+            got = "missing" if p is None else f"shape {tuple(p.shape)}"
+            raise MergeError(f"after resizing to {plan.vocab_size} rows, parameter '{name}' is {got}, "
+                             f"expected {tuple(value.shape)}")
+        p.data = value.to(device=p.device, dtype=p.dtype)
+    del results
+    logger.info("vocabulary tensors %s merged on the output vocabulary (%d rows, was %d)",
+                ", ".join(n for n, _ in params), plan.vocab_size, base_rows)
+    return {"tensors": [n for n, _ in params], "rows": plan.vocab_size, "base_rows": base_rows,
+            "values": n_values, "math_device": str(device)}

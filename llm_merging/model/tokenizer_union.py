@@ -657,3 +657,79 @@ def build_tokenizer(
     logger.info("output tokenizer (%s): %d tokens, %d rows%s", source, n_tokens, vocab_size,
                 "; vocabularies already aligned" if plan.is_identity else "")
     return plan
+
+
+def tokenizer_with_chat_template(base_dir, model_dirs: Sequence, chat_template: str):
+    """The base's tokenizer as saved, with ``chat_template`` set (a recipe's ``chat_template`` without a
+    ``tokenizer_source``: mergekit 0.1.5 re-saves the base's tokenizer with the template). ``chat_template``
+    takes the forms of `build_tokenizer`'s."""
+    if not isinstance(chat_template, str) or not chat_template:
+        raise ConfigError(f"chat_template must be a non-empty string, got {chat_template!r}")
+    models = _load_models(base_dir, list(model_dirs))
+    tok = _copy_tokenizer(_load_tokenizer(models[0].path, models[0].label))
+    tok.chat_template = _resolve_chat_template(chat_template, models)
+    return tok
+
+
+def _map_token_sources(tokens: dict | None, local) -> dict | None:
+    if not tokens:
+        return tokens
+    out = {}
+    for token, cfg in tokens.items():
+        if isinstance(cfg, dict):
+            cfg = dict(cfg)
+            src = cfg.get("source")
+            if isinstance(src, str):
+                cfg["source"] = local(src)
+            elif isinstance(src, dict) and isinstance(src.get("model"), str):
+                cfg["source"] = {**src, "model": local(src["model"])}
+        out[token] = cfg
+    return out
+
+
+def recipe_tokenizer(tokenizer: dict | None, chat_template: str | None, base_dir, model_dirs: Sequence,
+                     local=None):
+    """``(plan, output tokenizer)`` for a recipe's ``tokenizer_source`` / ``tokenizer:`` (``tokenizer``:
+    ``{"source", "tokens", "pad_to_multiple_of"}`` as `llm_merging.recipe.Recipe` holds it) and
+    ``chat_template``. No tokenizer setting: no plan (mergekit re-indexes nothing), and the base's
+    tokenizer with the template when ``chat_template`` is set, else ``(None, None)``.
+    ``local(ref)`` maps a model reference of the recipe to its local directory (default: as given)."""
+    local = local or (lambda ref: ref)
+    if tokenizer is None:
+        if not chat_template:
+            return None, None
+        return None, tokenizer_with_chat_template(base_dir, model_dirs, local(chat_template))
+    source = tokenizer.get("source") or "union"
+    if source not in ("union", "base"):
+        source = local(source)
+    plan = build_tokenizer(base_dir, model_dirs, source, _map_token_sources(tokenizer.get("tokens"), local),
+                           tokenizer.get("pad_to_multiple_of"), local(chat_template) if chat_template else None)
+    return plan, plan.tokenizer
+
+
+NO_TOKENIZER_NOTE = ("vocabularies differ and the recipe sets no tokenizer_source: the merge keeps the base's "
+                     "tokenizer and rows; rows beyond an expert's vocabulary keep the base's values and an expert's "
+                     "rows beyond the base's are dropped (set tokenizer_source: union to merge the vocabularies)")
+
+
+def vocabulary_report(plan: TokenizerPlan | None, experts: Sequence, source=None, stats: dict | None = None):
+    """What report.json says about the vocabulary: the output tokenizer of ``plan`` (and the tensors
+    re-indexed, from the engine's ``stats``), or, without a plan, the experts' vocabulary mismatches
+    (``FullExpert.vocab_mismatch``) and what was done about them; None when there is nothing to say."""
+    mismatch = {}
+    for e in experts:
+        vm = getattr(e, "vocab_mismatch", None) or {}
+        if vm:
+            mismatch[getattr(e, "name", str(e))] = {p: {"base_rows": int(b), "expert_rows": int(r)}
+                                                    for p, (b, r) in vm.items()}
+    if plan is None:
+        if not mismatch:
+            return None
+        return {"mismatch": mismatch, "tokenizer_source": None, "note": NO_TOKENIZER_NOTE}
+    out = {"tokenizer_source": str(source) if source is not None else None, "rows": plan.vocab_size,
+           "tokens": plan.n_tokens, "base_rows": plan.source_rows[0],
+           "model_rows": dict(zip(plan.names, plan.source_rows)), "identity": plan.is_identity,
+           "re_indexed": list((stats or {}).get("tensors", []))}
+    if mismatch:
+        out["mismatch"] = mismatch
+    return out
