@@ -42,6 +42,14 @@ BUILTIN_METHODS = {
     "iso_cts": "llm_merging.merging.IsoCts:IsoCts",
     "knots_ties": "llm_merging.merging.KnotsTies:KnotsTies",
     "passthrough": "llm_merging.merging.Passthrough:Passthrough",
+    "nuslerp": "llm_merging.merging.Nuslerp:Nuslerp",
+    "multislerp": "llm_merging.merging.Multislerp:Multislerp",
+    "karcher": "llm_merging.merging.Karcher:Karcher",
+    "sce": "llm_merging.merging.Sce:Sce",
+    "ram": "llm_merging.merging.Ram:Ram",
+    "ramplus_tl": "llm_merging.merging.RamplusTl:RamplusTl",
+    "nearswap": "llm_merging.merging.Nearswap:Nearswap",
+    "arcee_fusion": "llm_merging.merging.ArceeFusion:ArceeFusion",
 }
 
 

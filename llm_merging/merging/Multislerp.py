@@ -1,0 +1,22 @@
+"""``multislerp``: barycentric interpolation of any number of task vectors on the hypersphere (mergekit ``multislerp``)."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .base import TaskVectorMerge
+from .hparams import WEIGHTS, Param
+
+
+class Multislerp(TaskVectorMerge):
+    """Multi-SLERP (mergekit): weighted mean direction of the task vectors, scaled to their weighted mean norm."""
+
+    hyperparameters = {
+        "weights": WEIGHTS,
+        "normalize_weights": Param(True, "divide the weights by their sum", kind=bool),
+        "eps": Param(1e-8, "numerical floor of norms", low=0.0, low_open=True),
+    }
+
+    def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
+        h = self.hparams
+        return ops.multislerp(task_vectors, h["weights"], normalize_weights=h["normalize_weights"], eps=h["eps"])
