@@ -39,3 +39,9 @@ class BudgetExceeded(LLMMergingError):
     """The wall-clock budget ran out; finished work is kept."""
 
     exit_code = 3
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line user errors."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .io_utils import atomic_write_text
 from .merging import settings
 
@@ -83,7 +83,7 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"recipe {path}: not valid YAML{at}: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"recipe {path}: not valid YAML{at}: {getattr(exc, 'problem', None) or first_line(exc)}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"recipe {path}: expected a mapping at the top level")
     return doc

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, ModelNotFoundError
+from ..errors import CheckpointError, ConfigError, ModelNotFoundError, first_line
 from ..model.refs import ModelRef, hf_token
 from . import settings
 from .hparams import COMMON, Param
@@ -107,7 +107,7 @@ class Merges(object):
         try:
             model = loader.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot load base model '{self.base_model_name}' from {path}: {_first_line(exc)}") from None
+            raise CheckpointError(f"cannot load base model '{self.base_model_name}' from {path}: {first_line(exc)}") from None
         offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
         if offloaded:
             raise CheckpointError(
@@ -133,7 +133,7 @@ class Merges(object):
                 return AutoTokenizer.from_pretrained(path, **kwargs)
             except (OSError, ValueError) as exc:
                 raise ModelNotFoundError(
-                    f"cannot load the tokenizer of base model '{self.base_model_name}' from {path}: {_first_line(exc)}"
+                    f"cannot load the tokenizer of base model '{self.base_model_name}' from {path}: {first_line(exc)}"
                 ) from None
 
         if self.architecture == "encoder_decoder":
@@ -549,6 +549,4 @@ def _resolved(setting: Any, pos: settings.Position, default: Any) -> Any:
     return default if value is None else value
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+

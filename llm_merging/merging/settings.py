@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 SCALARS = (bool, int, float, str, type(None))
 
@@ -185,7 +185,7 @@ def parse_cli(text: str, where: str) -> Any | None:
     try:
         obj = yaml.safe_load(stripped)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML flow syntax ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{where}: not valid YAML flow syntax ({first_line(exc)})") from None
     if isinstance(obj, list) and not all(isinstance(v, Mapping) and "value" in v for v in obj):
         return None  # a per-model list (of gradients / filter lists): the caller splits it
     return cli_object(obj, where)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from llm_merging.errors import AdapterError
+from llm_merging.errors import AdapterError, first_line
 from llm_merging.model.checkpoint import (
     _EMBED_CANDIDATES,
     _shape_str,
@@ -149,7 +149,7 @@ class LoraAdapter:
             if not isinstance(config, dict):
                 raise ValueError("not a JSON object")
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = first_line(exc)
             raise AdapterError(f"adapter {name}: cannot parse {cfg_file}: {msg}") from None
         cls._check_config(name, cfg_file, config)
         safe, binf = path / ADAPTER_SAFE, path / ADAPTER_BIN
@@ -268,7 +268,7 @@ class LoraAdapter:
         try:
             t = self._tensors.get_tensor(key)
         except Exception as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = first_line(exc)
             raise AdapterError(f"adapter {self.name}: cannot read '{key}' from {self.weights_file}: {msg}") from None
         return t.to(device=device).to(dtype=torch.float32)  # transfer the stored bytes, cast on the device
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelNotFoundError
+from ..errors import ModelNotFoundError, first_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -114,7 +114,7 @@ def resolve_path(model_id: str, revision: str | None = None, token: str | None =
             path = Path(snapshot_download(model_id, revision=revision, token=token, allow_patterns=patterns + ["*.bin"]))
         return path
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ModelNotFoundError(
             f"model '{model_id}'{rev} could not be found locally or downloaded ({reason[:200]}); {how}"
         ) from None
