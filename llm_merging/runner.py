@@ -230,6 +230,7 @@ class Runner:
             apply_recipe(method, recipe)
         apply_config(method, cfg)
         method.should_stop = self.budget.expired
+        method.tokenizer_optional = not cfg.evaluate
         if cfg.evaluate:
             self._check_datasets()
         self.report["models"] = method.preflight()
@@ -306,6 +307,8 @@ class Runner:
                 tok = method.tokenizer if method.architecture == "encoder_decoder" else method.input_tokenizer
             path = save_full(method.base_model, tok, self.out_dir / "merged_model", info)
             self.report["saved"] = {"format": "full", "path": str(path)}
+            if tok is None and getattr(method, "tokenizer_note", None):
+                self.report["saved"]["tokenizer"] = method.tokenizer_note
         else:
             writer = getattr(method, "delta_sink", None)
             if writer is None:

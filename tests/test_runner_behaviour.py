@@ -107,3 +107,25 @@ def test_auto_dtype_on_gpu_keeps_the_checkpoints_half_precision(tmp_path, monkey
     assert m.torch_dtype() == expected
     m.device = "cpu"
     assert m.torch_dtype() == torch.float32
+
+
+def test_no_eval_with_a_base_without_tokenizer_merges_and_saves(tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny.base_dir("decoder"), base)
+    for f in base.iterdir():
+        if "token" in f.name or f.name in ("special_tokens_map.json", "chat_template.jinja"):
+            f.unlink()
+    models = [str(tiny.full_expert_dir("decoder", i)) for i in range(2)]
+    out = tmp_path / "out"
+    assert main(["-m", "ties_merge", "--base-model", str(base), "--models", *models, "--no-eval", "--quiet",
+                 "--output_folder", str(out)]) == 0
+    report = _report(out / "ties_merge" / "report.json")
+    assert "no tokenizer copied" in report["saved"]["tokenizer"]
+    merged = out / "ties_merge" / "merged_model"
+    assert AutoModelForCausalLM.from_pretrained(str(merged)) is not None
+    assert not any("token" in f.name for f in merged.iterdir())
+    # with evaluation the missing tokenizer stays a one-line error
+    assert main(["-m", "ties_merge", "--base-model", str(base), "--models", *models, "--quiet",
+                 "--output_folder", str(tmp_path / "out2"), "--dataset_filepaths", tiny.sample_data_files()[0]]) == 2

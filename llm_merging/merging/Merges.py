@@ -75,6 +75,8 @@ class Merges(object):
         self.load_seconds = 0.0
         self.layout = None  # depth and slice of each tensor (settings.Layout), set in preflight and merge
         self.slice_lengths = None  # layers per output slice of a recipe (None: one slice)
+        self.tokenizer_optional = False  # set by the runner for --no-eval: a base without tokenizer still merges
+        self.tokenizer_note: str | None = None  # why no tokenizer was loaded (then none is saved)
 
     # ------------------------------------------------------------------ kit surface
     def get_name(self) -> str | None:
@@ -149,6 +151,17 @@ class Merges(object):
             self.target_tokenizer.padding_side = "right"
             self.target_tokenizer.add_bos_token = False
             self.target_tokenizer.add_eos_token = True
+
+    def _load_tokenizer_if_any(self) -> None:
+        """``_load_tokenizer``; when ``tokenizer_optional`` (nothing to evaluate) a base without tokenizer
+        files is merged and saved without one, as mergekit does, and ``tokenizer_note`` says so."""
+        try:
+            self._load_tokenizer()
+        except ModelNotFoundError as exc:
+            if not self.tokenizer_optional:
+                raise
+            self.tokenizer_note = f"no tokenizer copied: {exc}"
+            logger.warning("%s", self.tokenizer_note)
 
     def predict_multiple_choice(self, batch: dict):
         """Score every answer choice; return ``(predicted_choice[B], scores[B, n_choices])``."""
@@ -225,7 +238,7 @@ class Merges(object):
         if plan is not None and self.collect_adapter and not plan.is_identity:
             raise ConfigError("--save adapter cannot change the vocabulary (the recipe's tokenizer); use --save full")
         self._load_base_model()
-        self._load_tokenizer()
+        self._load_tokenizer_if_any()
         t0 = time.time()
         self.experts = load_experts(self, self.base_model)
         self.load_seconds += time.time() - t0

@@ -113,7 +113,7 @@ class Passthrough(TaskVectorMerge):
         from ..model.lora import LoraAdapter
 
         self._check_architecture()
-        self._load_tokenizer()
+        self._load_tokenizer_if_any()
         token = hf_token()
         base_path = self.base_ref().resolve(token)
         config_dict, layers = self._plan()
