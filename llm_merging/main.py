@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llm-merging",
         description="Merge expert LLMs (LoRA adapters or full fine-tunes) into one model, then evaluate it.",
     )
-    p.add_argument("-m", "--merging_method", "--method", dest="method", help="registered merge method (see --list)")
+    p.add_argument("-m", "--merging_method", "--method", dest="method", nargs="+",
+                   help="registered merge method (see --list); several only with --search (the search picks one)")
     p.add_argument("--list", action="store_true", help="list the registered merge methods and exit")
     p.add_argument("--recipe", help="a mergekit-style YAML recipe (method, models, per-layer/per-module values); "
                                     "output, evaluation, device and budget flags still apply")
@@ -54,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "a PEFT adapter by SVD (adapter, LoRA inputs), or none")
     p.add_argument("--tiny", action="store_true", help="offline smoke run with tiny twin models and sample data")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="merge and save only")
+    s = p.add_argument_group("search (the best merge on held-out data, within the budget)")
+    s.add_argument("--search", nargs="*", default=None, metavar="ENTRY",
+                   help="search before merging; entries KEY=LOW:HIGH[:log], KEY=a|b|c, KEY[*]= (one per expert), "
+                        "KEY[i]=, KEY@G= (a G-anchor gradient over depth), METHOD.KEY=; none: the default space")
+    s.add_argument("--search-data", dest="search_data", nargs="+", help="held-out files with labels scoring each candidate")
+    s.add_argument("--search-examples", dest="search_examples", type=int, help="first N examples of each search file")
+    s.add_argument("--normalize", action="store_true", help="objective: score / the best single expert's score, per file")
+    s.add_argument("--trials", type=int, help="at most N trials (default: until the budget)")
+    s.add_argument("--search-sampler", dest="search_sampler", default="tpe", help="tpe (default), cmaes, grid or random")
+    s.add_argument("--grid-points", dest="grid_points", type=int, default=3, help="values per range with the grid sampler")
+    s.add_argument("--resume", action="store_true", help="continue the search journalled in OUTPUT/METHOD/search/")
+    s.add_argument("--search-storage", dest="search_storage",
+                   help="an Optuna RDB URL or journal:PATH shared by several workers started with the same command")
+    s.add_argument("--search-study", dest="search_study", help="study name in the storage (default: from the space)")
+    s.add_argument("--no-prune", dest="prune", action="store_false", help="no early stopping of poor candidates")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     return p
@@ -110,13 +126,32 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.method and not args.recipe:
             raise LLMMergingError("no merge method given: use -m METHOD (see --list) or --recipe FILE.yml")
+        methods = list(args.method or [])
+        search = None
+        if args.search is not None:
+            from llm_merging.search import SearchConfig
+
+            search = SearchConfig(
+                entries=list(args.search), methods=methods, data=args.search_data, examples=args.search_examples,
+                normalize=args.normalize, sampler=args.search_sampler, grid_points=args.grid_points,
+                trials=args.trials, resume=args.resume, storage=args.search_storage, study_name=args.search_study,
+                prune=args.prune)
+        else:
+            if len(methods) > 1:
+                raise LLMMergingError(f"-m {' '.join(methods)}: several methods need --search (it picks the best)")
+            used = [flag for flag, on in (("--search-data", args.search_data), ("--trials", args.trials is not None),
+                                          ("--resume", args.resume), ("--search-storage", args.search_storage),
+                                          ("--normalize", args.normalize)) if on]
+            if used:
+                raise LLMMergingError(f"{used[0]} needs --search")
         cfg = RunConfig(
-            method=args.method or "", recipe=args.recipe, dataset_filepaths=args.dataset_filepaths, eval_types=args.eval_types,
+            method=methods[0] if methods else "", recipe=args.recipe, dataset_filepaths=args.dataset_filepaths, eval_types=args.eval_types,
             output_folder=args.output_folder, base_model=args.base_model, models=args.models,
             overrides=parse_overrides([item for group in args.overrides for item in group]),
             time_budget=args.time_budget, batch_size=_batch_size(args.batch_size), device=args.device,
             dtype=args.dtype, max_examples=args.max_examples, seed=args.seed, tiny=args.tiny,
             evaluate=args.evaluate, save=args.save, progress=not args.quiet, argv=["llm-merging", *argv],
+            search=search,
         )
     except LLMMergingError as exc:
         print(f"error: {exc}", file=sys.stderr)

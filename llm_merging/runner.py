@@ -50,6 +50,7 @@ class RunConfig:
     save: str = "full"
     progress: bool = True
     argv: list[str] = field(default_factory=list)
+    search: Any = None  # a search.SearchConfig: search for the best values before the merge (--search)
 
 
 def instantiate(name: str):
@@ -228,7 +229,12 @@ class Runner:
         method = self.method = instantiate(cfg.method)
         if recipe is not None:
             apply_recipe(method, recipe)
-        apply_config(method, cfg)
+        if cfg.search is not None:  # --set items of a search over several methods: this method's only
+            from .search import overrides_for
+
+            apply_config(method, dataclasses.replace(cfg, overrides=overrides_for(cfg, method.name, method.all_hyperparameters())))
+        else:
+            apply_config(method, cfg)
         method.should_stop = self.budget.expired
         method.tokenizer_optional = not cfg.evaluate
         if cfg.evaluate:
@@ -236,6 +242,10 @@ class Runner:
         self.report["models"] = method.preflight()
         self.out_dir = Path(cfg.output_folder) / str(method.get_name())
         check_output_folder(self.out_dir)
+        if cfg.search is not None:  # space, search data and storage checked before any weight is loaded
+            from . import search
+
+            self.search = search.prepare(self)
         self.preflight_ok = True
         self.report["hyperparameters"] = _jsonable(_settings_json(method.hparams))
         self.report["seed"] = method.seed
@@ -347,6 +357,13 @@ class Runner:
         try:
             with self.budget.phase("preflight"):
                 self.preflight()
+                self.prepare_adapter_sink()
+            if self.cfg.search is not None:  # leaves self.method configured with the best candidate
+                from . import search
+
+                self._check_budget("search")
+                with self.budget.phase("search"):
+                    search.run(self, self.search)
                 self.prepare_adapter_sink()
             self._check_budget("merge")
             with self.budget.phase("merge"):

@@ -506,6 +506,16 @@ class LoraAdapter:
             out = d if out is None else out.add_(d)
         return out
 
+    def in_memory(self, device=None) -> "LoraAdapter":
+        """A bound copy whose saved tensors are held in float32 on ``device`` (the search caches its
+        experts this way): `delta` and `factors` then give the same values without reading the file."""
+        import copy
+
+        self._check_bound()
+        held = copy.copy(self)
+        held._tensors = {key: self._get(key, device) for key in self._shapes}
+        return held
+
     def close(self) -> None:
         self._tensors = None
 

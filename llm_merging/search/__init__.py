@@ -1,0 +1,9 @@
+"""Search: find the best merge within the time budget, on held-out data (``--search``).
+
+:mod:`.space` parses and checks the search space, :mod:`.candidates` merges and scores candidates in
+memory, :mod:`.study` runs the Optuna study and writes ``OUTPUT/METHOD/search/``.
+"""
+from .space import SearchSpace, build_space
+from .study import SearchConfig, overrides_for, prepare, run
+
+__all__ = ["SearchConfig", "SearchSpace", "build_space", "overrides_for", "prepare", "run"]
