@@ -47,6 +47,8 @@ class RunConfig:
     recipe: str | None = None  # a mergekit-style YAML recipe (models, method, hyperparameters)
     tiny: bool = False
     evaluate: bool = True
+    analyze: bool = False  # task-vector analysis of the experts (analysis.json, plots): --analyze
+    baselines: bool = False  # evaluate the base and each expert alone too: --baselines
     save: str = "full"
     progress: bool = True
     argv: list[str] = field(default_factory=list)
@@ -239,6 +241,10 @@ class Runner:
         method.tokenizer_optional = not cfg.evaluate
         if cfg.evaluate:
             self._check_datasets()
+        if cfg.analyze or cfg.baselines:
+            from . import insight
+
+            insight.check_config(cfg, method)
         self.report["models"] = method.preflight()
         self.out_dir = Path(cfg.output_folder) / str(method.get_name())
         check_output_folder(self.out_dir)
@@ -379,6 +385,10 @@ class Runner:
                     raise BudgetExceeded(
                         f"time budget of {self.cfg.time_budget:g} s ran out during evaluation; finished predictions were saved"
                     )
+            if self.cfg.analyze or self.cfg.baselines:
+                from . import insight
+
+                insight.run(self)
             self.report["status"] = "ok"
         except BudgetExceeded as exc:
             status = self._fail(exc, "partial", exc.exit_code)
@@ -430,6 +440,10 @@ class Runner:
                 atomic_write_json(self.out_dir / "report.json", _jsonable(self.report))
         except OSError as exc:
             logger.error("cannot write report.json in %s: %s", self.out_dir, exc)
+        if self.out_dir.is_dir():
+            from . import insight
+
+            insight.write_report_html(self)  # logs a failure, never raises
 
     def summary(self) -> str:
         """A short human summary: phases and scores."""
@@ -448,6 +462,8 @@ class Runner:
         if r.get("saved"):
             lines.append(f"  model saved ({r['saved']['format']}): {r['saved']['path']}")
         lines.append(f"  report: {self.out_dir / 'report.json'}")
+        if (self.out_dir / "report.html").is_file():
+            lines.append(f"          {self.out_dir / 'report.html'}")
         return "\n".join(lines)
 
 
