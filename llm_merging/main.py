@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="model dtype (default auto)")
     p.add_argument("--max-examples", dest="max_examples", type=int, help="evaluate only the first N examples of each file")
     p.add_argument("--seed", type=int, default=None, help="seed of random merge methods (DARE, DELLA; default: the recipe's, else 0)")
+    p.add_argument("--analyze", action="store_true",
+                   help="task-vector analysis of the experts (norms, cosines, sign conflicts, ...): analysis.json, plots")
+    p.add_argument("--baselines", action="store_true",
+                   help="also evaluate the base and each expert alone; report normalised scores")
     p.add_argument("--save", default="full", choices=("full", "kit", "adapter", "none"),
                    help="merged model output: HF directory (full), the kit's safetensor.pt (kit), "
                         "a PEFT adapter by SVD (adapter, LoRA inputs), or none")
@@ -101,6 +105,10 @@ def _batch_size(value: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "analyze":  # `llm-merging analyze --base-model REF --models REF ...`
+        from llm_merging.analysis import cli_main
+
+        return cli_main(argv[1:])
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -156,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except LLMMergingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    cfg.analyze, cfg.baselines = args.analyze, args.baselines
     from llm_merging.budget import Budget
 
     runner = Runner(cfg, budget=Budget(cfg.time_budget))  # counted from process start (competition rule)
