@@ -425,6 +425,9 @@ class FullExpert:
         self.unmatched_keys: list[str] = []
         self.missing_params: list[str] = []
         self.vocab_mismatch: dict[str, tuple[int, int]] = {}
+        # True when an output tokenizer re-indexes the vocabulary tensors (read with `raw_tensor`): a
+        # vocabulary mismatch is then expected, and not handled by `tensor` / `delta`'s pad-or-truncate
+        self.vocab_reindexed = False
         self._bound = False
         self._tie = self._ties_embeddings()
 
@@ -492,6 +495,10 @@ class FullExpert:
             logger.warning("expert %s: %d base parameter(s) absent from the checkpoint (task vector 0): %s",
                            self.name, len(important_missing), _summary(important_missing))
         for n, (b_rows, e_rows) in vocab.items():
+            if self.vocab_reindexed:
+                logger.info("expert %s: %s has %d vocabulary rows (base %d); re-indexed to the output tokenizer",
+                            self.name, n, e_rows, b_rows)
+                continue
             logger.warning(
                 "expert %s: vocabulary size differs for %s (base %d rows, expert %d): %s", self.name, n,
                 b_rows, e_rows,

@@ -92,6 +92,8 @@ def open_experts(method, shapes: dict[str, tuple]) -> list:
 
     experts = []
     base_path = method.base_ref().resolve(hf_token()).resolve()
+    # a recipe's tokenizer_source / tokenizer: re-indexes the vocabulary tensors (merge_vocabulary)
+    reindexed = getattr(getattr(method, "recipe", None), "tokenizer", None) is not None
     for ref in method.model_refs():
         path = ref.resolve(hf_token())
         if path.resolve() == base_path:
@@ -100,6 +102,7 @@ def open_experts(method, shapes: dict[str, tuple]) -> list:
             expert = LoraAdapter.load(path, name=str(ref))
         else:
             expert = FullExpert(path, name=str(ref))
+            expert.vocab_reindexed = reindexed
         expert.bind(shapes)
         experts.append(expert)
     return experts

@@ -54,12 +54,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "vocab.txt", "sentencepiece.bpe.model")
 ADAPTER_CONFIG = "adapter_config.json"
 
-# Built-in chat template names (as mergekit's ``chat_template: chatml``); the standard ChatML format.
+# Built-in chat template names (as mergekit's ``chat_template: chatml``); the standard ChatML format, with
+# the same text (line breaks included) as mergekit 0.1.5 writes, so saved tokenizer configs are identical.
 CHAT_TEMPLATES = {
     "chatml": (
         "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-        "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-        "{% endif %}"
+        "'<|im_end|>' + '\\n'}}{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+        "{% endif %}\n"
     ),
 }
 
@@ -730,6 +731,4 @@ def vocabulary_report(plan: TokenizerPlan | None, experts: Sequence, source=None
            "tokens": plan.n_tokens, "base_rows": plan.source_rows[0],
            "model_rows": dict(zip(plan.names, plan.source_rows)), "identity": plan.is_identity,
            "re_indexed": list((stats or {}).get("tensors", []))}
-    if mismatch:
-        out["mismatch"] = mismatch
     return out
