@@ -852,3 +852,33 @@ def test_config_errors(case, call, param):
         call()
     msg = str(info.value)
     assert param in msg and "\n" not in msg
+
+
+# ---------------------------------------------------------------------- low_rank (adapter SVD)
+@pytest.mark.parametrize("method", ["full", "randomized"])
+def test_low_rank_is_exact_for_a_low_rank_matrix(method):
+    g = torch.Generator().manual_seed(0)
+    mat = torch.randn(300, 8, generator=g) @ torch.randn(8, 400, generator=g)
+    b, a, err = ops.low_rank(mat, 8, method=method)
+    assert b.shape == (300, 8) and a.shape == (8, 400)
+    assert err < 1e-5 and torch.allclose(b @ a, mat, atol=1e-4)
+
+
+def test_low_rank_error_is_measured_and_near_optimal():
+    g = torch.Generator().manual_seed(1)
+    mat = torch.randn(512, 512, generator=g)
+    s = np.linalg.svd(np64(mat), compute_uv=False)
+    optimal = float(np.sqrt((s[16:] ** 2).sum() / (s ** 2).sum()))
+    _, _, e_full = ops.low_rank(mat, 16, method="full")
+    b, a, e_rand = ops.low_rank(mat, 16, method="randomized")
+    assert e_full == pytest.approx(optimal, rel=1e-4)
+    assert e_rand == pytest.approx(float(torch.linalg.matrix_norm(mat - b @ a) / torch.linalg.matrix_norm(mat)), rel=1e-5)
+    assert optimal <= e_rand <= optimal * 1.02
+    b2, a2, _ = ops.low_rank(mat, 16, method="randomized")
+    assert torch.equal(b, b2) and torch.equal(a, a2)  # seeded: reproducible
+
+
+def test_low_rank_auto_and_zero():
+    assert ops.low_rank(torch.zeros(10, 20), 3)[2] == 0.0
+    with pytest.raises(ConfigError, match="method"):
+        ops.low_rank(torch.ones(4, 4), 2, method="lanczos")

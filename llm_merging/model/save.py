@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .. import ops
 from ..errors import ConfigError
 from ..io_utils import atomic_path, atomic_write_json
 
@@ -95,10 +96,11 @@ class AdapterWriter:
     kept in ``errors`` (and reported), with a warning above 1 %.
     """
 
-    def __init__(self, model: torch.nn.Module, experts: list, rank: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, experts: list, rank: int | None = None, svd: str = "auto") -> None:
         self.model = model
         self.experts = experts
         self.rank = rank
+        self.svd = svd  # ops.low_rank method: auto (randomized when the rank is far below the size) | full
         self.modules = dict(model.named_modules())
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.errors: dict[str, float] = {}  # relative Frobenius error of the truncation, per module
@@ -125,12 +127,8 @@ class AdapterWriter:
             raise ConfigError("--save adapter: the targets mix Linear and Conv1D layers, which one PEFT adapter cannot hold")
         mat = delta.t() if conv1d else delta  # PEFT factors are (out, r) @ (r, in)
         r = min(self.rank or sum(input_ranks), *mat.shape)
-        u, s, vh = torch.linalg.svd(mat.float(), full_matrices=False)
-        total = float(s.norm())
-        self.errors[module_name] = float(s[r:].norm()) / total if total > 0 else 0.0
-        b = (u[:, :r] * s[:r]).contiguous().cpu()
-        a = vh[:r].contiguous().cpu()
-        self.factors[module_name] = (b, a)
+        b, a, self.errors[module_name] = ops.low_rank(mat, r, method=self.svd)  # randomized when r << size
+        self.factors[module_name] = (b.cpu(), a.cpu())
 
     def save(self, output_dir: str | Path, base_model_name: str, info: dict[str, Any] | None = None) -> Path:
         if not self.factors:

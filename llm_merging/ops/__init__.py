@@ -31,7 +31,7 @@ from .model_stock import model_stock, model_stock_ratio
 from .slerp import lerp, slerp
 from .sparsify import breadcrumbs, dare, della, magnitude_prune
 from .spherical import karcher, multislerp, nuslerp
-from .svd import iso_c, iso_cts, knots, tsv
+from .svd import iso_c, iso_cts, knots, low_rank, tsv
 from .ties import consensus_merge, elect_sign, ties
 from ._common import derive_seed
 
@@ -53,6 +53,7 @@ __all__ = [
     "iso_cts",
     "karcher",
     "knots",
+    "low_rank",
     "lerp",
     "linear",
     "magnitude_mask",

@@ -244,3 +244,45 @@ def knots(
     else:
         merged = (blocks * weight_tensor(w, blocks)).sum(dim=0)
     return (u @ merged.to(f64)).to(torch.float32) * lam
+
+
+#: below this rank/min(m, n) ratio, :func:`low_rank` uses a randomized SVD
+RANDOMIZED_BELOW = 0.25
+
+
+def low_rank(mat: Tensor, rank: int, *, method: str = "auto", oversample: int = 8, niter: int = 4,
+             seed: int = 0) -> tuple[Tensor, Tensor, float]:
+    """Rank-``rank`` factors ``b (m, r)``, ``a (r, n)`` with ``b @ a ≈ mat`` and the relative Frobenius
+    error ``‖mat − b a‖ / ‖mat‖`` (0 for a zero matrix).
+
+    ``method="full"``: truncated full SVD (Eckart–Young optimal). ``"randomized"``: Halko, Martinsson &
+    Tropp 2011 (``torch.svd_lowrank`` with ``rank + oversample`` columns and ``niter`` power iterations,
+    seeded so the result is reproducible); exact when ``rank(mat) ≤ rank`` (up to float32 rounding), near
+    optimal otherwise, and its error is measured, not estimated. ``"auto"``: randomized when
+    ``rank < RANDOMIZED_BELOW · min(m, n)`` and the matrix has at least 256 rows and columns, else full.
+    """
+    check_choice(method, "method", ("auto", "full", "randomized"))
+    if mat.dim() != 2:
+        raise ConfigError(f"low_rank: expected a matrix, got shape {tuple(mat.shape)}")
+    m = f32(mat)
+    small = min(m.shape)
+    r = max(1, min(int(rank), small))
+    use_random = method == "randomized" or (method == "auto" and min(m.shape) >= 256 and r < RANDOMIZED_BELOW * small)
+    total = float(torch.linalg.matrix_norm(m))
+    if total == 0.0:
+        return torch.zeros(m.shape[0], r, device=m.device), torch.zeros(r, m.shape[1], device=m.device), 0.0
+    if use_random:
+        q = min(r + oversample, small)
+        devices = [m.device] if m.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(m, q=q, niter=niter)
+        b = u[:, :r] * s[:r]
+        a = v[:, :r].T
+        err = float(torch.linalg.matrix_norm(m - b @ a)) / total
+    else:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        b = u[:, :r] * s[:r]
+        a = vh[:r]
+        err = float(s[r:].norm()) / total
+    return b.contiguous(), a.contiguous(), err
