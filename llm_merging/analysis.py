@@ -66,6 +66,7 @@ DEFINITIONS = {
                      "density, per tensor), the share with opposite signs; 'dense' = density 1.0",
     "all_experts_conflict": "among coordinates where at least two experts are nonzero, the share where both "
                             "signs occur",
+    "kept_share": "entries kept by the top-k trimming / entries of the tensors the expert changes",
     "mask_overlap": "Jaccard index of the top-k masks at the TIES density (nonzero entries only); "
                     "'mask_overlap_chance' = the value for independent random masks of the same sizes",
     "effective_rank": "Roy & Vetterli (2007): exp(−Σ pₖ log pₖ), pₖ = σₖ / Σσ, singular values of ΔW; "
@@ -110,6 +111,7 @@ class Stats:
         self.sq = np.zeros(n)
         self.dot = np.zeros((n, n))
         self.kept = np.zeros(n, dtype=np.int64)
+        self.changed = np.zeros(n, dtype=np.int64)  # coordinates of the tensors the expert changes
         self.both = {"density": np.zeros((n, n), dtype=np.int64), "dense": np.zeros((n, n), dtype=np.int64)}
         self.opposite = {"density": np.zeros((n, n), dtype=np.int64), "dense": np.zeros((n, n), dtype=np.int64)}
         self.inter = np.zeros((n, n), dtype=np.int64)
@@ -125,7 +127,7 @@ class Stats:
     def add(self, other: "Stats") -> "Stats":
         self.tensors += other.tensors
         self.numel += other.numel
-        for key in ("sq", "dot", "kept", "inter", "union", "chance_inter", "chance_union", "erank_sum",
+        for key in ("sq", "dot", "kept", "changed", "inter", "union", "chance_inter", "chance_union", "erank_sum",
                     "rank_sum", "erank_count"):
             setattr(self, key, getattr(self, key) + getattr(other, key))
         for key in ("density", "dense"):
@@ -155,7 +157,7 @@ class Stats:
                                      for k in ("density", "dense")},
             "mask_overlap": ratio(self.inter, self.union),
             "mask_overlap_chance": ratio(self.chance_inter, self.chance_union),
-            "kept_share": [float(k) / self.numel if self.numel else None for k in self.kept],
+            "kept_share": [float(k) / c if c else None for k, c in zip(self.kept, self.changed)],
             "effective_rank": [float(self.erank_sum[i] / self.erank_count[i]) if self.erank_count[i] else None
                                for i in range(n)],
             "lora_rank": [float(self.rank_sum[i] / self.erank_count[i]) if self.rank_sum[i] else None for i in range(n)],
@@ -185,6 +187,7 @@ def tensor_stats(task_vectors: Sequence[torch.Tensor], densities: Sequence[float
         kept.append(nonzero if d >= 1.0 else ops.magnitude_mask(t, float(d)) & nonzero)
     for i in range(n):
         st.kept[i] = int(kept[i].sum())
+        st.changed[i] = numel if bool((signs[i] != 0).any()) else 0
     for start in range(0, numel, CHUNK):
         end = min(start + CHUNK, numel)
         f = [t[start:end].double() for t in flat]

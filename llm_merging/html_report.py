@@ -128,7 +128,7 @@ def analysis_html(doc: dict | None, out_dir: Path, hint: str = "not run (add --a
         parts.append(f'<p class="bad">partial: the budget stopped the analysis after {doc.get("tensors_analyzed")} of '
                      f'{doc.get("tensors_touched")} tensors</p>')
     parts.append(f"<p>{doc.get('tensors_analyzed')} tensors in {_num(doc.get('seconds'))} s on {_e(doc.get('math_device'))}; "
-                 f"TIES density {_e(doc.get('density'))}{' (first tensor; resolved per tensor)' if doc.get('density_per_tensor') else ''}. "
+                 f"TIES density {_e(_density_text(doc.get('density')))}{' (first tensor; resolved per tensor)' if doc.get('density_per_tensor') else ''}. "
                  f"{_link('analysis.json') if (out_dir / 'analysis.json').exists() else ''}</p>")
     parts.append("<h3>Verdicts</h3>")
     if doc.get("verdicts"):
@@ -177,6 +177,12 @@ def analysis_html(doc: dict | None, out_dir: Path, hint: str = "not run (add --a
     defs = doc.get("definitions") or {}
     parts.append("<h3>Definitions</h3><ul>" + "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>" for k, v in defs.items()) + "</ul>")
     return "\n".join(parts)
+
+
+def _density_text(density: Any) -> str:
+    if isinstance(density, list) and density:
+        return f"{density[0]:g}" if len(set(density)) == 1 else " / ".join(f"{d:g}" for d in density)
+    return str(density)
 
 
 def _page(title: str, sections: list[str], status_line: str) -> str:
