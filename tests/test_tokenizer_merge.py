@@ -299,3 +299,50 @@ def test_lora_expert_with_union(zoo, tmp_path):
                                    rtol=1e-5, atol=1e-6)
     assert report["vocabulary"]["tokenizer_source"] == "union"
     assert ref_report["vocabulary"]["tokenizer_source"] is None
+
+
+def test_chat_template_alone_keeps_the_vocabulary(zoo, tmp_path):
+    """No tokenizer setting: nothing is re-indexed (mergekit), the base's tokenizer is saved with the template."""
+    base, c = zoo["base"], zoo["c"]
+    merged, report = _run(tmp_path, _ta_doc(base, [c], [1.0], 0.5, chat_template="chatml"))
+    tok = AutoTokenizer.from_pretrained(str(merged))
+    assert tok.chat_template == CHAT_TEMPLATES["chatml"]
+    assert tok.get_vocab() == AutoTokenizer.from_pretrained(str(base)).get_vocab()
+    assert "vocabulary" not in report
+
+
+def test_union_run_evaluates_with_the_new_tokenizer(zoo, tmp_path, monkeypatch):
+    """End to end with evaluation: the merged model is scored with the output tokenizer."""
+    from llm_merging.merging.Merges import Merges
+
+    seen = {}
+    original = Merges.predict_multiple_choice
+
+    def spy(self, batch):
+        seen["tok"] = self.input_tokenizer
+        return original(self, batch)
+
+    monkeypatch.setattr(Merges, "predict_multiple_choice", spy)
+    base, a, b = zoo["base"], zoo["a"], zoo["b"]
+    recipe = tmp_path / "eval.yml"
+    recipe.write_text(yaml.safe_dump(_ta_doc(base, [a, b], [0.5, 0.5], 1.0, tokenizer_source="union")))
+    data = [f for f in tiny.sample_data_files() if "cosmos" in f]
+    rc = main(["--recipe", str(recipe), "--output_folder", str(tmp_path / "out"), "--quiet", "--device", "cpu",
+               "--dataset_filepaths", *data, "--max-examples", "2"])
+    assert rc == 0
+    assert "<tool>" in seen["tok"].get_vocab() and seen["tok"].padding_side == "left"
+
+
+def test_align_consume_drops_each_input_once_aligned(zoo):
+    """The engine's memory bound: with consume=True each input leaves the list once its result is made."""
+    from llm_merging.model.tokenizer_union import build_tokenizer
+
+    plan = build_tokenizer(zoo["base"], [zoo["a"], zoo["b"]], "union")
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(r, 8, generator=gen) for r in plan.source_rows]
+    expected = plan.align(list(rows))
+    given = list(rows)
+    got = plan.align(given, consume=True)
+    assert given == [None, None, None]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)

@@ -289,7 +289,7 @@ def merge_vocabulary(model: torch.nn.Module, experts: Sequence[Expert], merge_te
     For each such parameter: the base's and every expert's full matrix, each in its own vocabulary, are
     re-indexed by ``plan.align`` (base first; a model lacking the weight is left out and its τ is 0); the
     task vectors are taken from the aligned base and merged with ``merge_tensor``, as mergekit does.
-    Memory: one vocabulary matrix per model (twice while aligning), per parameter; the results are kept
+    Memory: one vocabulary matrix per model (base included) plus one, per parameter; the results are kept
     in the model's dtype until the resize. Tied weights are one parameter: aligned once, written to both.
     """
     base_rows = plan.source_rows[0]
@@ -302,10 +302,10 @@ def merge_vocabulary(model: torch.nn.Module, experts: Sequence[Expert], merge_te
     n_values = 0
     for name, param in tqdm(params, desc="merge vocabulary", unit="tensor", disable=not progress, leave=False):
         device = compute_device(param)
-        base = _base_value(base_reader, name, param, device)
-        rows = [base] + [_expert_rows(e, name, base) for e in experts]
-        aligned = plan.align(rows)
-        del rows, base
+        rows = [_base_value(base_reader, name, param, device)]
+        rows += [_expert_rows(e, name, rows[0]) for e in experts]
+        aligned = plan.align(rows, consume=True)  # each input is dropped once its aligned copy is made
+        del rows
         base_al = aligned[0]
         task_vectors = [torch.zeros_like(base_al) if a is None else a.sub_(base_al) for a in aligned[1:]]
         del aligned

@@ -114,6 +114,7 @@ def align_rows(
     overrides: dict[int, TokenSource] | None = None,
     axis: int = 0,
     names: Sequence[str] | None = None,
+    consume: bool = False,
 ) -> list[torch.Tensor | None]:
     """Re-index each model's vocabulary matrix to the output vocabulary (mergekit's ``PermutedVocabulary``).
 
@@ -124,6 +125,8 @@ def align_rows(
     padding (default ``n_tokens = vocab_size``), each model's filled with the mean of its token rows.
     ``base``: which entry is the base model (None: no base). ``overrides``: output token id -> `TokenSource`.
     Results are in the promoted dtype of the inputs, on the device of the first one.
+    ``consume`` (``rows_by_model`` a list): each input entry is set to None once its result is made, so
+    the caller holding no other reference, at most one result more than the inputs is alive at a time.
     """
     names = list(names) if names is not None else [f"model {k}" for k in range(len(rows_by_model))]
     if len(index_maps) != len(rows_by_model):
@@ -137,9 +140,8 @@ def align_rows(
         raise ValueError(f"n_tokens={n_tokens} must be in 1..vocab_size={vocab_size}")
     overrides = dict(overrides or {})
 
-    first = rows_by_model[present[0]]
-    device = first.device
-    dtype = first.dtype
+    device = rows_by_model[present[0]].device
+    dtype = rows_by_model[present[0]].dtype
     views: dict[int, torch.Tensor] = {}
     for k in present:
         t = rows_by_model[k]
@@ -147,6 +149,7 @@ def align_rows(
             raise MergeError(f"{names[k]}: vocabulary axis {axis} is out of range for a {t.ndim}-d matrix")
         views[k] = t.movedim(axis, 0)
         dtype = torch.promote_types(dtype, t.dtype)
+    del t
     token_shape = views[present[0]].shape[1:]
     for k in present:
         if views[k].shape[1:] != token_shape:
@@ -254,6 +257,9 @@ def align_rows(
         if vocab_size > n_tokens:  # padding rows: mean of the token rows (mergekit)
             new[n_tokens:] = torch.mean(new[:n_tokens], dim=0)
         out[k] = new.movedim(0, axis)
+        if consume:  # model k's input is no longer needed (the default rows are made)
+            views.pop(k)
+            rows_by_model[k] = None
     return out
 
 
@@ -288,10 +294,11 @@ class TokenizerPlan:
         return all(len(m) == self.vocab_size and torch.equal(m, ar) and rows == self.vocab_size
                    for m, rows in zip(self.index_maps, self.source_rows))
 
-    def align(self, rows_by_model: Sequence[torch.Tensor | None], axis: int = 0) -> list[torch.Tensor | None]:
+    def align(self, rows_by_model: Sequence[torch.Tensor | None], axis: int = 0,
+              consume: bool = False) -> list[torch.Tensor | None]:
         """`align_rows` with this plan's maps: base's matrix first, then each model's (None: lacks it)."""
         return align_rows(rows_by_model, self.index_maps, self.vocab_size, n_tokens=self.n_tokens, base=0,
-                          overrides=self.overrides, axis=axis, names=self.names)
+                          overrides=self.overrides, axis=axis, names=self.names, consume=consume)
 
     def save(self, out_dir: str | os.PathLike) -> None:
         self.tokenizer.save_pretrained(str(out_dir))
