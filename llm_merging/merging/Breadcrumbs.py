@@ -6,6 +6,8 @@ import torch
 from .. import ops
 from .hparams import SCALE, WEIGHTS, Param, consensus_kwargs
 from .base import TaskVectorMerge
+from .TaskArithmetic import LINEAR_DIVISOR, divide_by_weight_sum
+from .TiesMerge import KEEP_COUNT
 
 
 class Breadcrumbs(TaskVectorMerge):
@@ -19,13 +21,18 @@ class Breadcrumbs(TaskVectorMerge):
                        low=0.0, high=1.0, high_open=True),
         "weights": WEIGHTS,
         "scale": SCALE,
+        "keep_count": KEEP_COUNT,
+        "divisor": LINEAR_DIVISOR,
     }
 
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         n, h = len(task_vectors), self.hparams
         extra = consensus_kwargs(h) if self.consensus else {}
-        return ops.breadcrumbs(
-            task_vectors, density=h["density"], gamma=h["gamma"],
-            weights=h["weights"], scale=h["scale"], consensus=self.consensus, **extra,
+        out = ops.breadcrumbs(
+            task_vectors, density=h["density"], gamma=h["gamma"], weights=h["weights"], scale=h["scale"],
+            consensus=self.consensus, keep_count=h["keep_count"], **extra,
         )
+        if not self.consensus and h["divisor"] == "weight_sum":
+            out = divide_by_weight_sum(out, h["weights"])
+        return out

@@ -6,6 +6,7 @@ import torch
 from .. import ops
 from .hparams import SCALE, WEIGHTS, Param, consensus_kwargs
 from .base import TaskVectorMerge
+from .TaskArithmetic import LINEAR_DIVISOR, divide_by_weight_sum
 
 
 class DareLinear(TaskVectorMerge):
@@ -19,14 +20,18 @@ class DareLinear(TaskVectorMerge):
         "scale": SCALE,
         "rescale": Param("inverse", "rescale of kept entries: inverse (1/p, paper) | l1 (mergekit) | none", kind=str,
                          choices=("inverse", "l1", "none")),
+        "divisor": LINEAR_DIVISOR,
     }
 
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         n, h = len(task_vectors), self.hparams
         extra = consensus_kwargs(h) if self.consensus else {}
-        return ops.dare(
+        out = ops.dare(
             task_vectors, density=h["density"], weights=h["weights"], scale=h["scale"],
             consensus=self.consensus, rescale=None if h["rescale"] == "none" else h["rescale"],
             seed=self.tensor_seed(name), **extra,
         )
+        if not self.consensus and h["divisor"] == "weight_sum":
+            out = divide_by_weight_sum(out, h["weights"])
+        return out

@@ -6,6 +6,7 @@ import torch
 from .. import ops
 from .hparams import SCALE, WEIGHTS, Param, consensus_kwargs
 from .base import TaskVectorMerge
+from .TaskArithmetic import LINEAR_DIVISOR, divide_by_weight_sum
 
 
 class DellaLinear(TaskVectorMerge):
@@ -17,6 +18,9 @@ class DellaLinear(TaskVectorMerge):
         "epsilon": Param(0.1, "spread of keep probabilities around density (MagPrune)", per_model=True, low=0.0),
         "weights": WEIGHTS,
         "scale": SCALE,
+        "rescale": Param("inverse", "rescale of kept entries: inverse (1/keep probability, paper) | l1 (mergekit) | none",
+                         kind=str, choices=("inverse", "l1", "none")),
+        "divisor": LINEAR_DIVISOR,
     }
 
 
@@ -28,8 +32,11 @@ class DellaLinear(TaskVectorMerge):
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         n, h = len(task_vectors), self.hparams
         extra = consensus_kwargs(h) if self.consensus else {}
-        return ops.della(
+        out = ops.della(
             task_vectors, density=h["density"], epsilon=h["epsilon"],
             weights=h["weights"], scale=h["scale"], consensus=self.consensus,
-            seed=self.tensor_seed(name), **extra,
+            rescale=None if h["rescale"] == "none" else h["rescale"], seed=self.tensor_seed(name), **extra,
         )
+        if not self.consensus and h["divisor"] == "weight_sum":
+            out = divide_by_weight_sum(out, h["weights"])
+        return out

@@ -22,5 +22,12 @@ class Linear(TaskVectorMerge):
             raise ConfigError(f"method '{self.name}': weights {values['weights']} sum to 0; cannot normalise (set normalize=false)")
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
-        # θᵢ = θ₀ + τᵢ, so Σwᵢθᵢ/Σwᵢ = θ₀ + Σwᵢτᵢ/Σwᵢ: averaging the task vectors is exact.
-        return ops.linear(task_vectors, weights=self.hparams["weights"], normalize=self.hparams["normalize"])
+        # θᵢ = θ₀ + τᵢ, so Σwᵢθᵢ/Σwᵢ = θ₀ + Σwᵢτᵢ/Σwᵢ: averaging the task vectors is exact. Unnormalised,
+        # Σwᵢθᵢ = θ₀ + Σwᵢτᵢ + (Σwᵢ − 1)·θ₀ (as mergekit's linear with normalize: false).
+        w, normalize = self.hparams["weights"], self.hparams["normalize"]
+        out = ops.linear(task_vectors, weights=w, normalize=normalize)
+        if not normalize:
+            total = float(sum(w) if isinstance(w, (list, tuple)) else w * len(task_vectors))
+            if total != 1.0:
+                out.add_(base.to(out.dtype), alpha=total - 1.0)
+        return out

@@ -6,6 +6,7 @@ import torch
 from .. import ops
 from .hparams import SCALE, WEIGHTS, Param
 from .base import TaskVectorMerge
+from .TiesMerge import KEEP_COUNT
 
 
 class MagnitudePrune(TaskVectorMerge):
@@ -15,10 +16,11 @@ class MagnitudePrune(TaskVectorMerge):
         "density": Param(0.5, "fraction of entries kept per task vector, in (0, 1]", per_model=True, low=0.0, high=1.0, low_open=True),
         "weights": WEIGHTS,
         "scale": SCALE,
+        "keep_count": KEEP_COUNT,
     }
 
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         n, h = len(task_vectors), self.hparams
         return ops.magnitude_prune(task_vectors, density=h["density"], weights=h["weights"],
-                                   scale=h["scale"])
+                                   scale=h["scale"], keep_count=h["keep_count"])

@@ -14,6 +14,8 @@ class ModelStock(TaskVectorMerge):
 
     hyperparameters = {
         "filter_wise": Param(False, "one ratio per output row instead of per tensor", kind=bool),
+        "extrapolate": Param(False, "mergekit's t for a negative mean cosine (t < 0: away from the average) instead of "
+                                    "clamping it to 0 (t = 0: the base)", kind=bool),
     }
 
 
@@ -24,4 +26,5 @@ class ModelStock(TaskVectorMerge):
             raise ConfigError(f"method '{self.name}' needs at least 2 models, got {n}")
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
-        return ops.model_stock(task_vectors, filter_wise=self.hparams["filter_wise"])
+        return ops.model_stock(task_vectors, filter_wise=self.hparams["filter_wise"],
+                               extrapolate=self.hparams["extrapolate"])

@@ -4,8 +4,11 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .hparams import CONSENSUS, DENSITY, SCALE, WEIGHTS, consensus_kwargs
+from .hparams import CONSENSUS, DENSITY, SCALE, WEIGHTS, Param, consensus_kwargs
 from .base import TaskVectorMerge
+
+KEEP_COUNT = Param("round", "entries kept per task vector: round(density·n) (ours) or floor: int(density·n) (mergekit, PEFT)",
+                   kind=str, choices=("round", "floor"))
 
 
 class TiesMerge(TaskVectorMerge):
@@ -16,6 +19,7 @@ class TiesMerge(TaskVectorMerge):
         "weights": WEIGHTS,
         "scale": SCALE,
         **CONSENSUS,
+        "keep_count": KEEP_COUNT,
     }
 
 
@@ -24,5 +28,5 @@ class TiesMerge(TaskVectorMerge):
         h = self.hparams
         return ops.ties(
             task_vectors, density=h["density"], weights=h["weights"], scale=h["scale"],
-            **consensus_kwargs(h),
+            keep_count=h["keep_count"], **consensus_kwargs(h),
         )

@@ -179,13 +179,23 @@ def cpu_generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def keep_count(density: float, n: int) -> int:
-    """k = round(density * n) (half up), at least 1 when density > 0, at most n."""
+KEEP_COUNTS = ("round", "floor")
+
+
+def keep_count(density: float, n: int, mode: str = "round", *, at_least_one: bool = True) -> int:
+    """Number of entries a density keeps out of ``n``.
+
+    ``mode="round"`` (ours): k = round(density·n), half up. ``mode="floor"`` (mergekit 0.1.5 and PEFT):
+    k = int(density·n), truncated. Either way at least 1 when density > 0 (unless ``at_least_one=False``:
+    mergekit's ``magnitude_outliers`` keeps ``int(density·n)`` even when that is 0), all when density ≥ 1.
+    """
+    check_choice(mode, "keep_count", KEEP_COUNTS)
     if density >= 1.0:
         return n
     if density <= 0.0 or n == 0:
         return 0
-    return min(n, max(1, int(math.floor(density * n + 0.5))))
+    k = int(math.floor(density * n + 0.5)) if mode == "round" else int(density * n)
+    return min(n, max(1, k) if at_least_one else k)
 
 
 def dot64(x: Tensor, y: Tensor, chunk: int = 1 << 22) -> float:

@@ -5,7 +5,10 @@ Top-k convention (used by every magnitude-based mask here): keep exactly
 ordered by |x| descending and, among equal magnitudes, by flat index ascending. The order is a total
 order, so the result is deterministic and identical on CPU and GPU, and the top-a set is contained in
 the top-b set for a ≤ b. (PEFT and mergekit use ``k = int(density · numel)`` and leave ties to
-``torch.topk``/``argsort``; the results agree whenever density·numel is an integer and there are no ties.)
+``torch.topk``/``argsort``; the results agree whenever density·numel is an integer and there are no ties.
+``keep_count="floor"`` gives mergekit's count: ``k = int(density · numel)`` (at least 1); ties at the
+threshold still go to the lower flat index, where mergekit keeps whichever entries its sort returns, so
+inputs with exact ties at the threshold (common in fp16) can still differ there.)
 
 Random masks (DARE, DELLA) are drawn from a CPU ``torch.Generator`` seeded with the given seed and only
 then moved to the tensor's device, so one seed yields bit-identical masks on CPU and GPU.
@@ -20,7 +23,8 @@ from torch import Tensor
 
 from llm_merging.errors import ConfigError
 
-from ._common import check_choice, check_range, cpu_generator, f32, keep_count
+from ._common import KEEP_COUNTS, check_choice, check_range, cpu_generator, f32
+from ._common import keep_count as _keep_count
 
 RESCALES = ("inverse", "l1", None)
 _L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor threshold
@@ -61,14 +65,16 @@ def _topk_flat(a: Tensor, k: int, use_topk: Optional[bool] = None) -> Tensor:
     return mask
 
 
-def magnitude_mask(x: Tensor, density: float) -> Tensor:
-    """Boolean mask keeping the top ``round(density·numel)`` entries of ``x`` by magnitude.
+def magnitude_mask(x: Tensor, density: float, keep_count: str = "round") -> Tensor:
+    """Boolean mask keeping the top ``round(density·numel)`` entries of ``x`` by magnitude
+    (``keep_count="floor"``: ``int(density·numel)``, at least 1, as mergekit and PEFT).
 
     See the module docstring for the exact count and the tie rule. ``density`` in (0, 1].
     """
     d = check_range(density, "density", 0.0, 1.0, low_open=True)
+    check_choice(keep_count, "keep_count", KEEP_COUNTS)
     n = x.numel()
-    k = keep_count(d, n)
+    k = _keep_count(d, n, keep_count)
     return _topk_flat(f32(x).detach().abs().reshape(-1), k).reshape(x.shape)
 
 
@@ -90,22 +96,28 @@ def random_mask(
     return (u < d).to(device)
 
 
-def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
+def breadcrumbs_mask(x: Tensor, density: float, gamma: float, keep_count: str = "round") -> Tensor:
     """Model Breadcrumbs mask (Davari & Belilovsky 2023): drop the ``gamma`` fraction of largest-magnitude
     entries (outliers) and the smallest ones, keeping ``round(density·numel)`` entries in between.
 
-    Counts as mergekit ``magnitude_outliers``: ``n_top = round(gamma·n)`` outliers dropped,
-    ``n_keep = round(density·n)`` kept, ``n − n_keep − n_top`` smallest dropped; when
-    density + gamma > 1 the number of outliers dropped is reduced to ``n − n_keep`` (mergekit does the
-    same). density ≥ 1 keeps everything.
+    Counts: ``n_top = round(gamma·n)`` outliers dropped, ``n_keep = round(density·n)`` kept (at least 1),
+    ``n − n_keep − n_top`` smallest dropped; when density + gamma > 1 the number of outliers dropped is
+    reduced to ``n − n_keep`` (as mergekit ``magnitude_outliers``). ``keep_count="floor"`` is mergekit
+    0.1.5's count: ``n_top = int(gamma·n)``, ``n_keep = int(density·n)`` (possibly 0). density ≥ 1 keeps
+    everything.
     """
     d = check_range(density, "density", 0.0, 1.0, low_open=True)
     g = check_range(gamma, "gamma", 0.0, 1.0, high_open=True)
+    check_choice(keep_count, "keep_count", KEEP_COUNTS)
     n = x.numel()
     if d >= 1.0:
         return torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    n_keep = keep_count(d, n)
-    n_top = min(int(math.floor(g * n + 0.5)), n - n_keep)
+    if keep_count == "floor":
+        n_keep = _keep_count(d, n, "floor", at_least_one=False)
+        n_top = min(int(g * n), n - n_keep)
+    else:
+        n_keep = _keep_count(d, n)
+        n_top = min(int(math.floor(g * n + 0.5)), n - n_keep)
     a = f32(x).detach().abs().reshape(-1)
     mask = _topk_flat(a, n_keep + n_top)
     if n_top > 0:

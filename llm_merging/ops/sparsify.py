@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 from torch import Tensor
 
 from ._common import (
+    KEEP_COUNTS,
     PerModel,
     check_choice,
     check_real,
@@ -79,8 +80,10 @@ def magnitude_prune(
     sign_method: str = "total",
     weighted_sign: bool = False,
     divisor: Optional[str] = "count",
+    keep_count: str = "round",
 ) -> Tensor:
-    """Magnitude pruning then merge: keep the top ``round(density·numel)`` |τᵢ| entries of each task vector.
+    """Magnitude pruning then merge: keep the top ``round(density·numel)`` |τᵢ| entries of each task vector
+    (``keep_count="floor"``: ``int(density·numel)``, at least 1, as mergekit and PEFT).
 
     ``consensus=None``: ``λ Σ wᵢ τ̂ᵢ`` (= ``scale * peft.utils.merge_utils.magnitude_prune`` when
     density·numel is integral; mergekit ``sparsification_method: magnitude`` without consensus).
@@ -88,12 +91,13 @@ def magnitude_prune(
     """
     ts = check_tensors(task_vectors)
     lam = _common_checks(consensus, sign_method, divisor, scale)
+    check_choice(keep_count, "keep_count", KEEP_COUNTS)
     dens = per_model(density, len(ts), "density", 0.0, 1.0, low_open=True)
     w = weight_list(weights, len(ts))
     stacked = stack_f32(ts)
     for i, d in enumerate(dens):
         if d < 1.0:
-            stacked[i].masked_fill_(~magnitude_mask(stacked[i], d), 0.0)
+            stacked[i].masked_fill_(~magnitude_mask(stacked[i], d, keep_count), 0.0)
     return _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
 
 
@@ -144,6 +148,7 @@ def breadcrumbs(
     sign_method: str = "total",
     weighted_sign: bool = False,
     divisor: Optional[str] = "count",
+    keep_count: str = "round",
 ) -> Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795), mergekit ``breadcrumbs`` /
     ``breadcrumbs_ties`` masks.
@@ -152,18 +157,19 @@ def breadcrumbs(
     smallest ``1 − density − gamma`` fraction, keeping ``density`` of the entries (see
     :func:`~llm_merging.ops.masks.breadcrumbs_mask`); no rescaling. ``consensus=None``: ``λ Σ wᵢ τ̃ᵢ``
     (mergekit ``breadcrumbs``); ``"ties"``: sign election + disjoint merge (mergekit ``breadcrumbs_ties``
-    uses ``weighted_sign=True, divisor=None``).
+    uses ``weighted_sign=True, divisor=None``). ``keep_count="floor"``: mergekit 0.1.5's truncated counts.
     """
     ts = check_tensors(task_vectors)
     lam = _common_checks(consensus, sign_method, divisor, scale)
     n = len(ts)
     dens = per_model(density, n, "density", 0.0, 1.0, low_open=True)
     gams = per_model(gamma, n, "gamma", 0.0, 1.0, high_open=True)
+    check_choice(keep_count, "keep_count", KEEP_COUNTS)
     w = weight_list(weights, n)
     stacked = stack_f32(ts)
     for i, (d, g) in enumerate(zip(dens, gams)):
         if d < 1.0:
-            stacked[i].masked_fill_(~breadcrumbs_mask(stacked[i], d, g), 0.0)
+            stacked[i].masked_fill_(~breadcrumbs_mask(stacked[i], d, g, keep_count), 0.0)
     return _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
 
 

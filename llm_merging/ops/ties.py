@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._common import (
+    KEEP_COUNTS,
     PerModel,
     check_choice,
     check_real,
@@ -96,19 +97,22 @@ def ties(
     sign_method: str = "total",
     weighted_sign: bool = False,
     divisor: Optional[str] = "count",
+    keep_count: str = "round",
 ) -> Tensor:
     """TIES-Merging (Yadav et al. 2023): merged task vector ``λ · disjoint_mean(trim(τᵢ))``.
 
     1. Trim: keep the top ``k = round(density·numel)`` entries of each τᵢ by |·| (per tensor; ties at the
        threshold go to the lower flat index, see :func:`magnitude_mask`); default density 0.2 = the
-       paper's top-20%.
+       paper's top-20%. ``keep_count="floor"``: ``k = int(density·numel)`` (mergekit, PEFT).
     2. Elect: γ = sign(Σ τ̂ᵢ) over the trimmed, unweighted vectors (``sign_method="frequency"``:
        sign(Σ sign τ̂ᵢ); ``weighted_sign=True``: over wᵢτ̂ᵢ as mergekit does).
     3. Disjoint merge: average of wᵢτ̂ᵢ over the models whose trimmed entry is nonzero with sign γ
        (``divisor``: ``"count"`` as the paper and PEFT, ``"weight_sum"`` as mergekit ``ties``
        ``normalize=True``, ``None`` for the plain sum); then times λ = ``scale``.
 
-    With density·numel integral, equals ``scale * peft.utils.merge_utils.ties(τ, weights, density)``.
+    With density·numel integral, equals ``scale * peft.utils.merge_utils.ties(τ, weights, density)``;
+    mergekit 0.1.5 ``ties`` is ``keep_count="floor", weighted_sign=True, divisor="weight_sum"`` (its
+    ``normalize: false``: ``divisor=None``).
     """
     ts = check_tensors(task_vectors)
     n = len(ts)
@@ -117,9 +121,10 @@ def ties(
     lam = check_real(scale, "scale")
     check_choice(sign_method, "sign_method", SIGN_METHODS)
     check_choice(divisor, "divisor", DIVISORS)
+    check_choice(keep_count, "keep_count", KEEP_COUNTS)
     stacked = stack_f32(ts)
     for i, d in enumerate(dens):
         if d < 1.0:
-            stacked[i].masked_fill_(~magnitude_mask(stacked[i], d), 0.0)
+            stacked[i].masked_fill_(~magnitude_mask(stacked[i], d, keep_count), 0.0)
     out = consensus_merge(stacked, w, sign_method=sign_method, weighted_sign=weighted_sign, divisor=divisor)
     return out * lam
