@@ -14,7 +14,8 @@ Syntax of one entry (``--search ENTRY ...``; in a recipe, ``KEY: RANGE`` under `
   without a method applies to every searched method that declares it.
 
 A ``KEY`` alone (no ``=``) takes its default range. With no entries, the default space of each method is
-its bounded numeric hyperparameters, ``scale`` in [0.5, 2] (log) and one weight per expert in [0.1, 1].
+its bounded numeric hyperparameters, ``scale`` in [0.5, 2] (log) and one weight per expert in [0.1, 1],
+less the keys fixed with ``--set``; entries narrow or extend that space.
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ class Dim:
     choices: tuple = ()
 
     def label(self) -> str:
-        """The entry as written on the command line (normalised)."""
-        head = (f"{self.method}." if self.method else "") + self.key
+        """The entry as written on the command line (normalised; without its method)."""
+        head = self.key
         if self.index is not None:
             head += f"[{self.index}]"
         if self.anchors:
@@ -262,10 +263,13 @@ def default_dims(specs: dict[str, Param]) -> list[Dim]:
 
 
 def build_space(methods: Sequence[str], specs_by_method: dict[str, dict[str, Param]], n_experts: int,
-                entries: Iterable[tuple[str, Any]], where_of=lambda head: f"--search {head}") -> SearchSpace:
-    """The space of ``methods``: their default space when ``entries`` is empty, else the defaults
-    narrowed or extended by the entries (an entry replaces the default dimension of its key)."""
-    space = SearchSpace(list(methods), {m: default_dims(specs_by_method[m]) for m in methods}, n_experts)
+                entries: Iterable[tuple[str, Any]], where_of=lambda head: f"--search {head}",
+                fixed: dict[str, set[str]] | None = None) -> SearchSpace:
+    """The space of ``methods``: their default space (less the keys in ``fixed[method]``, set with
+    ``--set``) narrowed or extended by the entries (an entry replaces the default dimension of its key)."""
+    fixed = fixed or {}
+    space = SearchSpace(list(methods), {m: [d for d in default_dims(specs_by_method[m]) if d.key not in fixed.get(m, ())]
+                                        for m in methods}, n_experts)
     for head, rng in entries:
         for method, dim in build_dim(head, rng, specs_by_method, n_experts, where_of(head)):
             kept = [d for d in space.dims[method] if d.key != dim.key or

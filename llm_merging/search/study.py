@@ -18,6 +18,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -155,7 +156,8 @@ class Search:
                 entries = [(str(k), v) for k, v in section.items()] + entries
                 where = lambda head: f"--search {head} (or recipe {recipe.path}: llm_merging.search)"  # noqa: E731
         specs = {n: {k: p for k, p in m.all_hyperparameters().items()} for n, m in self.methods.items()}
-        self.space = build_space(names, specs, n_experts, entries, where)
+        fixed = {n: set(overrides_for(runner.cfg, n, specs[n])) for n in names}
+        self.space = build_space(names, specs, n_experts, entries, where, fixed)
         for name, method in self.methods.items():  # best.yml must be writable for this method's values
             self._recipe_doc(method)
         self._prepare_data()
@@ -338,13 +340,14 @@ class Search:
 
         s = self.cfg.sampler
         if s == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=len(self.space.methods) > 1,
-                                              warn_independent_sampling=False)
+            with warnings.catch_warnings():  # multivariate/group are "experimental" (stable since Optuna 3)
+                warnings.simplefilter("ignore")
+                return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=len(self.space.methods) > 1)
         if s == "cmaes":
-            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)  # categoricals: random
         if s == "random":
             return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.GridSampler(self._grid(), seed=seed)
+        return _Grid(self._grid(), seed=seed)
 
     def _suggest(self, trial) -> tuple[str, dict[str, Any]]:
         space = self.space
@@ -431,6 +434,8 @@ class Search:
                 need = self._mean("seconds") or 0.0
                 if budget.remaining() - reserve < need or budget.remaining() - reserve <= 0:
                     stopped = "budget"
+                    logger.info("search stops: %.1f s left, %.1f s kept for the final merge, save and evaluation, "
+                                "a trial takes about %.1f s", budget.remaining(), reserve, need)
                     break
                 trial = study.ask()
                 method_name, params = self._suggest(trial)
@@ -598,8 +603,10 @@ class Search:
         ax.legend(loc="lower right")
         _save(fig, self.dir / "history.png")
         try:
-            imp = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                imp = optuna.importance.get_param_importances(
+                    study, evaluator=optuna.importance.PedAnovaImportanceEvaluator())
         except (RuntimeError, ValueError, ZeroDivisionError) as exc:
             imp = None
             logger.info("search: no parameter importance (%s)", first_line(exc))
@@ -629,6 +636,23 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def _grid_sampler():
+    import optuna
+
+    class Grid(optuna.samplers.GridSampler):
+        """Optuna's grid, without its ``study.stop()`` once the grid is used up (that only works inside
+        ``study.optimize``; the search loop counts the grid itself)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return Grid
+
+
+def _Grid(grid: dict, seed: int):
+    return _grid_sampler()(grid, seed=seed)
 
 
 def _short(v: Any) -> str:
