@@ -93,7 +93,7 @@ def conflict_per_layer(doc: dict) -> bytes | None:
     if not items or n < 2:
         return None
     names = [e["label"] for e in doc["experts"]]
-    fig = _figure(max(6.0, 0.22 * len(labels) + 3), 4.0)
+    fig = _figure(max(6.0, 0.22 * len(labels) + 3) + 3.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(labels)))
     dens = doc.get("density") or []
@@ -114,7 +114,7 @@ def conflict_per_layer(doc: dict) -> bytes | None:
     ax.set_xlabel("layer" if doc.get("by_layer") else "module")
     ax.set_ylabel("sign conflict (share of shared nonzero coordinates)")
     ax.set_title("Sign conflict per layer")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(fig)
 
 

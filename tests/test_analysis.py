@@ -56,11 +56,11 @@ def test_tensor_figures_match_an_independent_computation():
     flat = [np.concatenate([t[i].double().numpy().reshape(-1) for t in tensors]) for i in range(3)]
     masks = [np.concatenate([_np_topk_mask(t[i].numpy().reshape(-1), densities[i]) for t in tensors]) for i in range(3)]
     for i in range(3):
-        assert s["norm"][i] == pytest.approx(np.linalg.norm(flat[i]), rel=1e-9)
+        assert s["norm"][i] == pytest.approx(np.linalg.norm(flat[i]), rel=1e-6)
         for j in range(i + 1, 3):
             cos = flat[i] @ flat[j] / (np.linalg.norm(flat[i]) * np.linalg.norm(flat[j]))
             dense, trimmed, jac = _np_pair(flat[i], flat[j], masks[i], masks[j])
-            assert s["cosine"][i][j] == pytest.approx(cos, abs=1e-9) and s["cosine"][j][i] == s["cosine"][i][j]
+            assert s["cosine"][i][j] == pytest.approx(cos, abs=1e-6) and s["cosine"][j][i] == s["cosine"][i][j]
             assert s["sign_conflict"]["dense"][i][j] == pytest.approx(dense, abs=1e-12)
             assert s["sign_conflict"]["density"][i][j] == pytest.approx(trimmed, abs=1e-12)
             assert s["mask_overlap"][i][j] == pytest.approx(jac, abs=1e-12)
