@@ -115,8 +115,9 @@ def _png_file(path: Path) -> bytes | None:
 
 
 # --------------------------------------------------------------------------------------------- analysis
-def analysis_html(doc: dict | None, out_dir: Path, hint: str = "not run (add --analyze to a run, or use "
-                                                                 "<code>llm-merging analyze</code>)") -> str:
+def analysis_html(doc: dict | None, out_dir: Path, hint: str = "no analysis (run with --analyze, or use "
+                                                                 "<code>llm-merging analyze</code>; a stopped run "
+                                                                 "can end before it)") -> str:
     """The analysis section's body from an ``analysis.json`` document (plots from its files, else drawn)."""
     if not doc:
         return f'<p class="muted">{hint}</p>'
@@ -352,7 +353,7 @@ def _scores_html(r: dict, out_dir: Path, dataset_rows) -> str:
         if bl.get("partial"):
             parts.append('<p class="bad">baselines partial: the budget ran out</p>')
     else:
-        parts.append('<p class="muted">baselines not run (add --baselines)</p>')
+        parts.append('<p class="muted">no baselines (run with --baselines; a stopped run can end before them)</p>')
     png = plots.scores_figure(table_rows)
     _save_plot(out_dir, "scores", png)
     parts.append(_img(png, "scores: merged vs base vs experts per dataset (main metric)"))

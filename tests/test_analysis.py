@@ -322,10 +322,12 @@ def test_baselines_equal_evaluating_those_models_directly(insight_run, tmp_path)
 def test_report_html_of_a_run_without_evaluation(tmp_path, monkeypatch):
     models = [str(tiny.lora_expert_dir("decoder", i)) for i in range(2)]
     assert main(["-m", "task_arithmetic", "--base-model", str(tiny.base_dir("decoder")), "--models", *models,
-                 "--no-eval", "--save", "none", "--output_folder", str(tmp_path), "--quiet"]) == 0
+                 "--no-eval", "--save", "none", "--analyze", "--output_folder", str(tmp_path), "--quiet"]) == 0
     page = _parse(tmp_path / "task_arithmetic" / "report.html")
-    assert set(SECTIONS) <= page.sections and page.images  # time per phase
-    assert "evaluation was not run" in page.text and "analysis" in page.sections
+    assert set(SECTIONS) <= page.sections and len(page.images) >= 4  # time per phase and the analysis plots
+    assert "evaluation was not run" in page.text and "Verdicts" in page.text
+    doc = json.loads((tmp_path / "task_arithmetic" / "analysis.json").read_text())
+    assert doc["density"] == [0.2, 0.2]  # task_arithmetic has no density: the TIES default
 
 
 def test_a_failure_to_draw_never_changes_the_exit_status(tmp_path, monkeypatch, caplog):
