@@ -155,6 +155,7 @@ def effective_rank_per_layer(doc: dict) -> bytes | None:
             ax.axhline(max(ranks), color=_COLORS[i % len(_COLORS)], linestyle=":", linewidth=0.8)
     _ticks(ax, labels)
     ax.set_xlabel("layer" if doc.get("by_layer") else "module")
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("effective rank (dotted: LoRA rank r)")
     ax.set_title("Effective rank of ΔW per layer (Roy & Vetterli)")
     ax.legend(fontsize=7)
@@ -173,7 +174,8 @@ def _nan(v: Any) -> float:
 
 
 # --------------------------------------------------------------------------------------------- run
-def scores_figure(rows: dict[str, dict[str, float | None]], metric: str = "score") -> bytes | None:
+def scores_figure(rows: dict[str, dict[str, float | None]],
+                  metric: str = "main score (accuracy, rougeL, or their mean)") -> bytes | None:
     """Grouped bars: per dataset, the merged model next to the base and each expert.
 
     ``rows``: ``{dataset: {model label: value}}`` (``merged`` first by convention).
@@ -187,7 +189,7 @@ def scores_figure(rows: dict[str, dict[str, float | None]], metric: str = "score
             if m not in models:
                 models.append(m)
     width = 0.8 / max(len(models), 1)
-    fig = _figure(max(5.0, 1.4 * len(datasets) * max(1, len(models)) / 2 + 2), 4.0)
+    fig = _figure(max(5.0, 1.4 * len(datasets) * max(1, len(models)) / 2 + 2) + 1.5, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     for k, m in enumerate(models):
         xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(datasets))]
@@ -201,7 +203,7 @@ def scores_figure(rows: dict[str, dict[str, float | None]], metric: str = "score
     ax.set_xticklabels(datasets, fontsize=8)
     ax.set_ylabel(metric)
     ax.set_title("Scores: merged vs base vs experts" if len(models) > 1 else "Scores of the merged model")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 
