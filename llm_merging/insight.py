@@ -49,6 +49,8 @@ def write_report_html(runner) -> None:
 
         path = write_html_report(runner.out_dir, runner.report)
         logger.debug("wrote %s", path)
+    except KeyboardInterrupt:  # the run's status stands; only the page is missing
+        logger.warning("report.html not written: interrupted")
     except Exception as exc:  # drawing must never fail a run
         logger.error("cannot write report.html in %s: %s: %s", runner.out_dir, type(exc).__name__, exc)
         logger.debug("report.html failure", exc_info=True)
