@@ -95,6 +95,10 @@ class Passthrough(TaskVectorMerge):
         from ..model.engine import check_base_files
 
         check_base_files(base_path)
+        recipe = getattr(self, "recipe", None)
+        if recipe is not None and (recipe.tokenizer is not None or recipe.chat_template is not None):
+            raise ConfigError(f"recipe {recipe.path}: passthrough keeps the first model's tokenizer; "
+                              "tokenizer_source / tokenizer / chat_template are not supported with it")
         config, layers = self._plan()
         self.slice_lengths = [end - start for _, (start, end) in self.slices] if self.slices else None
         names = [f"model.layers.{j}.x" for j in range(len(layers))]
