@@ -357,3 +357,38 @@ def test_baselines_need_evaluation(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--baselines" in err[0] and "--no-eval" in err[0]
     assert not (tmp_path / "linear").exists()
+
+
+def test_budget_running_out_during_the_analysis_keeps_what_was_analysed(tmp_path):
+    import contextlib
+
+    from llm_merging.budget import Budget
+    from llm_merging.runner import RunConfig, Runner
+
+    class StopsInAnalysis(Budget):
+        def __init__(self):
+            super().__init__(3600)
+            self.active, self.asked = None, 0
+
+        @contextlib.contextmanager
+        def phase(self, name):
+            self.active = name
+            with super().phase(name):
+                yield
+
+        def expired(self):
+            if self.active == "analyze":
+                self.asked += 1
+                return self.asked > 3
+            return False
+
+    cfg = RunConfig(method="ties_merge", tiny=True, output_folder=str(tmp_path), evaluate=False, save="none",
+                    analyze=True, progress=False)
+    assert Runner(cfg, budget=StopsInAnalysis()).run() == 3
+    d = tmp_path / "ties_merge"
+    doc = json.loads((d / "analysis.json").read_text())
+    assert doc["partial"] is True and doc["tensors_analyzed"] == 3 < doc["tensors_touched"]
+    report = json.loads((d / "report.json").read_text())
+    assert report["exit_status"] == 3 and "analysis" in report["error"]
+    page = _parse(d / "report.html")
+    assert "partial: the budget stopped the analysis" in page.text
