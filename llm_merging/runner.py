@@ -453,6 +453,12 @@ class Runner:
             lines.append(f"  {name:<28} {sec:9.2f} s")
         b = r.get("budget", {})
         lines.append(f"  {'budget left':<28} {b.get('remaining', 0):9.2f} s of {b.get('seconds', 0):g}")
+        best = (r.get("search") or {}).get("best")
+        if best:  # --search
+            lines.append(f"  {'search':<28} {r['search']['trials']['total']} trials, best #{best['number']} "
+                         f"{best['value']:.4f} ({best['method']}): {best['recipe']}")
+            if r["search"].get("optimistic"):
+                lines.append("  note: the search data is also evaluated: these scores are optimistic")
         lines.append(f"  {'peak RAM':<28} {r.get('peak_rss_mib', 0):9.1f} MiB" +
                      (f", peak GPU {r['peak_gpu_mib']:.1f} MiB" if "peak_gpu_mib" in r else ""))
         for ds in r.get("evaluation", {}).get("datasets", []):

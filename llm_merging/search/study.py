@@ -208,6 +208,7 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         primary = runner.method
         t_start = time.time()
+        runner.report["search"] = self.report  # filled in as the search goes (also when it stops early)
         merger = InMemoryMerger(primary, progress=runner.cfg.progress)
         self.merger = merger
         for m in self.methods.values():
@@ -233,7 +234,6 @@ class Search:
         self._finish(study)
         merger.release()
         self.report["seconds"] = round(time.time() - t_start, 3)
-        runner.report["search"] = self.report
 
     def _baselines(self, merger, fitness) -> None:
         """Each expert alone (θ₀ + τᵢ) on every search file; the best per file normalises the objective."""
