@@ -143,7 +143,8 @@ def test_nan_from_a_merge_names_the_parameter(capsys, tmp_path):
     code, err, out = _run(capsys, tmp_path, "-m", "kit_classes:NanMerge", "--tiny", "--no-eval")
     assert code == 2 and len(err) == 1
     assert "NaN or Inf in parameter 'model.layers.0.self_attn.q_proj.weight'" in err[0]
-    assert _files(out) == ["NanMerge/report.json"]  # the report says what failed; no model was written
+    # the report (json, and html with its time-per-phase plot) says what failed; no model was written
+    assert _files(out) == ["NanMerge/plots/time_per_phase.png", "NanMerge/report.html", "NanMerge/report.json"]
     report = json.loads((out / "NanMerge" / "report.json").read_text())
     assert report["status"] == "error" and report["exit_status"] == 2
 
