@@ -26,7 +26,8 @@ def run(runner) -> None:
 
         runner._check_budget("analyze")
         with runner.budget.phase("analyze"):
-            doc = analyze_method(runner.method, progress=cfg.progress, should_stop=runner.budget.expired)
+            doc = analyze_method(runner.method, device=runner.method.torch_device(), progress=cfg.progress,
+                                 should_stop=runner.budget.expired)
             doc["models"] = runner.report.get("models")
             write_analysis(doc, runner.out_dir)
         runner.report["analysis"] = {"path": "analysis.json", "plots": doc.get("plots"), "partial": doc["partial"],
