@@ -276,6 +276,7 @@ def test_run_report_html_has_every_section_and_embedded_plots(insight_run):
         assert (d / "plots" / f"{name}.png").is_file()
     doc = json.loads((d / "analysis.json").read_text())
     assert doc["density"] == [0.5, 0.5]  # the method's own density
+    assert doc["math_device"] == "cpu"  # the run's --device
     report = json.loads((d / "report.json").read_text())
     assert report["analysis"]["verdicts"] and "analyze" in report["phases_seconds"]
 
