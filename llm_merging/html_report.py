@@ -212,7 +212,8 @@ def write_html_report(out_dir: str | Path, report: dict) -> Path:
     summary = {"method": r.get("method"), "status": status, "partial": r.get("partial"), "architecture": r.get("architecture"),
                "device": r.get("device"), "dtype": r.get("dtype"), "seed": r.get("seed"),
                "saved": (r.get("saved") or {}).get("path") if r.get("saved") else "not saved"}
-    files = [_link(n) for n in ("report.json", "recipe.yml", "scores.jsonl", "analysis.json") if (out_dir / n).exists()]
+    names = ["report.json", "recipe.yml", "scores.jsonl"] + (["analysis.json"] if r.get("analysis") else [])
+    files = [_link(n) for n in names if (out_dir / n).exists()]
     sections.append(_section("summary", "Summary", _kv(summary) + (f"<p>Files: {' · '.join(files)}</p>" if files else "")))
 
     command = " ".join(_shell_quote(a) for a in (r.get("command") or [])) or "(library call)"
