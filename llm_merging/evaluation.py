@@ -259,15 +259,12 @@ def _model_of(merge_method):
 
 
 def _device_of(merge_method) -> torch.device:
+    """Where the method's model takes its inputs (:func:`scoring.model_device`), else its ``device``."""
+    from .model.scoring import model_device
+
     model = _model_of(merge_method)
     if model is not None:
-        try:
-            return model.get_input_embeddings().weight.device
-        except Exception:
-            try:
-                return next(model.parameters()).device
-            except StopIteration:
-                pass
+        return model_device(model)
     try:
         return torch.device(str(getattr(merge_method, "device", "cpu") or "cpu"))
     except RuntimeError:

@@ -18,7 +18,7 @@ import logging
 import torch
 
 from ..errors import ConfigError
-from .decoder_functions import (
+from .scoring import (
     SCORINGS,
     _as_id_list,
     _per_example,
