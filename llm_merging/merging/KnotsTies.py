@@ -40,7 +40,7 @@ class KnotsTies(TaskVectorMerge):
         factors, weights, densities = [], h["weights"], h["density"]
         keep = []
         for i, (expert, tv) in enumerate(zip(self.experts, task_vectors)):
-            f = expert.factors(name) if hasattr(expert, "factors") else None
+            f = expert.factors(name)
             if f is None:
                 if torch.count_nonzero(tv):
                     raise ConfigError(f"knots_ties needs LoRA experts: '{expert.name}' changes '{name}' without LoRA factors")

@@ -475,7 +475,9 @@ class Merges(object):
             experts.append({"id": ref.id, "revision": ref.revision, "resolved_revision": _snapshot_commit(path),
                             "path": str(path), "kind": "lora" if adapter else "full"})
         self.validate_hyperparameters()
-        self._check_compatibility(base_path)
+        kinds = self._check_compatibility(base_path)
+        for record, kind in zip(experts, kinds or []):
+            record["kind"] = kind  # what the opened expert says it is (lora, full, or the base itself)
         return {"base": {"id": base.id, "revision": base.revision, "resolved_revision": _snapshot_commit(base_path),
                          "path": str(base_path)}, "experts": experts}
 
@@ -491,19 +493,20 @@ class Merges(object):
                 f"method '{self.name}' is written for a {self.architecture} model but base model '{base}' is {actual}"
             )
 
-    def _check_compatibility(self, base_path: Path) -> None:
-        """Read only headers and configs: every expert must fit the base (shapes, modules in common)."""
+    def _check_compatibility(self, base_path: Path) -> list[str] | None:
+        """Read only headers and configs: every expert must fit the base (shapes, modules in common).
+        Returns each expert's ``kind``."""
         from ..model.engine import check_base_files, config_param_shapes, open_experts
 
         check_base_files(base_path)
         shapes = config_param_shapes(base_path, self.architecture)
         self.check_all_tensors(list(shapes))
         if not self.model_refs():
-            return
-        for expert in open_experts(self, shapes):
-            close = getattr(expert, "close", None)
-            if close is not None:
-                close()
+            return None
+        experts = open_experts(self, shapes)
+        for expert in experts:
+            expert.close()
+        return [expert.kind for expert in experts]
 
     def torch_device(self) -> torch.device:
         """The main device; ``auto`` is the (first) GPU when there is one, else the CPU. With several GPUs,

@@ -408,7 +408,7 @@ _BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias", "pos
 
 
 class FullExpert:
-    """A fully fine-tuned model seen as per-tensor task vectors ``expert - base``.
+    """A fully fine-tuned model seen as per-tensor task vectors ``expert - base`` (``kind`` "full").
 
     After `bind`, ``param_names()`` lists the base parameters the checkpoint provides; ``delta`` reads one
     tensor at a time. Attributes set by `bind`: ``mapping`` (base name -> checkpoint key),
@@ -416,6 +416,8 @@ class FullExpert:
     parameters absent from the checkpoint, whose task vector is 0: warned, except a tied ``lm_head``),
     ``vocab_mismatch`` (base name -> (base rows, expert rows)).
     """
+
+    kind = "full"
 
     def __init__(self, model_dir: str | os.PathLike, name: str | None = None):
         self.path = Path(model_dir)
@@ -569,6 +571,10 @@ class FullExpert:
                 f"'{param_name}' has shape {_shape_str(b.shape)}"
             )
         return t.sub_(b) if t.dtype == b.dtype else t - b.float()  # t is a fresh copy: subtract in place
+
+    def factors(self, param_name: str, device=None) -> None:
+        """Full fine-tunes have no low-rank factors."""
+        return None
 
     def close(self) -> None:
         self.reader.close()

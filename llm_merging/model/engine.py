@@ -22,15 +22,23 @@ TensorFn = Callable[[str, torch.Tensor, list], torch.Tensor]
 
 
 class Expert(Protocol):
-    """What the engine needs of an expert (LoRA adapter or full fine-tune)."""
+    """What the engine needs of an expert: a LoRA adapter (``kind`` "lora", ``LoraAdapter``), a full
+    fine-tune ("full", ``FullExpert``) or the base listed among the models ("base", ``BaseAsExpert``).
+    ``kind`` is the one answer to "is this expert an adapter"; ``factors`` gives LoRA's (B, A) (None for
+    the others)."""
 
     name: str
+    kind: str
 
     def bind(self, base_param_shapes: dict[str, tuple]) -> None: ...
 
     def param_names(self) -> set[str]: ...
 
     def delta(self, param_name: str, base: torch.Tensor) -> torch.Tensor | None: ...
+
+    def factors(self, param_name: str, device=None) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+    def close(self) -> None: ...
 
 
 def base_param_shapes(model: torch.nn.Module) -> dict[str, tuple]:
@@ -43,7 +51,7 @@ def config_param_shapes(model_dir, architecture: str) -> dict[str, tuple]:
 
     from transformers import AutoConfig
 
-    from ..errors import CheckpointError
+    from ..errors import CheckpointError, first_line
     from . import auto_model_class
 
     try:
@@ -52,8 +60,7 @@ def config_param_shapes(model_dir, architecture: str) -> dict[str, tuple]:
             warnings.simplefilter("ignore")
             model = auto_model_class(architecture).from_config(config)
     except (OSError, ValueError, KeyError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read the model config in {model_dir}: {text[:300]}") from None
+        raise CheckpointError(f"cannot read the model config in {model_dir}: {first_line(exc)}") from None
     return base_param_shapes(model)
 
 
@@ -83,6 +90,12 @@ class BaseAsExpert:
 
     def delta(self, param_name: str, base: torch.Tensor) -> None:
         return None
+
+    def factors(self, param_name: str, device=None) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 def open_experts(method, shapes: dict[str, tuple]) -> list:

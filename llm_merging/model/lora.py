@@ -114,6 +114,8 @@ class LoraAdapter:
     parameter; logged with a warning).
     """
 
+    kind = "lora"
+
     def __init__(self, path: Path, name: str, config: dict, weights_file: Path, tensors, shapes: dict):
         self.path = path
         self.name = name

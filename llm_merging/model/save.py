@@ -107,7 +107,7 @@ class AdapterWriter:
         self.skipped: list[str] = []
         self.fan_in_fan_out: bool | None = None
         for e in experts:
-            if not hasattr(e, "factors"):
+            if e.kind != "lora":
                 raise ConfigError(f"--save adapter needs LoRA experts; '{getattr(e, 'name', e)}' is a full model")
 
     def __call__(self, name: str, delta: torch.Tensor) -> None:
