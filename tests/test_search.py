@@ -309,3 +309,21 @@ def test_bad_input_is_one_line_before_any_weight(tmp_path, capsys, monkeypatch, 
     assert message in err and len(err.splitlines()) == 1
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()] if (tmp_path / "out").exists() else []
     assert written == []
+
+
+def test_resume_fails_a_trial_left_running_by_a_stopped_search(tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    objective = _planted(0.3)
+    status, runner = _search(tmp_path, entries=["weights[0]=0:1"], trials=2, objective=objective)
+    assert status == 0, runner.report.get("error")
+    journal = tmp_path / "out" / "task_arithmetic" / "search" / "journal.log"
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name=runner.report["search"]["study_name"], storage=storage)
+    study.ask()  # what a killed search leaves behind: a trial that never finishes
+    status, runner = _search(tmp_path, entries=["weights[0]=0:1"], trials=4, resume=True, objective=objective)
+    assert status == 0, runner.report.get("error")
+    assert [(r["number"], r["state"]) for r in _trials(runner)] == [
+        ("0", "complete"), ("1", "complete"), ("2", "fail"), ("3", "complete")]

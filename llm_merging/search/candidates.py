@@ -76,8 +76,11 @@ class InMemoryMerger:
         reader = _base_reader(method.base_ref().local_path, self.model)
         self.theta0: dict[str, torch.Tensor] = {}
         self.device = compute_device(self.params[0][1])
+        from tqdm.auto import tqdm
+
         with torch.no_grad():
-            for name, param in self.params:
+            for name, param in tqdm(self.params, desc="search: cache θ₀", unit="tensor", disable=not progress,
+                                    leave=False):
                 device = compute_device(param)
                 if reader is not None and name in reader.mapping:
                     self.theta0[name] = reader.tensor(name, param).to(device=device)
