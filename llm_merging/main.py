@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default="full", choices=("full", "kit", "adapter", "none"),
                    help="merged model output: HF directory (full), the kit's safetensor.pt (kit), "
                         "a PEFT adapter by SVD (adapter, LoRA inputs), or none")
+    p.add_argument("--mc-scoring", dest="mc_scoring", choices=("exact", "starter_kit"),
+                   help="multiple-choice scoring: exact log p(choice|prompt) (default), or the starter kit's, which "
+                        "skips the first answer token (alias: --set mc_scoring=...)")
+    p.add_argument("--adapter-rank", dest="adapter_rank", type=int,
+                   help="rank of --save adapter (default: the sum of the input ranks, exact for linear merges; "
+                        "alias: --set adapter_rank=...)")
     p.add_argument("--tiny", action="store_true", help="offline smoke run with tiny twin models and sample data")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="merge and save only")
     s = p.add_argument_group("search (the best merge on held-out data, within the budget)")
@@ -158,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides=parse_overrides([item for group in args.overrides for item in group]),
             time_budget=args.time_budget, batch_size=_batch_size(args.batch_size), device=args.device,
             dtype=args.dtype, max_examples=args.max_examples, seed=args.seed, tiny=args.tiny,
-            evaluate=args.evaluate, save=args.save, progress=not args.quiet, argv=["llm-merging", *argv],
+            evaluate=args.evaluate, save=args.save, mc_scoring=args.mc_scoring, adapter_rank=args.adapter_rank,
+            progress=not args.quiet, argv=["llm-merging", *argv],
             search=search,
         )
     except LLMMergingError as exc:

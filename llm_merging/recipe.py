@@ -438,10 +438,6 @@ def _document(name: str, values: dict, specs: dict, base: dict, experts: list, d
 def _mergekit_document(mk, values: dict, specs: dict, base: dict, experts: list, dtype, seed) -> dict | None:
     """``values`` as a recipe for mergekit's ``mk.name``, or None when mergekit's conventions give another
     merge (e.g. our TIES divisor 'count', a keep count mergekit does not have)."""
-    from .merging.hparams import COMMON
-
-    if any(values[k] != COMMON[k].default for k in COMMON if k in values):
-        return None  # evaluation/output options set on the CLI: keep our vocabulary
     inverse = {ours: theirs for theirs, ours in mk.params.items()}
     theirs: dict[str, Any] = {}
     for key, value in values.items():
@@ -464,8 +460,6 @@ def _mergekit_document(mk, values: dict, specs: dict, base: dict, experts: list,
     if back.method != mk.ours or len(back.models) != len(experts):
         return None
     for key, value in values.items():
-        if key in COMMON:
-            continue
         got = back.hparams.get(key, specs[key].default)
         n = len(experts)
         want_v, got_v = (specs[key].validate(key, v, n) for v in (value, got))

@@ -50,6 +50,8 @@ class RunConfig:
     analyze: bool = False  # task-vector analysis of the experts (analysis.json, plots): --analyze
     baselines: bool = False  # evaluate the base and each expert alone too: --baselines
     save: str = "full"
+    mc_scoring: str | None = None  # None: the method's (exact)
+    adapter_rank: int | None = None  # --save adapter's rank (None: sum of the input ranks)
     progress: bool = True
     argv: list[str] = field(default_factory=list)
     search: Any = None  # a search.SearchConfig: search for the best values before the merge (--search)
@@ -130,7 +132,12 @@ def apply_config(method, cfg: RunConfig) -> None:
     else:
         method.seed = method.recipe.seed
     method.progress = cfg.progress
-    method.set_hyperparameters(cfg.overrides, from_text=True)
+    method.set_hyperparameters(cfg.overrides, from_text=True)  # also takes mc_scoring / adapter_rank aliases
+    from .merging.hparams import COMMON
+
+    for key in ("mc_scoring", "adapter_rank"):
+        if getattr(cfg, key) is not None:
+            setattr(method, key, COMMON[key].validate(key, getattr(cfg, key)))
 
 
 def check_device(name: str) -> str:
@@ -254,6 +261,7 @@ class Runner:
             self.search = search.prepare(self)
         self.preflight_ok = True
         self.report["hyperparameters"] = _jsonable(_settings_json(method.hparams))
+        self.report["options"] = {"mc_scoring": method.mc_scoring, "adapter_rank": method.adapter_rank}
         self.report["seed"] = method.seed
         self.report["architecture"] = method.architecture
         self.report["device"] = str(method.torch_device())
@@ -303,7 +311,9 @@ class Runner:
             raise ConfigError(f"--save adapter needs an engine-based method; '{self.cfg.method}' overrides merge()")
         if any(e["kind"] != "lora" for e in self.report["models"]["experts"]):
             raise ConfigError("--save adapter needs LoRA experts only; use --save full for full fine-tunes")
-        self.method.collect_adapter = True
+        from .model.save import AdapterWriter
+
+        self.method.delta_sink = AdapterWriter(rank=self.method.adapter_rank)  # bound to the model by the merge
 
     def save(self) -> None:
         from .model.save import save_full

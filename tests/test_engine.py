@@ -83,7 +83,7 @@ def test_lora_ties_merge_equals_independent_computation():
 def test_saved_full_model_and_adapter_reload_to_the_same_logits(tmp_path):
     adapters = [tiny.lora_expert_dir("decoder", i) for i in range(2)]
     m = _method(TaskArithmetic, tiny.base_dir("decoder"), adapters, weights=[0.6, 0.4])
-    m.collect_adapter = True
+    m.delta_sink = AdapterWriter()
     m.merge()
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
     with torch.no_grad():
@@ -103,8 +103,8 @@ def test_saved_full_model_and_adapter_reload_to_the_same_logits(tmp_path):
 def test_truncated_adapter_rank_is_the_best_low_rank_approximation(tmp_path):
     adapters = [tiny.lora_expert_dir("decoder", i) for i in range(2)]
     m = _method(TaskArithmetic, tiny.base_dir("decoder"), adapters)
-    m.set_hyperparameters({"adapter_rank": 2})
-    m.collect_adapter = True
+    m.set_hyperparameters({"adapter_rank": 2})  # the run option, through its --set alias
+    m.delta_sink = AdapterWriter(rank=m.adapter_rank)
     m.merge()
     writer = m.delta_sink
     name = "model.layers.0.self_attn.q_proj"

@@ -69,8 +69,9 @@ class Merges(object):
         self.hparams: dict[str, Any] = {k: copy.deepcopy(p.default) for k, p in self.all_hyperparameters().items()}
         self.experts: list = []
         self.merge_stats: dict[str, Any] = {}
-        self.delta_sink = None  # sees every merged task vector (the adapter writer of --save adapter)
-        self.collect_adapter = False
+        self.delta_sink = None  # sees every merged task vector (the runner's adapter writer for --save adapter)
+        self.mc_scoring = "exact"  # run option (--mc-scoring; --set mc_scoring= is an alias)
+        self.adapter_rank: int | None = None  # run option (--adapter-rank; --set adapter_rank= is an alias)
         self.should_stop = None  # set by the runner: True once the wall-clock budget is spent
         self.load_seconds = 0.0
         self.layout = None  # depth and slice of each tensor (settings.Layout), set in preflight and merge
@@ -235,17 +236,15 @@ class Merges(object):
         from ..model.tokenizer_union import vocabulary_report
 
         plan = self._recipe_tokenizer()  # before any weights: a bad tokenizer setting fails fast
-        if plan is not None and self.collect_adapter and not plan.is_identity:
+        if plan is not None and self.delta_sink is not None and not plan.is_identity:
             raise ConfigError("--save adapter cannot change the vocabulary (the recipe's tokenizer); use --save full")
         self._load_base_model()
         self._load_tokenizer_if_any()
         t0 = time.time()
         self.experts = load_experts(self, self.base_model)
         self.load_seconds += time.time() - t0
-        if self.collect_adapter:
-            from ..model.save import AdapterWriter
-
-            self.delta_sink = AdapterWriter(self.base_model, self.experts, rank=self.hparams.get("adapter_rank"))
+        if hasattr(self.delta_sink, "bind"):  # e.g. the adapter writer: it needs the model and experts
+            self.delta_sink.bind(self.base_model, self.experts)
         self.layout = settings.Layout([n for n, _ in self.base_model.named_parameters()],
                                       self.slice_lengths)
         self.merge_stats = merge_into(
@@ -323,7 +322,7 @@ class Merges(object):
 
     @classmethod
     def all_hyperparameters(cls) -> dict[str, Param]:
-        return {**COMMON, **cls.hyperparameters}
+        return dict(cls.hyperparameters)
 
     @classmethod
     def get_description(cls) -> str:
@@ -332,14 +331,14 @@ class Merges(object):
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else cls.__name__
 
-    @property
-    def mc_scoring(self) -> str:
-        return getattr(self, "hparams", {}).get("mc_scoring", "exact")
-
     def set_hyperparameters(self, values: dict[str, Any], *, from_text: bool = False) -> None:
         """Set and validate hyperparameters (``from_text``: values are ``--set`` strings)."""
         specs = self.all_hyperparameters()
         for key, value in values.items():
+            if key in COMMON and key not in specs:  # run options, accepted through --set as aliases
+                option = COMMON[key]
+                setattr(self, key, option.validate(key, option.parse(key, value) if from_text else value))
+                continue
             if key not in specs:
                 known = ", ".join(sorted(specs)) or "none"
                 raise ConfigError(f"unknown hyperparameter '{key}' for method '{self.name}' (known: {known})")

@@ -175,7 +175,8 @@ def per_model(value: Any, n_models: int) -> list:
     return [value] * n_models
 
 
-# Parameters shared by every method (evaluation and output options).
+# Run options (evaluation and output), not merge hyperparameters: --mc-scoring and --adapter-rank, and
+# `--set mc_scoring=` / `--set adapter_rank=` as aliases; they live on the method as attributes.
 COMMON: dict[str, Param] = {
     "mc_scoring": Param(
         "exact", "multiple-choice scoring: exact log p(choice|prompt), or the starter kit's (skips the first choice token)",

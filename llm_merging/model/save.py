@@ -96,19 +96,24 @@ class AdapterWriter:
     kept in ``errors`` (and reported), with a warning above 1 %.
     """
 
-    def __init__(self, model: torch.nn.Module, experts: list, rank: int | None = None, svd: str = "auto") -> None:
-        self.model = model
-        self.experts = experts
+    def __init__(self, rank: int | None = None, svd: str = "auto") -> None:
         self.rank = rank
         self.svd = svd  # ops.low_rank method: auto (randomized when the rank is far below the size) | full
-        self.modules = dict(model.named_modules())
+        self.model = None
+        self.experts: list = []
+        self.modules: dict = {}
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.errors: dict[str, float] = {}  # relative Frobenius error of the truncation, per module
         self.skipped: list[str] = []
         self.fan_in_fan_out: bool | None = None
+
+    def bind(self, model: torch.nn.Module, experts: list) -> "AdapterWriter":
+        """Attach the model being merged and its experts (all LoRA adapters) before the merge runs."""
         for e in experts:
             if e.kind != "lora":
-                raise ConfigError(f"--save adapter needs LoRA experts; '{getattr(e, 'name', e)}' is a full model")
+                raise ConfigError(f"--save adapter needs LoRA experts; '{getattr(e, 'name', e)}' is not a LoRA adapter")
+        self.model, self.experts, self.modules = model, experts, dict(model.named_modules())
+        return self
 
     def __call__(self, name: str, delta: torch.Tensor) -> None:
         module_name, _, leaf = name.rpartition(".")
