@@ -129,3 +129,19 @@ def test_no_eval_with_a_base_without_tokenizer_merges_and_saves(tmp_path):
     # with evaluation the missing tokenizer stays a one-line error
     assert main(["-m", "ties_merge", "--base-model", str(base), "--models", *models, "--quiet",
                  "--output_folder", str(tmp_path / "out2"), "--dataset_filepaths", tiny.sample_data_files()[0]]) == 2
+
+
+def test_run_options_and_their_set_aliases(tmp_path):
+    from llm_merging.errors import ConfigError
+    from llm_merging.runner import instantiate
+
+    m = instantiate("ties_merge")
+    m.set_hyperparameters({"mc_scoring": "starter_kit", "adapter_rank": "4"}, from_text=True)
+    assert (m.mc_scoring, m.adapter_rank) == ("starter_kit", 4)
+    assert "mc_scoring" not in m.hparams and "adapter_rank" not in m.all_hyperparameters()
+    with pytest.raises(ConfigError, match="mc_scoring"):
+        m.set_hyperparameters({"mc_scoring": "fast"})
+    out = tmp_path / "out"
+    assert main(["-m", "ties_merge", "--tiny", "--quiet", "--no-eval", "--save", "none", "--mc-scoring", "starter_kit",
+                 "--output_folder", str(out)]) == 0
+    assert _report(out / "ties_merge" / "report.json")["options"] == {"mc_scoring": "starter_kit", "adapter_rank": None}
