@@ -59,6 +59,29 @@ def check_eval_type(value: Any, where: str = "eval_type") -> str:
     return value
 
 
+def eval_types_for(eval_types: Any, n: int) -> list[str | None]:
+    """One eval type (or None: from each row) per data file: ``None``, one string for every file, or a list
+    with one entry per file (``"auto"``/``""`` mean None). The one rule for the CLI and the library."""
+    if eval_types is None:
+        return [None] * n
+    if isinstance(eval_types, str):
+        eval_types = [eval_types] * n
+    eval_types = list(eval_types)
+    if len(eval_types) != n:
+        raise ConfigError(f"--eval_types has {len(eval_types)} values but --dataset_filepaths has {n} files")
+    return [None if t is None or t in ("", "auto") else check_eval_type(t, "--eval_types") for t in eval_types]
+
+
+def check_max_examples(value: Any, where: str = "max_examples", minimum: int = 0) -> int | None:
+    """``value`` as the number of rows to keep per file (None: all); one rule for the CLI (``minimum=1``) and
+    the library (0 keeps no row)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where} must be an integer of at least {minimum}, got {value!r}")
+    return value
+
+
 def _parse_choices(value: Any, where: str) -> list[str] | None:
     """Answer choices from a list or a Python/JSON list string; ``None`` when there are none."""
     if value is None:
@@ -240,8 +263,7 @@ def load_examples(
     """
     if eval_type is not None:
         check_eval_type(eval_type)
-    if max_examples is not None and max_examples < 0:
-        raise ConfigError(f"max_examples must be >= 0, got {max_examples}")
+    check_max_examples(max_examples)
     spec = os.fspath(path)
     if spec.startswith("hf:"):
         name, _, split = spec[3:].partition("@")

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .data import EVAL_TYPES, GENERATION, MULTIPLE_CHOICE, check_eval_type, load_examples
+from .data import EVAL_TYPES, GENERATION, MULTIPLE_CHOICE, check_max_examples, eval_types_for, load_examples
 from .errors import ConfigError
 from .io_utils import atomic_append_line, atomic_write_text
 from .metrics import accuracy, rouge
@@ -122,25 +122,6 @@ def _normalize_paths(dataset_filepaths) -> list[str]:
     if isinstance(dataset_filepaths, (str, os.PathLike)):
         return [os.fspath(dataset_filepaths)]
     return [os.fspath(p) for p in dataset_filepaths]
-
-
-def _normalize_eval_types(eval_types, n: int) -> list[str | None]:
-    if eval_types is None:
-        return [None] * n
-    if isinstance(eval_types, str):
-        eval_types = [eval_types] * n
-    eval_types = list(eval_types)
-    if len(eval_types) == 1 and n > 1:
-        eval_types = eval_types * n
-    if len(eval_types) != n:
-        raise ConfigError(f"--eval_types: {len(eval_types)} eval types for {n} dataset files")
-    out: list[str | None] = []
-    for t in eval_types:
-        if t is None or t in ("", "auto"):
-            out.append(None)
-        else:
-            out.append(check_eval_type(t, "--eval_types"))
-    return out
 
 
 def _normalize_batch_size(batch_size) -> int | None:
@@ -509,10 +490,9 @@ def evaluate_model(
     t_start = time.perf_counter()
     name = _method_name(merge_method)
     paths = _normalize_paths(dataset_filepaths)
-    types = _normalize_eval_types(eval_types, len(paths))
+    types = eval_types_for(eval_types, len(paths))
     fixed_size = _normalize_batch_size(batch_size)
-    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 0):
-        raise ConfigError(f"max_examples must be a non-negative integer, got {max_examples!r}")
+    check_max_examples(max_examples)
 
     # Load everything first: a bad file fails the run before any time is spent on the model.
     if examples is None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from .budget import Budget
 from .errors import BudgetExceeded, ConfigError, DataError, LLMMergingError
+from .data import check_max_examples
 from .io_utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -221,8 +222,7 @@ class Runner:
             raise ConfigError(f"--time-budget must be positive, got {cfg.time_budget}")
         if cfg.save not in SAVE_MODES:
             raise ConfigError(f"--save must be one of {', '.join(SAVE_MODES)}, got {cfg.save!r}")
-        if cfg.max_examples is not None and cfg.max_examples < 1:
-            raise ConfigError(f"--max-examples must be at least 1, got {cfg.max_examples}")
+        check_max_examples(cfg.max_examples, "--max-examples", minimum=1)
         recipe = None
         if cfg.recipe:
             from .recipe import apply_recipe, load_recipe
@@ -269,21 +269,17 @@ class Runner:
 
     def _check_datasets(self) -> None:
         from . import tiny
-        from .data import load_examples
+        from .data import eval_types_for, load_examples
 
         cfg = self.cfg
         files = cfg.dataset_filepaths or (tiny.sample_data_files() if cfg.tiny else DEFAULT_DATASETS)
-        if cfg.eval_types and len(cfg.eval_types) != len(files):
-            raise ConfigError(
-                f"--eval_types has {len(cfg.eval_types)} values but --dataset_filepaths has {len(files)} files"
-            )
+        types = eval_types_for(cfg.eval_types or None, len(files))
         sizes, self.examples = {}, []
         for i, path in enumerate(files):
             if not path.startswith("hf:") and not os.path.isfile(path):
                 hint = " (pass --dataset_filepaths, or --no-eval)" if not cfg.dataset_filepaths else ""
                 raise DataError(f"dataset file '{path}' does not exist{hint}")
-            eval_type = cfg.eval_types[i] if cfg.eval_types else None
-            self.examples.append(load_examples(path, eval_type=eval_type))  # checked whole before any loading
+            self.examples.append(load_examples(path, eval_type=types[i]))  # checked whole before any loading
             sizes[path] = len(self.examples[-1])
         self.datasets = list(files)
         self.report["dataset_sizes"] = sizes
