@@ -14,17 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._common import (
-    KEEP_COUNTS,
-    PerModel,
-    check_choice,
-    check_real,
-    check_tensors,
-    per_model,
-    stack_f32,
-    weight_list,
-)
-from .masks import magnitude_mask
+from ._common import PerModel, check_choice
 
 SIGN_METHODS = ("total", "frequency")
 DIVISORS = ("count", "weight_sum", None)
@@ -114,17 +104,7 @@ def ties(
     mergekit 0.1.5 ``ties`` is ``keep_count="floor", weighted_sign=True, divisor="weight_sum"`` (its
     ``normalize: false``: ``divisor=None``).
     """
-    ts = check_tensors(task_vectors)
-    n = len(ts)
-    dens = per_model(density, n, "density", 0.0, 1.0, low_open=True)
-    w = weight_list(weights, n)
-    lam = check_real(scale, "scale")
-    check_choice(sign_method, "sign_method", SIGN_METHODS)
-    check_choice(divisor, "divisor", DIVISORS)
-    check_choice(keep_count, "keep_count", KEEP_COUNTS)
-    stacked = stack_f32(ts)
-    for i, d in enumerate(dens):
-        if d < 1.0:
-            stacked[i].masked_fill_(~magnitude_mask(stacked[i], d, keep_count), 0.0)
-    out = consensus_merge(stacked, w, sign_method=sign_method, weighted_sign=weighted_sign, divisor=divisor)
-    return out * lam
+    from .sparsify import magnitude_prune  # the trim + consensus path every *_ties variant shares
+
+    return magnitude_prune(task_vectors, density, weights, scale, consensus="ties", sign_method=sign_method,
+                           weighted_sign=weighted_sign, divisor=divisor, keep_count=keep_count)
