@@ -554,12 +554,12 @@ def analyze_method(method, *, density=None, device=None, full_rank: bool = False
     """Analyse the experts of a (preflighted) merge method: its base, its models, and, when the method
     has a ``density`` hyperparameter and no ``density`` is given, its per-tensor resolved densities."""
     from .merging.hparams import DENSITY
-    from .model.engine import config_param_shapes, open_experts
+    from .model.engine import config_param_shapes
     from .model.refs import hf_token
 
     base_dir = method.base_ref().resolve(hf_token())
     shapes = config_param_shapes(base_dir, method.architecture)
-    experts = open_experts(method, shapes)
+    experts = method.open_experts(shapes)
     if density is None:
         if "density" in method.hparams:
             n = len(experts)

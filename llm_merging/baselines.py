@@ -55,11 +55,11 @@ class ModelSwapper:
     """Overwrite the parameters of a loaded model with the base's or one expert's, tensor by tensor."""
 
     def __init__(self, method) -> None:
-        from .model.engine import _base_reader, open_experts, base_param_shapes
+        from .model.engine import _base_reader, base_param_shapes
 
         self.model = method.base_model
         self.params = dict(self.model.named_parameters())
-        self.experts = open_experts(method, base_param_shapes(self.model))
+        self.experts = method.open_experts(base_param_shapes(self.model))
         self.reader = _base_reader(method.base_ref().local_path, self.model)
         if self.reader is None:
             raise CheckpointError(f"--baselines: the base checkpoint in {method.base_ref().local_path} cannot serve "

@@ -232,7 +232,7 @@ class Merges(object):
         """Merge the experts into the base model with the engine and ``merge_tensor``."""
         if type(self).merge_tensor is Merges.merge_tensor:
             raise NotImplementedError(f"merge method '{self.name}' must implement merge() or merge_tensor()")
-        from ..model.engine import load_experts, merge_into
+        from ..model.engine import base_param_shapes, merge_into
         from ..model.tokenizer_union import vocabulary_report
 
         plan = self._recipe_tokenizer()  # before any weights: a bad tokenizer setting fails fast
@@ -241,14 +241,14 @@ class Merges(object):
         self._load_base_model()
         self._load_tokenizer_if_any()
         t0 = time.time()
-        self.experts = load_experts(self, self.base_model)
+        self.experts = self.open_experts(base_param_shapes(self.base_model))
         self.load_seconds += time.time() - t0
         if hasattr(self.delta_sink, "bind"):  # e.g. the adapter writer: it needs the model and experts
             self.delta_sink.bind(self.base_model, self.experts)
         self.layout = settings.Layout([n for n, _ in self.base_model.named_parameters()],
                                       self.slice_lengths)
         self.merge_stats = merge_into(
-            self.base_model, self.experts, self.merge_resolved, progress=self.progress, method=self,
+            self.base_model, self.experts, self.merge_resolved, progress=self.progress, label=str(self.name),
             delta_sink=self.delta_sink, base_dir=self.base_ref().local_path, should_stop=self.should_stop,
             tokenizer_plan=plan,
         )
@@ -447,6 +447,14 @@ class Merges(object):
             self._base_ref, self._base_ref_key = ref, key
         return self._base_ref
 
+    def open_experts(self, shapes: dict[str, tuple]) -> list:
+        """This method's experts opened lazily (``engine.open_experts``) and bound to ``shapes``."""
+        from ..model.engine import open_experts
+
+        models = [(ref, self.expert_is_adapter(ref)) for ref in self.model_refs()]
+        reindexed = getattr(getattr(self, "recipe", None), "tokenizer", None) is not None
+        return open_experts(models, shapes, base_path=self.base_ref().resolve(hf_token()), vocab_reindexed=reindexed)
+
     def expert_is_adapter(self, ref: ModelRef) -> bool:
         """``is_peft`` when the class sets it, else whether the resolved directory holds an adapter."""
         ref.resolve(hf_token())
@@ -495,14 +503,14 @@ class Merges(object):
     def _check_compatibility(self, base_path: Path) -> list[str] | None:
         """Read only headers and configs: every expert must fit the base (shapes, modules in common).
         Returns each expert's ``kind``."""
-        from ..model.engine import check_base_files, config_param_shapes, open_experts
+        from ..model.engine import check_base_files, config_param_shapes
 
         check_base_files(base_path)
         shapes = config_param_shapes(base_path, self.architecture)
         self.check_all_tensors(list(shapes))
         if not self.model_refs():
             return None
-        experts = open_experts(self, shapes)
+        experts = self.open_experts(shapes)
         for expert in experts:
             expert.close()
         return [expert.kind for expert in experts]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -98,32 +99,28 @@ class BaseAsExpert:
         pass
 
 
-def open_experts(method, shapes: dict[str, tuple]) -> list:
-    """Open every expert of ``method`` lazily (adapter or full checkpoint) and bind it to ``shapes``."""
+def open_experts(models: Sequence[tuple[Any, bool]], shapes: dict[str, tuple], *, base_path=None,
+                 vocab_reindexed: bool = False) -> list:
+    """Open each ``(model reference, is_adapter)`` lazily (LoRA adapter, full checkpoint, or the base itself
+    when it resolves to ``base_path``) and bind it to ``shapes``. ``vocab_reindexed``: a recipe's tokenizer
+    re-indexes the vocabulary tensors (``merge_vocabulary``), so full experts skip their own row handling."""
     from .checkpoint import FullExpert
     from .lora import LoraAdapter
 
     experts = []
-    base_path = method.base_ref().resolve(hf_token()).resolve()
-    # a recipe's tokenizer_source / tokenizer: re-indexes the vocabulary tensors (merge_vocabulary)
-    reindexed = getattr(getattr(method, "recipe", None), "tokenizer", None) is not None
-    for ref in method.model_refs():
+    base = None if base_path is None else Path(base_path).resolve()
+    for ref, is_adapter in models:
         path = ref.resolve(hf_token())
-        if path.resolve() == base_path:
+        if base is not None and path.resolve() == base:
             expert = BaseAsExpert(str(ref))
-        elif method.expert_is_adapter(ref):
+        elif is_adapter:
             expert = LoraAdapter.load(path, name=str(ref))
         else:
             expert = FullExpert(path, name=str(ref))
-            expert.vocab_reindexed = reindexed
+            expert.vocab_reindexed = vocab_reindexed
         expert.bind(shapes)
         experts.append(expert)
     return experts
-
-
-def load_experts(method, model: torch.nn.Module) -> list:
-    """Open every expert of ``method`` lazily and bind it to the loaded base ``model``."""
-    return open_experts(method, base_param_shapes(model))
 
 
 def _return_large_frees_to_the_os() -> None:
@@ -164,7 +161,7 @@ def merge_into(
     merge_tensor: TensorFn,
     *,
     progress: bool = True,
-    method: Any = None,
+    label: str = "?",
     delta_sink: Callable[[str, torch.Tensor], None] | None = None,
     base_dir=None,
     should_stop: Callable[[], bool] | None = None,
@@ -185,7 +182,7 @@ def merge_into(
     (and the model resized); every other tensor goes through the loop below as usual.
     """
     if not experts:
-        raise MergeError(f"method '{getattr(method, 'name', '?')}' has no expert models to merge")
+        raise MergeError(f"method '{label}' has no expert models to merge")
     touched: set[str] = set()
     for expert in experts:  # experts are bound to this model: their names are its parameter names
         touched |= set(expert.param_names())

@@ -57,7 +57,7 @@ class InMemoryMerger:
     """
 
     def __init__(self, method, *, memory_fraction: float = 0.4, progress: bool = True) -> None:
-        from ..model.engine import _base_reader, compute_device, load_experts
+        from ..model.engine import _base_reader, base_param_shapes, compute_device
         from ..model.lora import LoraAdapter
 
         t0 = time.time()
@@ -65,7 +65,7 @@ class InMemoryMerger:
         method._load_tokenizer()
         self.model = method.base_model
         self.method = method
-        experts = load_experts(method, self.model)
+        experts = method.open_experts(base_param_shapes(self.model))
         touched: set[str] = set()
         for e in experts:
             touched |= set(e.param_names())
