@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default="full", choices=("full", "kit", "adapter", "none"),
                    help="merged model output: HF directory (full), the kit's safetensor.pt (kit), "
                         "a PEFT adapter by SVD (adapter, LoRA inputs), or none")
-    p.add_argument("--mc-scoring", dest="mc_scoring", choices=("exact", "starter_kit"),
+    from llm_merging.model.scoring import SCORINGS
+
+    p.add_argument("--mc-scoring", dest="mc_scoring", choices=SCORINGS,
                    help="multiple-choice scoring: exact log p(choice|prompt) (default), or the starter kit's, which "
                         "skips the first answer token (alias: --set mc_scoring=...)")
     p.add_argument("--adapter-rank", dest="adapter_rank", type=int,

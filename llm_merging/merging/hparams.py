@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import ConfigError
+from ..model.scoring import SCORINGS
 from . import settings
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -180,7 +181,7 @@ def per_model(value: Any, n_models: int) -> list:
 COMMON: dict[str, Param] = {
     "mc_scoring": Param(
         "exact", "multiple-choice scoring: exact log p(choice|prompt), or the starter kit's (skips the first choice token)",
-        kind=str, choices=("exact", "starter_kit"),
+        kind=str, choices=SCORINGS,
     ),
     "adapter_rank": Param(
         None, "rank of the adapter written by --save adapter (default: sum of the input ranks; exact for linear merges)",

@@ -40,6 +40,7 @@ from ..errors import ConfigError
 from .scoring import (  # noqa: F401 (shared with encoder_decoder_functions; re-exported for this module's callers)
     CHUNK_OVERHEAD_TOKENS,
     SCORINGS,
+    check_scoring,
     _NO_LIMIT,
     _as_id_list,
     _forward_params,
@@ -129,8 +130,7 @@ def predict_multiple_choice(
     ``C`` is the largest number of choices in the batch; missing choices score ``-inf``. Tensors are
     returned on the CPU, scores in float32.
     """
-    if scoring not in SCORINGS:
-        raise ConfigError(f"mc_scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    check_scoring(scoring)
     choices = choice_lists(batch)
     flat = [c for cs in choices for c in cs]
     choice_ids = [list(x) for x in target_tokenizer(flat)["input_ids"]] if flat else []

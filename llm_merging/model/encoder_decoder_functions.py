@@ -20,6 +20,7 @@ import torch
 from ..errors import ConfigError
 from .scoring import (
     SCORINGS,
+    check_scoring,
     _as_id_list,
     _per_example,
     as_texts,
@@ -75,8 +76,7 @@ def predict_multiple_choice(transformer, tokenizer, batch, *, scoring: str = "ex
     """Score every answer choice; returns ``(predicted_choice[B], scores[B, C])`` (CPU, float32,
     ``-inf`` for missing choices). ``scoring`` is accepted for symmetry with the decoder functions:
     the kit's encoder-decoder code already scores every token, so both values agree here."""
-    if scoring not in SCORINGS:
-        raise ConfigError(f"mc_scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    check_scoring(scoring)
     choices = choice_lists(batch)
     counts = [len(cs) for cs in choices]
     input_ids = _encode_inputs(transformer, tokenizer, batch["input"])

@@ -21,7 +21,14 @@ logger = logging.getLogger(__name__)
 logger = logging.getLogger(__name__)
 
 
-SCORINGS = ("exact", "starter_kit")
+SCORINGS = ("exact", "starter_kit")  # multiple-choice scoring rules (the --mc-scoring choices)
+
+
+def check_scoring(scoring: str) -> str:
+    """``scoring`` if it is one of :data:`SCORINGS`, else a one-line ConfigError."""
+    if scoring not in SCORINGS:
+        raise ConfigError(f"mc_scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+    return scoring
 
 
 _NO_LIMIT = 1_000_000
