@@ -19,7 +19,6 @@ import torch
 
 from ..errors import ConfigError
 from .scoring import (
-    SCORINGS,
     check_scoring,
     _as_id_list,
     _per_example,
