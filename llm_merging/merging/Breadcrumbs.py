@@ -25,9 +25,8 @@ class Breadcrumbs(TaskVectorMerge):
         "divisor": LINEAR_DIVISOR,
     }
 
-
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
-        n, h = len(task_vectors), self.hparams
+        h = self.hparams
         extra = consensus_kwargs(h) if self.consensus else {}
         out = ops.breadcrumbs(
             task_vectors, density=h["density"], gamma=h["gamma"], weights=h["weights"], scale=h["scale"],

@@ -23,9 +23,8 @@ class DareLinear(TaskVectorMerge):
         "divisor": LINEAR_DIVISOR,
     }
 
-
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
-        n, h = len(task_vectors), self.hparams
+        h = self.hparams
         extra = consensus_kwargs(h) if self.consensus else {}
         out = ops.dare(
             task_vectors, density=h["density"], weights=h["weights"], scale=h["scale"],

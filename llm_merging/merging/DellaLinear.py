@@ -23,14 +23,13 @@ class DellaLinear(TaskVectorMerge):
         "divisor": LINEAR_DIVISOR,
     }
 
-
     def check_values(self, values: dict) -> None:
         """Reject density/epsilon pairs whose probabilities leave [0, 1], before any loading."""
         for d, e in zip(values["density"], values["epsilon"]):
             ops.della([torch.arange(1.0, 5.0)], density=d, epsilon=e, consensus=None)
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
-        n, h = len(task_vectors), self.hparams
+        h = self.hparams
         extra = consensus_kwargs(h) if self.consensus else {}
         out = ops.della(
             task_vectors, density=h["density"], epsilon=h["epsilon"],

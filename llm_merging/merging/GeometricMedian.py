@@ -17,7 +17,6 @@ class GeometricMedian(TaskVectorMerge):
         "max_iter": Param(100, "maximum Weiszfeld iterations", kind=int, low=1),
     }
 
-
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
-        n, h = len(task_vectors), self.hparams
+        h = self.hparams
         return ops.geometric_median(task_vectors, weights=h["weights"], eps=h["eps"], max_iter=h["max_iter"])

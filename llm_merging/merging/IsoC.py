@@ -15,6 +15,5 @@ class IsoC(TaskVectorMerge):
         "scale": SCALE,
     }
 
-
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         return ops.iso_c(task_vectors, scale=self.hparams["scale"])

@@ -16,7 +16,6 @@ class IsoCts(TaskVectorMerge):
         "common_space_fraction": Param(0.8, "fraction of the rank given to the common subspace", low=0.0, high=1.0, low_open=True),
     }
 
-
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         h = self.hparams
         return ops.iso_cts(task_vectors, common_space_fraction=h["common_space_fraction"], scale=h["scale"])

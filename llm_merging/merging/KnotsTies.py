@@ -27,7 +27,6 @@ class KnotsTies(TaskVectorMerge):
         **CONSENSUS,
     }
 
-
     def preflight(self) -> dict:
         found = super().preflight()
         full = [e["id"] for e in found["experts"] if e["kind"] != "lora"]

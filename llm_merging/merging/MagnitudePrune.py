@@ -19,8 +19,7 @@ class MagnitudePrune(TaskVectorMerge):
         "keep_count": KEEP_COUNT,
     }
 
-
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
-        n, h = len(task_vectors), self.hparams
+        h = self.hparams
         return ops.magnitude_prune(task_vectors, density=h["density"], weights=h["weights"],
                                    scale=h["scale"], keep_count=h["keep_count"])

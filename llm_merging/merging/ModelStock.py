@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..errors import ConfigError
 from .hparams import Param
 from .base import TaskVectorMerge
 
@@ -12,18 +11,14 @@ from .base import TaskVectorMerge
 class ModelStock(TaskVectorMerge):
     """Model Stock (Jang et al. 2024): θ₀ + t·mean(τᵢ), t = N·cosθ / (1 + (N−1)·cosθ)."""
 
+    expert_count = (2, None)
+
     hyperparameters = {
         "filter_wise": Param(False, "one ratio per output row instead of per tensor", kind=bool),
         "extrapolate": Param(False, "mergekit's t for a negative mean cosine (t < 0: away from the average) instead of "
                                     "clamping it to 0 (t = 0: the base)", kind=bool),
     }
 
-
-    def validate_hyperparameters(self) -> None:
-        super().validate_hyperparameters()
-        n = len(self.model_refs())
-        if self.list_models is not None and n < 2:
-            raise ConfigError(f"method '{self.name}' needs at least 2 models, got {n}")
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         return ops.model_stock(task_vectors, filter_wise=self.hparams["filter_wise"],

@@ -12,15 +12,14 @@ from .hparams import Param
 class Nearswap(TaskVectorMerge):
     """NearSwap (mergekit): the expert's value within t of the base, else a step of t towards it; 1 expert."""
 
+    expert_count = (1, 1)
+
     hyperparameters = {"t": Param(None, "similarity threshold (required, e.g. 0.0001)", low=0.0)}
 
     def validate_hyperparameters(self) -> None:
         if self.hparams.get("t") is None:
             raise ConfigError(f"method '{self.name}' needs t (e.g. --set t=0.0001)")
         super().validate_hyperparameters()
-        n = len(self.model_refs())
-        if self.list_models is not None and n != 1:
-            raise ConfigError(f"method '{self.name}' takes exactly 1 expert besides the base, got {n}")
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         return ops.nearswap(base, base + task_vectors[0], self.hparams["t"]) - base

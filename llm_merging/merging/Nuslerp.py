@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..errors import ConfigError
 from .base import TaskVectorMerge
 from .hparams import WEIGHTS, Param
 
@@ -12,17 +11,13 @@ from .hparams import WEIGHTS, Param
 class Nuslerp(TaskVectorMerge):
     """NuSLERP (mergekit): spherical interpolation of two task vectors, t from the weights, per tensor or per row."""
 
+    expert_count = (2, 2)
+
     hyperparameters = {
         "weights": WEIGHTS,
         "nuslerp_flatten": Param(True, "one vector per tensor (false: one per row, or per column with row_wise)", kind=bool),
         "nuslerp_row_wise": Param(False, "with flatten=false: interpolate the columns (mergekit's naming)", kind=bool),
     }
-
-    def validate_hyperparameters(self) -> None:
-        super().validate_hyperparameters()
-        n = len(self.model_refs())
-        if self.list_models is not None and n != 2:
-            raise ConfigError(f"method '{self.name}' interpolates exactly 2 models, got {n}")
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         h = self.hparams

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..errors import ConfigError
 from .hparams import Param
 from .base import TaskVectorMerge
 
@@ -12,17 +11,13 @@ from .base import TaskVectorMerge
 class Slerp(TaskVectorMerge):
     """SLERP of two experts: on their task vectors (default) or on their full weights."""
 
+    expert_count = (2, 2)
+
     hyperparameters = {
         "t": Param(0.5, "interpolation factor: 0 gives the first model, 1 the second", low=0.0, high=1.0),
         "space": Param("task_vectors", "interpolate task vectors (θ₀ + slerp(τ₁, τ₂)) or full weights (slerp(θ₁, θ₂))", kind=str, choices=("task_vectors", "weights")),
     }
 
-
-    def validate_hyperparameters(self) -> None:
-        super().validate_hyperparameters()
-        n = len(self.model_refs())
-        if self.list_models is not None and n != 2:
-            raise ConfigError(f"method '{self.name}' interpolates exactly 2 models, got {n}")
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         t = self.hparams["t"]

@@ -25,7 +25,6 @@ class TaskArithmetic(TaskVectorMerge):
 
     hyperparameters = {"weights": WEIGHTS, "scale": SCALE, "divisor": LINEAR_DIVISOR}
 
-
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         h = self.hparams
         out = ops.task_arithmetic(task_vectors, weights=h["weights"], scale=h["scale"])

@@ -22,9 +22,7 @@ class TiesMerge(TaskVectorMerge):
         "keep_count": KEEP_COUNT,
     }
 
-
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
-        n = len(task_vectors)
         h = self.hparams
         return ops.ties(
             task_vectors, density=h["density"], weights=h["weights"], scale=h["scale"],

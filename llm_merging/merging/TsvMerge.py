@@ -16,6 +16,5 @@ class TsvMerge(TaskVectorMerge):
         "rank_per_task": Param(None, "singular vectors kept per task (default min(m, n) / number of tasks)", kind=int, low=1, optional=True),
     }
 
-
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         return ops.tsv(task_vectors, scale=self.hparams["scale"], rank_per_task=self.hparams["rank_per_task"])

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import re
 import zlib
+from typing import ClassVar
+
+from ..errors import ConfigError
 
 from .Merges import Merges
 
@@ -39,6 +42,9 @@ def method_name(cls: type) -> str:
 class TaskVectorMerge(Merges):
     """Base of engine methods: default models and settings; ``merge_tensor`` sees resolved values."""
 
+    #: how many expert models the method takes: (at least, at most or None); checked in preflight
+    expert_count: ClassVar[tuple[int, int | None]] = (1, None)
+
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name or method_name(type(self)))
         self.base_model_name, self.base_model_revision_id = DEFAULT_BASE
@@ -49,6 +55,14 @@ class TaskVectorMerge(Merges):
         self.architecture = "decoder"
         self.loaded_models = {}
         self.loaded_configs = {}
+
+    def validate_hyperparameters(self) -> None:
+        super().validate_hyperparameters()
+        low, high = self.expert_count
+        n = len(self.model_refs())
+        if self.list_models is not None and (n < low or (high is not None and n > high)):
+            want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            raise ConfigError(f"method '{self.name}' takes {want} expert model(s) besides the base, got {n}")
 
     def tensor_seed(self, name: str) -> int:
         """The seed of random methods for parameter ``name`` (from ``--seed``)."""

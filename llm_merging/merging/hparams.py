@@ -121,7 +121,7 @@ class Param:
         for leaf in settings.leaves(setting):
             if leaf is not None:
                 self._check(key, leaf)
-        return _map_leaves(setting, lambda v: v if v is None else self._check(key, v))
+        return settings.map_values(setting, lambda v: v if v is None else self._check(key, v))
 
     def _check(self, key: str, v: Any) -> Any:
         if self.kind is float and isinstance(v, int) and not isinstance(v, bool):
@@ -155,18 +155,6 @@ def _nodes(setting: Any):
         children = setting
     for c in children:
         yield from _nodes(c)
-
-
-def _map_leaves(setting: Any, fn) -> Any:
-    if isinstance(setting, settings.Gradient):
-        return settings.Gradient(tuple(fn(v) for v in setting.anchors))
-    if isinstance(setting, settings.Filtered):
-        return settings.Filtered(tuple((f, _map_leaves(v, fn)) for f, v in setting.entries))
-    if isinstance(setting, settings.Sliced):
-        return settings.Sliced(tuple(None if v is None else _map_leaves(v, fn) for v in setting.per_slice))
-    if isinstance(setting, settings.Chain):
-        return settings.Chain(tuple(_map_leaves(v, fn) for v in setting.levels))
-    return fn(setting)
 
 
 def per_model(value: Any, n_models: int) -> list:

@@ -70,28 +70,13 @@ class MergekitMethod:
         return self.convert(dict(values)) if self.convert is not None else values
 
 
-def _map(setting: Any, fn: Callable[[Any], Any]) -> Any:
-    """Apply ``fn`` to every plain value of a setting (per-model lists, chains, filters, gradients)."""
-    if isinstance(setting, list):
-        return [_map(s, fn) for s in setting]
-    if isinstance(setting, settings.Gradient):
-        return settings.Gradient(tuple(fn(v) for v in setting.anchors))
-    if isinstance(setting, settings.Filtered):
-        return settings.Filtered(tuple((f, _map(v, fn)) for f, v in setting.entries))
-    if isinstance(setting, settings.Sliced):
-        return settings.Sliced(tuple(None if v is None else _map(v, fn) for v in setting.per_slice))
-    if isinstance(setting, settings.Chain):
-        return settings.Chain(tuple(_map(v, fn) for v in setting.levels))
-    return fn(setting)
-
-
 def _normalize_to_divisor(values: dict) -> dict:
     """mergekit ``normalize`` → our ``divisor`` (weight sum or none); mergekit ``rescale`` → our ``rescale``
     (``true``: L1-norm rescale of the pruned deltas, ``false``: none)."""
     if "divisor" in values:
-        values["divisor"] = _map(values["divisor"], lambda v: "weight_sum" if v is True else ("none" if v is False else v))
+        values["divisor"] = settings.map_values(values["divisor"], lambda v: "weight_sum" if v is True else ("none" if v is False else v))
     if "rescale" in values:
-        values["rescale"] = _map(values["rescale"], lambda v: "l1" if v is True else ("none" if v is False else v))
+        values["rescale"] = settings.map_values(values["rescale"], lambda v: "l1" if v is True else ("none" if v is False else v))
     return values
 
 

@@ -121,6 +121,22 @@ def leaves(setting: Any) -> Iterator[Any]:
         yield setting
 
 
+def map_values(setting: Any, fn) -> Any:
+    """``setting`` with ``fn`` applied to every plain value it holds (per-model lists, chains, slices,
+    filters, gradient anchors); None entries of a :class:`Sliced` stay None."""
+    if isinstance(setting, list):
+        return [map_values(s, fn) for s in setting]
+    if isinstance(setting, Gradient):
+        return Gradient(tuple(fn(v) for v in setting.anchors))
+    if isinstance(setting, Filtered):
+        return Filtered(tuple((f, map_values(v, fn)) for f, v in setting.entries))
+    if isinstance(setting, Sliced):
+        return Sliced(tuple(None if v is None else map_values(v, fn) for v in setting.per_slice))
+    if isinstance(setting, Chain):
+        return Chain(tuple(map_values(v, fn) for v in setting.levels))
+    return fn(setting)
+
+
 def is_structured(setting: Any) -> bool:
     """True when the value may differ between tensors."""
     if isinstance(setting, list):
