@@ -5,8 +5,9 @@ In memory (what ``--search`` does): the base stays loaded, θ₀ of the touched 
 factors are cached; a candidate is merged in place from θ₀ (the method's ``merge_resolved``), scored on
 the search rows and undone. Disk round trip (what ``mergekit-evolve`` does per candidate): the usual
 ``method.merge()`` (base loaded from its checkpoint, experts opened, streamed merge), ``save_full`` to a
-temporary directory, the saved model and tokenizer loaded back, then the same scoring. Both sides score
-the same rows with the same evaluator; the script checks that they give the same scores.
+temporary directory, the saved model and tokenizer loaded back, then the same scoring: once in the same
+process (a lower bound) and once in a fresh Python process, as an external evaluator does. Every side
+scores the same rows with the same evaluator; the script checks that they give the same scores.
 
     python benchmarks/search_speed.py                      # tiny decoder, 3 tiny LoRA experts, 2 CPU threads
     python benchmarks/search_speed.py --shape larger       # a random 12-layer, 768-wide Llama, 3 rank-16 LoRAs
@@ -112,8 +113,45 @@ def round_trip(name, base, experts, values, device, fitness, tmp: Path) -> tuple
     t0 = time.perf_counter()
     scores = fitness.evaluate(evaluator)
     t["evaluate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cold = fresh_process_scores(out, name, fitness, device, tmp)
+    t["fresh evaluator process"] = time.perf_counter() - t0
+    if cold != scores["scores"]:
+        raise SystemExit(f"the fresh evaluator process scored {cold}, the in-process one {scores['scores']}")
     shutil.rmtree(out, ignore_errors=True)
     return t, scores
+
+
+EVALUATOR = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import torch
+torch.set_num_threads({threads})
+from llm_merging.runner import instantiate
+from llm_merging.search.candidates import Fitness
+spec = json.load(open({spec!r}))
+m = instantiate(spec["method"])
+m.base_model_name, m.base_model_revision_id, m.device, m.max_gen_len = spec["model"], None, spec["device"], 16
+m.architecture = "decoder"
+m._load_base_model()
+m._load_tokenizer()
+out = Fitness(spec["names"], spec["rows"], [len(r) for r in spec["rows"]]).evaluate(m)
+print(json.dumps(out["scores"]))
+"""
+
+
+def fresh_process_scores(model_dir: Path, name: str, fitness, device: str, tmp: Path) -> dict:
+    """Load the saved candidate in a new Python process and score it there (mergekit-evolve's evaluator)."""
+    import subprocess
+
+    spec = tmp / "spec.json"
+    spec.write_text(json.dumps({"method": name, "model": str(model_dir), "device": device, "names": fitness.names,
+                                "rows": fitness.rows}), encoding="utf-8")
+    code = EVALUATOR.format(repo=str(REPO), threads=torch.get_num_threads(), spec=str(spec))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the fresh evaluator process failed: {proc.stderr[-1500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -159,6 +197,7 @@ def main() -> None:
         method.check_all_tensors(merger.names)
         mem, mem_scores = [], None
         slow, slow_scores = [], None
+        fresh: list[dict] = []
         for _ in range(args.repeats):  # interleaved, so that load spikes of a shared machine hit both
             t0 = time.perf_counter()
             merge_s = merger.apply(method.merge_resolved)
@@ -167,7 +206,11 @@ def main() -> None:
             merger.restore()
             mem.append({"merge": merge_s, "evaluate": time.perf_counter() - t1, "total": time.perf_counter() - t0})
             steps, slow_scores = round_trip(args.method, base, experts, values, args.device, fitness, tmp)
+            cold = steps.pop("fresh evaluator process")
             slow.append({**steps, "total": sum(steps.values())})
+            fresh.append({"merge + save": steps["merge (load base, open experts, merge)"] + steps["save"],
+                          "reload + evaluate in a new process": cold})
+            fresh[-1]["total"] = sum(fresh[-1].values())
         n_params = sum(p.numel() for p in merger.model.parameters())
         merger.release()
 
@@ -187,6 +230,9 @@ def main() -> None:
     rest_slow = med(slow, "total") - med(slow, "evaluate")
     print(f"speed-up    : {med(slow, 'total') / med(mem, 'total'):.1f}x per candidate; without the evaluation both "
           f"pay: {rest_slow / rest_mem:.1f}x ({rest_mem:.3f} s vs {rest_slow:.3f} s); same scores: {same}")
+    print(f"disk cycle, fresh evaluator process (mergekit-evolve's way): {med(fresh, 'total'):7.3f} s per candidate (" +
+          ", ".join(f"{k} {med(fresh, k):.3f}" for k in fresh[0] if k != "total") +
+          f"); speed-up {med(fresh, 'total') / med(mem, 'total'):.1f}x; same scores: True")
     if not same:
         print(f"  in memory: {mem_scores['scores']}\n  disk     : {slow_scores['scores']}")
 
