@@ -22,7 +22,7 @@ from typing import Iterable
 
 import torch
 
-from llm_merging.errors import CheckpointError, LLMMergingError
+from llm_merging.errors import CheckpointError, LLMMergingError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def read_safetensors_header(path: str | os.PathLike, error_cls: type[LLMMergingE
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = first_line(exc)
         raise error_cls(f"corrupted safetensors file {path}: bad header ({msg})") from None
     header.pop("__metadata__", None)
     data_start = 8 + n
@@ -131,7 +131,7 @@ def open_safetensors(path: str | os.PathLike, error_cls: type[LLMMergingError] =
     try:
         handle = safe_open(str(path), framework="pt")
     except Exception as exc:  # safetensors raises its own error type on a bad header
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = first_line(exc)
         raise error_cls(f"corrupted safetensors file {path}: {msg}") from None
     return handle, header
 
@@ -150,7 +150,7 @@ def load_torch_file(path: str | os.PathLike, error_cls: type[LLMMergingError] = 
     except FileNotFoundError:
         raise error_cls(f"missing weights file {path}") from None
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         raise error_cls(f"cannot read truncated or corrupted weights file {path}: {msg}") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise error_cls(f"weights file {path} does not hold a state dict of tensors")
@@ -300,7 +300,7 @@ class CheckpointReader:
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
                 raise ValueError("weight_map must map tensor names to file names")
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = first_line(exc)
             raise CheckpointError(f"broken index {index}: {msg}") from None
         by_file: dict[str, list[str]] = {}
         for k, f in weight_map.items():
@@ -359,7 +359,7 @@ class CheckpointReader:
             try:
                 t = self._st_handles[file].get_tensor(key)
             except Exception as exc:
-                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                msg = first_line(exc)
                 raise CheckpointError(f"cannot read tensor '{key}' from {file}: {msg}") from None
         else:  # a view into the mmap-ed file: always hand out a copy
             return _move(self._bin_tensor(key).clone(), device, dtype)

@@ -46,7 +46,7 @@ from typing import Sequence
 
 import torch
 
-from llm_merging.errors import ConfigError, MergeError, ModelNotFoundError
+from llm_merging.errors import ConfigError, MergeError, ModelNotFoundError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +81,6 @@ class TokenSource:
     model: int | None = None
     row: int | None = None
     force: bool = False
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -317,7 +312,7 @@ def _load_tokenizer(path: Path, label: str):
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
-        raise ModelNotFoundError(f"cannot load the tokenizer of {label} ({path}): {_one_line(exc)}") from None
+        raise ModelNotFoundError(f"cannot load the tokenizer of {label} ({path}): {first_line(exc)}") from None
 
 
 def _config_vocab_size(path: Path) -> int | None:
