@@ -93,6 +93,8 @@ def apply_tiny(method) -> None:
 
     arch = method.architecture if method.architecture in ("decoder", "encoder_decoder") else "decoder"
     n = max(len(method.model_refs()), 1)
+    low, high = getattr(method, "expert_count", (1, None))
+    n = max(low, n if high is None else min(n, high))  # as many as the method takes
     adapters = True if method.is_peft is None else bool(method.is_peft)
     method.base_model_name = str(tiny.base_dir(arch))
     method.base_model_revision_id = None

@@ -99,14 +99,30 @@ def test_unknown_method_names_close_matches(capsys, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-EVALUATED = ["llama_avg", "tiny_llama_avg", "flan_t5_avg", "linear", "task_arithmetic"]
-MERGE_ONLY = ["dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-              "slerp", "model_stock", "geometric_median", "tsv_merge", "iso_c", "iso_cts", "knots_ties"]
+def _shipped_methods() -> list[str]:
+    """Every built-in method once (aliases of the same class skipped)."""
+    from llm_merging.merging import BUILTIN_METHODS
+
+    seen, names = set(), []
+    for name, target in BUILTIN_METHODS.items():
+        if target not in seen:
+            seen.add(target)
+            names.append(name)
+    return names
 
 
-@pytest.mark.parametrize("method", EVALUATED + MERGE_ONLY)
+@pytest.mark.parametrize("method", _shipped_methods())
 def test_every_shipped_method_runs_tiny(method, tmp_path):
-    extra = ["--max-examples", "2"] if method in EVALUATED else ["--no-eval"]
+    from llm_merging.merging import get_method_class
+    from llm_merging.merging.Linear import Linear
+
+    cls = get_method_class(method)
+    # the starter kit's family (linear and its kit-default subclasses) is also evaluated
+    extra = ["--max-examples", "2"] if issubclass(cls, Linear) else ["--no-eval"]
+    required = [f"{k}={p.low if p.low else 0.01}" for k, p in cls.hyperparameters.items()
+                if p.default is None and not p.optional]  # e.g. nearswap's t
+    if required:
+        extra += ["--set", *required]
     code = main(["-m", method, "--tiny", "--output_folder", str(tmp_path), "--quiet", "--save", "none", *extra])
     assert code == 0
     report = json.loads((tmp_path / method / "report.json").read_text())

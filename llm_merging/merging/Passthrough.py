@@ -21,6 +21,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model.refs import ModelRef, hf_token
 from . import settings
 from .base import TaskVectorMerge
+from .Merges import Merges
 from .hparams import Param
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def _layer_count(config: dict) -> tuple[str, int]:
 class Passthrough(TaskVectorMerge):
     """Passthrough: copy one model's tensors (with slices: stack layer ranges of several models)."""
 
+    expert_count = (1, 1)  # without recipe slices; a recipe's slices name their own models
+
     hyperparameters = {
         "scale": Param(None, "multiply every copied tensor by this factor (unset: exact copy)", optional=True),
     }
@@ -46,6 +49,11 @@ class Passthrough(TaskVectorMerge):
         super().__init__(name)
         self.is_peft = None
         self.slices: list[tuple[str, tuple[int, int]]] | None = None  # (model, [start, end)) per output slice
+
+    def validate_hyperparameters(self) -> None:
+        if self.slices is not None:  # the slices name the models
+            return Merges.validate_hyperparameters(self)
+        super().validate_hyperparameters()
 
     # ---------------------------------------------------------------- plan
     def _config(self, path) -> dict:
