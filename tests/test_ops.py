@@ -406,8 +406,7 @@ def test_della_matches_loop_reference(consensus, rescale):
     for i, (t, d, e) in enumerate(zip(ts, dens, eps)):
         x = np64(t)
         keep = ref_della_keep(x, d, e)
-        u = torch.rand(ref_rows(x).shape, generator=torch.Generator().manual_seed(ops.derive_seed(seed, i)))
-        m = np64(u).reshape(x.shape) < keep.astype(np.float32)
+        m = ops.della_mask(t, d, e, ops.derive_seed(seed, i))[0].numpy()
         y = x * m
         if rescale == "inverse":
             y = np.where(m, x / keep, 0.0)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -174,9 +174,98 @@ def derive_seed(seed: int, index: int) -> int:
     return z & ((1 << 63) - 1)
 
 
-def cpu_generator(seed: int) -> torch.Generator:
-    """A CPU generator seeded with ``seed`` (masks are drawn on CPU for device independence)."""
-    return torch.Generator(device="cpu").manual_seed(seed)
+_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64 increment
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+#: flat indices hashed per chunk by :func:`counter_chunks` on CPU (two reused int64 buffers of this size:
+#: small enough to stay in cache) and on other devices (few kernel launches per tensor)
+COUNTER_CHUNK_CPU = 1 << 18
+COUNTER_CHUNK_DEVICE = 1 << 24
+
+
+def _signed64(v: int) -> int:
+    """``v mod 2**64`` as a signed int64 value (what a torch int64 tensor holds for those bits)."""
+    v &= _MASK64
+    return v - (1 << 64) if v >> 63 else v
+
+
+def fmix64(z: int) -> int:
+    """The SplitMix64 finaliser of a 64-bit value (pure Python, unsigned)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def counter_key(seed: int) -> int:
+    """The stream key of ``seed``: its first SplitMix64 output (unsigned 64-bit)."""
+    return fmix64((seed & _MASK64) + _GOLDEN)
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 63:
+        raise ValueError(f"bits: {bits!r} is outside [1, 63]")
+
+
+def _fmix_top_bits_(z: Tensor, t: Tensor, bits: int) -> Tensor:
+    """In place on the int64 tensor ``z``: the top ``bits`` bits of the SplitMix64 finaliser of each
+    entry (``t`` a scratch tensor of the same size). Multiplication wraps modulo 2⁶⁴ on every backend;
+    the right shifts are made logical by masking off the sign-extended bits."""
+    for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=t)
+        t.bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(t)
+        if mult is not None:
+            z.mul_(_signed64(mult))
+    torch.bitwise_right_shift(z, 64 - bits, out=z)
+    return z.bitwise_and_((1 << bits) - 1)
+
+
+def counter_bits(
+    seed: int, start: int, count: int, device: Union[str, torch.device, None], bits: int = 24
+) -> Tensor:
+    """Counter-based random bits: the top ``bits`` bits of ``fmix64(key(seed) + (i + 1)·φ)`` for the flat
+    indices ``i = start … start + count − 1`` (φ the SplitMix64 increment, key :func:`counter_key`), as an
+    int64 tensor on ``device``: entry i of SplitMix64's stream for the key.
+
+    A pure function of (seed, i) computed on the device in int64 arithmetic, so every device, chunking and
+    tensor shape gives the same bits for the same (seed, flat index). :func:`counter_chunks` is the same
+    draw over a whole tensor with reused buffers.
+    """
+    _check_bits(bits)
+    z = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    z.mul_(_signed64(_GOLDEN)).add_(_signed64(counter_key(seed) + _GOLDEN))
+    return _fmix_top_bits_(z, torch.empty_like(z), bits)
+
+
+def counter_chunks(
+    seed: int,
+    n: int,
+    device: Union[str, torch.device, None],
+    bits: int = 24,
+    chunk: Optional[int] = None,
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``(start, stop, b)`` for consecutive chunks of the flat indices ``0 … n − 1``: ``b`` holds
+    :func:`counter_bits` ``(seed, start, stop − start, device, bits)``, in a buffer reused by the next
+    chunk (consume it before advancing). ``chunk``: entries per chunk (default
+    :data:`COUNTER_CHUNK_CPU` on CPU, :data:`COUNTER_CHUNK_DEVICE` elsewhere); the bits do not depend on it.
+    """
+    _check_bits(bits)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if chunk is None:
+        chunk = COUNTER_CHUNK_CPU if device.type == "cpu" else COUNTER_CHUNK_DEVICE
+    step = max(1, min(int(chunk), n))
+    if n <= 0:
+        return
+    phi = _signed64(_GOLDEN)
+    base = torch.arange(step, dtype=torch.int64, device=device).mul_(phi)  # i·φ for the chunk's offsets
+    z, t = torch.empty_like(base), torch.empty_like(base)
+    key = counter_key(seed) + _GOLDEN
+    for start in range(0, n, step):
+        count = min(step, n - start)
+        zc = z[:count]
+        torch.add(base[:count], _signed64(key + start * _GOLDEN), out=zc)  # (start + i)·φ + key + φ
+        yield start, start + count, _fmix_top_bits_(zc, t[:count], bits)
 
 
 KEEP_COUNTS = ("round", "floor")

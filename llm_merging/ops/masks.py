@@ -10,8 +10,11 @@ the top-b set for a ≤ b. (PEFT and mergekit use ``k = int(density · numel)`` 
 threshold still go to the lower flat index, where mergekit keeps whichever entries its sort returns, so
 inputs with exact ties at the threshold (common in fp16) can still differ there.)
 
-Random masks (DARE, DELLA) are drawn from a CPU ``torch.Generator`` seeded with the given seed and only
-then moved to the tensor's device, so one seed yields bit-identical masks on CPU and GPU.
+Random masks (DARE, DELLA) come from a counter-based generator computed on the tensor's own device:
+entry i's uniform is ``u = b / 2²⁴`` with ``b`` the top 24 bits of the SplitMix64 finaliser of
+``key(seed) + (i + 1)·φ`` (i the flat row-major index; see :func:`~llm_merging.ops._common.counter_bits`),
+and the entry is kept when ``u < keep probability``. It is a pure function of (seed, flat index) in int64
+arithmetic, so one seed yields bit-identical masks on CPU and GPU, whatever the chunking.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from torch import Tensor
 
 from llm_merging.errors import ConfigError
 
-from ._common import KEEP_COUNTS, check_choice, check_range, cpu_generator, f32
+from ._common import KEEP_COUNTS, check_choice, check_range, check_seed, counter_chunks, f32
 from ._common import keep_count as _keep_count
 
 RESCALES = ("inverse", "l1", None)
@@ -83,17 +86,26 @@ def random_mask(
     density: float,
     seed: int,
     device: Union[str, torch.device, None] = None,
+    *,
+    chunk: Optional[int] = None,
 ) -> Tensor:
     """DARE mask: each entry kept independently with probability ``density`` (Bernoulli).
 
-    Drawn as ``torch.rand(shape, generator=CPU generator seeded with seed) < density`` on CPU, then moved
-    to ``device``: bit-identical on every device for a given seed.
+    Entry i is kept when ``u_i < density``, ``u_i = b_i / 2²⁴`` the counter-based uniform of (seed, flat
+    index i) (module docstring), computed on ``device`` ``chunk`` entries at a time (default: by device):
+    bit-identical on every device for a given seed; the keep probability is ``ceil(density·2²⁴) / 2²⁴``.
     """
     d = check_range(density, "density", 0.0, 1.0, low_open=True)
+    s = check_seed(seed)
     if d >= 1.0:
         return torch.ones(shape, dtype=torch.bool, device=device)
-    u = torch.rand(shape, generator=cpu_generator(seed), dtype=torch.float32)
-    return (u < d).to(device)
+    shape = torch.Size(shape)
+    n = shape.numel()
+    thr = math.ceil(d * (1 << 24))  # b < thr  ⇔  b / 2²⁴ < d (exact: d·2²⁴ is exact in float64)
+    out = torch.empty(n, dtype=torch.bool, device=device)
+    for start, stop, bits in counter_chunks(s, n, out.device, chunk=chunk):
+        torch.lt(bits, thr, out=out[start:stop])
+    return out.reshape(shape)
 
 
 def breadcrumbs_mask(x: Tensor, density: float, gamma: float, keep_count: str = "round") -> Tensor:
@@ -169,18 +181,31 @@ def della_keep_probabilities(x: Tensor, density: float, epsilon: float) -> Tenso
     return table[ranks].reshape(x.shape)
 
 
-def della_mask(x: Tensor, density: float, epsilon: float, seed: int) -> tuple[Tensor, Tensor]:
+def della_mask(
+    x: Tensor, density: float, epsilon: float, seed: int, *, chunk: Optional[int] = None
+) -> tuple[Tensor, Tensor]:
     """DELLA drop mask and the keep probabilities it was drawn with: ``(mask, keep_prob)``.
 
-    ``mask = u < keep_prob`` with ``u = torch.rand`` from a CPU generator seeded with ``seed`` (drawn on
-    CPU, moved to the device): bit-identical on every device for a given seed.
+    ``mask = u < keep_prob`` with ``u_i = b_i / 2²⁴`` (float32, exact) the counter-based uniform of
+    (seed, flat index i) (module docstring), computed on ``x``'s device ``chunk`` entries at a time
+    (default: by device): bit-identical on every device for a given seed, and the same uniforms as
+    :func:`random_mask`'s.
     """
     keep = della_keep_probabilities(x, density, epsilon)
+    s = check_seed(seed)
     if density >= 1.0:
         return torch.ones(x.shape, dtype=torch.bool, device=x.device), keep
-    u = torch.rand(tuple(_rows(x).shape), generator=cpu_generator(seed), dtype=torch.float32)
-    mask = u.to(x.device).reshape(x.shape) < keep
-    return mask, keep
+    flat = keep.reshape(-1)
+    n = flat.numel()
+    mask = torch.empty(n, dtype=torch.bool, device=x.device)
+    u = None
+    for start, stop, bits in counter_chunks(s, n, x.device, chunk=chunk):
+        if u is None:
+            u = torch.empty(bits.shape, dtype=torch.float32, device=x.device)
+        uc = u[: stop - start]
+        uc.copy_(bits).mul_(2.0**-24)  # exact: b < 2²⁴
+        torch.lt(uc, flat[start:stop], out=mask[start:stop])
+    return mask.reshape(x.shape), keep
 
 
 def apply_mask(

@@ -4,10 +4,11 @@ Each sparsifies every task vector on its own (per tensor), then either sums the 
 (``consensus=None``: ``λ Σ wᵢ τ̃ᵢ``) or runs the TIES sign election and disjoint merge on them
 (``consensus="ties"``, see :func:`llm_merging.ops.ties.consensus_merge`).
 
-Random methods take ``seed``; model i draws its mask from a CPU generator seeded with
-``derive_seed(seed, i)`` (a SplitMix64 mix of seed and i, so streams are distinct per model), then moves
-the mask to the tensor's device: the same seed gives bit-identical masks on CPU and GPU. The caller
-should pass a different seed per tensor (e.g. derived from the run seed and the tensor name).
+Random methods take ``seed``; model i draws its mask with the counter-based generator of
+:mod:`llm_merging.ops.masks` keyed by ``derive_seed(seed, i)`` (a SplitMix64 mix of seed and i, so streams
+are distinct per model), computed on the tensor's own device: the same seed gives bit-identical masks on
+CPU and GPU. The caller should pass a different seed per tensor (e.g. derived from the run seed and the
+tensor name).
 
 mergekit parity notes (its defaults differ per method): mergekit elects the sign over weighted deltas
 (``weighted_sign=True`` here), divides by the sum of agreeing weights when ``normalize=True``
@@ -121,7 +122,7 @@ def dare(
     of the original (mergekit ``rescale: true``); ``None`` no rescale. Then
     ``consensus=None`` → DARE-linear ``λ Σ wᵢ τ̃ᵢ`` (PEFT ``dare_linear``);
     ``consensus="ties"`` → DARE-TIES: sign election + disjoint merge over the dropped-and-rescaled vectors
-    (PEFT ``dare_ties``). Masks: see the module docstring (``seed``, CPU generator, per-model streams).
+    (PEFT ``dare_ties``). Masks: see the module docstring (``seed``, counter-based generator, per-model streams).
     """
     ts = check_tensors(task_vectors)
     lam = _common_checks(consensus, sign_method, divisor, scale)
