@@ -33,7 +33,8 @@ TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 OURS_KEYS = {"seed", "search"}  # search: the space of --search (llm_merging.search)
 DTYPES = ("float32", "float16", "bfloat16")
 OUR_PREFIX = "llm_merging."
-IGNORED = {"int8_mask"}  # mergekit options with no effect on the values (int8 masks give the same result)
+IGNORED = {"int8_mask"}
+MERGEKIT_REQUIRED = {"weight"}  # mergekit parameters without a default: a model lacking one is an error there too  # mergekit options with no effect on the values (int8 masks give the same result)
 
 
 @dataclass
@@ -136,6 +137,16 @@ def load_recipe(path: str | Path) -> Recipe:
         raise _err(path, "base_model", f"expected a model path or hub id, got {base!r}")
     if ("models" in doc) == ("slices" in doc):
         raise _err(path, "models", "give exactly one of 'models' or 'slices'")
+    if base is None and method == "passthrough":  # BASE+LORA sources name the base their adapters apply to
+        named = [m.get("model") if isinstance(m, dict) else m for m in doc.get("models") or []]
+        named += [src.get("model") for sl in doc.get("slices") or [] if isinstance(sl, dict)
+                  for src in sl.get("sources") or [] if isinstance(src, dict)]
+        bases = list(dict.fromkeys(m.partition("+")[0] for m in named if isinstance(m, str) and "+" in m))
+        if len(bases) > 1:
+            raise _err(path, "base_model", f"LoRA sources apply to different bases ({', '.join(bases)}); "
+                                           "one recipe merges over one base")
+        if bases:
+            base = bases[0]
 
     # Gather settings by level, in mergekit's names: global, per model (by reference), per slice.
     global_params = _params(path, "parameters", doc.get("parameters"))
@@ -355,7 +366,15 @@ def _our_settings(path, method, mk, experts, global_params, model_params, slice_
             for ref in experts:
                 chain = [s for s in (sliced(lv.get("sources", {}).get(ref, {})), lv.get("models", {}).get(ref)) if s is not None]
                 chain += shared
-                per.append(_chain(chain, out.get(ours)))
+                value = _chain(chain, out.get(ours))
+                if value is None and not specs[ours].optional:
+                    theirs = next((k for k, v in (mk.params.items() if mk else []) if v == ours), ours)
+                    value = specs[ours].default[len(per)] if isinstance(specs[ours].default, list) else specs[ours].default
+                    if value is None or (mk is not None and theirs in MERGEKIT_REQUIRED):
+                        name = ref if ref != "__base__" else "the base model"
+                        raise _err(path, f"models[{name}].parameters.{theirs}",
+                                   "missing: every model needs a value (mergekit requires it too)")
+                per.append(value)
             out[ours] = per
         else:
             out[ours] = _chain(shared, out.get(ours))
@@ -385,6 +404,7 @@ def apply_recipe(method, recipe: Recipe) -> None:
         method.slices = list(recipe.slices)
     method.recipe = recipe
     method.set_hyperparameters(recipe.hparams)
+    method.recipe_hparams = dict(method.hparams)  # as the recipe set them (before --set or a search)
 
 
 # ------------------------------------------------------------------ writing recipe.yml
@@ -394,11 +414,17 @@ def recipe_document(method, models_info: dict | None, *, dtype: str | None, seed
     merge (checked by reading it back), else in ours."""
     recipe = getattr(method, "recipe", None)
     models_info = models_info or {}
-    if recipe is not None:
+    changed = recipe is not None and method.hparams != getattr(method, "recipe_hparams", method.hparams)
+    structured = recipe is not None and (recipe.slices is not None or recipe.slice_lengths is not None
+                                         or recipe.tokenizer is not None or recipe.chat_template is not None)
+    if recipe is not None and (not changed or structured):
+        if changed:  # refused in preflight (runner); never expected here
+            logger.warning("recipe.yml: the run's values differ from recipe %s, which has slices or a tokenizer "
+                           "setting; the recipe is written as read", recipe.path)
         doc = _pin_document(recipe.document, models_info)
         doc["llm_merging"] = {**(doc.get("llm_merging") or {}), "seed": seed}
-        if dtype and not doc.get("dtype"):
-            doc["dtype"] = dtype
+        if dtype:
+            doc["dtype"] = dtype  # the dtype the run used (--dtype may override the recipe's)
         return doc
     from .merging.mergekit_names import MERGEKIT_METHODS
 
@@ -410,9 +436,17 @@ def recipe_document(method, models_info: dict | None, *, dtype: str | None, seed
         if mk.ours == method.name:
             doc = _mergekit_document(mk, ours, specs, base, experts, dtype, seed)
             if doc is not None:
-                return doc
+                return _with_recipe_outputs(doc, recipe)
     name = method.name
-    return _document(OUR_PREFIX + name if name in MERGEKIT_METHODS else name, ours, specs, base, experts, dtype, seed)
+    doc = _document(OUR_PREFIX + name if name in MERGEKIT_METHODS else name, ours, specs, base, experts, dtype, seed)
+    return _with_recipe_outputs(doc, recipe)
+
+
+def _with_recipe_outputs(doc: dict, recipe: Recipe | None) -> dict:
+    """A rebuilt document keeps the recipe's output dtype."""
+    if recipe is not None and recipe.out_dtype:
+        doc["out_dtype"] = recipe.out_dtype
+    return doc
 
 
 def _document(name: str, values: dict, specs: dict, base: dict, experts: list, dtype, seed) -> dict:
@@ -487,9 +521,11 @@ def _pin_document(doc: dict, models_info: dict) -> dict:
 
     if "base_model" in doc:
         doc["base_model"] = pin(doc["base_model"])
-    for entry in doc.get("models") or []:
+    for i, entry in enumerate(doc.get("models") or []):
         if isinstance(entry, dict):
             entry["model"] = pin(entry.get("model"))
+        else:  # the short form: a list of model names
+            doc["models"][i] = pin(entry)
     for sl in doc.get("slices") or []:
         for src in sl.get("sources") or []:
             src["model"] = pin(src.get("model"))

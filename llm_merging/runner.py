@@ -246,6 +246,10 @@ class Runner:
             apply_config(method, dataclasses.replace(cfg, overrides=overrides_for(cfg, method.name, method.all_hyperparameters())))
         else:
             apply_config(method, cfg)
+        if recipe is not None and method.hparams != method.recipe_hparams and (
+                recipe.slice_lengths is not None or recipe.tokenizer is not None or recipe.chat_template is not None):
+            raise ConfigError(f"--recipe {cfg.recipe} has slices or a tokenizer setting: put the --set values in the "
+                              "recipe itself (recipe.yml must reproduce the run)")
         method.should_stop = self.budget.expired
         method.tokenizer_optional = not cfg.evaluate
         if cfg.evaluate:

@@ -318,3 +318,49 @@ def test_cli_run_that_is_a_mergekit_merge_writes_mergekit_vocabulary(capsys, tmp
     code, err = _run(capsys, tmp_path / "ties", "-m", "ties_merge", "--base-model", base, "--models", *experts)
     assert code == 0, err
     assert yaml.safe_load((tmp_path / "ties" / "ties_merge" / "recipe.yml").read_text())["merge_method"] == "ties_merge"
+
+
+def test_recipe_with_set_and_dtype_overrides_writes_a_recipe_yml_that_reproduces_it(capsys, tmp_path, models):
+    base, experts = models
+    path = tmp_path / "r.yml"
+    path.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                    f"  - model: {experts[0]}\n    parameters: {{weight: [0.0, 1.0]}}\n"
+                    f"  - model: {experts[1]}\n    parameters: {{weight: [{{filter: mlp, value: 0.5}}]}}\n"
+                    "parameters: {weight: 0.9}\ndtype: float32\n")
+    code, err = _run(capsys, tmp_path / "a", "--recipe", str(path), "--set", "scale=0.5", "--dtype", "bfloat16")
+    assert code == 0, err
+    d = tmp_path / "a" / "task_arithmetic"
+    code, err = _run(capsys, tmp_path / "b", "--recipe", str(d / "recipe.yml"))
+    assert code == 0, err
+    again = tmp_path / "b" / "task_arithmetic" / "merged_model" / "model.safetensors"
+    assert again.read_bytes() == (d / "merged_model" / "model.safetensors").read_bytes()
+
+
+def test_passthrough_of_base_plus_lora_without_base_model_applies_the_lora_to_its_base(capsys, tmp_path, models):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, _ = models
+    lora = str(tiny.lora_expert_dir("decoder", 1))
+    path = tmp_path / "pt.yml"
+    path.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {base}+{lora}\n"
+                    "        layer_range: [0, 2]\n")
+    code, err = _run(capsys, tmp_path / "out", "--recipe", str(path))
+    assert code == 0, err
+    got = load_file(str(tmp_path / "out" / "passthrough" / "merged_model" / "model.safetensors"))
+    want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora).merge_and_unload().state_dict()
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.allclose(got[name], want[name], atol=1e-6)
+
+
+def test_mergekit_weight_missing_for_a_model_is_a_one_line_error(capsys, tmp_path, models):
+    base, experts = models
+    path = tmp_path / "r.yml"
+    path.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {experts[0]}\n"
+                    f"    parameters: {{weight: 0.5}}\n  - model: {experts[1]}\n")
+    code, err = _run(capsys, tmp_path / "out", "--recipe", str(path))
+    assert code == 2 and len(err) == 1 and "parameters.weight: missing" in err[0]
+
+
+def test_cli_filter_list_may_have_spaces():
+    assert settings.parse_cli("[ {filter: mlp, value: 0.3}, {value: 0.7}]", "t") == settings.Filtered((("mlp", 0.3), (None, 0.7)))

@@ -184,6 +184,16 @@ def to_yaml(setting: Any) -> Any:
             entry["value"] = to_yaml(value)
             out.append(entry)
         return out
+    if isinstance(setting, Chain) and not any(isinstance(level, (Sliced, Chain)) for level in setting.levels):
+        # precedence levels without slices are one filter list: each level's entries, then the next level
+        entries: list = []
+        for level in setting.levels:
+            if isinstance(level, Filtered):
+                entries += level.entries
+            else:
+                entries.append((None, level))
+                break
+        return to_yaml(Filtered(tuple(entries)))
     if isinstance(setting, (Sliced, Chain)):
         raise ValueError("slice-dependent settings are written as recipe slices, not as one value")
     return setting
@@ -194,7 +204,7 @@ def parse_cli(text: str, where: str) -> Any | None:
     ``[{filter: mlp, value: 0.5}, {value: 1}]`` a filter list (a list inside ``value`` is a gradient).
     Returns None when ``text`` is not of that form."""
     stripped = text.strip()
-    if not (stripped.startswith("{") or stripped.startswith("[{")):
+    if not (stripped.startswith("{") or re.match(r"\[\s*\{", stripped)):
         return None
     import yaml
 

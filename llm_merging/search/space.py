@@ -136,12 +136,13 @@ def _number(text: str, where: str) -> float:
     return v
 
 
-def _choice(text: str, spec: Param) -> Any:
+def _choice(text: str, spec: Param, where: str = "--search") -> Any:
     t = text.strip()
-    if spec.kind is bool:
-        return spec._scalar("", t)
-    if spec.kind in (int, float):
-        return spec._scalar("", t)
+    if spec.kind in (bool, int, float):
+        try:
+            return spec._scalar("", t)
+        except ConfigError:
+            raise ConfigError(f"{where}: {t!r} is not a {spec.kind.__name__}") from None
     return t
 
 
@@ -194,9 +195,9 @@ def _dim(key, method, index, anchors, rng, spec: Param, where: str) -> Dim:
                 raise ConfigError(f"{where}: '{key}' has no default range; give one: {key}=LOW:HIGH")
             rng = f"{low}:{high}" + (":log" if log else "")
     if isinstance(rng, (list, tuple)):
-        choices = [c if not isinstance(c, str) else _choice(c, spec) for c in rng]
+        choices = [c if not isinstance(c, str) else _choice(c, spec, where) for c in rng]
     elif isinstance(rng, str) and "|" in rng:
-        choices = [_choice(c, spec) for c in rng.split("|")]
+        choices = [_choice(c, spec, where) for c in rng.split("|")]
     elif isinstance(rng, str) and ":" in rng:
         parts = rng.split(":")
         if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2].strip().lower() != "log"):
@@ -218,7 +219,7 @@ def _dim(key, method, index, anchors, rng, spec: Param, where: str) -> Dim:
                 raise ConfigError(f"{where}: range {rng} is outside the bounds of '{key}' {spec.describe()}") from None
         return Dim(key, method, index, anchors, "int" if spec.kind is int else "float", low, high, log)
     else:
-        choices = [_choice(str(rng), spec)]
+        choices = [_choice(str(rng), spec, where)]
     if not choices:
         raise ConfigError(f"{where}: no choices")
     for c in choices:
