@@ -570,6 +570,3 @@ def _resolved(setting: Any, pos: settings.Position, default: Any) -> Any:
         return setting
     value = settings.evaluate(setting, pos)
     return default if value is None else value
-
-
-
