@@ -8,7 +8,9 @@ Per-model hyperparameters accept a number or one number per model; bad values ra
 """
 from __future__ import annotations
 
+from .adamerging import entropy, task_vector_inner
 from .basic import linear, task_arithmetic
+from .fisher import diagonal_fisher, fisher_merge, greedy_log_likelihood
 from .geometric_median import geometric_median
 from .masks import (
     apply_mask,
@@ -47,8 +49,12 @@ __all__ = [
     "della_keep_probabilities",
     "della_mask",
     "derive_seed",
+    "diagonal_fisher",
     "elect_sign",
+    "entropy",
+    "fisher_merge",
     "geometric_median",
+    "greedy_log_likelihood",
     "iso_c",
     "iso_cts",
     "karcher",
@@ -70,6 +76,7 @@ __all__ = [
     "sce_mask",
     "slerp",
     "task_arithmetic",
+    "task_vector_inner",
     "ties",
     "tsv",
 ]
