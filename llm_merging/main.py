@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "several), cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="model dtype (default auto)")
     p.add_argument("--max-examples", dest="max_examples", type=int, help="evaluate only the first N examples of each file")
+    p.add_argument("--calibration-data", dest="calibration_data", nargs="+", metavar="FILE",
+                   help="unlabeled prompts for data-aware methods (regmean, regmean_plus, fisher, adamerging): kit JSON "
+                        "lines / CSV ('input' only, never labels) or .txt lines; I=FILE gives expert I its own prompts")
+    p.add_argument("--calibration-examples", dest="calibration_examples", type=int, metavar="N",
+                   help="at most N calibration prompts per expert (default 256)")
     p.add_argument("--seed", type=int, default=None, help="seed of random merge methods (DARE, DELLA; default: the recipe's, else 0)")
     p.add_argument("--analyze", action="store_true",
                    help="task-vector analysis of the experts (norms, cosines, sign conflicts, ...): analysis.json, plots")
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, max_examples=args.max_examples, seed=args.seed, tiny=args.tiny,
             evaluate=args.evaluate, save=args.save, mc_scoring=args.mc_scoring, adapter_rank=args.adapter_rank,
             progress=not args.quiet, argv=["llm-merging", *argv],
-            search=search,
+            search=search, calibration_data=args.calibration_data, calibration_examples=args.calibration_examples,
         )
     except LLMMergingError as exc:
         print(f"error: {exc}", file=sys.stderr)

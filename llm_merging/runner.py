@@ -56,6 +56,8 @@ class RunConfig:
     progress: bool = True
     argv: list[str] = field(default_factory=list)
     search: Any = None  # a search.SearchConfig: search for the best values before the merge (--search)
+    calibration_data: list[str] | None = None  # unlabeled prompts of data-aware methods: --calibration-data
+    calibration_examples: int | None = None  # prompts per expert (None: the method's, 256): --calibration-examples
 
 
 def instantiate(name: str):
@@ -135,6 +137,12 @@ def apply_config(method, cfg: RunConfig) -> None:
     else:
         method.seed = method.recipe.seed
     method.progress = cfg.progress
+    if getattr(method, "needs_calibration", False):  # data-aware methods (merging/data_aware.py)
+        from . import tiny
+
+        method.calibration_files = list(cfg.calibration_data or (tiny.calibration_files() if cfg.tiny else []))
+        if cfg.calibration_examples is not None:
+            method.calibration_examples = cfg.calibration_examples
     method.set_hyperparameters(cfg.overrides, from_text=True)  # also takes mc_scoring / adapter_rank aliases
     from .merging.hparams import COMMON
 
@@ -258,6 +266,7 @@ class Runner:
             from . import insight
 
             insight.check_config(cfg, method)
+        self._check_calibration_flags()
         self.report["models"] = method.preflight()
         self.out_dir = Path(cfg.output_folder) / str(method.get_name())
         check_output_folder(self.out_dir)
@@ -265,6 +274,7 @@ class Runner:
             from . import search
 
             self.search = search.prepare(self)
+        self._note_calibration()
         self.preflight_ok = True
         self.report["hyperparameters"] = _jsonable(_settings_json(method.hparams))
         self.report["options"] = {"mc_scoring": method.mc_scoring, "adapter_rank": method.adapter_rank}
@@ -272,6 +282,38 @@ class Runner:
         self.report["architecture"] = method.architecture
         self.report["device"] = str(method.torch_device())
         self.report["dtype"] = str(method.torch_dtype()).replace("torch.", "")
+
+    def _check_calibration_flags(self) -> None:
+        """--calibration-data / --calibration-examples only with a data-aware method (or one to search)."""
+        cfg = self.cfg
+        if not cfg.calibration_data and cfg.calibration_examples is None:
+            return
+        from .merging import get_method_class
+
+        names = list(cfg.search.methods or []) if cfg.search is not None else []
+        classes = [type(self.method)] + [get_method_class(n) for n in names]
+        if not any(getattr(c, "needs_calibration", False) for c in classes):
+            flag = "--calibration-data" if cfg.calibration_data else "--calibration-examples"
+            raise ConfigError(f"{flag}: method '{cfg.method}' does not use calibration data "
+                              "(data-aware methods: regmean, regmean_plus, fisher, adamerging)")
+
+    def _note_calibration(self) -> None:
+        """report.json ``calibration``: the files, and whether they are also evaluated or searched (then the
+        scores are optimistic, DESIGN §9)."""
+        method = self.method
+        if not getattr(method, "needs_calibration", False) or getattr(method, "calibration", None) is None:
+            return
+        from .calibration import overlapping_files
+
+        others = list(self.datasets) if self.cfg.evaluate else []
+        search = getattr(self, "search", None)
+        others += list(getattr(search, "search_files", []) or [])
+        overlap = overlapping_files(method.calibration, others)
+        self.report["calibration"] = {"files": list(method.calibration.files), "optimistic": bool(overlap),
+                                      **({"also_evaluated_or_searched": overlap} if overlap else {})}
+        if overlap:
+            logger.warning("calibration data %s is also evaluation or search data: the scores are optimistic",
+                           ", ".join(overlap))
 
     def _check_datasets(self) -> None:
         from . import tiny
@@ -295,6 +337,8 @@ class Runner:
         if getattr(self.method, "base_model", None) is None:
             raise LLMMergingError(f"method '{self.cfg.method}': merge() left no model in self.base_model")
         self.report["merge_stats"] = getattr(self.method, "merge_stats", {}) or {}
+        if getattr(self.method, "needs_calibration", False) and hasattr(self.method, "calibration_report"):
+            self.report.setdefault("calibration", {}).update(self.method.calibration_report())
         vocabulary = getattr(self.method, "vocabulary_report", None)  # output tokenizer, or vocabulary mismatches
         if vocabulary:
             self.report["vocabulary"] = vocabulary
@@ -471,6 +515,12 @@ class Runner:
                          f"{best['value']:.4f} ({best['method']}): {best['recipe']}")
             if r["search"].get("optimistic"):
                 lines.append("  note: the search data is also evaluated: these scores are optimistic")
+        calib = r.get("calibration")
+        if calib and "seconds" in calib:
+            lines.append(f"  {'calibration':<28} {calib['seconds']:9.2f} s, {calib.get('forward_passes', 0)} forward passes"
+                         f" over {max(calib.get('prompts_per_expert') or [0])} prompts")
+        if calib and calib.get("optimistic"):
+            lines.append("  note: the calibration data is also evaluated or searched: these scores are optimistic")
         lines.append(f"  {'peak RAM':<28} {r.get('peak_rss_mib', 0):9.1f} MiB" +
                      (f", peak GPU {r['peak_gpu_mib']:.1f} MiB" if "peak_gpu_mib" in r else ""))
         for ds in r.get("evaluation", {}).get("datasets", []):

@@ -208,6 +208,11 @@ def sample_data_files() -> list[str]:
     return [str(SAMPLE_DATA_DIR / n) for n in ("cosmos_qa_sample.json", "xsum_sample.json", "test_sample.csv")]
 
 
+def calibration_files() -> list[str]:
+    """The calibration prompts of ``--tiny`` runs of data-aware methods: the inputs of the sample JSON files."""
+    return [str(SAMPLE_DATA_DIR / n) for n in ("cosmos_qa_sample.json", "xsum_sample.json")]
+
+
 def _check_arch(architecture: str) -> None:
     if architecture not in ("decoder", "encoder_decoder"):
         from .errors import ConfigError

@@ -317,8 +317,9 @@ class Merges(object):
     # ------------------------------------------------------------------ our layer
     @classmethod
     def uses_engine(cls) -> bool:
-        """True when the class merges through the engine (``merge_tensor``), not its own ``merge()``."""
-        return cls.merge is Merges.merge
+        """True when the class merges through the engine (``merge_tensor``), not its own ``merge()``
+        (a ``merge()`` that wraps the engine's and is marked ``engine_merge = True`` counts as the engine)."""
+        return cls.merge is Merges.merge or getattr(cls.merge, "engine_merge", False) is True
 
     @classmethod
     def all_hyperparameters(cls) -> dict[str, Param]:

@@ -50,6 +50,8 @@ BUILTIN_METHODS = {
     "ramplus_tl": "llm_merging.merging.RamplusTl:RamplusTl",
     "nearswap": "llm_merging.merging.Nearswap:Nearswap",
     "arcee_fusion": "llm_merging.merging.ArceeFusion:ArceeFusion",
+    "regmean": "llm_merging.merging.Regmean:Regmean",
+    "regmean_plus": "llm_merging.merging.RegmeanPlus:RegmeanPlus",
 }
 
 

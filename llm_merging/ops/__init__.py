@@ -30,6 +30,7 @@ from .mergekit_methods import (
     sce_mask,
 )
 from .model_stock import model_stock, model_stock_ratio
+from .regmean import reduce_off_diagonal, regmean
 from .slerp import lerp, slerp
 from .sparsify import breadcrumbs, dare, della, magnitude_prune
 from .spherical import karcher, multislerp, nuslerp
@@ -72,6 +73,8 @@ __all__ = [
     "ram",
     "ramplus_tl",
     "random_mask",
+    "reduce_off_diagonal",
+    "regmean",
     "sce",
     "sce_mask",
     "slerp",
