@@ -70,6 +70,14 @@ class DatasetResult:
     batch_size: int | None = None
     predictions_path: str | None = None
     submission_path: str | None = None
+    source: str = "kit"  # "kit" (a data file) or "lm_eval" (an lm-eval-harness task: --lm-eval)
+    main_metric: str | None = None  # lm-eval: the metric the average takes (kit files: see _primary)
+
+    def primary(self) -> float | None:
+        """The value the run's average takes: accuracy / ROUGE-L for kit files, ``main_metric`` else."""
+        if self.source == "kit":
+            return _primary(self.scores)
+        return self.scores.get(self.main_metric) if self.main_metric else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -477,6 +485,7 @@ def evaluate_model(
     budget=None,
     progress: bool = True,
     examples: Sequence[list[dict]] | None = None,
+    write_scores: bool = True,
 ) -> EvaluationResult:
     """Evaluate ``merge_method`` on each data file; write predictions, submission CSVs and scores.
 
@@ -486,6 +495,8 @@ def evaluate_model(
     what finished is kept (datasets marked partial).
     ``examples``: the files' rows already loaded with :func:`load_examples` (same ``eval_types``), so
     they are not read again.
+    ``write_scores``: append the run's ``scores.jsonl`` line (False: the caller adds more datasets, e.g.
+    lm-eval tasks, then calls :func:`write_scores_line`).
     """
     t_start = time.perf_counter()
     name = _method_name(merge_method)
@@ -528,12 +539,22 @@ def evaluate_model(
             logger.info("%s: %s%s", dname, ", ".join(f"{k}={v:.4f}" for k, v in dres.scores.items()),
                         " (partial)" if dres.partial else "")
 
-    scored = [d.scores for d in result.datasets if d.scores]
-    if scored:
-        result.average["score"] = sum(_primary(s) for s in scored) / len(scored)
+    if write_scores:
+        write_scores_line(result)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def write_scores_line(result: EvaluationResult) -> None:
+    """Fill ``result.average`` from its datasets (kit files and lm-eval tasks alike) and append the run's
+    line to ``<output_dir>/scores.jsonl`` (nothing when there are no datasets)."""
+    primaries = [p for p in (d.primary() for d in result.datasets if d.scores) if p is not None]
+    result.average.clear()
+    if primaries:
+        result.average["score"] = sum(primaries) / len(primaries)
+        scored = [d.scores for d in result.datasets if d.scores]
         if all(set(s) == {"accuracy"} for s in scored):  # the kit's own average
             result.average["accuracy"] = result.average["score"]
-
     if result.datasets:
         line: dict[str, Any] = {}
         for d in result.datasets:
@@ -543,8 +564,6 @@ def evaluate_model(
             line[d.name] = entry
         if result.average:
             line["average"] = {k: round(v, 3) for k, v in result.average.items()}
-        scores_path = out_dir / "scores.jsonl"
+        scores_path = Path(result.output_dir) / "scores.jsonl"
         atomic_append_line(scores_path, json.dumps(line))
         result.scores_path = str(scores_path)
-    result.seconds = time.perf_counter() - t_start
-    return result
