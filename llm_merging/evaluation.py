@@ -37,7 +37,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -70,6 +70,7 @@ class DatasetResult:
     batch_size: int | None = None
     predictions_path: str | None = None
     submission_path: str | None = None
+    shares: list[dict] | None = None  # several processes: each one's {rank, examples, batches, seconds}
     source: str = "kit"  # "kit" (a data file) or "lm_eval" (an lm-eval-harness task: --lm-eval)
     main_metric: str | None = None  # lm-eval: the metric the average takes (kit files: see _primary)
 
@@ -80,7 +81,10 @@ class DatasetResult:
         return self.scores.get(self.main_metric) if self.main_metric else None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.shares is None:  # one process: the report as it always was
+            del out["shares"]
+        return out
 
 
 @dataclass
@@ -414,7 +418,72 @@ def _write_submission(path: Path, rows: Sequence[dict], preds: dict[int, dict]) 
     atomic_write_text(path, buf.getvalue())
 
 
+def _write_outputs(dres: DatasetResult, rows: Sequence[dict], preds: dict[int, dict]) -> None:
+    """A file's predictions and, when it has one, its submission CSV (the paths ``dres`` names)."""
+    _write_predictions(Path(dres.predictions_path), rows, preds)
+    if dres.submission_path:
+        _write_submission(Path(dres.submission_path), rows, preds)
+
+
 # ------------------------------------------------------------------------------------------ evaluation
+
+class Batch(NamedTuple):
+    """One planned batch: its eval type, row indices, group (index in :func:`plan_groups`) and the
+    group's batch size."""
+
+    eval_type: str
+    rows: list[int]
+    group: int
+    size: int
+
+
+def plan_batches(merge_method, rows: Sequence[dict], batch_size: int | None = None,
+                 processes=None) -> list[Batch]:
+    """The batches of ``rows`` in evaluation order: :func:`plan_groups` cut in batches of ``batch_size`` (``None``: :func:`auto_batch_size` per group; over several processes
+    the smallest any of them picks, so that every process plans the same batches)."""
+    from .distributed import SINGLE
+
+    processes = processes or SINGLE
+    groups, sizes, error = [], [], None
+    try:
+        groups = plan_groups(rows, row_lengths(rows, _sort_tokenizer(merge_method)))
+        sizes = [batch_size or auto_batch_size(merge_method, t, [rows[i] for i in order]) for t, order in groups]
+    except Exception as exc:
+        if processes.world == 1:
+            raise
+        error = exc
+    everyone = processes.exchange(sizes, error)
+    sizes = [min(s) for s in zip(*everyone)]
+    return [Batch(t, order[p: p + size], g, size) for g, ((t, order), size) in enumerate(zip(groups, sizes))
+            for p in range(0, len(order), size)]
+
+
+def _run_planned(merge_method, batch: Batch, rows: Sequence[dict], cap: dict[int, int],
+                 preds: dict[int, dict]) -> int:
+    """One planned batch into ``preds``; on out-of-memory, in pieces of half the size (``cap[group]``,
+    kept for the group's later batches, as a single loop over the group would). Returns the size used."""
+    pos, chunk, eval_type = 0, batch.rows, batch.eval_type
+    while pos < len(chunk):
+        piece = chunk[pos: pos + cap.get(batch.group, batch.size)]
+        out = None
+        try:
+            out = _run_batch(merge_method, eval_type, [rows[i] for i in piece])
+        except Exception as err:
+            if not _is_oom(err) or len(piece) == 1:
+                raise
+        if out is None:  # out of memory: retry the same examples in smaller batches
+            # (outside the except block, so the failed batch's tensors are already freed)
+            cap[batch.group] = max(1, (len(piece) + 1) // 2)
+            logger.warning("out of memory with batch size %d: retrying with %d", len(piece), cap[batch.group])
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        for i, p in zip(piece, out):
+            preds[i] = p
+        pos += len(piece)
+    return cap.get(batch.group, batch.size)
+
 
 def evaluate_dataset(
     merge_method,
@@ -425,50 +494,75 @@ def evaluate_dataset(
     progress: bool = True,
     desc: str = "eval",
     pace: _Pace | None = None,
+    processes=None,
+    shares: list | None = None,
 ) -> tuple[dict[int, dict], bool, int | None]:
-    """Predictions for ``rows``: ``({row index: prediction fields}, partial, last batch size)``."""
+    """Predictions for ``rows``: ``({row index: prediction fields}, partial, last batch size)``.
+
+    ``processes`` (:class:`~llm_merging.distributed.Processes`, default one): batch ``k`` of
+    :func:`plan_batches` runs on process ``k mod N``; the processes step together, one batch each, and
+    agree before each step whether to go on (a spent budget or a failure anywhere stops every one), so a
+    budget stop keeps the same whole steps everywhere. Every process returns all the predictions
+    (gathered); ``shares``, when given, receives each process's ``{"rank", "examples", "batches",
+    "seconds"}``.
+    """
     from tqdm.auto import tqdm
 
+    from .distributed import FAILED, GO, SINGLE, STOP, PeerFailed
+
+    processes = processes or SINGLE
+    world, rank = processes.world, processes.rank
     preds: dict[int, dict] = {}
     partial = False
     used: int | None = None
-    bar = tqdm(total=len(rows), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
+    mine = {"rank": rank, "examples": 0, "batches": 0, "seconds": 0.0}
+    error: BaseException | None = None
+    verdict = GO
+    bar = tqdm(total=len(rows), desc=desc, unit="ex", disable=not (progress and processes.is_main), dynamic_ncols=True)
     try:
         with torch.no_grad():
-            lengths = row_lengths(rows, _sort_tokenizer(merge_method))
-            for eval_type, order in plan_groups(rows, lengths):
-                size = batch_size or auto_batch_size(merge_method, eval_type, [rows[i] for i in order])
-                pos = 0
-                while pos < len(order):
-                    if budget is not None and budget.remaining() <= 0:
-                        partial = True
-                        logger.warning("time budget spent: %s stops after %d of %d examples",
-                                       desc, len(preds), len(rows))
-                        return preds, partial, used
-                    chunk = order[pos: pos + size]
+            batches = plan_batches(merge_method, rows, batch_size, processes)
+            cap: dict[int, int] = {}
+            for step in range(0, len(batches), world):
+                expired = budget is not None and budget.remaining() <= 0
+                verdict = processes.max(FAILED if error is not None else STOP if expired else GO)
+                if verdict == STOP:
+                    partial = True
+                    logger.warning("time budget spent: %s stops after %d of %d examples",
+                                   desc, sum(len(b.rows) for b in batches[:step]), len(rows))
+                    break
+                if verdict == FAILED:
+                    break
+                here = batches[step: step + world]
+                if rank < len(here):
+                    batch = here[rank]
                     t0 = time.perf_counter()
-                    out = None
                     try:
-                        out = _run_batch(merge_method, eval_type, [rows[i] for i in chunk])
-                    except Exception as err:
-                        if not _is_oom(err) or len(chunk) == 1:
+                        used = _run_planned(merge_method, batch, rows, cap, preds)
+                    except (Exception, KeyboardInterrupt) as exc:
+                        if world == 1:
                             raise
-                    if out is None:  # out of memory: retry the same examples in smaller batches
-                        # (outside the except block, so the failed batch's tensors are already freed)
-                        size = max(1, (len(chunk) + 1) // 2)
-                        logger.warning("out of memory with batch size %d: retrying with %d", len(chunk), size)
-                        gc.collect()
-                        if torch.cuda.is_available():
-                            torch.cuda.empty_cache()
+                        error = exc
                         continue
-                    for i, p in zip(chunk, out):
-                        preds[i] = p
-                    used = size
-                    pos += len(chunk)
-                    bar.update(len(chunk))
-                    if pace is not None:
-                        pace.add(eval_type, time.perf_counter() - t0, len(chunk))
-                        pace.check(eval_type, budget)
+                    seconds = time.perf_counter() - t0
+                    mine["examples"] += len(batch.rows)
+                    mine["batches"] += 1
+                    mine["seconds"] += seconds
+                    if pace is not None:  # the whole step's examples at this process's pace
+                        n = sum(len(b.rows) for b in here)
+                        for b in here:
+                            pace.add(b.eval_type, seconds * len(b.rows) / n, len(b.rows))
+                        if processes.is_main:
+                            pace.check(batch.eval_type, budget)
+                bar.update(sum(len(b.rows) for b in here))
+        if world > 1:
+            processes.agree(error if error is not None else PeerFailed() if verdict == FAILED else None)
+            parts = processes.exchange((preds, mine))
+            preds = {i: p for part, _ in parts for i, p in sorted(part.items())}
+            if shares is not None:
+                shares.extend(share for _, share in parts)
+        elif shares is not None:
+            shares.append(mine)
     finally:
         bar.close()
     return preds, partial, used
@@ -486,6 +580,7 @@ def evaluate_model(
     progress: bool = True,
     examples: Sequence[list[dict]] | None = None,
     write_scores: bool = True,
+    processes=None,
 ) -> EvaluationResult:
     """Evaluate ``merge_method`` on each data file; write predictions, submission CSVs and scores.
 
@@ -497,7 +592,13 @@ def evaluate_model(
     they are not read again.
     ``write_scores``: append the run's ``scores.jsonl`` line (False: the caller adds more datasets, e.g.
     lm-eval tasks, then calls :func:`write_scores_line`).
+    ``processes``: the run's processes (default :func:`distributed.current`, one unless launched as
+    several): each evaluates its share of every file's batches and process 0 writes every file; the
+    outputs are those of one process (see :func:`evaluate_dataset`).
     """
+    from . import distributed
+
+    processes = processes or distributed.current()
     t_start = time.perf_counter()
     name = _method_name(merge_method)
     paths = _normalize_paths(dataset_filepaths)
@@ -521,18 +622,19 @@ def evaluate_model(
         t0 = time.perf_counter()
         dres = DatasetResult(name=dname, path=path, n_examples=len(rows),
                              eval_types=sorted({r["eval_type"] for r in rows}))
+        shares: list[dict] = []
         preds, dres.partial, dres.batch_size = evaluate_dataset(
-            merge_method, rows, batch_size=fixed_size, budget=budget, progress=progress, desc=dname, pace=pace)
+            merge_method, rows, batch_size=fixed_size, budget=budget, progress=progress, desc=dname, pace=pace,
+            processes=processes, shares=shares)
+        if processes.world > 1:
+            dres.shares = shares
         dres.n_evaluated = len(preds)
         dres.partial = dres.partial or len(preds) < len(rows)
         dres.scores, dres.n_scored = _score_rows(rows, preds)
-        pred_path = pred_dir / f"{dname}.jsonl"
-        _write_predictions(pred_path, rows, preds)
-        dres.predictions_path = str(pred_path)
+        dres.predictions_path = str(pred_dir / f"{dname}.jsonl")
         if rows and all("id" in r for r in rows):
-            sub_path = out_dir / f"{dname}_submission.csv"
-            _write_submission(sub_path, rows, preds)
-            dres.submission_path = str(sub_path)
+            dres.submission_path = str(out_dir / f"{dname}_submission.csv")
+        processes.on_main(lambda: _write_outputs(dres, rows, preds))
         dres.seconds = time.perf_counter() - t0
         result.datasets.append(dres)
         if dres.scores:
@@ -565,5 +667,7 @@ def write_scores_line(result: EvaluationResult) -> None:
         if result.average:
             line["average"] = {k: round(v, 3) for k, v in result.average.items()}
         scores_path = Path(result.output_dir) / "scores.jsonl"
-        atomic_append_line(scores_path, json.dumps(line))
+        from .distributed import current
+
+        current().on_main(lambda: atomic_append_line(scores_path, json.dumps(line)))  # process 0 writes
         result.scores_path = str(scores_path)
