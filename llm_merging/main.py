@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "alias: --set adapter_rank=...)")
     p.add_argument("--tiny", action="store_true", help="offline smoke run with tiny twin models and sample data")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="merge and save only")
+    e = p.add_argument_group("lm-evaluation-harness tasks (pip install -e \".[lm-eval]\")")
+    e.add_argument("--lm-eval", dest="lm_eval", metavar="TASKS",
+                   help="comma list of lm-eval tasks/groups/tags or task YAML files, run on the merged model in memory "
+                        "after the -d files (without -d: instead of the default files)")
+    e.add_argument("--lm-eval-include", dest="lm_eval_include", nargs="+", default=[], metavar="DIR",
+                   help="directories of task YAML files whose names --lm-eval may use (lm-eval's --include_path)")
+    e.add_argument("--lm-eval-args", dest="lm_eval_args", metavar="K=V,...",
+                   help="num_fewshot, limit, batch_size, max_batch_size, max_length, bootstrap_iters, seed, "
+                        "apply_chat_template, fewshot_as_multiturn, system_instruction, log_samples")
     s = p.add_argument_group("search (the best merge on held-out data, within the budget)")
     s.add_argument("--search", nargs="*", default=None, metavar="ENTRY",
                    help="search before merging; entries KEY=LOW:HIGH[:log], KEY=a|b|c, KEY[*]= (one per expert), "
@@ -124,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         return cli_main(argv[1:])
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "absl"):
+    from llm_merging.distributed import launched
+
+    rank = launched()[1]  # several processes (accelerate launch): process 0 reports, the others only warn
+    logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING),
+                        format=("" if rank == 0 else f"[process {rank}] ") + "%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "absl", "lm_eval", "lm-eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.quiet or not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -165,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
                                           ("--normalize", args.normalize)) if on]
             if used:
                 raise LLMMergingError(f"{used[0]} needs --search")
+        lm_eval = None
+        if args.lm_eval is not None:
+            from llm_merging.lm_eval_tasks import LMEvalConfig, parse_args, parse_tasks
+
+            lm_eval = LMEvalConfig(tasks=parse_tasks(args.lm_eval), include=list(args.lm_eval_include),
+                                   args=parse_args(args.lm_eval_args))
+        elif args.lm_eval_args is not None or args.lm_eval_include:
+            raise LLMMergingError(f"{'--lm-eval-args' if args.lm_eval_args is not None else '--lm-eval-include'} needs --lm-eval")
         cfg = RunConfig(
             method=methods[0] if methods else "", recipe=args.recipe, dataset_filepaths=args.dataset_filepaths, eval_types=args.eval_types,
             output_folder=args.output_folder, base_model=args.base_model, models=args.models,
@@ -176,13 +197,17 @@ def main(argv: list[str] | None = None) -> int:
             search=search, calibration_data=args.calibration_data, calibration_examples=args.calibration_examples,
         )
     except LLMMergingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     cfg.analyze, cfg.baselines = args.analyze, args.baselines
+    cfg.lm_eval = lm_eval
     from llm_merging.budget import Budget
 
     runner = Runner(cfg, budget=Budget(cfg.time_budget))  # counted from process start (competition rule)
     status = runner.run()
+    if rank != 0:  # the same status everywhere; process 0 prints it
+        return status
     if runner.preflight_ok:
         print(runner.summary())
     if status != 0:

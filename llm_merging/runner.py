@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .budget import Budget
 from .errors import BudgetExceeded, ConfigError, DataError, LLMMergingError
 from .data import check_max_examples
@@ -58,6 +59,7 @@ class RunConfig:
     search: Any = None  # a search.SearchConfig: search for the best values before the merge (--search)
     calibration_data: list[str] | None = None  # unlabeled prompts of data-aware methods: --calibration-data
     calibration_examples: int | None = None  # prompts per expert (None: the method's, 256): --calibration-examples
+    lm_eval: Any = None  # an lm_eval_tasks.LMEvalConfig: lm-eval-harness tasks on the merged model (--lm-eval)
 
 
 def instantiate(name: str):
@@ -200,7 +202,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("llm_merging", "torch", "transformers", "peft", "safetensors", "accelerate"):
+    for pkg in ("llm_merging", "torch", "transformers", "peft", "safetensors", "accelerate", "lm_eval"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -221,11 +223,16 @@ class Runner:
             "method": cfg.method, "status": "running", "partial": False, "exit_status": None,
             "command": cfg.argv, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        self.procs = distributed.SINGLE  # run() joins the launched processes, if any
         self.datasets: list[str] = []
         self.examples: list[list[dict]] = []  # rows of each dataset, loaded once in preflight
         self.preflight_ok = False  # nothing is written before the preflight passed
 
     # -------------------------------------------------------------- phases
+    def _preflight(self) -> None:
+        self.preflight()
+        self.prepare_adapter_sink()
+
     def preflight(self) -> None:
         cfg = self.cfg
         if not cfg.time_budget > 0:  # also rejects NaN
@@ -233,6 +240,8 @@ class Runner:
         if cfg.save not in SAVE_MODES:
             raise ConfigError(f"--save must be one of {', '.join(SAVE_MODES)}, got {cfg.save!r}")
         check_max_examples(cfg.max_examples, "--max-examples", minimum=1)
+        if self.procs.world > 1:
+            self._check_processes()
         recipe = None
         if cfg.recipe:
             from .recipe import apply_recipe, load_recipe
@@ -254,6 +263,8 @@ class Runner:
             apply_config(method, dataclasses.replace(cfg, overrides=overrides_for(cfg, method.name, method.all_hyperparameters())))
         else:
             apply_config(method, cfg)
+        if self.procs.world > 1:  # one device per process
+            method.device = self.procs.device_for(cfg.device or method.device)
         if recipe is not None and method.hparams != method.recipe_hparams and (
                 recipe.slice_lengths is not None or recipe.tokenizer is not None or recipe.chat_template is not None):
             raise ConfigError(f"--recipe {cfg.recipe} has slices or a tokenizer setting: put the --set values in the "
@@ -262,6 +273,12 @@ class Runner:
         method.tokenizer_optional = not cfg.evaluate
         if cfg.evaluate:
             self._check_datasets()
+        if cfg.lm_eval is not None:  # lm-eval installed, every task and its data loadable: before any merge
+            from . import lm_eval_tasks
+
+            if not cfg.evaluate:
+                raise ConfigError("--lm-eval evaluates the merged model: drop --no-eval")
+            self.lm_eval = lm_eval_tasks.prepare(cfg.lm_eval, progress=cfg.progress)
         if cfg.analyze or cfg.baselines:
             from . import insight
 
@@ -269,7 +286,8 @@ class Runner:
         self._check_calibration_flags()
         self.report["models"] = method.preflight()
         self.out_dir = Path(cfg.output_folder) / str(method.get_name())
-        check_output_folder(self.out_dir)
+        if self.procs.is_main:  # process 0 writes every output
+            check_output_folder(self.out_dir)
         if cfg.search is not None:  # space, search data and storage checked before any weight is loaded
             from . import search
 
@@ -279,6 +297,7 @@ class Runner:
         self.report["hyperparameters"] = _jsonable(_settings_json(method.hparams))
         self.report["options"] = {"mc_scoring": method.mc_scoring, "adapter_rank": method.adapter_rank}
         self.report["seed"] = method.seed
+        self.report["num_processes"] = self.procs.world
         self.report["architecture"] = method.architecture
         self.report["device"] = str(method.torch_device())
         self.report["dtype"] = str(method.torch_dtype()).replace("torch.", "")
@@ -315,12 +334,25 @@ class Runner:
             logger.warning("calibration data %s is also evaluation or search data: the scores are optimistic",
                            ", ".join(overlap))
 
+    def _check_processes(self) -> None:
+        """Launched as several processes: what runs data-parallel (merge, save, evaluation of the files);
+        the rest is refused in one line before anything is loaded."""
+        cfg, n = self.cfg, self.procs.world
+        for flag, on in (("--search", cfg.search is not None), ("--lm-eval", getattr(cfg, "lm_eval", None) is not None),
+                         ("--baselines", cfg.baselines), ("--analyze", cfg.analyze)):
+            if on:
+                hint = " (several GPUs search together as workers sharing --search-storage)" if flag == "--search" else ""
+                raise ConfigError(f"{flag} runs in one process, not {n}: start it with python llm_merging/main.py{hint}")
+        self.report["processes"] = {"backend": self.procs.backend, "merge": None}
+
     def _check_datasets(self) -> None:
         from . import tiny
         from .data import eval_types_for, load_examples
 
         cfg = self.cfg
         files = cfg.dataset_filepaths or (tiny.sample_data_files() if cfg.tiny else DEFAULT_DATASETS)
+        if cfg.lm_eval is not None and not cfg.dataset_filepaths:  # --lm-eval alone: its tasks instead of kit files
+            files = []
         types = eval_types_for(cfg.eval_types or None, len(files))
         sizes, self.examples = {}, []
         for i, path in enumerate(files):
@@ -399,15 +431,34 @@ class Runner:
         self.report["recipe_out"] = str(path)
 
     def evaluate(self) -> bool:
-        """Evaluate every dataset; return False when the budget stopped it."""
-        from .evaluation import evaluate_model
+        """Evaluate every dataset, then the lm-eval tasks (--lm-eval); return False when the budget stopped it."""
+        from .evaluation import EvaluationResult, evaluate_model, write_scores_line
 
         cfg = self.cfg
-        result = evaluate_model(
-            self.method, self.datasets, cfg.output_folder, eval_types=cfg.eval_types,
-            batch_size=cfg.batch_size, max_examples=cfg.max_examples, budget=self.budget, progress=cfg.progress,
-            examples=self.examples,
-        )
+        lm_eval = getattr(self, "lm_eval", None)
+        if self.datasets or lm_eval is None:
+            result = evaluate_model(
+                self.method, self.datasets, cfg.output_folder, eval_types=cfg.eval_types,
+                batch_size=cfg.batch_size, max_examples=cfg.max_examples, budget=self.budget, progress=cfg.progress,
+                examples=self.examples, write_scores=lm_eval is None, processes=self.procs,
+                shares=self.report["processes"].setdefault("shares", {}) if self.procs.world > 1 else None,
+            )
+        else:
+            result = EvaluationResult(method=str(self.method.get_name()), output_dir=str(self.out_dir))
+        if lm_eval is not None:  # after the kit files, in memory; one scores.jsonl line for both
+            from . import lm_eval_tasks
+
+            datasets: list = []
+            try:  # none run when the kit files spent the budget
+                datasets, self.report["lm_eval"] = lm_eval_tasks.evaluate(
+                    self.method, lm_eval, result.output_dir, batch_size=cfg.batch_size, budget=self.budget,
+                    taken={d.name for d in result.datasets})
+            finally:  # the kit files' scores are kept whatever happens to the lm-eval tasks
+                result.datasets.extend(datasets)
+                write_scores_line(result)
+                self.report["evaluation"] = _jsonable(result)
+            if self.report["lm_eval"].get("error"):
+                raise DataError(self.report["lm_eval"]["error"])
         self.report["evaluation"] = _jsonable(result)
         for ds in result.datasets:
             self.budget.phases[f"evaluate:{ds.name}"] = ds.seconds
@@ -417,9 +468,11 @@ class Runner:
     def run(self) -> int:
         status = 0
         try:
+            self.procs = distributed.start(timeout_s=self.cfg.time_budget + 600)  # SINGLE unless launched as several
             with self.budget.phase("preflight"):
-                self.preflight()
-                self.prepare_adapter_sink()
+                self.procs.together(self._preflight)
+                if self.procs.world > 1:
+                    self.report["processes"]["devices"] = self.procs.exchange(str(self.method.torch_device()))
             if self.cfg.search is not None:  # leaves self.method configured with the best candidate
                 from . import search
 
@@ -429,13 +482,15 @@ class Runner:
                 self.prepare_adapter_sink()
             self._check_budget("merge")
             with self.budget.phase("merge"):
-                self.merge()
+                self.procs.together(self.merge)
+                if self.procs.world > 1:  # every process merged: the same weights everywhere, else rank 0's
+                    self.report["processes"]["merge"] = distributed.same_weights(self.procs, self.method.base_model)
             with self.budget.phase("save"):  # a finished merge is always saved, even past the budget
-                self.save()
+                self.procs.on_main(self.save)
             if self.cfg.evaluate:
                 self._check_budget("evaluate")
                 t0 = time.time()
-                complete = self.evaluate()
+                complete = self.procs.together(self.evaluate)
                 self.budget.phases["evaluate"] = time.time() - t0
                 if not complete:
                     raise BudgetExceeded(
@@ -464,7 +519,7 @@ class Runner:
         return status
 
     def _check_budget(self, phase: str) -> None:
-        if self.budget.expired():
+        if self.procs.max(int(self.budget.expired())):  # several processes: spent on any one, spent for all
             raise BudgetExceeded(f"time budget of {self.cfg.time_budget:g} s ran out before the {phase} phase")
 
     def _fail(self, exc: Any, status: str, code: int) -> int:
@@ -489,7 +544,7 @@ class Runner:
         self.report.update(peak_memory())
         self.report["versions"] = versions()
         self.report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        if not self.preflight_ok:
+        if not self.preflight_ok or not self.procs.is_main:
             return
         try:
             if self.out_dir.is_dir():
