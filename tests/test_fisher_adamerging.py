@@ -110,3 +110,114 @@ def test_task_vector_inner_dense_and_factors():
         ops.task_vector_inner(grad_, factors=(a, b))
     with pytest.raises(ConfigError, match="does not match"):
         ops.task_vector_inner(grad_, torch.zeros(5, 6))
+
+
+# --------------------------------------------------------------------------- methods on the tiny models
+PROMPTS = ["The quick brown fox jumps over the lazy dog.", "A summary is", "Question: which one?",
+           "According to the above context, choose the best option to answer the following question."]
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _dirs(kind, n):
+    from llm_merging import tiny
+
+    return [str(tiny.lora_expert_dir("decoder", i) if kind == "lora" else tiny.full_expert_dir("decoder", i))
+            for i in range(n)]
+
+
+def _expert_models(kind, n):
+    """The experts loaded on their own: PEFT's merge_and_unload for adapters, the checkpoint for full models."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llm_merging import tiny
+
+    out = []
+    for d in _dirs(kind, n):
+        base = AutoModelForCausalLM.from_pretrained(str(tiny.base_dir("decoder")))
+        m = PeftModel.from_pretrained(base, d).merge_and_unload() if kind == "lora" else AutoModelForCausalLM.from_pretrained(d)
+        out.append(m.eval())
+    return out
+
+
+def _merged(method_name, experts, prompts_file, values=None, **attrs):
+    from llm_merging import tiny
+    from llm_merging.runner import instantiate
+
+    m = instantiate(method_name)
+    m.base_model_name, m.base_model_revision_id = str(tiny.base_dir("decoder")), None
+    m.list_models, m.is_peft, m.device, m.progress = list(experts), None, "cpu", False
+    m.calibration_files = [prompts_file]
+    for k, v in attrs.items():
+        setattr(m, k, v)
+    m.set_hyperparameters(values or {})
+    m.preflight()
+    m.merge()
+    return m
+
+
+def _fisher_by_hand(model, prompts, positions="all"):
+    """Per prompt, alone: backward of Σ_t log p(argmax_t), squared .grad, averaged (float64)."""
+    from transformers import AutoTokenizer
+
+    from llm_merging import tiny
+
+    tok = AutoTokenizer.from_pretrained(str(tiny.base_dir("decoder")))
+    acc = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
+    model.requires_grad_(True)
+    for text in prompts:
+        model.zero_grad()
+        ids = torch.tensor([tok(text)["input_ids"]])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        picked = logp.max(-1).values
+        (picked.sum() if positions == "all" else picked[-1]).backward()
+        for n, p in model.named_parameters():
+            acc[n] += p.grad.double() ** 2
+    return {n: a / len(prompts) for n, a in acc.items()}
+
+
+@pytest.mark.parametrize("kind, positions", [("lora", "all"), ("full", "last")])
+def test_fisher_merge_matches_fisher_computed_by_hand(tmp_path, kind, positions):
+    from llm_merging import tiny
+    from transformers import AutoModelForCausalLM
+
+    n = 3 if kind == "lora" else 2
+    prompts = _write(tmp_path / "p.txt", PROMPTS)
+    weights, eps = [1.0, 0.5, 2.0][:n], 1e-6
+    m = _merged("fisher", _dirs(kind, n), prompts, {"weights": weights, "eps": eps, "positions": positions},
+                fisher_memory=1 if kind == "full" else None)  # full: one parameter per chunk (one pass each)
+    experts = _expert_models(kind, n)
+    fishers = [_fisher_by_hand(e, PROMPTS, positions) for e in experts]
+    base = dict(AutoModelForCausalLM.from_pretrained(str(tiny.base_dir("decoder"))).named_parameters())
+    got = dict(m.base_model.named_parameters())
+    touched = set().union(*(e.param_names() for e in m.experts)) if m.experts else set()
+    checked = 0
+    for name, b in base.items():
+        thetas = [dict(e.named_parameters())[name].detach().double() for e in experts]
+        if all(torch.equal(t, b.detach().double()) for t in thetas):
+            assert torch.equal(got[name], b), name  # no expert changes it: the base
+            continue
+        f = [fi[name].clamp(min=eps) * w for fi, w in zip(fishers, weights)]
+        want = sum(fi * t for fi, t in zip(f, thetas)) / sum(f)
+        torch.testing.assert_close(got[name].double(), want, rtol=1e-4, atol=2e-5, msg=name)
+        checked += 1
+    assert checked >= (7 if kind == "lora" else 15)
+    rep = m.calibration_report()
+    assert rep["fisher"]["per_example_gradients"] and rep["fisher"]["prompts_per_expert"] == [len(PROMPTS)] * n
+    assert rep["fisher"]["chunks"] == (len(touched) if kind == "full" else 1)
+    assert rep["forward_passes"] == n * len(PROMPTS) * rep["fisher"]["chunks"]
+
+
+def test_fisher_of_identical_experts_is_that_expert(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    prompts = _write(tmp_path / "p.txt", PROMPTS[:2])
+    d = _dirs("full", 1)[0]
+    m = _merged("fisher", [d, d], prompts)
+    want = dict(AutoModelForCausalLM.from_pretrained(d).named_parameters())
+    for name, p in m.base_model.named_parameters():
+        torch.testing.assert_close(p, want[name], rtol=0, atol=1e-6, msg=name)

@@ -52,6 +52,7 @@ BUILTIN_METHODS = {
     "arcee_fusion": "llm_merging.merging.ArceeFusion:ArceeFusion",
     "regmean": "llm_merging.merging.Regmean:Regmean",
     "regmean_plus": "llm_merging.merging.RegmeanPlus:RegmeanPlus",
+    "fisher": "llm_merging.merging.Fisher:Fisher",
 }
 
 

@@ -189,9 +189,11 @@ class DataAwareMerge(TaskVectorMerge):
     def tokenizer_for_calibration(self):
         return self.tokenizer if self.architecture == "encoder_decoder" else self.input_tokenizer
 
-    def calibration_batches(self, i: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def calibration_batches(self, i: int | None = None, tokens_per_batch: int | None = None
+                            ) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of expert ``i``'s prompts (None: every distinct prompt), tokenised once and truncated to
-        the context, right-padded, on the model's input device."""
+        the context, right-padded, on the model's input device; ``tokens_per_batch`` (default
+        ``calibration_tokens_per_batch``) bounds each batch's tokens, padding included (1: one prompt per batch)."""
         from ..model.scoring import model_device, pad_id_of
 
         key = -1 if i is None else i
@@ -202,7 +204,8 @@ class DataAwareMerge(TaskVectorMerge):
             self._encoded[key] = cal.encode(tok, prompts, max_len)
         ids, _ = self._encoded[key]
         tok = self.tokenizer_for_calibration()
-        yield from cal.batches(ids, pad_id_of(tok), model_device(self.base_model), self.calibration_tokens_per_batch)
+        yield from cal.batches(ids, pad_id_of(tok), model_device(self.base_model),
+                               tokens_per_batch or self.calibration_tokens_per_batch)
 
     def calibration_report(self) -> dict[str, Any]:
         """What report.json records under ``calibration``."""
