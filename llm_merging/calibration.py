@@ -1,7 +1,7 @@
 """Calibration data and activation statistics for data-aware merge methods (RegMean, Fisher, AdaMerging...).
 
 * Prompts: :func:`load_calibration` reads ``--calibration-data`` files: kit JSON lines / JSON arrays and kit
-  CSV (the ``input`` field only: labels, targets and answer choices are never read) or plain-text files
+  CSV (the ``input`` field, and ``answer_choices`` where a record has them: labels and targets are never read) or plain-text files
   (``.txt``: one prompt per non-empty line). An entry ``I=PATH`` gives expert ``I`` (0-based, ``--models``
   order) prompts of its own; plain entries are shared by every expert without own files.
   ``--calibration-examples N`` keeps at most N prompts per expert, taken round-robin over its files.
@@ -34,10 +34,12 @@ DEFAULT_TOKENS_PER_BATCH = 8192  # tokens (padding included) per forward pass
 
 
 # ----------------------------------------------------------------------------------------------- prompts
-def read_prompts(path: str | os.PathLike) -> list[str]:
+def read_prompts(path: str | os.PathLike, choices: dict[str, list[str]] | None = None) -> list[str]:
     """The prompts of one calibration file: the ``input`` of each record of a kit JSON lines / JSON array /
     CSV file, or each non-empty line of a ``.txt`` file. Empty prompts are dropped. DataError (one line,
-    naming the file and record) for a missing file, malformed JSON/CSV or a record without ``input``."""
+    naming the file and record) for a missing file, malformed JSON/CSV or a record without ``input``.
+    ``choices``: filled with ``prompt -> answer choices`` for records that have ``answer_choices`` (kit
+    lists or CSV list strings; AdaMerging's choice distribution). Labels and targets are never read."""
     from .data import _read_csv_rows, _read_json_rows
 
     p = Path(path)
@@ -69,10 +71,22 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
             text = str(text)
             if text.strip():
                 out.append(text)
+                if choices is not None and rec.get("answer_choices") not in (None, "", []):
+                    choices.setdefault(text, _choice_list(rec["answer_choices"], where))
     except DataError as exc:
         msg = str(exc)
         raise DataError(msg if msg.startswith("--calibration-data") else f"--calibration-data: {msg}") from None
     return out
+
+
+def _choice_list(value: Any, where: str) -> list[str]:
+    from .model.scoring import choice_lists
+
+    try:
+        out = choice_lists({"answer_choices": [value]})[0]
+    except (ValueError, SyntaxError, TypeError):
+        raise DataError(f"{where}: 'answer_choices' is not a list of choices") from None
+    return [c for c in out if c]
 
 
 def _round_robin(lists: Sequence[list[str]], n: int) -> list[str]:
@@ -94,6 +108,7 @@ class Calibration:
     own: dict[int, list[str]] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     max_examples: int = DEFAULT_EXAMPLES
+    choices: dict[str, list[str]] = field(default_factory=dict)  # prompt -> answer choices (records that have them)
 
     def prompts_for(self, i: int) -> list[str]:
         """The prompts of expert ``i`` (its own when it has files, else the shared ones)."""
@@ -132,15 +147,18 @@ def load_calibration(specs: Sequence[str] | None, n_experts: int, max_examples: 
         raise ConfigError(f"--calibration-examples must be a positive integer, got {max_examples!r}")
     shared: list[list[str]] = []
     own: dict[int, list[list[str]]] = {}
+    choices: dict[str, list[str]] = {}
     for spec in specs:
         i = _own_index(spec)
         if i is not None:
             if i >= n_experts:
                 raise ConfigError(f"--calibration-data {spec}: expert index {i} out of range ({n_experts} expert(s), 0-based)")
-            own.setdefault(i, []).append(read_prompts(spec.partition("=")[2]))
+            own.setdefault(i, []).append(read_prompts(spec.partition("=")[2], choices))
         else:
-            shared.append(read_prompts(spec))
+            shared.append(read_prompts(spec, choices))
     cal = Calibration(_round_robin(shared, n), {i: _round_robin(v, n) for i, v in own.items()}, list(specs), n)
+    kept = set(cal.all_prompts())
+    cal.choices = {k: v for k, v in choices.items() if k in kept and len(v) > 1}
     for i in range(n_experts):
         if not cal.prompts_for(i):
             files = [s for s in specs if _own_index(s) == i] or [s for s in specs if _own_index(s) is None]
@@ -287,8 +305,8 @@ class InputGrams:
     """Forward hooks accumulating Gᵐ = Σ xxᵀ (XᵀX, float32, on the activations' device) of the inputs of
     each module ``m`` of ``modules`` over the non-padding tokens of the batches run inside the ``with`` block.
 
-    Modules fed the very same tensor (q/k/v projections, gate/up) share one Gram matrix (``grams[m]`` is
-    the same tensor). With ``stop=True`` the forward pass raises :class:`StopForward` once every module ran.
+    Consecutive modules fed the very same tensor object (q/k/v projections, gate/up) share one Gram matrix
+    (``grams[m]`` is the same tensor; ``alias[m]`` names the first). With ``stop=True`` the forward pass raises :class:`StopForward` once every module ran.
     """
 
     def __init__(self, model: torch.nn.Module, modules: Sequence[str], *, stop: bool = True) -> None:
@@ -300,7 +318,7 @@ class InputGrams:
         self.alias: dict[str, str] = {}
         self._masks: list[torch.Tensor] = []
         self._fired: set[str] = set()
-        self._seen: dict[tuple, str] = {}
+        self._last: tuple[torch.Tensor, str] | None = None  # the last input seen (modules sharing it share a Gram)
         self._handles: list = []
         self._first_batch = True
 
@@ -323,7 +341,7 @@ class InputGrams:
         mask = batch["attention_mask"].bool()
         self._masks = [mask]
         self._fired.clear()
-        self._seen.clear()
+        self._last = None
         self.tokens += int(mask.sum())
 
     def end_batch(self) -> None:
@@ -331,6 +349,7 @@ class InputGrams:
         if missing:
             raise RuntimeError(f"calibration: module '{missing[0]}' was not run by the forward pass")
         self._first_batch = False
+        self._last = None
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -346,13 +365,15 @@ class InputGrams:
             self._fired.add(name)
             x = args[0] if args else None
             if isinstance(x, torch.Tensor):
-                key = (x.data_ptr(), tuple(x.shape), x.dtype)
-                other = self._seen.get(key)
-                if self._first_batch and other is not None:
-                    self.alias[name] = self.alias.get(other, other)
+                last = self._last
+                same = last is not None and last[0] is x  # the very tensor the previous hooked module took
+                if self._first_batch and same:
+                    self.alias[name] = self.alias.get(last[1], last[1])
                     self.grams[name] = self.grams[self.alias[name]]
-                elif name not in self.alias:
-                    self._seen.setdefault(key, name)
+                elif name in self.alias:
+                    if not same:
+                        raise RuntimeError(f"calibration: module '{name}' no longer shares the input of '{self.alias[name]}'")
+                else:
                     rows = self._rows(x.detach()).to(torch.float32)
                     g = self.grams.get(name)
                     if g is None:
@@ -360,7 +381,9 @@ class InputGrams:
                     else:
                         g.addmm_(rows.T, rows)
                     del rows
+                self._last = (x, name)
             if self.stop and len(self._fired) == len(self.names):
+                self._last = None
                 raise StopForward
         return hook
 
