@@ -239,6 +239,17 @@ def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     return kwargs
 
 
+def decoder_start(model) -> int:
+    """The token an encoder-decoder's decoder starts from (``decoder_start_token_id``, else the pad id)."""
+    cfg = model.config
+    start = getattr(cfg, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(cfg, "pad_token_id", None)
+    if start is None:
+        raise ConfigError("the encoder-decoder model's config has no decoder_start_token_id")
+    return int(start)
+
+
 # ----------------------------------------------------------------------------------------------- experts
 @contextmanager
 def expert_weights(model: torch.nn.Module, expert, names: Iterable[str] | None,

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import calibration as cal
 from .. import ops
 from ..errors import BudgetExceeded, ConfigError
 from .data_aware import DataAwareMerge
@@ -167,7 +168,7 @@ class Fisher(DataAwareMerge):
         self.meter.forward_passes += 1
         self.meter.tokens += int(batch["attention_mask"].sum())
         if getattr(model.config, "is_encoder_decoder", False):
-            start = torch.full((batch["input_ids"].shape[0], 1), _decoder_start(model), dtype=torch.long,
+            start = torch.full((batch["input_ids"].shape[0], 1), cal.decoder_start(model), dtype=torch.long,
                                device=batch["input_ids"].device)
             logits = model(**batch, decoder_input_ids=start, use_cache=False).logits
             return ops.greedy_log_likelihood(logits)
@@ -204,12 +205,3 @@ class Fisher(DataAwareMerge):
             out["fisher"] = dict(self.fisher_info)
         return out
 
-
-def _decoder_start(model) -> int:
-    cfg = model.config
-    start = getattr(cfg, "decoder_start_token_id", None)
-    if start is None:
-        start = getattr(cfg, "pad_token_id", None)
-    if start is None:
-        raise ConfigError("fisher: the encoder-decoder model's config has no decoder_start_token_id")
-    return int(start)

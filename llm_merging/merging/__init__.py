@@ -53,6 +53,7 @@ BUILTIN_METHODS = {
     "regmean": "llm_merging.merging.Regmean:Regmean",
     "regmean_plus": "llm_merging.merging.RegmeanPlus:RegmeanPlus",
     "fisher": "llm_merging.merging.Fisher:Fisher",
+    "adamerging": "llm_merging.merging.AdaMerging:AdaMerging",
 }
 
 

@@ -189,20 +189,25 @@ class DataAwareMerge(TaskVectorMerge):
     def tokenizer_for_calibration(self):
         return self.tokenizer if self.architecture == "encoder_decoder" else self.input_tokenizer
 
-    def calibration_batches(self, i: int | None = None, tokens_per_batch: int | None = None
-                            ) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches of expert ``i``'s prompts (None: every distinct prompt), tokenised once and truncated to
-        the context, right-padded, on the model's input device; ``tokens_per_batch`` (default
-        ``calibration_tokens_per_batch``) bounds each batch's tokens, padding included (1: one prompt per batch)."""
-        from ..model.scoring import model_device, pad_id_of
-
+    def calibration_ids(self, i: int | None = None) -> list[list[int]]:
+        """Token ids of expert ``i``'s prompts (None: every distinct prompt, in ``all_prompts()`` order),
+        tokenised once per loaded model and truncated to the context."""
         key = -1 if i is None else i
         if key not in self._encoded:
             prompts = self.calibration.all_prompts() if i is None else self.calibration.prompts_for(i)
             tok = self.tokenizer_for_calibration()
             max_len = cal.context_length(self.base_model, tok, self.max_seq_len)
             self._encoded[key] = cal.encode(tok, prompts, max_len)
-        ids, _ = self._encoded[key]
+        return self._encoded[key][0]
+
+    def calibration_batches(self, i: int | None = None, tokens_per_batch: int | None = None
+                            ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of expert ``i``'s prompts (:meth:`calibration_ids`), right-padded, on the model's input
+        device; ``tokens_per_batch`` (default ``calibration_tokens_per_batch``) bounds each batch's tokens,
+        padding included (1: one prompt per batch)."""
+        from ..model.scoring import model_device, pad_id_of
+
+        ids = self.calibration_ids(i)
         tok = self.tokenizer_for_calibration()
         yield from cal.batches(ids, pad_id_of(tok), model_device(self.base_model),
                                tokens_per_batch or self.calibration_tokens_per_batch)
