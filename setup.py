@@ -1,4 +1,4 @@
-"""Install llm_merging: ``pip install .`` (tests: ``pip install .[test]``)."""
+"""Install llm_merging: ``pip install .`` (tests: ``pip install .[test,lm-eval]``; lm-eval tasks: ``.[lm-eval]``)."""
 import ast
 from pathlib import Path
 
@@ -32,7 +32,8 @@ setup(
     packages=find_packages(include=["llm_merging", "llm_merging.*"]),
     package_data={"llm_merging": ["sample_data/*"]},
     install_requires=requirements(),
-    extras_require={"test": ["pytest>=8"]},
+    # lm-eval: --lm-eval (lm-evaluation-harness tasks); the range is llm_merging.lm_eval_tasks.REQUIREMENT's
+    extras_require={"test": ["pytest>=8"], "lm-eval": ["lm-eval>=0.4.12,<0.5"]},
     entry_points={
         "llm_merging.merging.Merges": [f"{name} = {target}" for name, target in builtin_methods().items()],
         "console_scripts": ["llm-merging = llm_merging.main:cli"],

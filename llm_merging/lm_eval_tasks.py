@@ -40,7 +40,8 @@ from .errors import ConfigError, DataError, first_line
 
 logger = logging.getLogger(__name__)
 
-REQUIREMENT = "lm-eval>=0.4.9,<0.5"  # keep in step with setup.py's "lm-eval" extra
+REQUIREMENT = "lm-eval>=0.4.12,<0.5"  # keep in step with setup.py's "lm-eval" extra (0.4.11 and older: no
+# TaskManager.load, or transformers 5 breaks them)
 INSTALL_HINT = f"pip install -e \".[lm-eval]\" (or pip install \"{REQUIREMENT}\")"
 DEFAULT_CPU_BATCH_SIZE = 16  # as the kit multiple-choice files on CPU (evaluation.CPU_BATCH_SIZE)
 
@@ -147,7 +148,7 @@ def require_lm_eval():
         version = md.version("lm_eval")
     except md.PackageNotFoundError:
         version = getattr(lm_eval, "__version__", "0")
-    if _version_tuple(version) < (0, 4, 9) or _version_tuple(version) >= (0, 5):
+    if _version_tuple(version) < (0, 4, 12) or _version_tuple(version) >= (0, 5):
         raise ConfigError(f"--lm-eval needs {REQUIREMENT}, found lm-eval {version}: {INSTALL_HINT}")
     return lm_eval
 
@@ -181,24 +182,10 @@ def _offline() -> bool:
 
 
 def _load(manager, spec: str) -> dict:
-    """``{"tasks": {name: Task}, "groups": {name: Group}}`` for one spec, whatever the 0.4.x API."""
+    """``{"tasks": {name: Task}, "groups": {name: Group}, ...}`` for one spec (builds its tasks, loading their data)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        if hasattr(manager, "load"):  # lm-eval >= 0.4.10
-            return manager.load([spec])
-        nested = manager.load_task_or_group([spec])  # older: {group object | task name: Task | {...}}
-    tasks: dict[str, Any] = {}
-    groups: dict[str, Any] = {}
-
-    def walk(d: dict) -> None:
-        for key, value in d.items():
-            if isinstance(value, dict):
-                groups[getattr(key, "group_name", None) or getattr(key, "group", None) or str(key)] = key
-                walk(value)
-            else:
-                tasks[key if isinstance(key, str) else str(key)] = value
-    walk(nested)
-    return {"tasks": tasks, "groups": groups}
+        return manager.load([spec])
 
 
 def _spec_name(spec: str, loaded: dict) -> str:

@@ -267,3 +267,13 @@ def test_budget_spent_in_lm_eval_exits_3_keeping_kit_scores(capsys, tmp_path, ta
     line = _read_jsonl(out / "scores.jsonl")[-1]
     assert "accuracy" in line["mc_rows"] and line["local_mc"] == {"partial": True}
     assert not (out / "lm_eval" / "results.json").exists()
+
+
+def test_lm_eval_outside_the_version_range_is_one_line(monkeypatch):
+    pytest.importorskip("lm_eval")
+    import importlib.metadata as md
+
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda name: "0.4.9" if name == "lm_eval" else real(name))
+    with pytest.raises(ConfigError, match=r"needs lm-eval>=0\.4\.12,<0\.5, found lm-eval 0\.4\.9: pip install"):
+        lm_eval_tasks.require_lm_eval()
