@@ -101,8 +101,8 @@ class Processes:
             raise error
         if error is not None and not isinstance(error, PeerFailed):
             logger.warning("process %d also failed: %s", self.rank, _describe(error)[2])
-        where = "" if all(f == (kind, code, message) for _, f in failures if f[0] != "peer") and \
-            len(failures) == self.world else f" (on process {rank} of {self.world})"
+        alike = [f for _, f in chosen if f == (kind, code, message)]
+        where = "" if len(alike) == self.world else f" (on process {rank} of {self.world})"  # not all alike
         if kind == "interrupt":
             mirror: BaseException = KeyboardInterrupt()
         elif kind == "budget":

@@ -70,7 +70,6 @@ class DatasetResult:
     batch_size: int | None = None
     predictions_path: str | None = None
     submission_path: str | None = None
-    shares: list[dict] | None = None  # several processes: each one's {rank, examples, batches, seconds}
     source: str = "kit"  # "kit" (a data file) or "lm_eval" (an lm-eval-harness task: --lm-eval)
     main_metric: str | None = None  # lm-eval: the metric the average takes (kit files: see _primary)
 
@@ -81,10 +80,7 @@ class DatasetResult:
         return self.scores.get(self.main_metric) if self.main_metric else None
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        if self.shares is None:  # one process: the report as it always was
-            del out["shares"]
-        return out
+        return asdict(self)
 
 
 @dataclass
@@ -547,7 +543,7 @@ def evaluate_dataset(
                     seconds = time.perf_counter() - t0
                     mine["examples"] += len(batch.rows)
                     mine["batches"] += 1
-                    mine["seconds"] += seconds
+                    mine["seconds"] = round(mine["seconds"] + seconds, 4)
                     if pace is not None:  # the whole step's examples at this process's pace
                         n = sum(len(b.rows) for b in here)
                         for b in here:
@@ -581,6 +577,7 @@ def evaluate_model(
     examples: Sequence[list[dict]] | None = None,
     write_scores: bool = True,
     processes=None,
+    shares: dict[str, list[dict]] | None = None,
 ) -> EvaluationResult:
     """Evaluate ``merge_method`` on each data file; write predictions, submission CSVs and scores.
 
@@ -594,7 +591,8 @@ def evaluate_model(
     lm-eval tasks, then calls :func:`write_scores_line`).
     ``processes``: the run's processes (default :func:`distributed.current`, one unless launched as
     several): each evaluates its share of every file's batches and process 0 writes every file; the
-    outputs are those of one process (see :func:`evaluate_dataset`).
+    outputs are those of one process (see :func:`evaluate_dataset`); ``shares``, when given, receives
+    each file's per-process shares (``{name: [{"rank", "examples", "batches", "seconds"}, ...]}``).
     """
     from . import distributed
 
@@ -622,12 +620,9 @@ def evaluate_model(
         t0 = time.perf_counter()
         dres = DatasetResult(name=dname, path=path, n_examples=len(rows),
                              eval_types=sorted({r["eval_type"] for r in rows}))
-        shares: list[dict] = []
         preds, dres.partial, dres.batch_size = evaluate_dataset(
             merge_method, rows, batch_size=fixed_size, budget=budget, progress=progress, desc=dname, pace=pace,
-            processes=processes, shares=shares)
-        if processes.world > 1:
-            dres.shares = shares
+            processes=processes, shares=None if shares is None else shares.setdefault(dname, []))
         dres.n_evaluated = len(preds)
         dres.partial = dres.partial or len(preds) < len(rows)
         dres.scores, dres.n_scored = _score_rows(rows, preds)

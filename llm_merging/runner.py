@@ -338,8 +338,7 @@ class Runner:
         """Launched as several processes: what runs data-parallel (merge, save, evaluation of the files);
         the rest is refused in one line before anything is loaded."""
         cfg, n = self.cfg, self.procs.world
-        for flag, on in (("--search", cfg.search is not None), ("--lm-eval", getattr(cfg, "lm_eval", None) is not None),
-                         ("--baselines", cfg.baselines), ("--analyze", cfg.analyze)):
+        for flag, on in (("--search", cfg.search is not None), ("--baselines", cfg.baselines), ("--analyze", cfg.analyze)):
             if on:
                 hint = " (several GPUs search together as workers sharing --search-storage)" if flag == "--search" else ""
                 raise ConfigError(f"{flag} runs in one process, not {n}: start it with python llm_merging/main.py{hint}")
@@ -470,7 +469,11 @@ class Runner:
         try:
             self.procs = distributed.start(timeout_s=self.cfg.time_budget + 600)  # SINGLE unless launched as several
             with self.budget.phase("preflight"):
-                self.procs.together(self._preflight)
+                if self.cfg.tiny and self.procs.world > 1:  # process 0 builds the tiny models, then the others
+                    self.procs.on_main(self._preflight)
+                    self.procs.together(lambda: None if self.procs.is_main else self._preflight())
+                else:
+                    self.procs.together(self._preflight)
                 if self.procs.world > 1:
                     self.report["processes"]["devices"] = self.procs.exchange(str(self.method.torch_device()))
             if self.cfg.search is not None:  # leaves self.method configured with the best candidate
