@@ -619,8 +619,8 @@ def evaluate(method, prepared: PreparedTasks, out_dir: str | os.PathLike, *, bat
     if _distributed()[0] == 0 and results:
         _write_json(out / "results.json", results)
         if write_samples:
-            for task, rows in samples.items():
-                _write_samples(out / f"samples_{task}.jsonl", rows)
+            for task, rows in samples.items():  # document order (several processes gather them by rank)
+                _write_samples(out / f"samples_{task}.jsonl", sorted(rows, key=lambda r: r.get("doc_id", 0)))
     section = {"tasks": list(prepared.config.tasks), "include": list(prepared.config.include),
                "args": dict(prepared.config.args), "version": prepared.version,
                "results_path": str(out / "results.json") if results else None,

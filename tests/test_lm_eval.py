@@ -277,3 +277,50 @@ def test_lm_eval_outside_the_version_range_is_one_line(monkeypatch):
     monkeypatch.setattr(md, "version", lambda name: "0.4.9" if name == "lm_eval" else real(name))
     with pytest.raises(ConfigError, match=r"needs lm-eval>=0\.4\.12,<0\.5, found lm-eval 0\.4\.9: pip install"):
         lm_eval_tasks.require_lm_eval()
+
+
+def _launch(n: int, args: list[str], timeout: float = 300) -> list:
+    """``n`` processes of ``main.py args`` started as torchrun / accelerate launch start them (gloo on CPU)."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    main_py = Path(__file__).resolve().parent.parent / "llm_merging" / "main.py"
+    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    base.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    envs = [dict(base, WORLD_SIZE=str(n), RANK=str(r), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for r in range(n)] if n > 1 else [base]
+    procs = [subprocess.Popen([sys.executable, str(main_py), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for env in envs]
+    try:
+        return [(p.wait(timeout=timeout), p.communicate()[1]) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_two_processes_shard_the_documents_and_agree_with_one(tmp_path, task_files):
+    pytest.importorskip("lm_eval")
+    rows_path, yaml_path = task_files
+    args = ["-m", "linear", "--tiny", "--save", "none", "-q", "-d", str(rows_path), "--lm-eval", str(yaml_path),
+            "--lm-eval-args", "batch_size=2"]
+    outs = {}
+    for n in (1, 2):
+        runs = _launch(n, [*args, "--output_folder", str(tmp_path / f"p{n}")])
+        assert all(code == 0 for code, _ in runs), runs
+        outs[n] = tmp_path / f"p{n}" / "linear"
+    one, two = (_read_jsonl(outs[n] / "scores.jsonl") for n in (1, 2))
+    assert one == two and len(two) == 1  # process 0 wrote the one line
+    r1, r2 = (json.loads((outs[n] / "lm_eval" / "results.json").read_text()) for n in (1, 2))
+    assert r1["results"]["local_mc"]["acc,none"] == r2["results"]["local_mc"]["acc,none"]
+    s1, s2 = (_read_jsonl(outs[n] / "lm_eval" / "samples_local_mc.jsonl") for n in (1, 2))
+    assert [s["doc_id"] for s in s2] == [s["doc_id"] for s in s1] == list(range(6))
+    for a, b in zip(s1, s2):  # the same documents; log-likelihoods up to batch-composition rounding
+        assert a["acc"] == b["acc"]
+        assert [r[0][0] for r in a["resps"]] == pytest.approx([r[0][0] for r in b["resps"]], abs=1e-4)
+    report = json.loads((outs[2] / "report.json").read_text())
+    assert report["lm_eval"]["finished"] == [str(yaml_path)]
