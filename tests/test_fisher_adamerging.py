@@ -98,6 +98,13 @@ def test_entropy_against_the_formula_and_masks():
     q = torch.softmax(torch.tensor([1.0, 2.0]), -1)
     torch.testing.assert_close(ops.entropy(logits, mask), torch.stack([-(q * q.log()).sum(), torch.tensor(0.0)]))
     assert torch.isfinite(ops.entropy(torch.tensor([[1e4, -1e4]]))).all()
+    # gradients: finite where entries are masked, equal to those of the unmasked sub-distribution
+    x = torch.tensor([[0.3, -1.2, 2.0], [0.5, 0.1, 0.0]], requires_grad=True)
+    ops.entropy(x, torch.tensor([[True, True, False], [False, False, False]])).sum().backward()
+    y = x.detach()[0, :2].clone().requires_grad_(True)
+    ops.entropy(y).backward()
+    assert torch.isfinite(x.grad).all() and torch.equal(x.grad[1], torch.zeros(3)) and x.grad[0, 2] == 0
+    torch.testing.assert_close(x.grad[0, :2], y.grad)
 
 
 def test_task_vector_inner_dense_and_factors():
@@ -221,3 +228,149 @@ def test_fisher_of_identical_experts_is_that_expert(tmp_path):
     want = dict(AutoModelForCausalLM.from_pretrained(d).named_parameters())
     for name, p in m.base_model.named_parameters():
         torch.testing.assert_close(p, want[name], rtol=0, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------------------ adamerging
+ROWS = [{"input": "Is a cat an animal? Answer:", "answer_choices": ["yes", "no"], "label": 1},
+        {"input": "The quick brown fox", "target": "jumps"},
+        {"input": "Question: which one? Options: A. red B. blue C. green", "answer_choices": "['A', 'B', 'C']",
+         "label": 2},
+        {"input": "A summary is"}]
+
+
+def _rows_file(tmp_path):
+    import json
+
+    return _write(tmp_path / "rows.json", [json.dumps(r) for r in ROWS])
+
+
+def _prepared(kind, n, prompts_file, values=None):
+    """An adamerging method with its base loaded and a pass started (λ not learned: steps=0)."""
+    from llm_merging import tiny
+    from llm_merging.model.engine import base_param_shapes
+    from llm_merging.runner import instantiate
+
+    m = instantiate("adamerging")
+    m.base_model_name, m.base_model_revision_id = str(tiny.base_dir("decoder")), None
+    m.list_models, m.is_peft, m.device, m.progress = _dirs(kind, n), None, "cpu", False
+    m.calibration_files = [prompts_file]
+    m.calibration_tokens_per_batch = 24  # several batches of each kind
+    m.set_hyperparameters({"steps": 0, **(values or {})})
+    m.preflight()
+    m._load_base_model()
+    m._load_tokenizer()
+    m.experts = m.open_experts(base_param_shapes(m.base_model))
+    m._start_pass()
+    return m
+
+
+def _entropy_by_hand(model, params):
+    """Mean over ROWS of the entropy of the merged model's prediction distribution, each prompt alone:
+    choices scored by log p(prompt + choice tokens) (no BOS, EOS appended), else the next token."""
+    import ast
+
+    from torch.func import functional_call
+    from transformers import AutoTokenizer
+
+    from llm_merging import tiny
+
+    tok = AutoTokenizer.from_pretrained(str(tiny.base_dir("decoder")))
+    total = 0
+    for row in ROWS:
+        p = tok(row["input"])["input_ids"]
+        if "answer_choices" not in row:
+            logits = functional_call(model, params, (torch.tensor([p]),)).logits[0, -1]
+            dist = torch.log_softmax(logits, -1)
+        else:
+            choices = row["answer_choices"]
+            choices = ast.literal_eval(choices) if isinstance(choices, str) else choices
+            scores = []
+            for c in choices:
+                cids = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                logp = torch.log_softmax(functional_call(model, params, (torch.tensor([p + cids]),)).logits[0], -1)
+                scores.append(sum(logp[len(p) - 1 + k, t] for k, t in enumerate(cids)))
+            dist = torch.log_softmax(torch.stack(scores), -1)
+        total = total + -(dist.exp() * dist).sum()
+    return total / len(ROWS)
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_adamerging_gradient_matches_autograd_through_an_explicit_merge(tmp_path, kind):
+    from transformers import AutoModelForCausalLM
+
+    from llm_merging import tiny
+
+    n = 2
+    m = _prepared(kind, n, _rows_file(tmp_path))
+    groups = ["model.layers.0", "model.layers.1"] if kind == "lora" else \
+        ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    assert m.groups == groups and len(m.calibration.choices) == 2
+    g = torch.Generator().manual_seed(3)
+    lam0 = (0.3 + 0.6 * torch.rand(n, len(groups), generator=g)).float()
+    rows = m._rows()
+    with m._session() as (orig, params):
+        h, grad = m._evaluate(lam0, rows, orig, params, grad=True)
+        k = int(grad.abs().argmax())  # central difference along the steepest coordinate (float32 model)
+        delta = 0.005
+        e = torch.zeros(lam0.numel())
+        e[k] = delta
+        e = e.view_as(lam0)
+        fd = (m._evaluate(lam0 + e, rows, orig, params, grad=False)[0]
+              - m._evaluate(lam0 - e, rows, orig, params, grad=False)[0]) / (2 * delta)
+    assert all(torch.equal(p.data, q) for p, q in zip(m.base_model.parameters(),
+                                                      AutoModelForCausalLM.from_pretrained(str(tiny.base_dir("decoder"))).parameters()))
+    # independent: θ(λ) = θ₀ + Σ λᵢ,g τᵢ from the separately loaded experts, autograd to λ
+    base = AutoModelForCausalLM.from_pretrained(str(tiny.base_dir("decoder"))).eval()
+    theta0 = {k: v.detach() for k, v in base.named_parameters()}
+    experts = [dict(e.named_parameters()) for e in _expert_models(kind, n)]
+    lam = lam0.clone().double().requires_grad_(True)
+    merged = {}
+    for name, t0 in theta0.items():
+        taus = [ex[name].detach() - t0 for ex in experts]
+        if not any(t.any() for t in taus):
+            merged[name] = t0
+            continue
+        col = groups.index(name.rsplit(".", 1)[0] if "layers" not in name else ".".join(name.split(".")[:3]))
+        merged[name] = t0 + sum(lam[i, col].float() * taus[i] for i in range(n))
+    want_h = _entropy_by_hand(base, merged)
+    want = torch.autograd.grad(want_h, lam)[0]
+    assert math.isclose(h, want_h.item(), rel_tol=1e-4)
+    torch.testing.assert_close(grad.double(), want, rtol=2e-3, atol=1e-5)
+    assert math.isclose(fd, float(grad.view(-1)[k]), rel_tol=3e-2)
+
+
+def test_adamerging_lowers_the_entropy_respects_the_clamp_and_merges_with_the_learned_lambdas(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llm_merging import tiny
+
+    rows = _rows_file(tmp_path)
+    m = _merged("adamerging", _dirs("lora", 2), rows, {"steps": 4, "lr": 0.01, "scale": 0.5})
+    rep = m.calibration_report()["adamerging"]
+    h = rep["entropy_per_step"]
+    assert len(h) == 5 and all(b < a for a, b in zip(h, h[1:])), h
+    lam = torch.tensor(list(rep["lambdas"].values())).T  # (experts, groups)
+    assert not torch.allclose(lam, torch.full_like(lam, 0.5)) and rep["choice_prompts"] == 2
+    base = dict(AutoModelForCausalLM.from_pretrained(str(tiny.base_dir("decoder"))).named_parameters())
+    experts = [dict(e.named_parameters()) for e in _expert_models("lora", 2)]
+    got = dict(m.base_model.named_parameters())
+    for name, t0 in base.items():
+        col = list(rep["lambdas"]).index(".".join(name.split(".")[:3])) if "layers" in name else None
+        want = t0 + sum(lam[i, col] * (ex[name] - t0) for i, ex in enumerate(experts)) if col is not None else t0
+        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-6, msg=name)
+    clamped = _merged("adamerging", _dirs("lora", 2), rows, {"steps": 2, "lr": 0.5, "lambda_min": 0.3,
+                                                             "lambda_max": 0.6, "granularity": "task"})
+    lams = clamped.calibration_report()["adamerging"]["lambdas"]
+    assert list(lams) == ["all"] and all(0.3 <= v <= 0.6 for v in lams["all"])
+    with pytest.raises(ConfigError, match="lambda_min 0.8 is above lambda_max 0.5"):
+        clamped.set_hyperparameters({"lambda_min": 0.8, "lambda_max": 0.5})
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_adamerging_without_steps_is_task_arithmetic_exactly(tmp_path, kind):
+    values = {"weights": [0.7, 0.4], "scale": 0.8}
+    a = _merged("adamerging", _dirs(kind, 2), _rows_file(tmp_path), {**values, "steps": 0})
+    t = _merged("task_arithmetic", _dirs(kind, 2), _rows_file(tmp_path), values)
+    assert a.calibration_report()["forward_passes"] == 0
+    for (n, p), (_, q) in zip(a.base_model.named_parameters(), t.base_model.named_parameters()):
+        assert torch.equal(p, q), n

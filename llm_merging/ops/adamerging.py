@@ -27,11 +27,13 @@ def entropy(logits: Tensor, mask: Optional[Tensor] = None, dim: int = -1) -> Ten
     if mask is not None:
         if mask.shape != x.shape:
             raise ConfigError(f"entropy: mask shape {tuple(mask.shape)} does not match logits {tuple(x.shape)}")
-        x = x.masked_fill(~mask, float("-inf"))
+        x = x.masked_fill(~mask, torch.finfo(torch.float32).min)  # finite: no 0·∞ in the backward pass
     logp = torch.log_softmax(x, dim=dim)
-    p = logp.exp()
-    terms = torch.where(p > 0, p * logp, torch.zeros_like(p))  # 0·log 0 = 0 (masked or underflowed)
-    return -terms.sum(dim=dim)
+    terms = logp.exp() * logp  # 0 where the probability underflows (log p stays finite)
+    if mask is None:
+        return -terms.sum(dim=dim)
+    h = -terms.masked_fill(~mask, 0.0).sum(dim=dim)
+    return torch.where(mask.any(dim=dim), h, torch.zeros_like(h))
 
 
 def task_vector_inner(grad: Tensor, task_vector: Optional[Tensor] = None,
