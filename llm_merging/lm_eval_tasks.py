@@ -580,6 +580,35 @@ def _share(res: dict | None) -> dict:
     return box[0] or {}
 
 
+def results_as_datasets(prepared: PreparedTasks, run: TaskRun, out_dir: Path | None = None,
+                        taken: set[str] | None = None, batch_size: int | None = None) -> list:
+    """A :class:`~llm_merging.evaluation.DatasetResult` per reported name (see :func:`evaluate`)."""
+    from .evaluation import DatasetResult
+
+    results, taken = run.results, set(taken or ())
+    write_samples = prepared.config.args.get("log_samples", True)
+    datasets = []
+    for spec in prepared.config.tasks:
+        finished = spec in run.seconds
+        names = _entries(prepared.names[spec], results) if finished else [prepared.names[spec]]
+        for name in names:
+            label = f"lm_eval_{name}" if name in taken else name
+            taken.add(label)
+            d = DatasetResult(name=label, path=f"lm_eval:{spec}", eval_types=[], n_examples=0, partial=not finished,
+                              batch_size=batch_size, source="lm_eval")
+            if finished:
+                d.scores = _metric_scores(results.get("results", {}).get(name, {}))
+                d.main_metric = _main_metric(name, d.scores, results)
+                d.n_examples, d.n_evaluated = _n_docs(name, results)
+                d.n_scored = d.n_evaluated
+                d.eval_types = _eval_types(sorted(_all_leaves(name, results)), results)
+                d.seconds = run.seconds[spec] / len(names)
+                if out_dir is not None and write_samples and name in run.samples:
+                    d.predictions_path = str(out_dir / f"samples_{name}.jsonl")
+            datasets.append(d)
+    return datasets
+
+
 def evaluate(method, prepared: PreparedTasks, out_dir: str | os.PathLike, *, batch_size="auto",
              budget=None, taken: set[str] | None = None) -> tuple[list, dict]:
     """Evaluate the method's merged model on the prepared tasks; write ``out_dir/lm_eval/`` (rank 0).
@@ -588,48 +617,64 @@ def evaluate(method, prepared: PreparedTasks, out_dir: str | os.PathLike, *, bat
     use (an lm-eval name equal to one is reported as ``lm_eval_<name>``). A name the budget cut short,
     and those after it, are marked partial, without scores.
     """
-    from .evaluation import DatasetResult
-
     t0 = time.perf_counter()
     out = Path(out_dir) / "lm_eval"
     lm = build_lm(method, prepared, batch_size)
     run = run_tasks(lm, prepared, budget)
-    results, samples, seconds = run.results, run.samples, run.seconds
-    taken = set(taken or ())
-    write_samples = prepared.config.args.get("log_samples", True)
-    datasets = []
-    for spec in prepared.config.tasks:
-        finished = spec in seconds
-        names = _entries(prepared.names[spec], results) if finished else [prepared.names[spec]]
-        for name in names:
-            label = f"lm_eval_{name}" if name in taken else name
-            taken.add(label)
-            d = DatasetResult(name=label, path=f"lm_eval:{spec}", eval_types=[], n_examples=0, partial=not finished,
-                              batch_size=_used_batch_size(lm), source="lm_eval")
-            if finished:
-                d.scores = _metric_scores(results.get("results", {}).get(name, {}))
-                d.main_metric = _main_metric(name, d.scores, results)
-                d.n_examples, d.n_evaluated = _n_docs(name, results)
-                d.n_scored = d.n_evaluated
-                d.eval_types = _eval_types(sorted(_all_leaves(name, results)), results)
-                d.seconds = seconds[spec] / len(names)
-                if write_samples and name in samples:
-                    d.predictions_path = str(out / f"samples_{name}.jsonl")
-            datasets.append(d)
-    if _distributed()[0] == 0 and results:
-        _write_json(out / "results.json", results)
-        if write_samples:
-            for task, rows in samples.items():  # document order (several processes gather them by rank)
+    datasets = results_as_datasets(prepared, run, out, taken, _used_batch_size(lm))
+    if _distributed()[0] == 0 and run.results:
+        _write_json(out / "results.json", run.results)
+        if prepared.config.args.get("log_samples", True):
+            for task, rows in run.samples.items():  # document order (several processes gather them by rank)
                 _write_samples(out / f"samples_{task}.jsonl", sorted(rows, key=lambda r: r.get("doc_id", 0)))
     section = {"tasks": list(prepared.config.tasks), "include": list(prepared.config.include),
                "args": dict(prepared.config.args), "version": prepared.version,
-               "results_path": str(out / "results.json") if results else None,
-               "seconds": round(time.perf_counter() - t0, 3), "finished": list(seconds)}
+               "results_path": str(out / "results.json") if run.results else None,
+               "seconds": round(time.perf_counter() - t0, 3), "finished": list(run.seconds)}
     if run.stopped_at is not None:
         section["stopped_at"] = run.stopped_at
     if run.error is not None:
         section["error"] = run.error
     return datasets, section
+
+
+class _Deadline:
+    def __init__(self, remaining: Callable[[], float]) -> None:
+        self.remaining = remaining
+
+
+class SearchFitness:
+    """The search's objective on lm-eval tasks (``--search-lm-eval``), with the interface of
+    :class:`llm_merging.search.candidates.Fitness`: the mean over the requested names of each one's main
+    metric. No pruning (lm-eval scores a task at once); nothing is written."""
+
+    def __init__(self, prepared: PreparedTasks, batch_size="auto") -> None:
+        self.prepared = prepared
+        self.batch_size = batch_size
+        self.names: list[str] = list(prepared.names.values())
+        self.seconds_per_example: dict[str, float] = {}  # by eval type: the search keeps time for the final run
+        self._lm = None
+
+    def evaluate(self, method, remaining: Callable[[], float] | None = None, report=None) -> dict[str, Any]:
+        model = method.base_model
+        if self._lm is None or self._lm.model is not model:
+            self._lm = build_lm(method, self.prepared, self.batch_size)  # once: candidates are merged in place
+        t0 = time.perf_counter()
+        run = run_tasks(self._lm, self.prepared, _Deadline(remaining) if remaining is not None else None)
+        if run.error is not None:
+            raise DataError(run.error)
+        datasets = results_as_datasets(self.prepared, run)
+        docs = sum(d.n_evaluated for d in datasets)
+        if docs and run.stopped_at is None:
+            per = (time.perf_counter() - t0) / docs
+            for kind in {k for d in datasets for k in d.eval_types}:
+                old = self.seconds_per_example.get(kind)
+                self.seconds_per_example[kind] = per if old is None else 0.7 * old + 0.3 * per
+        primary = {d.name: d.primary() for d in datasets}
+        values = [v for v in primary.values() if v is not None]
+        return {"value": sum(values) / len(values) if values else float("nan"),
+                "scores": {d.name: dict(d.scores) for d in datasets}, "primary": primary, "pruned": False,
+                "partial": run.stopped_at is not None}
 
 
 def _all_leaves(name: str, results: dict) -> set[str]:

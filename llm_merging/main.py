@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search before merging; entries KEY=LOW:HIGH[:log], KEY=a|b|c, KEY[*]= (one per expert), "
                         "KEY[i]=, KEY@G= (a G-anchor gradient over depth), METHOD.KEY=; none: the default space")
     s.add_argument("--search-data", dest="search_data", nargs="+", help="held-out files with labels scoring each candidate")
-    s.add_argument("--search-examples", dest="search_examples", type=int, help="first N examples of each search file")
+    s.add_argument("--search-examples", dest="search_examples", type=int,
+                   help="first N examples of each search file (of each --search-lm-eval task)")
+    s.add_argument("--search-lm-eval", dest="search_lm_eval", metavar="TASKS",
+                   help="score candidates on lm-eval tasks instead of --search-data (names or task YAML files; "
+                        "--lm-eval-include and --lm-eval-args apply)")
     s.add_argument("--normalize", action="store_true", help="objective: score / the best single expert's score, per file")
     s.add_argument("--trials", type=int, help="at most N trials (default: until the budget)")
     s.add_argument("--search-sampler", dest="search_sampler", default="tpe", help="tpe (default), cmaes, grid or random")
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if len(methods) > 1:
                 raise LLMMergingError(f"-m {' '.join(methods)}: several methods need --search (it picks the best)")
-            used = [flag for flag, on in (("--search-data", args.search_data), ("--trials", args.trials is not None),
+            used = [flag for flag, on in (("--search-data", args.search_data), ("--search-lm-eval", args.search_lm_eval),
+                                          ("--trials", args.trials is not None),
                                           ("--resume", args.resume), ("--search-storage", args.search_storage),
                                           ("--normalize", args.normalize)) if on]
             if used:
@@ -184,7 +189,13 @@ def main(argv: list[str] | None = None) -> int:
 
             lm_eval = LMEvalConfig(tasks=parse_tasks(args.lm_eval), include=list(args.lm_eval_include),
                                    args=parse_args(args.lm_eval_args))
-        elif args.lm_eval_args is not None or args.lm_eval_include:
+        if search is not None and args.search_lm_eval is not None:
+            from llm_merging.lm_eval_tasks import LMEvalConfig, parse_args, parse_tasks
+
+            limit = {"limit": args.search_examples} if args.search_examples is not None else {}
+            search.lm_eval = LMEvalConfig(tasks=parse_tasks(args.search_lm_eval), include=list(args.lm_eval_include),
+                                          args={**parse_args(args.lm_eval_args), **limit})
+        if args.lm_eval is None and args.search_lm_eval is None and (args.lm_eval_args is not None or args.lm_eval_include):
             raise LLMMergingError(f"{'--lm-eval-args' if args.lm_eval_args is not None else '--lm-eval-include'} needs --lm-eval")
         cfg = RunConfig(
             method=methods[0] if methods else "", recipe=args.recipe, dataset_filepaths=args.dataset_filepaths, eval_types=args.eval_types,

@@ -324,3 +324,34 @@ def test_two_processes_shard_the_documents_and_agree_with_one(tmp_path, task_fil
         assert [r[0][0] for r in a["resps"]] == pytest.approx([r[0][0] for r in b["resps"]], abs=1e-4)
     report = json.loads((outs[2] / "report.json").read_text())
     assert report["lm_eval"]["finished"] == [str(yaml_path)]
+
+
+def test_search_scores_candidates_on_lm_eval_tasks(capsys, tmp_path, task_files):
+    pytest.importorskip("lm_eval")
+    rows_path, yaml_path = task_files
+    out = tmp_path / "out"
+    code = main(["-m", "task_arithmetic", "--tiny", "--save", "none", "--output_folder", str(out), "--quiet",
+                 "--search", "scale=0.2:1.5", "--trials", "3", "--search-lm-eval", str(yaml_path), "--search-examples", "5",
+                 "--lm-eval", str(yaml_path), "--lm-eval-args", "batch_size=4"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "task_arithmetic" / "report.json").read_text())
+    search = report["search"]
+    assert search["search_lm_eval"] == {"tasks": [str(yaml_path)], "args": {"batch_size": 4, "limit": 5}}
+    assert search["optimistic"]  # the same task is evaluated at the end
+    best = search["best"]
+    assert set(best["scores"]) == {"local_mc"}
+    # the final model is the best candidate: its accuracy on the same 5 documents is the best trial's value
+    samples = _read_jsonl(out / "task_arithmetic" / "lm_eval" / "samples_local_mc.jsonl")
+    assert len(samples) == 6
+    assert best["value"] == pytest.approx(sum(s["acc"] for s in samples[:5]) / 5)
+    header = (out / "task_arithmetic" / "search" / "trials.csv").read_text().splitlines()[0]
+    assert "local_mc:acc" in header
+
+
+def test_search_lm_eval_flag_errors(capsys, tmp_path, task_files):
+    code, err, _ = _run(capsys, tmp_path, "--search-lm-eval", str(task_files[1]))
+    assert code == 2 and len(err) == 1 and "--search-lm-eval needs --search" in err[0]
+    pytest.importorskip("lm_eval")
+    code, err, _ = _run(capsys, tmp_path, "--search", "--search-lm-eval", str(task_files[1]),
+                        "--search-data", str(task_files[0]))
+    assert code == 2 and len(err) == 1 and "--search-lm-eval and --search-data" in err[0]

@@ -53,6 +53,8 @@ class SearchConfig:
     #: library hook: score a configured, merged candidate (``objective(method) -> float``) instead of
     #: evaluating it on the search data
     objective: Callable[[Any], float] | None = None
+    #: an lm_eval_tasks.LMEvalConfig: score candidates on lm-eval-harness tasks (--search-lm-eval)
+    lm_eval: Any = None
 
 
 def overrides_for(cfg, method_name: str, specs: dict) -> dict[str, str]:
@@ -94,6 +96,7 @@ class Search:
         self.search_rows: list[list[dict]] = []
         self.search_files: list[str] = []
         self.optimistic = False
+        self.lm_eval = None  # the prepared lm-eval tasks of --search-lm-eval
         self.dir = Path(runner.out_dir) / "search"
         self.report: dict[str, Any] = {}
 
@@ -177,6 +180,8 @@ class Search:
                        "sampler": cfg.sampler, "seed": primary.seed, "storage": cfg.storage or str(self.dir / JOURNAL),
                        "search_data": {p: len(r) for p, r in zip(self.search_files, self.search_rows)},
                        "normalize": cfg.normalize, "optimistic": self.optimistic}
+        if self.lm_eval is not None:
+            self.report["search_lm_eval"] = {"tasks": list(cfg.lm_eval.tasks), "args": dict(cfg.lm_eval.args)}
 
     def _prepare_data(self) -> None:
         from .. import tiny
@@ -184,6 +189,20 @@ class Search:
 
         runner, cfg = self.runner, self.cfg
         if cfg.objective is not None:
+            return
+        if cfg.lm_eval is not None:  # lm-eval tasks instead of files: checked (and their data loaded) now
+            from ..lm_eval_tasks import prepare as prepare_lm_eval
+
+            if cfg.data:
+                raise ConfigError("--search-lm-eval and --search-data: score the candidates on one of them")
+            if cfg.normalize:
+                raise ConfigError("--normalize needs --search-data (no expert baselines on lm-eval tasks)")
+            self.lm_eval = prepare_lm_eval(cfg.lm_eval, progress=False)
+            final = runner.cfg.lm_eval if runner.cfg.evaluate else None
+            overlap = sorted(set(cfg.lm_eval.tasks) & set(final.tasks)) if final is not None else []
+            if overlap:
+                self.optimistic = True
+                logger.warning("search tasks %s are also evaluated: the final scores are optimistic", ", ".join(overlap))
             return
         files = cfg.data
         if not files and runner.cfg.tiny:
@@ -226,7 +245,11 @@ class Search:
         self.report["setup_seconds"] = round(merger.setup_seconds, 3)
         self.report["cache"] = dict(zip([str(e.name) for e in merger.experts], merger.cache_kinds))
         fitness = None
-        if cfg.objective is None:
+        if self.lm_eval is not None:
+            from ..lm_eval_tasks import SearchFitness
+
+            fitness = SearchFitness(self.lm_eval, batch_size=runner.cfg.batch_size)
+        elif cfg.objective is None:
             from ..evaluation import _normalize_batch_size, _unique_names
 
             first = [max(1, math.ceil(len(r) * cfg.prune_fraction)) if cfg.prune else len(r) for r in self.search_rows]
