@@ -374,3 +374,29 @@ def test_adamerging_without_steps_is_task_arithmetic_exactly(tmp_path, kind):
     assert a.calibration_report()["forward_passes"] == 0
     for (n, p), (_, q) in zip(a.base_model.named_parameters(), t.base_model.named_parameters()):
         assert torch.equal(p, q), n
+
+
+# ------------------------------------------------------------------------------------- search and CLI
+@pytest.mark.parametrize("method, entries, counter, expected", [
+    ("fisher", ["eps=1e-12:1e-6:log", "weights[*]"], "gathered", 2),  # once for the trials, once for the final merge
+    ("adamerging", ["lr=0.005:0.05:log", "steps=1:2"], "optimised", None),
+])
+def test_search_over_fisher_and_adamerging_hyperparameters(tmp_path, method, entries, counter, expected):
+    from llm_merging import tiny
+    from llm_merging.runner import RunConfig, Runner
+    from llm_merging.search import SearchConfig
+
+    prompts = _write(tmp_path / "p.txt", PROMPTS[:3])
+    cfg = RunConfig(method=method, tiny=True, output_folder=str(tmp_path / "out"), evaluate=False, save="none",
+                    progress=False, device="cpu", calibration_data=[prompts],
+                    search=SearchConfig(entries=entries, methods=[method], data=[tiny.sample_data_files()[0]],
+                                        trials=2, examples=2))
+    runner = Runner(cfg)
+    assert runner.run() == 0, runner.report.get("error")
+    rep = runner.report["search"]
+    assert rep["trials"]["total"] == 2 and any(s.startswith(f"{method}:{entries[0].split('=')[0]}") for s in rep["space"])
+    if expected is not None:
+        assert getattr(runner.method, counter) == expected
+    else:  # λ is learned again for each candidate's values, and for the final merge unless the last was best
+        assert getattr(runner.method, counter) in (2, 3)
+        assert "adamerging" in runner.report["calibration"]

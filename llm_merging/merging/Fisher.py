@@ -58,6 +58,7 @@ class Fisher(DataAwareMerge):
         self._where: list[dict[str, str]] = []  # per expert: parameter name -> file
         self._key: Any = None
         self.fisher_info: dict[str, Any] = {}
+        self.gathered = 0  # how many times the Fisher was gathered (once per loaded model and positions)
 
     def check_values(self, values: dict) -> None:
         w = values.get("weights")
@@ -106,6 +107,7 @@ class Fisher(DataAwareMerge):
         from safetensors.torch import save_file
 
         self._dir = tempfile.mkdtemp(prefix="llm-merging-fisher-")
+        self.gathered += 1
         chunks = self._chunks()
         if len(chunks) > 1:
             logger.info("%s: Fisher gathered in %d chunks of parameters (one pass over the prompts each)",
