@@ -376,3 +376,23 @@ def test_search_over_alpha_reuses_the_statistics(tmp_path):
     # Gram matrices gathered once for all candidates, once more for the final merge (a fresh model)
     assert runner.method.groups_gathered == 2
     assert runner.report["calibration"]["files"] == [prompts]
+
+
+def test_encoder_decoder_experts_merge_layer_by_layer(tmp_path):
+    """T5: encoder and decoder stacks (the decoder fed the prompt shifted right); regmean_plus runs one pass
+    per layer of both stacks per expert, and layer 0 of the encoder is the experts' mean (same inputs)."""
+    arch = "encoder_decoder"
+    dirs = [str(tiny.lora_expert_dir(arch, i)) for i in range(2)]
+    prompts = _write(tmp_path / "p.txt", PROMPTS)
+    m = instantiate("regmean_plus")
+    m.base_model_name, m.base_model_revision_id = str(tiny.base_dir(arch)), None
+    m.list_models, m.is_peft, m.device, m.progress = dirs, None, "cpu", False
+    m.calibration_files = [prompts]
+    m.preflight()
+    m.merge()
+    assert m.calibration_report()["forward_passes"] == 2 * 4  # 2 encoder + 2 decoder layers, 2 experts
+    name = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    base = dict(tiny._load_base(arch).named_parameters())[name].detach()
+    deltas = [e.delta(name, base) for e in m.experts]
+    got = dict(m.base_model.named_parameters())[name].detach()
+    assert torch.allclose(got, base + (deltas[0] + deltas[1]) / 2, atol=1e-5)
