@@ -14,24 +14,20 @@ from llm_merging.main import main
 from llm_merging.tiny import SAMPLE_DATA_DIR
 
 # lm-eval's multiple-choice "acc" is argmax of sum log p(continuation tokens | context), unnormalised:
-# our exact kit scoring. The kit's target tokenizer appends EOS to every choice; the lm-eval task adds
-# the EOS token text to each choice so that both score the same tokens.
-TASK_YAML = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {rows}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{input}}}}"
-doc_to_choice: "{{{{answer_choices | map('regex_replace', '$', '</s>') | list}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
+# our exact kit scoring. The kit's target tokenizer appends EOS to every choice; the README's task YAML
+# (used here) adds the EOS token text to each choice so that both score the same tokens.
+def _readme_task_yaml() -> str:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```yml\n(task: kit_mc\n.*?)```", readme, re.S).group(1)
+    block = block.replace("task: kit_mc", "task: {name}")
+    return re.sub(r"test: /abs/path/cosmos_qa.json.*", "test: {rows}", block)
+
+
+TASK_YAML = _readme_task_yaml()
+
+
+def _task_yaml(name: str, rows) -> str:
+    return TASK_YAML.replace("{name}", name).replace("{rows}", str(rows))
 
 
 def _rows() -> list[dict]:
@@ -52,7 +48,7 @@ def task_files(tmp_path):
     rows_path.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
     yaml_path = tmp_path / "tasks" / "local_mc.yaml"
     yaml_path.parent.mkdir()
-    yaml_path.write_text(TASK_YAML.format(name="local_mc", rows=rows_path))
+    yaml_path.write_text(_task_yaml("local_mc", rows_path))
     return rows_path, yaml_path
 
 
@@ -166,7 +162,7 @@ def test_task_needing_the_hub_offline_is_one_line(capsys, tmp_path, monkeypatch)
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # conftest sets HF_HUB_OFFLINE=1 too
     path = tmp_path / "hub_task.yaml"
-    path.write_text(TASK_YAML.format(name="hub_mc", rows="x").replace(
+    path.write_text(_task_yaml("hub_mc", "x").replace(
         "dataset_path: json", "dataset_path: someorg/not_cached_dataset").replace("dataset_kwargs:\n  data_files:\n    test: x\n", ""))
     code, err, out = _run(capsys, tmp_path, "--lm-eval", str(path))
     assert code == 2 and len(err) == 1
@@ -198,7 +194,7 @@ def test_budget_stops_between_and_inside_tasks(tmp_path, task_files):
 
     rows_path, yaml_path = task_files
     second = tmp_path / "second.yaml"
-    second.write_text(TASK_YAML.format(name="second_mc", rows=rows_path))
+    second.write_text(_task_yaml("second_mc", rows_path))
     method = instantiate("linear")
     apply_tiny(method)
     method.progress = False
