@@ -18,8 +18,10 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +70,8 @@ def build(work: Path, hidden: int, layers: int, experts: int, rank: int) -> tupl
 
 def prompts(path: Path, n: int, words: int) -> Path:
     rnd = random.Random(n)
+    if path.is_file():
+        return path
     path.write_text("".join(" ".join(rnd.choice(WORDS) for _ in range(words)) + "\n" for _ in range(n)), encoding="utf-8")
     return path
 
@@ -155,12 +159,15 @@ def main() -> None:
           + (f"; not registered here: {', '.join(skipped)}" if skipped else ""))
 
     def run(method: str, n: int | None) -> dict:
+        out = tempfile.mkdtemp(prefix="out-", dir=work)  # several runs may share the work directory
         cmd = [sys.executable, __file__, "--one", method, "--base", str(base), "--models", *map(str, experts),
-               "--device", args.device, "--dtype", args.dtype, "--out", str(work / "out")]
+               "--device", args.device, "--dtype", args.dtype, "--out", out]
         if n is not None:
-            cmd += ["--data", str(prompts(work / f"prompts-{n}.txt", n, args.prompt_tokens)), "--n", str(n)]
+            data = prompts(work / f"prompts-{n}x{args.prompt_tokens}-{os.getpid()}.txt", n, args.prompt_tokens)
+            cmd += ["--data", str(data), "--n", str(n)]
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        shutil.rmtree(out, ignore_errors=True)
         if proc.returncode != 0:
             return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall": time.time() - t0}
         return {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall": time.time() - t0}
