@@ -400,3 +400,81 @@ def test_search_over_fisher_and_adamerging_hyperparameters(tmp_path, method, ent
     else:  # λ is learned again for each candidate's values, and for the final merge unless the last was best
         assert getattr(runner.method, counter) in (2, 3)
         assert "adamerging" in runner.report["calibration"]
+
+
+def test_calibration_keeps_answer_choices_but_never_labels(tmp_path):
+    import json
+
+    from llm_merging import calibration as cal
+    from llm_merging.errors import DataError
+
+    a = cal.load_calibration([_rows_file(tmp_path)], n_experts=2)
+    relabelled = [dict(r, label=0, target="other") for r in ROWS]
+    b = cal.load_calibration([_write(tmp_path / "b.json", [json.dumps(r) for r in relabelled])], n_experts=2)
+    assert a.choices == b.choices == {ROWS[0]["input"]: ["yes", "no"], ROWS[2]["input"]: ["A", "B", "C"]}
+    assert a.shared == b.shared == [r["input"] for r in ROWS]
+    bad = _write(tmp_path / "bad.json", [json.dumps({"input": "x", "answer_choices": "['a', "})])
+    with pytest.raises(DataError, match="bad.json: line 1: 'answer_choices' is not a list") as info:
+        cal.load_calibration([bad], n_experts=1)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("method, values", [("fisher", ["positions=last"]), ("adamerging", ["steps=1"])])
+def test_cli_reports_fisher_and_learned_lambdas(tmp_path, capsys, method, values):
+    import json
+
+    from llm_merging.main import main
+
+    code = main(["-m", method, "--tiny", "--no-eval", "--save", "none", "--quiet", "--output_folder", str(tmp_path),
+                 "--calibration-data", _rows_file(tmp_path), "--set", *values])
+    assert code == 0
+    assert "calibration" in capsys.readouterr().out
+    c = json.loads((tmp_path / method / "report.json").read_text())["calibration"]
+    assert c["prompts_per_expert"] == [len(ROWS)] * 2 and c["seconds"] > 0
+    if method == "fisher":
+        assert c["fisher"]["positions"] == "last" and c["fisher"]["disk_mib"] > 0
+        assert c["forward_passes"] == 2 * len(ROWS)
+    else:
+        a = c["adamerging"]
+        assert set(a["lambdas"]) == {"model.layers.0", "model.layers.1"} and len(a["entropy_per_step"]) == 2
+        assert all(len(v) == 2 and all(0 <= x <= 1 for x in v) for v in a["lambdas"].values())
+        assert a["choice_prompts"] == 2
+
+
+def test_fisher_encoder_decoder_predicts_the_first_output_token(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from llm_merging import tiny
+    from llm_merging.runner import instantiate
+
+    prompts = _write(tmp_path / "p.txt", PROMPTS[:3])
+    m = instantiate("fisher")
+    base_dir = str(tiny.base_dir("encoder_decoder"))
+    dirs = [str(tiny.lora_expert_dir("encoder_decoder", i)) for i in range(2)]
+    m.base_model_name, m.base_model_revision_id = base_dir, None
+    m.list_models, m.is_peft, m.device, m.progress = dirs, None, "cpu", False
+    m.calibration_files = [prompts]
+    m.set_hyperparameters({"eps": 0.0})
+    m.preflight()
+    m.merge()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    thetas, fishers = [], []
+    for d in dirs:
+        e = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), d).merge_and_unload().eval()
+        e.requires_grad_(True)
+        acc = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in e.named_parameters()}
+        for text in PROMPTS[:3]:
+            e.zero_grad()
+            out = e(input_ids=torch.tensor([tok(text)["input_ids"]]),
+                    decoder_input_ids=torch.tensor([[e.config.decoder_start_token_id]]))
+            torch.log_softmax(out.logits[0, 0].double(), -1).max().backward()
+            for n, p in e.named_parameters():
+                if p.grad is not None:
+                    acc[n] += p.grad.double() ** 2
+        thetas.append({n: p.detach().double() for n, p in e.named_parameters()})
+        fishers.append({n: a / 3 for n, a in acc.items()})
+    got = dict(m.base_model.named_parameters())
+    name = "encoder.block.1.layer.0.SelfAttention.q.weight"
+    want = sum(f[name] * t[name] for f, t in zip(fishers, thetas)) / sum(f[name] for f in fishers)
+    torch.testing.assert_close(got[name].double(), want, rtol=1e-4, atol=2e-5)
