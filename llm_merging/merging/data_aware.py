@@ -46,7 +46,7 @@ class DataAwareMerge(TaskVectorMerge):
     needs_calibration: ClassVar[bool] = True
     #: expert forward passes need θ₀ of parameters already merged in this pass (:meth:`theta0`): keep a CPU
     #: copy of those the base files cannot serve (set False when only unmerged parameters are swapped)
-    keeps_theta0: ClassVar[bool] = True
+    keeps_theta0: bool = True
     hyperparameters = {"weights": WEIGHTS, "scale": SCALE, "fallback": FALLBACK}
 
     def __init__(self, name: str | None = None) -> None:
@@ -62,6 +62,7 @@ class DataAwareMerge(TaskVectorMerge):
         self._model_ref = None
         self._reader = None
         self._theta0_copies: dict[str, torch.Tensor] = {}
+        self._params: dict[str, torch.nn.Parameter] = {}
         self._encoded: dict[int, tuple[list[list[int]], int]] = {}
 
     # ------------------------------------------------------------------ subclass hooks
@@ -114,7 +115,8 @@ class DataAwareMerge(TaskVectorMerge):
             self._start_pass()
         self._done.add(name)
         if self.keeps_theta0 and (self._reader is None or name not in self._reader.mapping):
-            self._theta0_copies[name] = base.detach().to("cpu", copy=True)  # θ₀ for later expert forward passes
+            # θ₀ for later expert forward passes, in the parameter's dtype (the engine's θ₀ is then that param)
+            self._theta0_copies[name] = base.detach().to("cpu", dtype=self._params[name].dtype, copy=True)
         if self.covers(name):
             out = self.merge_covered(name, base, task_vectors)
         else:
@@ -135,7 +137,8 @@ class DataAwareMerge(TaskVectorMerge):
         touched: set[str] = set()
         for e in self.experts:
             touched |= set(e.param_names())
-        self._pass_names = [n for n, _ in self.base_model.named_parameters() if n in touched]
+        self._params = dict(self.base_model.named_parameters())
+        self._pass_names = [n for n in self._params if n in touched]
         self._done = set()
         self._theta0_copies = {}
         if self._reader is None:
@@ -147,6 +150,7 @@ class DataAwareMerge(TaskVectorMerge):
             self._reader.close()
             self._reader = None
         self._theta0_copies = {}
+        self._params = {}
         self._pass_names = []
 
     def fallback_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -161,7 +165,6 @@ class DataAwareMerge(TaskVectorMerge):
         specs = method.all_hyperparameters()
         method.hparams = {k: p.default for k, p in specs.items()}
         method.hparams.update({k: v for k, v in h.items() if k in specs and k != "fallback"})
-        method.hparams = {k: (list(v) if isinstance(v, list) else v) for k, v in method.hparams.items()}
         if "weights" in specs and not isinstance(method.hparams["weights"], list):
             method.hparams["weights"] = [method.hparams["weights"]] * len(task_vectors)
         if "density" in specs and not isinstance(method.hparams["density"], list):
