@@ -178,7 +178,7 @@ class AdaMerging(DataAwareMerge):
         try:
             with torch.enable_grad():
                 entropy = self._entropy(rows, backward=True)
-            return entropy, self._lambda_grad(orig, params)
+            return entropy, self._lambda_grad(orig, params) / max(len(rows), 1)  # of the sum, hence the mean
         finally:
             for n in orig:
                 params[n].grad = None
@@ -248,7 +248,7 @@ class AdaMerging(DataAwareMerge):
 
     def _entropy(self, rows, *, backward: bool) -> float:
         """Mean entropy over ``rows`` of the current model's prediction distributions (backward: accumulate
-        its gradient in the touched parameters' ``.grad``)."""
+        the gradient of their **sum** in the touched parameters' ``.grad``)."""
         from ..model.scoring import model_device, pad_id_of
 
         device = model_device(self.base_model)
@@ -262,7 +262,7 @@ class AdaMerging(DataAwareMerge):
             with torch.set_grad_enabled(backward):
                 h = ops.entropy(self._next_token_logits(batch))
                 if backward:
-                    (h.sum() / n).backward()
+                    h.sum().backward()  # the sum: half-precision gradients stay clear of underflow
             total += float(h.detach().sum())
         mc = [r for r in rows if r[1] is not None]
         start = 0
@@ -281,7 +281,7 @@ class AdaMerging(DataAwareMerge):
                 scores, mask = self._choice_scores(chunk, pad, device)
                 h = ops.entropy(scores, mask)
                 if backward:
-                    (h.sum() / n).backward()
+                    h.sum().backward()  # the sum: half-precision gradients stay clear of underflow
             total += float(h.detach().sum())
         return total / max(n, 1)
 
