@@ -211,18 +211,21 @@ def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return [t for _, t in model.named_parameters()] + [t for _, t in model.named_buffers()]
 
 
-def fingerprint(model: torch.nn.Module, chunk: int = 1 << 24) -> list[int]:
-    """Per parameter and buffer, an integer checksum of its bits (position-weighted sum of its 16-bit
-    words, computed on the tensor's device): equal weights give equal fingerprints."""
-    out = []
+def fingerprint(model: torch.nn.Module, chunk: int = 1 << 22) -> list[int]:
+    """Per parameter and buffer, an integer checksum of its bits, computed on the tensor's device: the sum
+    over chunks of its 16-bit words of ``(chunk number + 1) * Σ word * (position in chunk + 1)``. Equal
+    weights give equal fingerprints; a changed bit changes its tensor's."""
+    out, weights = [], {}
     for t in _tensors(model):
         flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
         words = flat.view(torch.int16) if flat.numel() % 2 == 0 else flat
+        if words.device not in weights:
+            weights[words.device] = torch.arange(1, chunk + 1, device=words.device, dtype=torch.int64)
+        w = weights[words.device]
         total = 0
-        for s in range(0, words.numel(), chunk):
-            part = words[s: s + chunk].to(torch.int64)
-            weight = torch.arange(s, s + part.numel(), device=part.device, dtype=torch.int64) % 65521 + 1
-            total += int((part * weight).sum().item())
+        for k, s in enumerate(range(0, words.numel(), chunk)):
+            part = words[s: s + chunk]
+            total += (k + 1) * int((part.to(torch.int64) * w[: part.numel()]).sum().item())  # any device
         out.append(total)
     return out
 

@@ -524,8 +524,9 @@ def evaluate_dataset(
                 verdict = processes.max(FAILED if error is not None else STOP if expired else GO)
                 if verdict == STOP:
                     partial = True
-                    logger.warning("time budget spent: %s stops after %d of %d examples",
-                                   desc, sum(len(b.rows) for b in batches[:step]), len(rows))
+                    if processes.is_main:
+                        logger.warning("time budget spent: %s stops after %d of %d examples",
+                                       desc, sum(len(b.rows) for b in batches[:step]), len(rows))
                     break
                 if verdict == FAILED:
                     break

@@ -567,6 +567,10 @@ class Runner:
             lines.append(f"  {name:<28} {sec:9.2f} s")
         b = r.get("budget", {})
         lines.append(f"  {'budget left':<28} {b.get('remaining', 0):9.2f} s of {b.get('seconds', 0):g}")
+        if r.get("num_processes", 1) > 1:  # accelerate launch / torchrun
+            procs = r.get("processes") or {}
+            lines.append(f"  {'processes':<28} {r['num_processes']:9d} ({procs.get('backend')}; merged weights: "
+                         f"{procs.get('merge') or 'not merged'})")
         best = (r.get("search") or {}).get("best")
         if best:  # --search
             lines.append(f"  {'search':<28} {r['search']['trials']['total']} trials, best #{best['number']} "
