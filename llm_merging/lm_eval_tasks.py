@@ -204,10 +204,10 @@ def _spec_name(spec: str, loaded: dict) -> str:
 
 def _describe_failure(spec: str, exc: BaseException) -> str:
     message = first_line(exc)
-    if isinstance(exc, KeyError) or "not a registered task" in message or "is not a registered" in message:
+    if not os.path.isfile(spec) and (isinstance(exc, KeyError) or "is not a registered" in message):
         return (f"--lm-eval: unknown task {spec!r} (not an lm-eval task, group or tag name nor a task YAML file; "
                 "`lm-eval ls tasks` lists the names; local YAML directories go in --lm-eval-include)")
-    if _offline() and (isinstance(exc, (ConnectionError, OSError)) or "offline" in message.lower()):
+    if _offline() and (isinstance(exc, ConnectionError) or "offline" in message.lower()):
         return (f"--lm-eval task {spec!r}: its data set is not in the local cache and the hub is offline "
                 f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): {message}")
     return f"--lm-eval task {spec!r}: cannot load it: {message}"
@@ -215,7 +215,7 @@ def _describe_failure(spec: str, exc: BaseException) -> str:
 
 def prepare(cfg: LMEvalConfig, progress: bool = True) -> PreparedTasks:
     """Check lm-eval, the options and every task (loading its data) before the merge; one-line errors."""
-    lm_eval = require_lm_eval()  # noqa: F841
+    require_lm_eval()
     from lm_eval.tasks import TaskManager
     import importlib.metadata as md
 

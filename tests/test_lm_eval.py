@@ -52,11 +52,11 @@ def task_files(tmp_path):
     return rows_path, yaml_path
 
 
-def _run(capsys, tmp_path, *args):
+def _run(capsys, tmp_path, *args, method="linear"):
     out = tmp_path / "out"
-    code = main(["-m", "linear", "--tiny", "--save", "none", "--output_folder", str(out), "--quiet", *args])
+    code = main(["-m", method, "--tiny", "--save", "none", "--output_folder", str(out), "--quiet", *args])
     err = capsys.readouterr().err.strip().splitlines()
-    return code, err, out / "linear"
+    return code, err, out / method
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -97,11 +97,12 @@ def test_missing_lm_eval_is_one_line_before_merging(capsys, tmp_path, monkeypatc
 
 # ------------------------------------------------------------------------------- with lm-eval installed
 
-def test_same_accuracy_as_the_kit_file(capsys, tmp_path, task_files):
+@pytest.mark.parametrize("method", ["linear", "flan_t5_avg"])  # a decoder, an encoder-decoder (seq2seq backend)
+def test_same_accuracy_as_the_kit_file(capsys, tmp_path, task_files, method):
     pytest.importorskip("lm_eval")
     rows_path, yaml_path = task_files
     code, err, out = _run(capsys, tmp_path, "-d", str(rows_path), "--lm-eval", str(yaml_path),
-                          "--lm-eval-args", "batch_size=3")
+                          "--lm-eval-args", "batch_size=3", method=method)
     assert code == 0, err
     line = _read_jsonl(out / "scores.jsonl")[-1]
     kit_acc, lm_acc = line["mc_rows"]["accuracy"], line["local_mc"]["acc"]
@@ -167,6 +168,16 @@ def test_task_needing_the_hub_offline_is_one_line(capsys, tmp_path, monkeypatch)
     code, err, out = _run(capsys, tmp_path, "--lm-eval", str(path))
     assert code == 2 and len(err) == 1
     assert f"task '{path}'" in err[0] and "hub is offline" in err[0] and "someorg/not_cached_dataset" in err[0]
+    assert not out.exists()
+
+
+def test_task_with_a_missing_data_file_is_one_line(capsys, tmp_path):
+    pytest.importorskip("lm_eval")
+    path = tmp_path / "no_data.yaml"
+    path.write_text(_task_yaml("no_data", tmp_path / "absent.json"))
+    code, err, out = _run(capsys, tmp_path, "--lm-eval", str(path))
+    assert code == 2 and len(err) == 1
+    assert f"--lm-eval task '{path}': cannot load it:" in err[0] and "absent.json" in err[0]
     assert not out.exists()
 
 
