@@ -173,6 +173,58 @@ def test_plan_chunks_covers_every_row_once():
     assert len(df.plan_chunks(lengths, 0)) == len(set(lengths))
 
 
+def test_plan_chunks_token_cap():
+    lengths = [1, 7, 2, 2, 30, 31, 3, 50, 2]
+    for cap in (1, 10, 40, 60):
+        chunks = df.plan_chunks(lengths, 10_000, cap)
+        assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+        for c in chunks:  # within the cap, or a single row longer than it
+            assert len(c) == 1 or len(c) * max(lengths[i] for i in c) <= cap
+    assert df.plan_chunks(lengths, 10_000, 10_000) == df.plan_chunks(lengths, 10_000)
+
+
+@pytest.mark.parametrize("budget", [1, 24, 64])
+def test_decoder_prompts_in_pieces_equal_brute_force(decoder, monkeypatch, budget):
+    """A token budget per forward (CPUs) runs the prompts in pieces and joins their caches: same scores
+    as the naive computation, same generated tokens as one prompt at a time."""
+    model, inp, tgt = decoder
+    monkeypatch.setitem(df.FORWARD_TOKENS, "cpu", budget)
+    idx = [2, 1, 5, 0, 4, 3]
+    pred, scores = df.predict_multiple_choice(model, inp, tgt, _batch(idx))
+    _check_shape(pred, scores, idx)
+    for row, i in enumerate(idx):
+        expected = [_brute_decoder(model, inp, tgt, PROMPTS[i], c) for c in CHOICES[i]]
+        assert scores[row, : len(expected)].tolist() == pytest.approx(expected, abs=ATOL)
+    ids, texts = df.generate(model, inp, tgt, {"input": PROMPTS}, 6)
+    monkeypatch.setitem(df.FORWARD_TOKENS, "cpu", 1_000_000)
+    for i, p in enumerate(PROMPTS):
+        assert df.generate(model, inp, tgt, {"input": [p]}, 6)[0][0] == ids[i]
+
+
+def test_stack_caches_places_rows_and_pads_with_zeros():
+    from transformers import DynamicCache, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+                      intermediate_size=16, vocab_size=11)
+    parts = []
+    for rows, width in (([2, 0], 3), ([1], 5)):
+        cache = DynamicCache(config=cfg)
+        for layer in range(2):
+            k = torch.randn(len(rows), 1, width, 4)
+            cache.update(k, k + 1, layer)
+        parts.append((cache, rows))
+    assert df.stackable(parts[0][0])
+    joined = df.stack_caches(cfg, parts, 3)
+    for layer in range(2):
+        keys, values = joined.layers[layer].keys, joined.layers[layer].values
+        assert keys.shape == (3, 1, 5, 4) and torch.equal(values[:, :, :3], keys[:, :, :3] + 1)
+        for cache, rows in parts:
+            src = cache.layers[layer].keys
+            for k, r in enumerate(rows):
+                assert torch.equal(keys[r, :, : src.shape[-2]], src[k])
+                assert not keys[r, :, src.shape[-2]:].any() and not values[r, :, src.shape[-2]:].any()
+
+
 # ----------------------------------------------------------------------------- encoder-decoder scoring
 
 def test_encdec_scores_equal_brute_force_and_batch_independent(encdec):

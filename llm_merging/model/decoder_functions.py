@@ -39,6 +39,7 @@ import torch
 from ..errors import ConfigError
 from .scoring import (  # noqa: F401 (shared with encoder_decoder_functions; re-exported for this module's callers)
     CHUNK_OVERHEAD_TOKENS,
+    FORWARD_TOKENS,
     SCORINGS,
     check_scoring,
     _NO_LIMIT,
@@ -49,18 +50,24 @@ from .scoring import (  # noqa: F401 (shared with encoder_decoder_functions; re-
     cache_kwarg,
     cache_rows,
     choice_lists,
+    chunk_overhead,
     continuation_scores,
     encode_prompts,
     first_token_scores,
     forward_owner,
+    forward_tokens,
     greedy_generation_config,
     length_limit,
     model_device,
     pad_id_of,
     pad_sequences,
     plan_chunks,
+    select_rows,
+    stack_caches,
+    stackable,
     trim_generated,
     truncate_left,
+    with_room,
 )
 
 logger = logging.getLogger(__name__)
@@ -178,23 +185,44 @@ def _prefill(model, prompt_ids: Sequence[Sequence[int]], pad_id: int):
     Right padding keeps every real token before the padding, so plain causal attention is exact for
     real positions and the fast ``is_causal`` kernels apply (no 4D mask is built; with left padding a
     masked kernel runs over the whole prompt). The padded positions produce cache entries that later
-    passes mask out. Returns ``(cache, last_logp[B, V], lengths[B], prompt_mask[B, Lp])``.
+    passes mask out. Where the padded batch exceeds the device's :func:`scoring.forward_tokens`
+    (CPUs), prompts run in pieces of similar length (:func:`scoring.plan_chunks`) whose caches are
+    joined into one. Returns ``(cache, last_logp[B, V], lengths[B], prompt_mask[B, Lp])``.
     """
-    from transformers import DynamicCache
-
     device = model_device(model)
     ids, mask = pad_sequences(prompt_ids, pad_id, "right", device)
     lengths = mask.sum(-1)
     if bool((lengths == 0).any()):
         raise ConfigError("empty prompt: the input tokenizer produced no tokens")
+    budget = forward_tokens(device)
+    if budget is None or ids.numel() <= budget or len(prompt_ids) == 1:
+        cache, logits = _prefill_forward(model, ids, lengths)
+        return cache, torch.log_softmax(logits.float(), dim=-1), lengths, mask
+    parts, logits = [], None
+    for rows in plan_chunks([len(p) for p in prompt_ids], chunk_overhead(device), budget):
+        sub_ids, _ = pad_sequences([prompt_ids[i] for i in rows], pad_id, "right", device)
+        cache, sub_logits = _prefill_forward(model, sub_ids, lengths[rows])
+        if not stackable(cache):  # a cache that cannot be joined (e.g. recurrent layers): one forward
+            cache, logits = _prefill_forward(model, ids, lengths)
+            return cache, torch.log_softmax(logits.float(), dim=-1), lengths, mask
+        if logits is None:
+            logits = sub_logits.new_empty((len(prompt_ids), sub_logits.shape[-1]))
+        logits[torch.as_tensor(rows, device=device)] = sub_logits
+        parts.append((cache, rows))
+    cache = stack_caches(model.config, parts, len(prompt_ids))
+    return cache, torch.log_softmax(logits.float(), dim=-1), lengths, mask
+
+
+def _prefill_forward(model, ids: torch.Tensor, lengths: torch.Tensor):
+    """One unmasked forward of right-padded ``ids``: ``(cache, logits[B, V] at each row's last real token)``."""
+    from transformers import DynamicCache
+
     cache = DynamicCache(config=model.config)
     kwargs = {"input_ids": ids, cache_kwarg(model): cache, "use_cache": True}
     last = (lengths - 1)[:, None]  # [B, 1] position of each prompt's last real token
     if _bool_logits_to_keep(type(forward_owner(model))):
-        logits = model(**kwargs, logits_to_keep=last).logits[:, -1, :]
-    else:
-        logits = _gather_last(model(**kwargs).logits, last)
-    return cache, torch.log_softmax(logits.float(), dim=-1), lengths, mask
+        return cache, model(**kwargs, logits_to_keep=last).logits[:, -1, :]
+    return cache, _gather_last(model(**kwargs).logits, last)
 
 
 def _gather_last(logits: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -261,11 +289,12 @@ def greedy_decode(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: in
     """Batched greedy decoding with right-padded prompts (see :func:`_prefill`).
 
     Each new token is appended after the longest prompt, its position continuing from its own prompt's
-    length, the padding hole masked. Sequences that reach EOS leave the batch (their cache rows are
-    dropped). Returns the new token ids of each prompt, up to and including its first EOS.
+    length, the padding hole masked; the cache is a preallocated ``StaticCache`` (:func:`scoring.with_room`),
+    written in place. Sequences that reach EOS leave the batch (their cache rows are dropped). Returns the new token ids of each prompt, up to and including its first EOS.
     """
     device = model_device(model)
     cache, last_logp, lengths, mask = _prefill(model, prompt_ids, pad_id)
+    cache = with_room(model.config, cache, max_new_tokens)
     eos = torch.as_tensor(list(eos_ids) or [-1], device=device)
     n = len(prompt_ids)
     out: list[list[int]] = [[] for _ in range(n)]
@@ -282,7 +311,7 @@ def greedy_decode(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: in
             if not bool(alive.any()):
                 break
             keep = alive.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
+            select_rows(cache, keep)
             active, next_tok, lengths, mask = active[keep], next_tok[keep], lengths[keep], mask[keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         logits = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=(lengths + step)[:, None],

@@ -18,9 +18,6 @@ from ..errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-logger = logging.getLogger(__name__)
-
-
 SCORINGS = ("exact", "starter_kit")  # multiple-choice scoring rules (the --mc-scoring choices)
 
 
@@ -234,12 +231,42 @@ def _per_example(flat_scores: torch.Tensor, counts: Sequence[int]):
 # of similar length (more chunks: less padding but more forward calls).
 CHUNK_OVERHEAD_TOKENS = {"cpu": 128, "cuda": 2048}
 
+# Most (padded) tokens one forward pass takes, per device type; absent: no limit. On a CPU the
+# activations of a few hundred tokens stay in the caches, while a batch of long prompts in one forward
+# spills them to memory and runs slower per token than one prompt at a time (measured with
+# benchmarks/eval_speed.py), so batched prompts are run in pieces of about this size and only the
+# cheap passes (answer choices, one-token decoding steps) run the whole batch together.
+FORWARD_TOKENS = {"cpu": 1024}
 
-def plan_chunks(lengths: Sequence[int], overhead: int) -> list[list[int]]:
+
+def forward_tokens(device) -> int | None:
+    """:data:`FORWARD_TOKENS` of ``device``'s type (None: no limit)."""
+    return FORWARD_TOKENS.get(torch.device(device).type)
+
+
+def chunk_overhead(device) -> int:
+    """:data:`CHUNK_OVERHEAD_TOKENS` of ``device``'s type (GPUs' value for other accelerators)."""
+    return CHUNK_OVERHEAD_TOKENS.get(torch.device(device).type, CHUNK_OVERHEAD_TOKENS["cuda"])
+
+
+def plan_chunks(lengths: Sequence[int], overhead: int, max_tokens: int | None = None) -> list[list[int]]:
     """Split rows into chunks of similar length minimising ``sum(rows * longest) + overhead * chunks``.
 
-    Exact dynamic programme over the sorted distinct lengths. Returns lists of row indices.
+    Exact dynamic programme over the sorted distinct lengths. With ``max_tokens``, a chunk whose
+    ``rows * longest`` exceeds it is then cut into pieces of ``max_tokens // longest`` rows (at least
+    one row: a row is never split). Returns lists of row indices, shortest rows first.
     """
+    chunks = _plan_chunks(lengths, overhead)
+    if max_tokens is None:
+        return chunks
+    out = []
+    for chunk in chunks:
+        step = max(1, max_tokens // max(max(lengths[i] for i in chunk), 1))
+        out.extend(chunk[k: k + step] for k in range(0, len(chunk), step))
+    return out
+
+
+def _plan_chunks(lengths: Sequence[int], overhead: int) -> list[list[int]]:
     if not lengths:
         return []
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -285,6 +312,66 @@ def cache_rows(cache, index: torch.Tensor):
     return new
 
 
+def stackable(cache) -> bool:
+    """Whether every layer of ``cache`` is a plain key/value layer (:func:`stack_caches` can join it)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(getattr(layer, "keys", None) is not None and getattr(layer, "values", None) is not None
+                                and getattr(layer, "keys").dim() == 4 for layer in layers)
+
+
+def stack_caches(config, parts: Sequence[tuple[Any, Sequence[int]]], n_rows: int):
+    """One ``DynamicCache`` of ``n_rows`` rows from ``(cache, rows)`` parts: row ``rows[k]`` of the result
+    is row ``k`` of that part's cache, right-padded with zeros to the longest part (padding that later
+    passes mask out, as the padding of one right-padded forward)."""
+    from transformers import DynamicCache
+
+    width = max(cache.layers[0].keys.shape[-2] for cache, _ in parts)
+    out = DynamicCache(config=config)
+    for layer_idx in range(len(parts[0][0].layers)):
+        stacked = []
+        for attr in ("keys", "values"):
+            first = getattr(parts[0][0].layers[layer_idx], attr)
+            full = first.new_zeros((n_rows, first.shape[1], width, first.shape[3]))
+            for cache, rows in parts:
+                t = getattr(cache.layers[layer_idx], attr)
+                full[torch.as_tensor(list(rows), device=t.device), :, : t.shape[-2]] = t
+            stacked.append(full)
+        out.update(stacked[0], stacked[1], layer_idx)
+    return out
+
+
+def with_room(config, cache, extra: int):
+    """A transformers ``StaticCache`` holding ``cache``'s keys and values with room for ``extra`` more
+    positions, so that decoding writes each new position in place instead of copying the whole cache
+    every step (``DynamicCache`` concatenates); ``cache`` itself where it cannot be converted."""
+    from transformers import StaticCache
+
+    if not stackable(cache):
+        return cache
+    width = cache.layers[0].keys.shape[-2]
+    try:
+        out = StaticCache(config=config, max_cache_len=width + extra)
+    except Exception:  # a config StaticCache does not support
+        logger.debug("no StaticCache for this model; decoding with the dynamic cache", exc_info=True)
+        return cache
+    if len(out.layers) != len(cache.layers) or any(layer.is_sliding for layer in out.layers):
+        return cache
+    for layer_idx, layer in enumerate(cache.layers):
+        out.update(layer.keys, layer.values, layer_idx)
+    return out
+
+
+def select_rows(cache, keep: torch.Tensor) -> None:
+    """Keep rows ``keep`` of every layer of ``cache`` (in place; also for static layers)."""
+    for layer in cache.layers:
+        if hasattr(layer, "batch_select_indices"):
+            layer.batch_select_indices(keep)
+        else:
+            layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+            if hasattr(layer, "batch_size"):
+                layer.batch_size = int(keep.numel())
+
+
 def first_token_scores(first_logp: torch.Tensor, choice_ids, owner: torch.Tensor) -> torch.Tensor:
     """log p(first choice token) for every choice (0 for an empty choice)."""
     device = first_logp.device
@@ -297,15 +384,16 @@ def first_token_scores(first_logp: torch.Tensor, choice_ids, owner: torch.Tensor
 def continuation_scores(choice_ids, owner: torch.Tensor, pad_id: int, device, run) -> torch.Tensor:
     """Sum of log p(choice token t | prompt, tokens < t) over t >= 1, for every choice (flat).
 
-    Choices of two or more tokens are split into chunks of similar length (:func:`plan_chunks`); for
+    Choices of two or more tokens are split into chunks of similar length (:func:`plan_chunks`, at
+    most :func:`forward_tokens` tokens a chunk); for
     each chunk ``run(rows, ids, mask, need)`` returns logits ``[M, V]`` at the ``need`` positions
     (``ids``/``mask``: the chunk's choice tokens minus the last, right-padded; ``rows``: the chunk's
     owners, i.e. prompt indices). The last choice token is never an input.
     """
     scores = torch.zeros(len(choice_ids), dtype=torch.float32, device=device)
     multi = [i for i, c in enumerate(choice_ids) if len(c) > 1]
-    overhead = CHUNK_OVERHEAD_TOKENS.get(torch.device(device).type, CHUNK_OVERHEAD_TOKENS["cuda"])
-    for chunk in plan_chunks([len(choice_ids[i]) - 1 for i in multi], overhead):
+    lengths = [len(choice_ids[i]) - 1 for i in multi]
+    for chunk in plan_chunks(lengths, chunk_overhead(device), forward_tokens(device)):
         idx = [multi[k] for k in chunk]
         cids, cmask = pad_sequences([choice_ids[i] for i in idx], pad_id, "right", device)
         need = cmask[:, 1:].bool()  # positions whose next token is a real choice token
