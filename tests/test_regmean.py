@@ -367,7 +367,7 @@ def test_search_over_alpha_reuses_the_statistics(tmp_path):
     prompts = _write(tmp_path / "p.txt", PROMPTS)
     data = tiny.sample_data_files()[0]
     cfg = RunConfig(method="regmean", tiny=True, output_folder=str(tmp_path / "out"), evaluate=False, save="none",
-                    progress=False, device="cpu", calibration_data=[prompts],
+                    progress=False, device="cpu", calibration_data=[prompts, data],
                     search=SearchConfig(entries=["alpha=0:1"], methods=["regmean"], data=[data], trials=3, examples=2))
     runner = Runner(cfg)
     assert runner.run() == 0, runner.report.get("error")
@@ -375,7 +375,8 @@ def test_search_over_alpha_reuses_the_statistics(tmp_path):
     assert rep["trials"]["total"] == 3 and "regmean:alpha=0.0:1.0" in rep["space"]
     # Gram matrices gathered once for all candidates, once more for the final merge (a fresh model)
     assert runner.method.groups_gathered == 2
-    assert runner.report["calibration"]["files"] == [prompts]
+    c = runner.report["calibration"]
+    assert c["files"] == [prompts, data] and c["optimistic"] is True and c["also_evaluated_or_searched"] == [data]
 
 
 def test_encoder_decoder_experts_merge_layer_by_layer(tmp_path):
