@@ -315,8 +315,6 @@ class _BudgetStop(Exception):
     """Raised from a forward pre-hook once the run's budget is spent (lm-eval has no stop hook)."""
 
 
-
-
 def _model_and_tokenizer(method):
     from .evaluation import _model_of
 
@@ -590,7 +588,9 @@ def results_as_datasets(prepared: PreparedTasks, run: TaskRun, out_dir: Path | N
     datasets = []
     for spec in prepared.config.tasks:
         finished = spec in run.seconds
-        names = _entries(prepared.names[spec], results) if finished else [prepared.names[spec]]
+        names = [prepared.names[spec]]
+        if finished:  # a tag has no entry of its own: its tasks
+            names = _entries(names[0], results) or [t for t in prepared.leaves[spec] if t in results.get("results", {})]
         for name in names:
             label = f"lm_eval_{name}" if name in taken else name
             taken.add(label)

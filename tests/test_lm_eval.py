@@ -148,6 +148,18 @@ def test_instead_of_the_kit_files_with_include_dir_and_limit(capsys, tmp_path, t
     assert report["lm_eval"]["args"] == {"limit": 4, "num_fewshot": 1, "log_samples": False}
 
 
+def test_a_tag_reports_each_of_its_tasks(capsys, tmp_path, task_files):
+    pytest.importorskip("lm_eval")
+    rows_path, yaml_path = task_files
+    for name in ("tagged_a", "tagged_b"):
+        (yaml_path.parent / f"{name}.yaml").write_text("tag:\n  - local_tag\n" + _task_yaml(name, rows_path))
+    code, err, out = _run(capsys, tmp_path, "--lm-eval", "local_tag", "--lm-eval-include", str(yaml_path.parent),
+                          "--lm-eval-args", "limit=2")
+    assert code == 0, err
+    line = _read_jsonl(out / "scores.jsonl")[-1]
+    assert set(line) == {"tagged_a", "tagged_b", "average"} and line["tagged_a"] == line["tagged_b"]
+
+
 def test_unknown_task_is_one_line_in_preflight(capsys, tmp_path, task_files):
     pytest.importorskip("lm_eval")
     code, err, out = _run(capsys, tmp_path, "--lm-eval", f"{task_files[1]},no_such_task_xyz")
