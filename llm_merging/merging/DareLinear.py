@@ -34,3 +34,18 @@ class DareLinear(TaskVectorMerge):
         if not self.consensus and h["divisor"] == "weight_sum":
             out = divide_by_weight_sum(out, h["weights"])
         return out
+
+    def merge_chunks(self, name: str, read, numel: int, n_models: int):
+        from ..ops.streaming import dare_chunks, reader_chunk
+
+        h = self.hparams
+        extra = consensus_kwargs(h) if self.consensus else {}
+        chunks = dare_chunks(
+            read, numel, density=h["density"], weights=h["weights"], scale=h["scale"], consensus=self.consensus,
+            rescale=None if h["rescale"] == "none" else h["rescale"], seed=self.tensor_seed(name),
+            n_models=n_models, chunk=reader_chunk(read), **extra,
+        )
+        if not self.consensus and h["divisor"] == "weight_sum":
+            weights = h["weights"]
+            return ((s, e, divide_by_weight_sum(m, weights)) for s, e, m in chunks)
+        return chunks

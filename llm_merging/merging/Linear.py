@@ -12,6 +12,8 @@ from .hparams import WEIGHTS, Param
 class Linear(TaskVectorMerge):
     """Weighted average Σ wᵢθᵢ / Σ wᵢ of the expert models (model soup)."""
 
+    elementwise = True
+
     hyperparameters = {
         "weights": WEIGHTS,
         "normalize": Param(True, "divide by the sum of the weights", kind=bool),

@@ -250,7 +250,7 @@ class Merges(object):
         self.merge_stats = merge_into(
             self.base_model, self.experts, self.merge_resolved, progress=self.progress, label=str(self.name),
             delta_sink=self.delta_sink, base_dir=self.base_ref().local_path, should_stop=self.should_stop,
-            tokenizer_plan=plan,
+            tokenizer_plan=plan, merge_chunks=self.merge_chunks_resolved,
         )
         recipe_tok = getattr(getattr(self, "recipe", None), "tokenizer", None) or {}
         self.vocabulary_report = vocabulary_report(plan, self.experts, recipe_tok.get("source"),
@@ -304,6 +304,38 @@ class Merges(object):
         not touch it); ``self.experts[i]`` gives access to the expert itself (e.g. LoRA factors).
         """
         raise NotImplementedError
+
+    def merge_chunks(self, name: str, read, numel: int, n_models: int):
+        """The chunked form of :meth:`merge_tensor`: an iterator of ``(start, stop, merged)`` over the flat
+        entries of parameter ``name`` (``read(start, stop)`` gives θ₀ and the task vectors there; see
+        :mod:`llm_merging.ops.streaming`), equal bit for bit to ``merge_tensor``'s flat result; None (the
+        default) where the method has none, and the engine merges whole tensors."""
+        return None
+
+    def merge_chunks_resolved(self, name: str, read, numel: int, n_models: int):
+        """``merge_chunks`` with this tensor's resolved ``self.hparams`` while it runs (what the engine
+        calls). None also where a subclass overrides ``merge_tensor`` below the class that defines the
+        chunked form (that form would not compute the override)."""
+        if not _chunked_form_current(type(self)):
+            return None
+        values = self.resolve_hparams(name, n_models)
+        raw, self.hparams = self.hparams, values
+        try:
+            chunks = self.merge_chunks(name, read, numel, n_models)
+        finally:
+            self.hparams = raw
+        return None if chunks is None else self._with_hparams(values, iter(chunks))
+
+    def _with_hparams(self, values: dict[str, Any], chunks):
+        while True:
+            raw, self.hparams = self.hparams, values
+            try:
+                item = next(chunks)
+            except StopIteration:
+                return
+            finally:
+                self.hparams = raw
+            yield item
 
     def save_model(self, output_dir: str) -> None:
         """Kit output: the merged weights as ``<output_dir>/safetensor.pt`` (safetensors format)."""
@@ -559,6 +591,17 @@ class Merges(object):
             raise ConfigError(
                 f"method '{self.name}': architecture must be 'decoder' or 'encoder_decoder', got {self.architecture!r}"
             )
+
+
+def _owner(cls: type, attr: str) -> type:
+    return next(c for c in cls.__mro__ if attr in c.__dict__)
+
+
+def _chunked_form_current(cls: type) -> bool:
+    """Whether ``cls``'s chunked form (its ``merge_chunks``, or ``elementwise`` for the generic one) is
+    declared at or below the class whose ``merge_tensor`` it stands for."""
+    chunks = _owner(cls, "elementwise" if getattr(cls.merge_chunks, "elementwise_form", False) else "merge_chunks")
+    return issubclass(chunks, _owner(cls, "merge_tensor"))
 
 
 def _snapshot_commit(path: Path) -> str | None:

@@ -23,6 +23,8 @@ def divide_by_weight_sum(merged, weights):
 class TaskArithmetic(TaskVectorMerge):
     """Task arithmetic: θ₀ + λ Σ wᵢτᵢ (Ilharco et al. 2023)."""
 
+    elementwise = True
+
     hyperparameters = {"weights": WEIGHTS, "scale": SCALE, "divisor": LINEAR_DIVISOR}
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:

@@ -28,3 +28,11 @@ class TiesMerge(TaskVectorMerge):
             task_vectors, density=h["density"], weights=h["weights"], scale=h["scale"],
             keep_count=h["keep_count"], **consensus_kwargs(h),
         )
+
+    def merge_chunks(self, name: str, read, numel: int, n_models: int):
+        from ..ops.streaming import reader_chunk, ties_chunks
+
+        h = self.hparams
+        return ties_chunks(read, numel, density=h["density"], weights=h["weights"], scale=h["scale"],
+                           n_models=n_models, keep_count_mode=h["keep_count"], chunk=reader_chunk(read),
+                           **consensus_kwargs(h))

@@ -64,6 +64,22 @@ class TaskVectorMerge(Merges):
             want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
             raise ConfigError(f"method '{self.name}' takes {want} expert model(s) besides the base, got {n}")
 
+    #: ``merge_tensor`` is elementwise: entry j of its result depends only on entry j of ``base`` and of the
+    #: task vectors (and on the resolved values), and it modifies neither, so the engine may call it on
+    #: chunks of a tensor
+    elementwise: ClassVar[bool] = False
+
+    def merge_chunks(self, name: str, read, numel: int, n_models: int):
+        """For ``elementwise`` methods, ``merge_tensor`` on consecutive chunks (bit for bit the same)."""
+        if not self.elementwise:
+            return None
+        from ..ops.streaming import elementwise_chunks, reader_chunk
+
+        return elementwise_chunks(read, numel, lambda base, tvs: self.merge_tensor(name, base, tvs),
+                                  chunk=reader_chunk(read))
+
+    merge_chunks.elementwise_form = True
+
     def tensor_seed(self, name: str) -> int:
         """The seed of random methods for parameter ``name`` (from ``--seed``)."""
         return param_seed(self.seed, name)

@@ -365,6 +365,32 @@ class CheckpointReader:
             return _move(self._bin_tensor(key).clone(), device, dtype)
         return _move(t, device, dtype)
 
+    def range_readable(self, key: str) -> bool:
+        """Whether :meth:`get_range` can read parts of ``key`` (plain safetensors; not ``.bin``, exotic dtypes)."""
+        return self.format == "safetensors" and self._file(key) not in self._st_handles and key in self._st_spans
+
+    def get_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Flat entries ``start … stop − 1`` of tensor ``key`` as stored (1-D, its own dtype), read from the
+        file alone (see :meth:`range_readable`)."""
+        file = self._file(key)
+        if not self.range_readable(key):
+            raise CheckpointError(f"tensor '{key}' in {file} cannot be read in parts")
+        offset, nbytes, dtype = self._st_spans[key]
+        dt = _ST_TORCH_DTYPES[dtype]
+        size = torch.empty((), dtype=dt).element_size()
+        n = (stop - start) * size
+        if start < 0 or stop < start or stop * size > nbytes:
+            raise ValueError(f"range {start}:{stop} is outside tensor '{key}'")
+        buf = torch.empty(n, dtype=torch.uint8)
+        try:
+            with open(file, "rb", buffering=0) as fh:
+                got = os.preadv(fh.fileno(), [memoryview(buf.numpy())], offset + start * size) if n else 0
+        except OSError as exc:
+            raise CheckpointError(f"cannot read tensor '{key}' from {file}: {exc.strerror or exc}") from None
+        if got != n:
+            raise CheckpointError(f"truncated safetensors file {file}: tensor '{key}' is cut short")
+        return buf.view(dt)
+
     def _read_span(self, file: Path, key: str) -> torch.Tensor:
         """Read one safetensors tensor with a plain file read into its own buffer."""
         offset, nbytes, dtype = self._st_spans[key]
@@ -571,6 +597,18 @@ class FullExpert:
                 f"'{param_name}' has shape {_shape_str(b.shape)}"
             )
         return t.sub_(b) if t.dtype == b.dtype else t - b.float()  # t is a fresh copy: subtract in place
+
+    def range_readable(self, param_name: str) -> bool:
+        """Whether :meth:`read_range` serves ``param_name``: the checkpoint has it with the base's shape in
+        a format that reads parts of a tensor (plain safetensors)."""
+        self._check_bound()
+        key = self.mapping.get(param_name)
+        return key is not None and param_name not in self.vocab_mismatch and self.reader.range_readable(key)
+
+    def read_range(self, param_name: str, start: int, stop: int) -> torch.Tensor:
+        """The flat entries ``start … stop − 1`` of the expert's tensor for ``param_name`` as stored (1-D)."""
+        self._check_bound()
+        return self.reader.get_range(self.mapping[param_name], start, stop)
 
     def factors(self, param_name: str, device=None) -> None:
         """Full fine-tunes have no low-rank factors."""

@@ -147,6 +147,97 @@ def _base_reader(base_dir, model: torch.nn.Module):
     return None if reader.vocab_mismatch else reader
 
 
+#: entries per chunk of the chunked merges (multiples of ops.streaming.BLOCK): CPU buffers stay small
+#: enough to be reused from the allocator's heap; GPU chunks are larger (fewer launches)
+CHUNK_CPU = 1 << 20
+CHUNK_DEVICE = 1 << 24
+#: a parameter whose task vectors take at most this many bytes (float32, all experts) has them computed
+#: once and kept while it is merged, instead of read again on every pass of a chunked merge
+CACHE_BYTES = 64 << 20
+
+
+class RangeReader:
+    """θ₀ and every expert's τ = θᵢ − θ₀ of one parameter for flat ranges of entries (float32 on the math
+    device): the ``read`` of :mod:`llm_merging.ops.streaming`. Base values come from the base checkpoint
+    when it has them (as the whole-tensor path), else from the loaded parameter."""
+
+    def __init__(self, name: str, param: torch.Tensor, sources: list, base_source, device: torch.device) -> None:
+        self.name, self.param, self.sources, self.base_source, self.device = name, param, sources, base_source, device
+        self.numel = param.numel()
+        self.chunk = CHUNK_CPU if device.type == "cpu" else CHUNK_DEVICE  # entries per range
+        self._cache = None
+        self._cacheable = 4 * self.numel * (len(sources) + 1) <= CACHE_BYTES
+
+    @classmethod
+    def open(cls, name: str, param: torch.Tensor, experts: Sequence[Expert], base_reader,
+             device: torch.device) -> "RangeReader | None":
+        """None when an expert cannot serve ranges of ``name`` (e.g. a LoRA adapter that touches it, a
+        vocabulary mismatch, ``.bin`` checkpoints): the engine then merges the whole tensor."""
+        sources = []
+        for expert in experts:
+            if getattr(expert, "kind", None) == "base":
+                sources.append(None)  # τ = 0
+            elif callable(getattr(expert, "range_readable", None)) and expert.range_readable(name):
+                sources.append(expert)
+            elif name not in expert.param_names():
+                sources.append(None)
+            else:
+                return None
+        base = None
+        if base_reader is not None and name in base_reader.mapping:  # θ₀ from the files, as the whole-tensor path
+            if not base_reader.range_readable(name):
+                return None
+            base = base_reader
+        return cls(name, param, sources, base, device)
+
+    def base(self, start: int, stop: int) -> torch.Tensor:
+        """θ₀ of the entries ``start … stop − 1`` (float32, a new tensor)."""
+        if self._cache is not None:
+            return self._cache[0][start:stop].clone()
+        if self.base_source is not None:
+            raw = self.base_source.read_range(self.name, start, stop)
+            return raw.to(device=self.device).to(dtype=torch.float32)  # fp16 → fp32 on the math device
+        return self.param.detach().reshape(-1)[start:stop].to(device=self.device, dtype=torch.float32, copy=True)
+
+    def _read(self, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        base = self.base(start, stop)
+        # θᵢ − θ₀ with θᵢ as stored: the subtraction promotes to float32 (exact, as casting first)
+        tvs = [torch.zeros_like(base) if src is None
+               else torch.sub(src.read_range(self.name, start, stop).to(device=self.device), base)
+               for src in self.sources]
+        return base, tvs
+
+    def __call__(self, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """θ₀ and the task vectors of the entries ``start … stop − 1`` (not to be modified)."""
+        if self._cacheable and self._cache is None:
+            self._cache = self._read(0, self.numel)
+        if self._cache is not None:
+            base, tvs = self._cache
+            return base[start:stop], [t[start:stop] for t in tvs]
+        return self._read(start, stop)
+
+
+ChunksFn = Callable[[str, RangeReader, int, int], Any]
+
+
+def _merge_chunked(name: str, param: torch.Tensor, chunks, reader: RangeReader) -> torch.Tensor:
+    """θ₀ + merged, chunk by chunk, into a new tensor of the parameter's dtype on its device."""
+    out = torch.empty(param.numel(), dtype=param.dtype, device=param.device)
+    done = 0
+    for start, stop, merged in chunks:
+        if start != done or merged.numel() != stop - start:
+            raise MergeError(f"chunked merge of parameter '{name}' returned entries {start}:{stop} "
+                             f"({merged.numel()} values) after {done}")
+        result = reader.base(start, stop).add_(merged.reshape(-1))
+        if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
+            raise MergeError(f"merge produced NaN or Inf in parameter '{name}'")
+        out[start:stop].copy_(result)
+        done = stop
+    if done != param.numel():
+        raise MergeError(f"chunked merge of parameter '{name}' stopped at entry {done} of {param.numel()}")
+    return out.view(param.shape)
+
+
 def compute_device(param: torch.Tensor) -> torch.device:
     """Where to do the math for ``param``: its own device, or the GPU when the model sits on the CPU."""
     if param.device.type != "cpu":
@@ -166,6 +257,7 @@ def merge_into(
     base_dir=None,
     should_stop: Callable[[], bool] | None = None,
     tokenizer_plan=None,
+    merge_chunks: ChunksFn | None = None,
 ) -> dict[str, Any]:
     """Merge ``experts`` into ``model`` in place with ``merge_tensor(name, base, task_vectors)``.
 
@@ -180,6 +272,13 @@ def merge_into(
     ``tokenizer_plan`` (a `tokenizer_union.TokenizerPlan`, recipes' ``tokenizer_source``): unless it is the
     identity, the input embedding and output head are merged on its vocabulary by `merge_vocabulary`
     (and the model resized); every other tensor goes through the loop below as usual.
+
+    ``merge_chunks(name, read, numel, n_models)`` (optional): the method's chunked form, an iterator of
+    ``(start, stop, merged)`` over flat ranges (:mod:`llm_merging.ops.streaming`), or None where it has
+    none. Where every expert can read ranges of a parameter (full safetensors fine-tunes, the base, experts
+    that do not touch it) and no ``delta_sink`` needs whole task vectors, the parameter is merged in chunks
+    of ``CHUNK_CPU`` / ``CHUNK_DEVICE`` entries: memory O(chunk × experts) beyond the result, the same
+    values bit for bit.
     """
     if not experts:
         raise MergeError(f"method '{label}' has no expert models to merge")
@@ -191,16 +290,30 @@ def merge_into(
         raise MergeError("a tokenizer that changes the vocabulary cannot be written as an adapter; use --save full")
     vocab_names = {n for n, _ in vocab_params(model, tokenizer_plan.source_rows[0])} if reindex else set()
     params = [(n, p) for n, p in model.named_parameters() if n in touched and n not in vocab_names]
-    _return_large_frees_to_the_os()
     base_reader = _base_reader(base_dir, model) if base_dir is not None else None
     t0 = time.time()
     n_values = 0
+    n_chunked = 0
     device = None
     for name, param in tqdm(params, desc="merge", unit="tensor", disable=not progress, leave=False):
         device = compute_device(param)
         on_cpu = param.device.type == "cpu"
         if should_stop is not None and should_stop():
             raise BudgetExceeded(f"time budget ran out while merging (at parameter '{name}'); nothing was saved")
+        if merge_chunks is not None and delta_sink is None:
+            reader = RangeReader.open(name, param, experts, base_reader, device)
+            chunks = None if reader is None else merge_chunks(name, reader, param.numel(), len(experts))
+            if chunks is not None:
+                chunk_out = _merge_chunked(name, param, chunks, reader)
+                if on_cpu:
+                    param.data = chunk_out
+                else:
+                    param.data.copy_(chunk_out)
+                n_values += param.numel()
+                n_chunked += 1
+                del chunk_out, chunks, reader
+                continue
+        _return_large_frees_to_the_os()  # whole-tensor temporaries: give them back to the OS
         if base_reader is not None and name in base_reader.mapping:
             # θ₀ as stored: the loaded copy may be rounded to a narrower dtype (e.g. bf16 from fp16 files),
             # and that rounding error would otherwise enter every task vector.
@@ -237,6 +350,7 @@ def merge_into(
         torch.cuda.empty_cache()  # give fp32 temporaries back: evaluation sizes its batches from free memory
     return {
         "tensors_merged": len(params) + (len(vocab_stats["tensors"]) if vocab_stats else 0),
+        "tensors_chunked": n_chunked,
         "values_merged": n_values,
         "seconds": round(time.time() - t0, 3),
         "math_device": str(device) if device is not None else None,

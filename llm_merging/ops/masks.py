@@ -31,6 +31,17 @@ from ._common import keep_count as _keep_count
 
 RESCALES = ("inverse", "l1", None)
 _L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor threshold
+#: entries per block of :func:`abs_sum64` (chunks of the chunked merges are whole blocks)
+BLOCK = 1 << 16
+
+
+def abs_sum64(x: Tensor) -> list[float]:
+    """float64 sums of |x| over consecutive blocks of :data:`BLOCK` flat entries (the last one possibly
+    shorter). ``math.fsum`` of the blocks of all chunks of a tensor (chunks of whole blocks) is its L1 norm,
+    the same however it was chunked."""
+    flat = x.reshape(-1)
+    sums = [flat[s : s + BLOCK].abs().sum(dtype=torch.float64) for s in range(0, flat.numel(), BLOCK)]
+    return torch.stack(sums).tolist() if sums else []
 
 
 def _kth_largest(a: Tensor, k: int, use_topk: Optional[bool] = None) -> Tensor:
@@ -213,12 +224,17 @@ def apply_mask(
     mask: Tensor,
     rescale: Optional[str] = None,
     keep_prob: Union[float, Tensor, None] = None,
+    *,
+    l1_norms: Optional[tuple[float, float]] = None,
 ) -> Tensor:
     """``x`` with dropped entries zeroed and the kept ones rescaled.
 
     ``rescale``: ``"inverse"`` divides kept entries by their keep probability (DARE 1/p, DELLA 1/(1−pᵢ));
     ``"l1"`` scales the result so its L1 norm equals that of ``x`` (mergekit ``rescale=True``; skipped when
     either norm is below 1e-7, as mergekit); ``None`` no rescaling. Returns a new float32 tensor.
+    The L1 norms are float64 sums of fixed blocks (:func:`abs_sum64`), so a tensor's norms are the same
+    whether it is rescaled whole or in chunks; ``l1_norms`` = (‖x‖₁, ‖masked x‖₁) of the whole tensor when
+    ``x`` is one chunk of it.
     """
     check_choice(rescale, "rescale", RESCALES)
     xf = f32(x)
@@ -228,8 +244,9 @@ def apply_mask(
         return torch.where(mask, xf / keep_prob, 0.0)
     masked = torch.where(mask, xf, 0.0)
     if rescale == "l1":
-        before = float(xf.abs().sum(dtype=torch.float64))
-        after = float(masked.abs().sum(dtype=torch.float64))
+        if l1_norms is None:
+            l1_norms = (math.fsum(abs_sum64(xf)), math.fsum(abs_sum64(masked)))
+        before, after = l1_norms
         if before >= _L1_EPS and after >= _L1_EPS:
             masked = masked * (before / after)
     return masked

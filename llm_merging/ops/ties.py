@@ -54,24 +54,26 @@ def consensus_merge(
     if weighted_sign:
         for i, wi in enumerate(w):
             stacked[i].mul_(wi)
-    # One model at a time: O(one tensor) of temporaries beyond ``stacked``.
-    score = torch.zeros(stacked.shape[1:], dtype=torch.float32, device=stacked.device)
-    for i in range(stacked.shape[0]):
-        score.add_(stacked[i] if sign_method == "total" else torch.sign(stacked[i]))
+    # One model at a time: O(one tensor) of temporaries beyond ``stacked``. Sums start from their first
+    # term (0 + x is x, up to the sign of a zero, which no comparison below sees).
+    votes = [stacked[i] if sign_method == "total" else torch.sign(stacked[i]) for i in range(stacked.shape[0])]
+    score = votes[0].clone()
+    for v in votes[1:]:
+        score.add_(v)
+    del votes
     gamma = torch.where(score >= 0, 1.0, -1.0).to(torch.float32)
     del score
-    num = torch.zeros_like(gamma)
-    den = torch.zeros_like(gamma) if divisor is not None else None
+    num = den = None
     for i, wi in enumerate(w):
         agree = (stacked[i] * gamma) > 0  # nonzero with the elected sign
-        if weighted_sign:  # stacked[i] already holds wᵢxᵢ
-            num.add_(torch.where(agree, stacked[i], 0.0))
-        else:
-            num.add_(torch.where(agree, stacked[i] * wi, 0.0))
+        # stacked[i] already holds wᵢxᵢ when weighted_sign
+        term = torch.where(agree, stacked[i] if weighted_sign else stacked[i] * wi, 0.0)
+        num = term if num is None else num.add_(term)
         if divisor == "count":
-            den.add_(agree)
+            den = agree.to(torch.float32) if den is None else den.add_(agree)
         elif divisor == "weight_sum":
-            den.add_(agree.to(torch.float32) * wi)
+            term = torch.where(agree, wi, 0.0)  # = agree·wᵢ in float32
+            den = term if den is None else den.add_(term)
     if divisor == "count":
         return num / den.clamp_min(1.0)
     if divisor == "weight_sum":

@@ -1,0 +1,228 @@
+"""Chunked forms of the merges whose memory matters at real shapes: the merged task vector of one tensor
+computed a flat range of entries at a time, from a reader of the inputs' ranges.
+
+``read(start, stop)`` returns ``(base, task_vectors)`` for the flat entries ``start … stop − 1`` (float32,
+1-D, one task vector per model; ``base`` is θ₀ there; they may be views of a cache, so nothing here
+modifies them). The functions here call it as often as they need
+(one pass per whole-tensor statistic, then one to merge) and yield ``(start, stop, merged)`` in order;
+``chunk`` (entries per range, a multiple of :data:`BLOCK`) sets the memory: a few float32 buffers of
+``chunk`` entries per model, never a whole tensor.
+
+Every function gives, bit for bit and whatever ``chunk``, the flat result of its whole-tensor counterpart:
+
+* :func:`magnitude_prune_chunks` (``ties`` with ``consensus="ties"``) = :func:`~llm_merging.ops.sparsify.magnitude_prune`:
+  the top-k thresholds are exact selections over the whole tensor (:func:`magnitude_thresholds`, a radix
+  select on the float32 bit patterns of |τ|, two counting passes), ties at the threshold go to the lowest
+  flat indices as :func:`~llm_merging.ops.masks.magnitude_mask`, and the rest is elementwise;
+* :func:`dare_chunks` = :func:`~llm_merging.ops.sparsify.dare`: the counter-based masks are functions of
+  the flat index; the L1 rescale's norms are sums of fixed blocks (:func:`~llm_merging.ops.masks.abs_sum64`);
+* :func:`elementwise_chunks`: any function whose entry j depends only on entry j of its inputs (linear,
+  task arithmetic).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    KEEP_COUNTS,
+    PerModel,
+    check_choice,
+    check_seed,
+    counter_bits,
+    derive_seed,
+    keep_count,
+    per_model,
+    stack_f32,
+    weight_list,
+)
+from .masks import BLOCK, RESCALES, abs_sum64, apply_mask
+from .sparsify import _combine, _common_checks
+
+Reader = Callable[[int, int], "tuple[Tensor, list[Tensor]]"]
+Chunks = Iterator["tuple[int, int, Tensor]"]
+
+#: default entries per chunk on the CPU (4 MiB float32 buffers: they stay in the allocator's heap)
+CHUNK = 1 << 20
+
+
+def reader_chunk(read: Reader) -> int:
+    """Entries per chunk a reader asks for (its ``chunk`` attribute; :data:`CHUNK` without one)."""
+    return int(getattr(read, "chunk", CHUNK))
+
+
+def chunk_ranges(n: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` ranges covering ``0 … n − 1``; ``chunk`` must be a multiple of BLOCK."""
+    if chunk <= 0 or chunk % BLOCK:
+        raise ValueError(f"chunk: {chunk!r} is not a positive multiple of {BLOCK}")
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def _bits(x: Tensor) -> Tensor:
+    """The int32 bit patterns of |x| (float32): for non-negative floats they sort as the values do."""
+    return x.abs().view(torch.int32)
+
+
+def _pick(hist: Tensor, k: int) -> tuple[int, int]:
+    """The bin b holding the k-th largest entry of a histogram, and the number of entries above b."""
+    above = torch.cumsum(hist.flip(0), 0)  # above[j]: entries in the top j+1 bins
+    j = int(torch.searchsorted(above, torch.tensor([k], dtype=above.dtype, device=above.device)).item())
+    b = hist.numel() - 1 - j
+    return b, int(above[j]) - int(hist[b])
+
+
+def magnitude_thresholds(read: Reader, n: int, ks: Sequence[int], chunk: int = CHUNK) -> list[Optional[tuple[float, int]]]:
+    """Per model i, ``(t, need)``: t the ``ks[i]``-th largest |τᵢ| over the whole tensor and ``need`` how many
+    entries equal to t the top-``ks[i]`` set takes (those with the lowest flat indices); None when
+    ``ks[i] >= n`` (everything kept). Exact: a two-pass radix select on the bit patterns (high 16 bits,
+    then the low 16 bits inside the chosen bin)."""
+    todo = [i for i, k in enumerate(ks) if k < n]
+    out: list[Optional[tuple[float, int]]] = [None] * len(ks)
+    if not todo:
+        return out
+    ranges = chunk_ranges(n, chunk)
+    hist: dict[int, Tensor] = {}
+    for start, stop in ranges:
+        _, tvs = read(start, stop)
+        for i in todo:
+            h = torch.bincount(torch.bitwise_right_shift(_bits(tvs[i]), 16), minlength=1 << 15)
+            hist[i] = h if i not in hist else hist[i].add_(h)
+    picks = {i: _pick(hist[i], ks[i]) for i in todo}
+    low: dict[int, Tensor] = {}
+    for start, stop in ranges:
+        _, tvs = read(start, stop)
+        for i in todo:
+            bits = _bits(tvs[i])
+            sel = bits[torch.bitwise_right_shift(bits, 16) == picks[i][0]].bitwise_and_(0xFFFF)
+            h = torch.bincount(sel, minlength=1 << 16)
+            low[i] = h if i not in low else low[i].add_(h)
+    for i in todo:
+        b, above_bin = picks[i]
+        lo, above_lo = _pick(low[i], ks[i] - above_bin)
+        t = torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32).item()
+        out[i] = (t, ks[i] - above_bin - above_lo)
+    return out
+
+
+class _TopKMask:
+    """The top-k mask of one model over consecutive chunks: entries above the threshold, and the first
+    ``need`` entries equal to it in flat order (the running count carries across chunks)."""
+
+    def __init__(self, threshold: float, need: int) -> None:
+        self.t, self.left = threshold, need
+
+    def __call__(self, x: Tensor) -> Tensor:
+        a = x.abs()
+        mask = a > self.t
+        if self.left > 0:
+            eq = a == self.t
+            count = int(eq.sum())
+            if count > self.left:
+                eq &= torch.cumsum(eq, dim=0, dtype=torch.int32) <= self.left
+                count = self.left
+            mask |= eq
+            self.left -= count
+        return mask
+
+
+def magnitude_prune_chunks(
+    read: Reader,
+    n: int,
+    density: PerModel,
+    weights: Optional[PerModel] = None,
+    scale: float = 1.0,
+    consensus: Optional[str] = None,
+    *,
+    n_models: int,
+    sign_method: str = "total",
+    weighted_sign: bool = False,
+    divisor: Optional[str] = "count",
+    keep_count_mode: str = "round",
+    chunk: int = CHUNK,
+) -> Chunks:
+    """:func:`~llm_merging.ops.sparsify.magnitude_prune` (and with ``consensus="ties"``,
+    :func:`~llm_merging.ops.ties.ties`) in chunks: three passes over the inputs (two for the thresholds)."""
+    lam = _common_checks(consensus, sign_method, divisor, scale)
+    check_choice(keep_count_mode, "keep_count", KEEP_COUNTS)
+    dens = per_model(density, n_models, "density", 0.0, 1.0, low_open=True)
+    w = weight_list(weights, n_models)
+    ks = [keep_count(d, n, keep_count_mode) if d < 1.0 else n for d in dens]
+    thresholds = magnitude_thresholds(read, n, ks, chunk)
+    masks = [None if t is None else _TopKMask(*t) for t in thresholds]
+    for start, stop in chunk_ranges(n, chunk):
+        _, tvs = read(start, stop)
+        # the trimmed vectors, stacked: what magnitude_prune's masked_fill_ leaves (dropped entries +0.0)
+        stacked = torch.stack([t if m is None else torch.where(m(t), t, 0.0) for t, m in zip(tvs, masks)])
+        del tvs
+        yield start, stop, _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
+
+
+def ties_chunks(read: Reader, n: int, density: PerModel = 0.2, weights: Optional[PerModel] = None, scale: float = 1.0,
+                *, n_models: int, sign_method: str = "total", weighted_sign: bool = False,
+                divisor: Optional[str] = "count", keep_count_mode: str = "round", chunk: int = CHUNK) -> Chunks:
+    """:func:`~llm_merging.ops.ties.ties` in chunks (see :func:`magnitude_prune_chunks`)."""
+    return magnitude_prune_chunks(read, n, density, weights, scale, "ties", n_models=n_models,
+                                  sign_method=sign_method, weighted_sign=weighted_sign, divisor=divisor,
+                                  keep_count_mode=keep_count_mode, chunk=chunk)
+
+
+def dare_chunks(
+    read: Reader,
+    n: int,
+    density: PerModel,
+    weights: Optional[PerModel] = None,
+    scale: float = 1.0,
+    consensus: Optional[str] = None,
+    rescale: Optional[str] = "inverse",
+    seed: int = 0,
+    sign_method: str = "total",
+    *,
+    n_models: int,
+    weighted_sign: bool = False,
+    divisor: Optional[str] = "count",
+    chunk: int = CHUNK,
+) -> Chunks:
+    """:func:`~llm_merging.ops.sparsify.dare` in chunks: one pass (two with ``rescale="l1"``, whose norms
+    need the whole tensor)."""
+    lam = _common_checks(consensus, sign_method, divisor, scale)
+    check_choice(rescale, "rescale", RESCALES)
+    s = check_seed(seed)
+    dens = per_model(density, n_models, "density", 0.0, 1.0, low_open=True)
+    w = weight_list(weights, n_models)
+    seeds = [derive_seed(s, i) for i in range(n_models)]
+    limits = [math.ceil(d * (1 << 24)) for d in dens]  # as random_mask: kept where bits < limit
+
+    def masks(start: int, stop: int, device) -> list[Optional[Tensor]]:
+        return [None if d >= 1.0 else counter_bits(seeds[i], start, stop - start, device) < limits[i]
+                for i, d in enumerate(dens)]
+
+    norms: list[Optional[tuple[float, float]]] = [None] * n_models
+    if rescale == "l1":
+        before: list[list[float]] = [[] for _ in range(n_models)]
+        after: list[list[float]] = [[] for _ in range(n_models)]
+        for start, stop in chunk_ranges(n, chunk):
+            _, tvs = read(start, stop)
+            for i, m in enumerate(masks(start, stop, tvs[0].device)):
+                if m is not None:
+                    before[i] += abs_sum64(tvs[i])
+                    after[i] += abs_sum64(torch.where(m, tvs[i], 0.0))
+        norms = [None if d >= 1.0 else (math.fsum(before[i]), math.fsum(after[i])) for i, d in enumerate(dens)]
+    for start, stop in chunk_ranges(n, chunk):
+        _, tvs = read(start, stop)
+        stacked = stack_f32(tvs)
+        del tvs
+        for i, m in enumerate(masks(start, stop, stacked.device)):
+            if m is not None:
+                stacked[i] = apply_mask(stacked[i], m, rescale, dens[i], l1_norms=norms[i])
+        yield start, stop, _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
+
+
+def elementwise_chunks(read: Reader, n: int, fn: Callable[[Tensor, list[Tensor]], Tensor], chunk: int = CHUNK) -> Chunks:
+    """``fn(base, task_vectors)`` chunk by chunk, for an ``fn`` whose every entry depends only on the same
+    entry of its inputs (then the chunks are the flat whole-tensor result, bit for bit)."""
+    for start, stop in chunk_ranges(n, chunk):
+        base, tvs = read(start, stop)
+        yield start, stop, fn(base, tvs)
