@@ -455,7 +455,7 @@ def test_fisher_encoder_decoder_predicts_the_first_output_token(tmp_path):
     m.base_model_name, m.base_model_revision_id = base_dir, None
     m.list_models, m.is_peft, m.device, m.progress = dirs, None, "cpu", False
     m.calibration_files = [prompts]
-    m.set_hyperparameters({"eps": 0.0})
+    m.set_hyperparameters({"eps": 1e-6})
     m.preflight()
     m.merge()
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -476,5 +476,7 @@ def test_fisher_encoder_decoder_predicts_the_first_output_token(tmp_path):
         fishers.append({n: a / 3 for n, a in acc.items()})
     got = dict(m.base_model.named_parameters())
     name = "encoder.block.1.layer.0.SelfAttention.q.weight"
-    want = sum(f[name] * t[name] for f, t in zip(fishers, thetas)) / sum(f[name] for f in fishers)
-    torch.testing.assert_close(got[name].double(), want, rtol=1e-4, atol=2e-5)
+    f = [fi[name].clamp(min=1e-6) for fi in fishers]
+    want = sum(fi * t[name] for fi, t in zip(f, thetas)) / sum(f)
+    # float32 gradients vs the float64 reference: Fisher within ~3e-4, times |θ₁ − θ₂| of these random LoRAs
+    torch.testing.assert_close(got[name].double(), want, rtol=1e-3, atol=1e-4)
