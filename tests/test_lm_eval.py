@@ -374,3 +374,24 @@ def test_search_lm_eval_flag_errors(capsys, tmp_path, task_files):
     code, err, _ = _run(capsys, tmp_path, "--search", "--search-lm-eval", str(task_files[1]),
                         "--search-data", str(task_files[0]))
     assert code == 2 and len(err) == 1 and "--search-lm-eval and --search-data" in err[0]
+
+
+def test_a_task_failing_while_evaluating_keeps_the_finished_ones(capsys, tmp_path, task_files, monkeypatch):
+    pytest.importorskip("lm_eval")
+    rows_path, yaml_path = task_files
+    second = tmp_path / "second.yaml"
+    second.write_text(_task_yaml("second_mc", rows_path))
+    real = lm_eval_tasks._simple_evaluate
+
+    def flaky(lm, prepared, spec):
+        if spec == str(second):
+            raise RuntimeError("metric needs an extra package\nsecond line")
+        return real(lm, prepared, spec)
+
+    monkeypatch.setattr(lm_eval_tasks, "_simple_evaluate", flaky)
+    code, err, out = _run(capsys, tmp_path, "-d", str(rows_path), "--lm-eval", f"{yaml_path},{second}")
+    assert code == 2 and len(err) == 1
+    assert err[0] == f"error: --lm-eval task '{second}' failed: RuntimeError: metric needs an extra package"
+    line = _read_jsonl(out / "scores.jsonl")[-1]
+    assert "accuracy" in line["mc_rows"] and "acc" in line["local_mc"] and line["second_mc"] == {"partial": True}
+    assert set(json.loads((out / "lm_eval" / "results.json").read_text())["results"]) == {"local_mc"}
