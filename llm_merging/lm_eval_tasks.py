@@ -5,7 +5,7 @@ The merged model is wrapped, as it is in memory, in lm-eval's Hugging Face model
 ``lm_eval.simple_evaluate``: no save, no reload. A task is an lm-eval task, group or tag name
 (``arc_easy``, ``mmlu``), or the path of a task YAML file; ``--lm-eval-include DIR`` adds directories
 of task YAMLs to the names lm-eval knows (lm-eval's ``--include_path``). The built-in index is only
-read when a name is not found in the given files and directories (reading it takes ~20 s).
+read when a name is not found in the given files and directories (reading it took 20-30 s here).
 
 :func:`prepare` (preflight, before any weight is loaded) checks that lm-eval is installed, parses the
 options and loads every task with its data, so an unknown task, a broken YAML or a data set that needs
@@ -20,7 +20,7 @@ the run's ``scores.jsonl`` line beside the kit files.
 
 Under ``accelerate launch`` (a torch.distributed process group of N processes) the documents are
 sharded across processes by lm-eval itself; every process returns the same results and only rank 0
-writes files.
+writes files. :class:`SearchFitness` scores the search's candidates on the same tasks (``--search-lm-eval``).
 """
 from __future__ import annotations
 
