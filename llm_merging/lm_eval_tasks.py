@@ -543,6 +543,8 @@ def run_tasks(lm, prepared: PreparedTasks, budget=None) -> TaskRun:
             except Exception as exc:  # a task that fails on this model (a missing extra, a bad template...)
                 logger.debug("lm-eval task %s failed", spec, exc_info=True)
                 run.error = f"--lm-eval task {spec!r} failed: {type(exc).__name__}: {first_line(exc)}"
+                if world > 1:  # the other processes may be inside lm-eval's collectives: agreeing would hang
+                    _abort(run.error)
                 break
             res = _share(res)
             _merge_results(run.results, res)
@@ -552,6 +554,17 @@ def run_tasks(lm, prepared: PreparedTasks, budget=None) -> TaskRun:
         if handle is not None:
             handle.remove()
     return run
+
+
+def _abort(message: str) -> None:
+    """End this process at once with the one-line error (several processes: the launcher stops the others,
+    which may be waiting in one of lm-eval's collectives; outputs already written are kept)."""
+    import sys
+
+    rank, world = _distributed()
+    sys.stderr.write(f"error: {message} (on process {rank} of {world}; the run was stopped)\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _agreed(flag: bool) -> bool:

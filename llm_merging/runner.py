@@ -330,7 +330,7 @@ class Runner:
         overlap = overlapping_files(method.calibration, others)
         self.report["calibration"] = {"files": list(method.calibration.files), "optimistic": bool(overlap),
                                       **({"also_evaluated_or_searched": overlap} if overlap else {})}
-        if overlap:
+        if overlap and self.procs.is_main:
             logger.warning("calibration data %s is also evaluation or search data: the scores are optimistic",
                            ", ".join(overlap))
 
