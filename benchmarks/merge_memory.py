@@ -161,8 +161,8 @@ def recipe(workdir: Path, method: str, n_experts: int) -> dict:
     if method in ("ties", "dare_ties"):
         doc["parameters"] = {"density": 0.5}
         doc["models"] = [{"model": e, "parameters": {"weight": w}} for e, w in zip(experts, weights)]
-    elif method == "linear":
-        doc["models"] = [{"model": e, "parameters": {"weight": 1.0}} for e in experts]
+    elif method == "linear":  # the soup of the base and the experts (mergekit counts base_model as a model)
+        doc["models"] = [{"model": e, "parameters": {"weight": 1.0}} for e in [doc["base_model"], *experts]]
     else:
         doc["models"] = [{"model": e, "parameters": {"weight": w}} for e, w in zip(experts, weights)]
     return doc
@@ -347,20 +347,24 @@ def print_row(row: dict, flush: bool = False) -> None:
 def print_table(results: list[dict]) -> None:
     gpu = any("peak_gpu_mib" in r["ours"] for r in results)
     head = (f"\n{'shape':<6} {'method':<16} {'target':>7} {'ours MiB':>9} {'mk MiB':>7} {'peak ratio':>10} "
-            f"{'ours s':>7} {'mk s':>7} {'time ratio':>10}" + (f" {'ours GPU':>9} {'mk GPU':>8}" if gpu else ""))
+            f"{'ours s':>7} {'mk s':>7} {'time ratio':>10} {'ours cpu':>9} {'mk cpu':>7} {'cpu ratio':>9}"
+            + (f" {'ours GPU':>9} {'mk GPU':>8}" if gpu else ""))
     print(head)
+    cpu = lambda r: r["user_s"] + r["sys_s"]  # noqa: E731
     for r in results:
         o, m = r["ours"], r.get("mergekit")
         line = f"{r['shape']:<6} {r['method']:<16} {r['target_mib']:7.0f} {o['peak_rss_mib']:9.0f} "
         if m:
             line += (f"{m['peak_rss_mib']:7.0f} {o['peak_rss_mib'] / m['peak_rss_mib']:10.2f} {o['seconds']:7.1f} "
-                     f"{m['seconds']:7.1f} {o['seconds'] / m['seconds']:10.2f}")
+                     f"{m['seconds']:7.1f} {o['seconds'] / m['seconds']:10.2f} {cpu(o):9.1f} {cpu(m):7.1f} "
+                     f"{cpu(o) / cpu(m):9.2f}")
         else:
-            line += f"{'-':>7} {'-':>10} {o['seconds']:7.1f} {'-':>7} {'-':>10}"
+            line += f"{'-':>7} {'-':>10} {o['seconds']:7.1f} {'-':>7} {'-':>10} {cpu(o):9.1f} {'-':>7} {'-':>9}"
         if gpu:
             line += f" {o.get('peak_gpu_mib', 0):9.0f} {(m or {}).get('peak_gpu_mib', 0):8.0f}"
         print(line)
-    print("(peak ratio, time ratio: ours / mergekit; target S + 3·T + 300 MiB)")
+    print("(ratios: ours / mergekit; s: wall seconds of the whole command; cpu: its user + system CPU seconds; "
+          "target S + 3·T + 300 MiB)")
 
 
 if __name__ == "__main__":

@@ -74,9 +74,10 @@ def save_full(model: torch.nn.Module, tokenizer, output_dir: str | Path, info: d
               max_shard_size: str = "5GB") -> Path:
     """Write an HF ``save_pretrained`` directory (sharded safetensors, config, generation config,
     tokenizer, model card) that ``AutoModel*.from_pretrained`` loads."""
-    from peft import PeftModel
+    import sys
 
-    if isinstance(model, PeftModel):
+    peft = sys.modules.get("peft")  # a PeftModel means peft is imported; importing it only to ask costs ~150 MiB
+    if peft is not None and isinstance(model, peft.PeftModel):
         model = model.merge_and_unload()
     output_dir = Path(output_dir)
     with atomic_path(output_dir) as tmp:

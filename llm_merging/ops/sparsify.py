@@ -61,7 +61,7 @@ def _combine(
         out = consensus_merge(stacked, w, sign_method=sign_method, weighted_sign=weighted_sign, divisor=divisor)
     else:
         out = weighted_sum_f32(stacked, w)
-    return out * lam
+    return out if lam == 1.0 else out * lam  # x·1 is x: skip a pass
 
 
 def _common_checks(consensus, sign_method, divisor, scale) -> float:

@@ -15,7 +15,8 @@ Every function gives, bit for bit and whatever ``chunk``, the flat result of its
   select on the float32 bit patterns of |τ|, two counting passes), ties at the threshold go to the lowest
   flat indices as :func:`~llm_merging.ops.masks.magnitude_mask`, and the rest is elementwise;
 * :func:`dare_chunks` = :func:`~llm_merging.ops.sparsify.dare`: the counter-based masks are functions of
-  the flat index; the L1 rescale's norms are sums of fixed blocks (:func:`~llm_merging.ops.masks.abs_sum64`);
+  the flat index; the L1 rescale's norms are sums of fixed blocks (:func:`~llm_merging.ops.masks.abs_sum64`)
+  and its masks are kept between its two passes (one byte per entry and model);
 * :func:`elementwise_chunks`: any function whose entry j depends only on entry j of its inputs (linear,
   task arithmetic).
 """
@@ -200,12 +201,14 @@ def dare_chunks(
                 for i, d in enumerate(dens)]
 
     norms: list[Optional[tuple[float, float]]] = [None] * n_models
+    kept: dict[int, list] = {}  # the L1 pass's masks (one byte per entry and model), reused by the merge pass
     if rescale == "l1":
         before: list[list[float]] = [[] for _ in range(n_models)]
         after: list[list[float]] = [[] for _ in range(n_models)]
         for start, stop in chunk_ranges(n, chunk):
             _, tvs = read(start, stop)
-            for i, m in enumerate(masks(start, stop, tvs[0].device)):
+            kept[start] = ms = masks(start, stop, tvs[0].device)
+            for i, m in enumerate(ms):
                 if m is not None:
                     before[i] += abs_sum64(tvs[i])
                     after[i] += abs_sum64(torch.where(m, tvs[i], 0.0))
@@ -214,7 +217,8 @@ def dare_chunks(
         _, tvs = read(start, stop)
         stacked = stack_f32(tvs)
         del tvs
-        for i, m in enumerate(masks(start, stop, stacked.device)):
+        ms = kept.pop(start) if kept else masks(start, stop, stacked.device)
+        for i, m in enumerate(ms):
             if m is not None:
                 stacked[i] = apply_mask(stacked[i], m, rescale, dens[i], l1_norms=norms[i])
         yield start, stop, _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
