@@ -61,6 +61,7 @@ def test_greedy_log_likelihood():
     assert math.isclose(ops.greedy_log_likelihood(logits).item(), want, rel_tol=1e-6)
     mask = torch.tensor([False, True])
     assert math.isclose(ops.greedy_log_likelihood(logits, mask).item(), float(lp[1, 1]), rel_tol=1e-6)
+    assert math.isclose(ops.greedy_log_likelihood(logits, reduce="mean").item(), want / 2, rel_tol=1e-6)
     ops.greedy_log_likelihood(logits).backward()  # d/dz log softmax(z)_k = e_k − p
     p = torch.softmax(logits.detach(), -1)
     torch.testing.assert_close(logits.grad, torch.eye(3)[[0, 1]] - p)
@@ -83,6 +84,19 @@ def test_diagonal_fisher_is_the_mean_of_per_example_squared_gradients():
     per_example = vmap(grad(loss_of), in_dims=(None, 0))({k: v.detach() for k, v in params.items()}, tokens)
     for name, g in per_example.items():
         torch.testing.assert_close(fisher[name], (g ** 2).mean(0), rtol=1e-5, atol=1e-7)
+    # half precision: the scaled backward pass gives the same Fisher; an overflowing scale is retried smaller
+    half = {k: v.detach().half().requires_grad_(True) for k, v in params.items()}
+    model16 = model.half()
+
+    def loss16(x):
+        return ops.greedy_log_likelihood(functional_call(model16, half, (x,)))
+
+    for scale in (1024.0, 1e6):  # 1e6·ℓ overflows float16 gradients: run again at 1e6/64
+        f16, _ = ops.diagonal_fisher(loss16, list(tokens), half, loss_scale=scale)
+        for name, g in per_example.items():
+            assert torch.isfinite(f16[name]).all()
+            torch.testing.assert_close(f16[name], (g ** 2).mean(0), rtol=3e-2, atol=1e-4)
+    model.float()
     # per-batch gradients give a different (smaller) estimate: the two are not interchangeable
     full = torch.autograd.grad(sum(loss_of(params, x) for x in tokens) / 9, params["2.weight"])[0]
     assert not torch.allclose(full ** 2, fisher["2.weight"])
@@ -168,7 +182,7 @@ def _merged(method_name, experts, prompts_file, values=None, **attrs):
 
 
 def _fisher_by_hand(model, prompts, positions="all"):
-    """Per prompt, alone: backward of Σ_t log p(argmax_t), squared .grad, averaged (float64)."""
+    """Per prompt, alone: backward of the mean over positions of log p(argmax_t), squared .grad, averaged."""
     from transformers import AutoTokenizer
 
     from llm_merging import tiny
@@ -181,7 +195,7 @@ def _fisher_by_hand(model, prompts, positions="all"):
         ids = torch.tensor([tok(text)["input_ids"]])
         logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
         picked = logp.max(-1).values
-        (picked.sum() if positions == "all" else picked[-1]).backward()
+        (picked.mean() if positions == "all" else picked[-1]).backward()
         for n, p in model.named_parameters():
             acc[n] += p.grad.double() ** 2
     return {n: a / len(prompts) for n, a in acc.items()}
@@ -480,3 +494,29 @@ def test_fisher_encoder_decoder_predicts_the_first_output_token(tmp_path):
     want = sum(fi * t[name] for fi, t in zip(f, thetas)) / sum(f)
     # float32 gradients vs the float64 reference: Fisher within ~3e-4, times |θ₁ − θ₂| of these random LoRAs
     torch.testing.assert_close(got[name].double(), want, rtol=1e-3, atol=1e-4)
+
+
+def test_adamerging_gradient_does_not_depend_on_batching_and_survives_out_of_memory(tmp_path, monkeypatch):
+    m = _prepared("lora", 2, _rows_file(tmp_path))
+    lam = torch.full((2, len(m.groups)), 0.6)
+    rows = m._rows()
+    with m._session() as (orig, params):
+        m.gradient_tokens_per_batch = 4096  # every row in one or two batches
+        h1, g1 = m._evaluate(lam, rows, orig, params, grad=True)
+        m.gradient_tokens_per_batch = 8  # one row (all its choices) per batch
+        h2, g2 = m._evaluate(lam, rows, orig, params, grad=True)
+        real, calls = m._choice_scores, []
+
+        def flaky(chunk, pad, device):  # the first multiple-choice batch runs out of memory
+            calls.append(len(chunk))
+            if len(calls) == 1:
+                raise torch.cuda.OutOfMemoryError("simulated")
+            return real(chunk, pad, device)
+
+        monkeypatch.setattr(m, "_choice_scores", flaky)
+        m.gradient_tokens_per_batch = 4096
+        h3, g3 = m._evaluate(lam, rows, orig, params, grad=True)
+    assert m.gradient_tokens_per_batch == 2048 and len(calls) >= 2
+    assert math.isclose(h1, h2, rel_tol=1e-5) and math.isclose(h1, h3, rel_tol=1e-5)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(g1, g3, rtol=1e-4, atol=1e-7)

@@ -20,7 +20,8 @@ entropy after every step.
 Each step: write θ₀ + Σ λτ into the loaded model, one backward pass over the prompts to the merged weights
 (gradients of the touched tensors only), then ∂L/∂λᵢ,l = Σ_{t ∈ l} ⟨∂L/∂θ_t, τᵢ,t⟩ streamed tensor by tensor
 (LoRA factors: ⟨G, BA⟩ = Σ (G Aᵀ) ⊙ B, no ΔW formed). Memory beyond the model: one copy and the gradient of
-the touched tensors (model dtype), plus the activations of one batch. Multiple-choice prompts run once per
+the touched tensors (model dtype), plus the activations of one batch of ``gradient_tokens_per_batch``
+tokens (1024; halved and the pass rerun after an out-of-memory error). Multiple-choice prompts run once per
 choice (prompt and choice together).
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .settings import layer_index
 
 logger = logging.getLogger(__name__)
 
+GRADIENT_TOKENS = 1024  # tokens per backward batch: activations of ~1024 tokens of a 7B model are ~9 GB in fp16
 STEPS = Param(10, "Adam steps of entropy minimisation (0: task arithmetic)", kind=int, low=0)
 LR = Param(0.01, "Adam learning rate of the coefficients λ", low=0.0, low_open=True)
 LAMBDA_MIN = Param(0.0, "lower clamp of λ after every step (the paper: 0)")
@@ -76,6 +78,8 @@ class AdaMerging(DataAwareMerge):
         self.lambdas: torch.Tensor | None = None  # (experts, groups), float32 on the CPU
         self.entropies: list[float] = []  # mean entropy at λ after 0, 1, ..., steps steps
         self.optimised = 0  # how many times λ was learned (search candidates with new values learn again)
+        #: tokens (padding included) per batch of the backward passes, halved after an out-of-memory error
+        self.gradient_tokens_per_batch = GRADIENT_TOKENS
 
     def check_values(self, values: dict) -> None:
         if values["lambda_min"] > values["lambda_max"]:
@@ -175,9 +179,23 @@ class AdaMerging(DataAwareMerge):
         for n in orig:
             params[n].requires_grad_(True)
             params[n].grad = None
+        oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
         try:
-            with torch.enable_grad():
-                entropy = self._entropy(rows, backward=True)
+            while True:
+                try:
+                    with torch.enable_grad():
+                        entropy = self._entropy(rows, backward=True, tokens_per_batch=self.gradient_tokens_per_batch)
+                    break
+                except oom:
+                    for n in orig:
+                        params[n].grad = None
+                    if self.gradient_tokens_per_batch <= 1:
+                        raise
+                    self.gradient_tokens_per_batch = max(1, self.gradient_tokens_per_batch // 2)
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    logger.warning("%s: out of memory in the backward pass; %d tokens per batch from now on",
+                                   self.name, self.gradient_tokens_per_batch)
             return entropy, self._lambda_grad(orig, params) / max(len(rows), 1)  # of the sum, hence the mean
         finally:
             for n in orig:
@@ -246,14 +264,14 @@ class AdaMerging(DataAwareMerge):
         if self.should_stop is not None and self.should_stop():
             raise BudgetExceeded(f"time budget ran out while method '{self.name}' learned its coefficients; nothing was saved")
 
-    def _entropy(self, rows, *, backward: bool) -> float:
+    def _entropy(self, rows, *, backward: bool, tokens_per_batch: int | None = None) -> float:
         """Mean entropy over ``rows`` of the current model's prediction distributions (backward: accumulate
         the gradient of their **sum** in the touched parameters' ``.grad``)."""
         from ..model.scoring import model_device, pad_id_of
 
         device = model_device(self.base_model)
         pad = pad_id_of(self.tokenizer_for_calibration())
-        budget = self.calibration_tokens_per_batch
+        budget = tokens_per_batch or self.calibration_tokens_per_batch
         total = 0.0
         n = len(rows)
         gen = [p for p, c in rows if c is None]

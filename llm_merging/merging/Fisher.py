@@ -4,7 +4,8 @@
 (``ops.fisher_merge``; the merged task vector is then scaled by ``scale``, 1 in the paper). Fᵢ is expert i's
 diagonal Fisher at θᵢ: the mean over its calibration prompts of the squared **per-example** gradient (one
 backward pass per prompt) of the log-likelihood of the expert's own greedy predictions, i.e. the argmax next
-token at every prompt position (``positions=all``) or at the prompt's last position only (``last``). The
+token at every prompt position (``positions=all``; the mean over the positions, so that a prompt's length
+does not scale its Fisher) or at the prompt's last position only (``last``). The
 argmax is the mode of the model's distribution (the paper samples from it or takes the label). For an
 encoder-decoder the prediction is the first output token (the decoder starts from its start token).
 Coordinates no expert changes keep the base; so do those with no Fisher at all when ε = 0 (with ε > 0 they
@@ -14,8 +15,10 @@ get the weighted mean of the task vectors). LoRA experts: Fᵢ is the Fisher of 
 Memory: one expert at a time is swapped into the loaded model; its Fisher is accumulated in float32 on the
 model's device for as many parameters at once as ``FISHER_FRACTION`` of the free memory allows (gradient
 plus accumulator; the rest in further passes over the prompts), then written to a temporary safetensors
-file (``$TMPDIR``, removed after the merge). The merge then streams tensor by tensor, reading each expert's
-Fisher of that tensor only. Disk: 4 bytes × touched values × experts.
+file (``$TMPDIR``, removed after the merge; too little free space there is a one-line error before any
+pass). The merge then streams tensor by tensor, reading each expert's Fisher of that tensor only. Disk:
+4 bytes × touched values × experts. Float16 parameters: the backward pass runs on 1024·ℓ, unscaled in
+float32 (an example whose scaled gradients overflow is run again at a smaller scale).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from .hparams import SCALE, Param
 logger = logging.getLogger(__name__)
 
 FISHER_FRACTION = 0.3  # of the free memory on the model's device, for one chunk's gradients and accumulators
+HALF_LOSS_SCALE = 1024.0  # float16 parameters: the backward pass runs on 1024·ℓ (per-example gradients are small)
 EPS = Param(1e-10, "Fisher floor ε: F̃ = max(F, ε); where every expert's Fisher is below it the result is the "
                    "weighted mean (0: such coordinates keep the base)", low=0.0)
 POSITIONS = Param("all", "greedy predictions whose log-likelihood defines the Fisher: every prompt position (all) "
@@ -106,13 +110,18 @@ class Fisher(DataAwareMerge):
     def _gather(self, positions: str) -> None:
         from safetensors.torch import save_file
 
+        params = dict(self.base_model.named_parameters())
+        need = 4 * len(self.experts) * sum(params[n].numel() for n in self._pass_names)
+        free = shutil.disk_usage(tempfile.gettempdir()).free
+        if need > free:
+            raise ConfigError(f"method '{self.name}': the experts' Fisher needs {need / 2**30:.1f} GiB of temporary disk "
+                              f"but {tempfile.gettempdir()} has {free / 2**30:.1f} GiB free; set TMPDIR to a larger disk")
         self._dir = tempfile.mkdtemp(prefix="llm-merging-fisher-")
         self.gathered += 1
         chunks = self._chunks()
         if len(chunks) > 1:
             logger.info("%s: Fisher gathered in %d chunks of parameters (one pass over the prompts each)",
                         self.name, len(chunks))
-        params = dict(self.base_model.named_parameters())
         flags = {n: p.requires_grad for n, p in params.items()}
         written = 0
         prompts = []
@@ -154,8 +163,10 @@ class Fisher(DataAwareMerge):
             examples = tqdm(self.calibration_batches(i, tokens_per_batch=1),  # one prompt per batch: per-example
                             total=len(self.calibration.prompts_for(i)), desc=f"fisher: expert {i}",  # gradients
                             unit="prompt", disable=not self.progress, leave=False)
+            half = any(p.dtype == torch.float16 for p in targets.values())  # scaled backward: no underflow
             with torch.enable_grad():
-                fisher, n = ops.diagonal_fisher(lambda batch: self._log_likelihood(batch, positions), examples, targets)
+                fisher, n = ops.diagonal_fisher(lambda batch: self._log_likelihood(batch, positions), examples, targets,
+                                                loss_scale=HALF_LOSS_SCALE if half else 1.0)
         finally:
             for p in targets.values():
                 p.requires_grad_(False)
@@ -180,7 +191,7 @@ class Fisher(DataAwareMerge):
             last = mask.sum(dim=1) - 1
             mask = torch.zeros_like(mask)
             mask[torch.arange(mask.shape[0], device=mask.device), last] = True
-        return ops.greedy_log_likelihood(logits, mask)
+        return ops.greedy_log_likelihood(logits, mask, reduce="mean")
 
     def _fisher(self, name: str, device) -> list[torch.Tensor]:
         from safetensors import safe_open

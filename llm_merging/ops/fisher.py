@@ -8,7 +8,7 @@ from torch import Tensor
 
 from llm_merging.errors import ConfigError
 
-from ._common import PerModel, check_range, check_tensors, per_model
+from ._common import PerModel, check_choice, check_range, check_tensors, per_model
 
 
 def fisher_merge(
@@ -48,44 +48,61 @@ def fisher_merge(
     return torch.where(positive, num / torch.where(positive, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def greedy_log_likelihood(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """``Σ_t log p(ŷ_t)`` with ``ŷ_t = argmax_v logits[..., t, v]``: the log-likelihood of the model's own
-    greedy predictions (the argmax is a constant; gradients flow through ``log_softmax`` only).
+def greedy_log_likelihood(logits: Tensor, mask: Optional[Tensor] = None, reduce: str = "sum") -> Tensor:
+    """``Σ_t log p(ŷ_t)`` (``reduce="mean"``: divided by the number of positions) with
+    ``ŷ_t = argmax_v logits[..., t, v]``: the log-likelihood of the model's own greedy predictions (the argmax
+    is a constant; gradients flow through ``log_softmax`` only).
 
     ``logits``: ``(..., T, V)``; ``mask`` (``(..., T)``, bool or 0/1): the positions that count (default
     all). Computed in float32; returns a scalar.
     """
+    check_choice(reduce, "reduce", ("sum", "mean"))
     logp = torch.log_softmax(logits.to(torch.float32), dim=-1)
     best = logp.detach().argmax(dim=-1, keepdim=True)
     picked = logp.gather(-1, best).squeeze(-1)
+    count = picked.numel()
     if mask is not None:
         if mask.shape != picked.shape:
             raise ConfigError(f"greedy_log_likelihood: mask shape {tuple(mask.shape)} does not match the "
                               f"logits' positions {tuple(picked.shape)}")
         picked = picked * mask.to(picked.dtype)
-    return picked.sum()
+        count = int(mask.sum())
+    total = picked.sum()
+    return total / max(count, 1) if reduce == "mean" else total
 
 
 def diagonal_fisher(loss_fn: Callable[[Any], Tensor], examples: Iterable[Any], params: dict[str, Tensor],
-                    ) -> tuple[dict[str, Tensor], int]:
+                    loss_scale: float = 1.0) -> tuple[dict[str, Tensor], int]:
     """Diagonal Fisher ``F = (1/N) Σₙ (∂ℓₙ/∂θ)²`` from **per-example** gradients (one backward pass per
     example with ``torch.autograd.grad``; ``.grad`` fields are left alone).
 
     ``loss_fn(example)`` returns example n's scalar ``ℓₙ`` (for Fisher merging: the log-likelihood of the
     model's own predictions, :func:`greedy_log_likelihood`); ``params`` maps names to the tensors (with
     ``requires_grad``) to differentiate. Squares are accumulated in float32 on each parameter's device.
-    Returns ``(fisher, N)``; a parameter the loss does not reach has Fisher 0 (all zeros when N = 0).
+    ``loss_scale``: the backward pass runs on ``loss_scale · ℓₙ`` and the gradients are divided by it in
+    float32 (half-precision parameters: small gradients would underflow); an example whose scaled gradients
+    overflow is run again at a 64 times smaller scale (down to 1). Returns ``(fisher, N)``; a parameter the
+    loss does not reach has Fisher 0 (all zeros when N = 0).
     """
     names = list(params)
     tensors = [params[n] for n in names]
     acc = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for n, t in zip(names, tensors)}
     count = 0
     for example in examples:
-        loss = loss_fn(example)
-        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+        scale = float(loss_scale)
+        while True:
+            loss = loss_fn(example)
+            grads = torch.autograd.grad(loss * scale if scale != 1.0 else loss, tensors, allow_unused=True)
+            finite = all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+            if finite or scale <= 1.0:
+                break
+            scale = max(1.0, scale / 64)
+            del loss, grads
         for n, g in zip(names, grads):
             if g is not None:
                 g = g.to(torch.float32)
+                if scale != 1.0:
+                    g.div_(scale)
                 acc[n].addcmul_(g, g)
         count += 1
         del loss, grads
