@@ -520,3 +520,15 @@ def test_adamerging_gradient_does_not_depend_on_batching_and_survives_out_of_mem
     assert math.isclose(h1, h2, rel_tol=1e-5) and math.isclose(h1, h3, rel_tol=1e-5)
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(g1, g3, rtol=1e-4, atol=1e-7)
+
+
+def test_fisher_without_disk_space_is_a_one_line_error(tmp_path, monkeypatch):
+    import collections
+
+    import llm_merging.merging.Fisher as fisher_module
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(fisher_module.shutil, "disk_usage", lambda path: usage(10, 10, 1000))
+    with pytest.raises(ConfigError, match="GiB of temporary disk .* set TMPDIR") as info:
+        _merged("fisher", _dirs("lora", 2), _write(tmp_path / "p.txt", PROMPTS[:1]))
+    assert "\n" not in str(info.value)
