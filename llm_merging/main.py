@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", dest="max_examples", type=int, help="evaluate only the first N examples of each file")
     p.add_argument("--calibration-data", dest="calibration_data", nargs="+", metavar="FILE",
                    help="unlabeled prompts for data-aware methods (regmean, regmean_plus, fisher, adamerging): kit JSON "
-                        "lines / CSV ('input' only, never labels) or .txt lines; I=FILE gives expert I its own prompts")
+                        "lines / CSV ('input', and 'answer_choices' for adamerging; never labels) or .txt lines; I=FILE gives expert I its own prompts")
     p.add_argument("--calibration-examples", dest="calibration_examples", type=int, metavar="N",
                    help="at most N calibration prompts per expert (default 256)")
     p.add_argument("--seed", type=int, default=None, help="seed of random merge methods (DARE, DELLA; default: the recipe's, else 0)")
