@@ -132,8 +132,8 @@ def kit_predict_multiple_choice(model, input_tokenizer, target_tokenizer, batch)
     for i, layer in enumerate(out.past_key_values.layers):
         cache.update(layer.keys.repeat_interleave(n_choices, 0), layer.values.repeat_interleave(n_choices, 0), i)
     mask = torch.cat([prompts["attention_mask"].repeat_interleave(n_choices, 0), answers["attention_mask"]], 1)
-    logits = model(input_ids=answers["input_ids"], attention_mask=mask, past_key_values=cache,
-                   use_cache=True).logits.float()
+    logits = model(input_ids=answers["input_ids"], attention_mask=mask, use_cache=True,
+                   **{decoder_functions.cache_kwarg(model): cache}).logits.float()
     token_lp = -torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), answers["input_ids"][:, 1:].reshape(-1), reduction="none")
     scores = (token_lp.view(len(flat), -1) * answers["attention_mask"][:, 1:]).sum(-1).view(-1, n_choices)
