@@ -172,22 +172,24 @@ def main() -> None:
             return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall": time.time() - t0}
         return {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall": time.time() - t0}
 
-    rows = [("task_arithmetic (no calibration)", None, run("task_arithmetic", None))]
-    for n in args.prompts:
-        rows.append(("forward passes alone (no hooks)", n, run("forward", n)))
-        for m in methods:
-            rows.append((m, n, run(m, n)))
     print(f"\n{'method':<34} {'prompts':>7} {'calib s':>8} {'passes':>6} {'tokens':>8} {'stats MiB':>9} "
-          f"{'peak RSS MiB':>12} {'peak GPU MiB':>12} {'merge s':>8}")
-    for name, n, r in rows:
+          f"{'peak RSS MiB':>12} {'peak GPU MiB':>12} {'merge s':>8}", flush=True)
+
+    def show(name: str, n: int | None, r: dict) -> None:  # each row as soon as it is measured
         if "error" in r:
-            print(f"{name:<34} {n if n else '-':>7}  failed: {r['error']}")
-            continue
+            print(f"{name:<34} {n if n else '-':>7}  failed: {r['error']}", flush=True)
+            return
         c = r["calibration"]
         gpu = r.get("peak_gpu_mib")
         print(f"{name:<34} {n if n else '-':>7} {c.get('seconds', 0):8.2f} {c.get('forward_passes', 0):6d} "
               f"{c.get('tokens', 0):8d} {c.get('peak_statistics_mib', 0):9.1f} {r['peak_rss_mib']:12.1f} "
-              f"{gpu if gpu is not None else '-':>12} {r['merge_seconds']:8.2f}")
+              f"{gpu if gpu is not None else '-':>12} {r['merge_seconds']:8.2f}", flush=True)
+
+    show("task_arithmetic (no calibration)", None, run("task_arithmetic", None))
+    for n in args.prompts:
+        show("forward passes alone (no hooks)", n, run("forward", n))
+        for m in methods:
+            show(m, n, run(m, n))
 
 
 if __name__ == "__main__":
