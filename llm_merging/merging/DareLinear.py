@@ -40,6 +40,8 @@ class DareLinear(TaskVectorMerge):
 
         h = self.hparams
         extra = consensus_kwargs(h) if self.consensus else {}
+        if h["rescale"] != "l1" and callable(getattr(read, "single_pass", None)):
+            read.single_pass()  # one pass over the inputs: nothing to keep
         chunks = dare_chunks(
             read, numel, density=h["density"], weights=h["weights"], scale=h["scale"], consensus=self.consensus,
             rescale=None if h["rescale"] == "none" else h["rescale"], seed=self.tensor_seed(name),

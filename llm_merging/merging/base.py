@@ -75,6 +75,8 @@ class TaskVectorMerge(Merges):
             return None
         from ..ops.streaming import elementwise_chunks, reader_chunk
 
+        if callable(getattr(read, "single_pass", None)):
+            read.single_pass()  # one read per range: nothing to keep
         return elementwise_chunks(read, numel, lambda base, tvs: self.merge_tensor(name, base, tvs),
                                   chunk=reader_chunk(read))
 

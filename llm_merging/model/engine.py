@@ -151,8 +151,9 @@ def _base_reader(base_dir, model: torch.nn.Module):
 #: enough to be reused from the allocator's heap; GPU chunks are larger (fewer launches)
 CHUNK_CPU = 1 << 20
 CHUNK_DEVICE = 1 << 24
-#: a parameter whose task vectors take at most this many bytes (float32, all experts) has them computed
-#: once and kept while it is merged, instead of read again on every pass of a chunked merge
+#: a parameter whose task vectors take at most this many bytes (float32, all experts, θ₀ included) has
+#: them computed once and kept while a merge of several passes (TIES, DARE with L1) runs, instead of
+#: reading them again on every pass
 CACHE_BYTES = 64 << 20
 
 
@@ -189,6 +190,10 @@ class RangeReader:
                 return None
             base = base_reader
         return cls(name, param, sources, base, device)
+
+    def single_pass(self) -> None:
+        """The merge reads every range once (elementwise methods): keep nothing between reads."""
+        self._cacheable = False
 
     def base(self, start: int, stop: int) -> torch.Tensor:
         """θ₀ of the entries ``start … stop − 1`` (float32, a new tensor)."""
