@@ -212,10 +212,22 @@ class RangeReader:
                for src in self.sources]
         return base, tvs
 
+    def _read_all(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The whole parameter, as ``_read``, in one block (one allocation, which the allocator maps on its
+        own and returns to the OS when freed, instead of leaving holes in its heap)."""
+        block = torch.empty((len(self.sources) + 1, self.numel), dtype=torch.float32, device=self.device)
+        block[0].copy_(self.base(0, self.numel))
+        for row, src in zip(block[1:], self.sources):
+            if src is None:
+                row.zero_()
+            else:
+                torch.sub(src.read_range(self.name, 0, self.numel).to(device=self.device), block[0], out=row)
+        return block[0], list(block[1:])
+
     def __call__(self, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """θ₀ and the task vectors of the entries ``start … stop − 1`` (not to be modified)."""
         if self._cacheable and self._cache is None:
-            self._cache = self._read(0, self.numel)
+            self._cache = self._read_all()
         if self._cache is not None:
             base, tvs = self._cache
             return base[start:stop], [t[start:stop] for t in tvs]
