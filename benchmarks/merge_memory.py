@@ -127,7 +127,6 @@ def imports() -> dict:
 
 def compare(a: Path, b: Path) -> dict:
     """max |a − b| over the tensors of two merged model directories, and the fraction of differing entries."""
-    import torch
     from safetensors import safe_open
 
     def files(d: Path) -> dict:
