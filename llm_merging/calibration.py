@@ -253,25 +253,30 @@ def decoder_start(model) -> int:
 # ----------------------------------------------------------------------------------------------- experts
 @contextmanager
 def expert_weights(model: torch.nn.Module, expert, names: Iterable[str] | None,
-                   theta0: Callable[[str, torch.nn.Parameter], torch.Tensor]) -> Iterator[list[str]]:
-    """Within the block, each parameter in ``names`` that ``expert`` changes holds θ₀ + τ (the expert's
-    weights, in the parameter's dtype); yields the names swapped. ``theta0(name, param)`` gives θ₀ in
-    float32 (e.g. the current value, or a read from the base files once the parameter is merged). The
-    original tensors are put back on exit (exactly: the very same storage). Extra memory: the swapped
-    tensors, in the model's dtype."""
+                   theta0: Callable[[str, torch.nn.Parameter], torch.Tensor],
+                   merged: Iterable[str] = ()) -> Iterator[list[str]]:
+    """Within the block, each parameter in ``names`` (None: every parameter ``expert`` changes) holds the
+    expert's weights θ₀ + τ in the parameter's dtype: θ₀ + τ where the expert changes it, θ₀ where it does
+    not but the parameter is in ``merged`` (already overwritten by a merge, so no longer θ₀); yields the
+    names swapped. ``theta0(name, param)`` gives θ₀ in float32 (e.g. the current value, or a read from the
+    base files once the parameter is merged). The original tensors are put back on exit (exactly: the very
+    same storage). Extra memory: the swapped tensors, in the model's dtype."""
     params = dict(model.named_parameters())
     touched = set(expert.param_names())
-    wanted = touched if names is None else touched & set(names)
+    wanted = touched if names is None else set(names)
+    merged = set(merged)
     saved: dict[str, torch.Tensor] = {}
     try:
         with torch.no_grad():
-            for name in [n for n in params if n in wanted]:
+            for name in [n for n in params if n in wanted and (n in touched or n in merged)]:
                 p = params[name]
                 base = theta0(name, p)
-                delta = expert.delta(name, base)
-                if delta is None:
+                delta = expert.delta(name, base) if name in touched else None
+                if delta is None and name not in merged:
                     continue
-                value = base.to(dtype=torch.float32).add_(delta.to(device=base.device, dtype=torch.float32))
+                value = base.to(dtype=torch.float32)
+                if delta is not None:
+                    value = value.add_(delta.to(device=base.device, dtype=torch.float32))
                 saved[name] = p.data
                 p.data = value.to(device=p.device, dtype=p.dtype)
                 del base, delta, value

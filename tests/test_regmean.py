@@ -397,3 +397,15 @@ def test_encoder_decoder_experts_merge_layer_by_layer(tmp_path):
     deltas = [e.delta(name, base) for e in m.experts]
     got = dict(m.base_model.named_parameters())[name].detach()
     assert torch.allclose(got, base + (deltas[0] + deltas[1]) / 2, atol=1e-5)
+
+
+def test_groups_of_experts_touching_different_parameters_equal_one_group(tmp_path):
+    """Expert i's inputs come from θ₀ + τᵢ: a parameter only another expert changes, already merged in an
+    earlier group, is put back to θ₀ for expert i (review finding: it kept its merged value)."""
+    dirs = [str(tiny.lora_expert_dir("decoder", i)) for i in range(3)]
+    p = _write(tmp_path / "p.txt", PROMPTS)
+    one = _merged("regmean", dirs, p)
+    many = _merged("regmean", dirs, p, statistics_memory=1)
+    assert (one.groups_gathered, many.groups_gathered) == (1, 2)
+    a, b = (dict(m.base_model.named_parameters()) for m in (one, many))
+    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5

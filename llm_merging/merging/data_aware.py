@@ -185,8 +185,9 @@ class DataAwareMerge(TaskVectorMerge):
     @contextmanager
     def expert_forward(self, i: int, names: Sequence[str] | None = None) -> Iterator[list[str]]:
         """Within the block the loaded model is expert ``i`` on the parameters ``names`` (default: every
-        parameter the expert changes); the others keep their current (base or merged) values."""
-        with cal.expert_weights(self.base_model, self.experts[i], names, self.theta0) as swapped:
+        parameter the expert changes): θ₀ + τᵢ, or θ₀ where expert ``i`` does not change a parameter this
+        pass already merged; the others keep their current (base or merged) values."""
+        with cal.expert_weights(self.base_model, self.experts[i], names, self.theta0, merged=self._done) as swapped:
             yield swapped
 
     def tokenizer_for_calibration(self):
