@@ -409,3 +409,17 @@ def test_groups_of_experts_touching_different_parameters_equal_one_group(tmp_pat
     assert (one.groups_gathered, many.groups_gathered) == (1, 2)
     a, b = (dict(m.base_model.named_parameters()) for m in (one, many))
     assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["regmean", "regmean_plus"])
+def test_spent_budget_stops_the_gram_collection(tmp_path, name):
+    import inspect
+
+    from llm_merging.errors import BudgetExceeded
+
+    def stop():  # the budget is spent once the statistics passes begin (not before: the engine checks too)
+        return any(f.function == "_gather" for f in inspect.stack())
+
+    with pytest.raises(BudgetExceeded, match="input statistics"):
+        _merged(name, [str(tiny.lora_expert_dir("decoder", i)) for i in range(2)],
+                _write(tmp_path / "p.txt", PROMPTS), should_stop=stop)

@@ -20,7 +20,7 @@ import torch
 
 from .. import calibration as cal
 from .. import ops
-from ..errors import ConfigError
+from ..errors import BudgetExceeded, ConfigError
 from .data_aware import DataAwareMerge
 from .hparams import Param
 from .settings import layer_index
@@ -135,6 +135,9 @@ class Regmean(DataAwareMerge):
             for i in range(len(self.experts)):
                 with self.expert_forward(i, scope), cal.InputGrams(self.base_model, modules) as col:
                     for batch in self.calibration_batches(i):
+                        if self.should_stop is not None and self.should_stop():
+                            raise BudgetExceeded(f"time budget ran out while method '{self.name}' gathered its "
+                                                 "input statistics; nothing was saved")
                         cal.run_forward(self.base_model, batch, col)
                         self.meter.forward_passes += 1
                 self.meter.tokens += col.tokens
