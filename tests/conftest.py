@@ -24,3 +24,27 @@ def tiny_cache(tmp_path_factory):
         os.environ.pop("LLM_MERGING_TINY_CACHE", None)
     else:
         os.environ["LLM_MERGING_TINY_CACHE"] = old
+
+
+def write_lines(path, lines) -> str:
+    """Write ``lines`` as a text file (one per line); return its path as a string."""
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def merged_method(method_name, experts, prompts_file, values=None, **attrs):
+    """A data-aware method merged in process over the tiny decoder base, with ``prompts_file`` as its
+    calibration data and ``attrs`` set on it before preflight."""
+    from llm_merging import tiny
+    from llm_merging.runner import instantiate
+
+    m = instantiate(method_name)
+    m.base_model_name, m.base_model_revision_id = str(tiny.base_dir("decoder")), None
+    m.list_models, m.is_peft, m.device, m.progress = list(experts), None, "cpu", False
+    m.calibration_files = [prompts_file]
+    for k, v in attrs.items():
+        setattr(m, k, v)
+    m.set_hyperparameters(values or {})
+    m.preflight()
+    m.merge()
+    return m

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from llm_merging import ops
+from conftest import merged_method as _merged, write_lines as _write
 from llm_merging.errors import ConfigError
 
 
@@ -138,9 +139,6 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog.", "A summary is", "Ques
            "According to the above context, choose the best option to answer the following question."]
 
 
-def _write(path, lines):
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
 
 
 def _dirs(kind, n):
@@ -165,20 +163,6 @@ def _expert_models(kind, n):
     return out
 
 
-def _merged(method_name, experts, prompts_file, values=None, **attrs):
-    from llm_merging import tiny
-    from llm_merging.runner import instantiate
-
-    m = instantiate(method_name)
-    m.base_model_name, m.base_model_revision_id = str(tiny.base_dir("decoder")), None
-    m.list_models, m.is_peft, m.device, m.progress = list(experts), None, "cpu", False
-    m.calibration_files = [prompts_file]
-    for k, v in attrs.items():
-        setattr(m, k, v)
-    m.set_hyperparameters(values or {})
-    m.preflight()
-    m.merge()
-    return m
 
 
 def _fisher_by_hand(model, prompts, positions="all"):

@@ -2,13 +2,13 @@
 in closed form, per-dimension weighting at alpha=0, Gram matrices from separately loaded experts (PEFT's
 merge_and_unload, full checkpoints) run prompt by prompt without padding; calibration files and errors."""
 import json
-import os
 
 import pytest
 import torch
 
 from llm_merging import calibration as cal
 from llm_merging import ops, tiny
+from conftest import merged_method as _merged, write_lines as _write
 from llm_merging.errors import ConfigError, DataError
 from llm_merging.main import main
 from llm_merging.runner import RunConfig, Runner, instantiate
@@ -72,9 +72,6 @@ def test_regmean_of_identical_experts_is_that_expert_and_zero_inputs_keep_the_me
 
 
 # ------------------------------------------------------------------ infrastructure
-def _write(path, lines):
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
 
 
 def test_calibration_files_inputs_only_round_robin_and_per_expert(tmp_path):
@@ -225,17 +222,6 @@ def _expected(w0, ws, grams, alpha):
     return torch.linalg.solve(lhs, rhs.T).T  # (Σ Wᵢ G'ᵢ)(Σ G'ᵢ)⁻¹
 
 
-def _merged(method_name, experts, prompts_file, values=None, **attrs):
-    m = instantiate(method_name)
-    m.base_model_name, m.base_model_revision_id = str(tiny.base_dir("decoder")), None
-    m.list_models, m.is_peft, m.device, m.progress = list(experts), None, "cpu", False
-    m.calibration_files = [prompts_file]
-    for k, v in attrs.items():
-        setattr(m, k, v)
-    m.set_hyperparameters(values or {})
-    m.preflight()
-    m.merge()
-    return m
 
 
 LINEARS = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj",
