@@ -377,8 +377,35 @@ class Runner:
         if recipe is not None and recipe.out_dtype:  # mergekit's out_dtype: the saved (and evaluated) dtype
             import torch
 
-            self.method.base_model.to(getattr(torch, recipe.out_dtype))
+            if getattr(self.method, "stream_writer", None) is None:  # else the writer casts as it writes
+                self.method.base_model.to(getattr(torch, recipe.out_dtype))
             self.report["out_dtype"] = recipe.out_dtype
+
+    def _save_while_merging(self, model):
+        """``--no-eval --save full`` of an engine method in one process: a `StreamingSave` that the engine
+        writes the merged values into as it computes them (the merged model is never held in memory);
+        None where the model must be saved whole."""
+        import torch
+
+        from .model.save import NotStreamable, StreamingSave
+
+        recipe = getattr(self.method, "recipe", None)
+        dtype = getattr(torch, recipe.out_dtype) if recipe is not None and recipe.out_dtype else None
+        try:
+            return StreamingSave(model, self.out_dir / "merged_model", dtype=dtype)
+        except NotStreamable as exc:
+            logger.info("the merged model is written after the merge (%s)", exc)
+            return None
+
+    def _streams_to_disk(self) -> bool:
+        """Whether the merge may write the saved model while it runs (see `_save_while_merging`): nothing
+        after it needs the merged weights in memory."""
+        from .merging.Merges import Merges
+
+        cfg, method = self.cfg, self.method
+        return (not cfg.evaluate and cfg.save == "full" and self.procs.world == 1 and cfg.search is None
+                and not cfg.analyze and not cfg.baselines and type(method).merge is Merges.merge
+                and not getattr(method, "needs_calibration", False))
 
     def prepare_adapter_sink(self) -> None:
         """For --save adapter, collect low-rank factors while merging (before weights are overwritten)."""
@@ -408,8 +435,12 @@ class Runner:
             tok = getattr(method, "output_tokenizer", None)  # a recipe's tokenizer_source / chat_template
             if tok is None:
                 tok = method.tokenizer if method.architecture == "encoder_decoder" else method.input_tokenizer
-            path = save_full(method.base_model, tok, self.out_dir / "merged_model", info)
-            self.report["saved"] = {"format": "full", "path": str(path)}
+            writer = getattr(method, "stream_writer", None)
+            if writer is not None:  # the weights were written while merging
+                path = writer.finish(tok, info)
+            else:
+                path = save_full(method.base_model, tok, self.out_dir / "merged_model", info)
+            self.report["saved"] = {"format": "full", "path": str(path), "written_while_merging": writer is not None}
             if tok is None and getattr(method, "tokenizer_note", None):
                 self.report["saved"]["tokenizer"] = method.tokenizer_note
         else:
@@ -484,6 +515,8 @@ class Runner:
                     search.run(self, self.search)
                 self.prepare_adapter_sink()
             self._check_budget("merge")
+            if self._streams_to_disk():
+                self.method.save_while_merging = self._save_while_merging
             with self.budget.phase("merge"):
                 self.procs.together(self.merge)
                 if self.procs.world > 1:  # every process merged: the same weights everywhere, else rank 0's
@@ -517,6 +550,9 @@ class Runner:
             if logging.getLogger().isEnabledFor(logging.DEBUG):
                 raise
         finally:
+            writer = getattr(self.method, "stream_writer", None)
+            if writer is not None:
+                writer.abort()  # a model written while merging but never finished: removed (no-op once saved)
             self.report["exit_status"] = status
             self._write_report()
         return status

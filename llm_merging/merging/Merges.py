@@ -70,6 +70,9 @@ class Merges(object):
         self.experts: list = []
         self.merge_stats: dict[str, Any] = {}
         self.delta_sink = None  # sees every merged task vector (the runner's adapter writer for --save adapter)
+        # the runner's --no-eval --save full hook: model -> a StreamingSave the engine writes into, or None
+        self.save_while_merging = None
+        self.stream_writer = None
         self.mc_scoring = "exact"  # run option (--mc-scoring; --set mc_scoring= is an alias)
         self.adapter_rank: int | None = None  # run option (--adapter-rank; --set adapter_rank= is an alias)
         self.should_stop = None  # set by the runner: True once the wall-clock budget is spent
@@ -247,15 +250,25 @@ class Merges(object):
             self.delta_sink.bind(self.base_model, self.experts)
         self.layout = settings.Layout([n for n, _ in self.base_model.named_parameters()],
                                       self.slice_lengths)
-        self.merge_stats = merge_into(
-            self.base_model, self.experts, self.merge_resolved, progress=self.progress, label=str(self.name),
-            delta_sink=self.delta_sink, base_dir=self.base_ref().local_path, should_stop=self.should_stop,
-            tokenizer_plan=plan, merge_chunks=self.merge_chunks_resolved,
-        )
+        writer = None
+        if self.save_while_merging is not None and plan is None and self.delta_sink is None:
+            writer = self.save_while_merging(self.base_model)  # None where the model must be saved whole
+        try:
+            self.merge_stats = merge_into(
+                self.base_model, self.experts, self.merge_resolved, progress=self.progress, label=str(self.name),
+                delta_sink=self.delta_sink, base_dir=self.base_ref().local_path, should_stop=self.should_stop,
+                tokenizer_plan=plan, merge_chunks=self.merge_chunks_resolved, writer=writer,
+            )
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
         recipe_tok = getattr(getattr(self, "recipe", None), "tokenizer", None) or {}
         self.vocabulary_report = vocabulary_report(plan, self.experts, recipe_tok.get("source"),
                                                    self.merge_stats.pop("vocabulary", None))
-        self.merged_model = self.base_model
+        self.stream_writer = writer
+        # written while merging: the loaded model still holds θ₀, and the merged one exists only on disk
+        self.merged_model = None if writer is not None else self.base_model
         return self.base_model
 
     def _recipe_tokenizer(self):

@@ -167,6 +167,7 @@ class RangeReader:
         self.numel = param.numel()
         self.chunk = CHUNK_CPU if device.type == "cpu" else CHUNK_DEVICE  # entries per range
         self._cache = None
+        self._last = None  # (start, stop, θ₀) of the last uncached read
         self._cacheable = 4 * self.numel * (len(sources) + 1) <= CACHE_BYTES
 
     @classmethod
@@ -210,7 +211,17 @@ class RangeReader:
         tvs = [torch.zeros_like(base) if src is None
                else torch.sub(src.read_range(self.name, start, stop).to(device=self.device), base)
                for src in self.sources]
+        self._last = (start, stop, base)
         return base, tvs
+
+    def take_base(self, start: int, stop: int) -> torch.Tensor:
+        """θ₀ of ``start … stop − 1`` for the merged values, as a tensor the caller may overwrite: the one the
+        last read of that very range gave the method (which is done with it once it yielded the range's
+        merged values), else a new read."""
+        last, self._last = self._last, None
+        if last is not None and last[0] == start and last[1] == stop:
+            return last[2]
+        return self.base(start, stop)
 
     def _read_all(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The whole parameter, as ``_read``, in one block (one allocation, which the allocator maps on its
@@ -237,22 +248,26 @@ class RangeReader:
 ChunksFn = Callable[[str, RangeReader, int, int], Any]
 
 
-def _merge_chunked(name: str, param: torch.Tensor, chunks, reader: RangeReader) -> torch.Tensor:
-    """θ₀ + merged, chunk by chunk, into a new tensor of the parameter's dtype on its device."""
-    out = torch.empty(param.numel(), dtype=param.dtype, device=param.device)
+def _merge_chunked(name: str, param: torch.Tensor, chunks, reader: RangeReader, writer=None) -> torch.Tensor | None:
+    """θ₀ + merged, chunk by chunk, into a new tensor of the parameter's dtype on its device; or, with a
+    ``writer`` (:class:`~llm_merging.model.save.StreamingSave`), each chunk written out as it comes (None)."""
+    out = None if writer is not None else torch.empty(param.numel(), dtype=param.dtype, device=param.device)
     done = 0
     for start, stop, merged in chunks:
         if start != done or merged.numel() != stop - start:
             raise MergeError(f"chunked merge of parameter '{name}' returned entries {start}:{stop} "
                              f"({merged.numel()} values) after {done}")
-        result = reader.base(start, stop).add_(merged.reshape(-1))
+        result = reader.take_base(start, stop).add_(merged.reshape(-1))
         if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
             raise MergeError(f"merge produced NaN or Inf in parameter '{name}'")
-        out[start:stop].copy_(result)
+        if writer is not None:
+            writer.put(name, start, result.to(param.dtype))  # rounded as param.data would hold it
+        else:
+            out[start:stop].copy_(result)
         done = stop
     if done != param.numel():
         raise MergeError(f"chunked merge of parameter '{name}' stopped at entry {done} of {param.numel()}")
-    return out.view(param.shape)
+    return None if out is None else out.view(param.shape)
 
 
 def compute_device(param: torch.Tensor) -> torch.device:
@@ -275,6 +290,7 @@ def merge_into(
     should_stop: Callable[[], bool] | None = None,
     tokenizer_plan=None,
     merge_chunks: ChunksFn | None = None,
+    writer=None,
 ) -> dict[str, Any]:
     """Merge ``experts`` into ``model`` in place with ``merge_tensor(name, base, task_vectors)``.
 
@@ -296,6 +312,10 @@ def merge_into(
     that do not touch it) and no ``delta_sink`` needs whole task vectors, the parameter is merged in chunks
     of ``CHUNK_CPU`` / ``CHUNK_DEVICE`` entries: memory O(chunk × experts) beyond the result, the same
     values bit for bit.
+
+    ``writer`` (a :class:`~llm_merging.model.save.StreamingSave` of ``model``): every merged parameter is
+    written there as it is computed (chunk by chunk where chunked) instead of into ``model``, which keeps
+    θ₀: the merged model is never held in memory (``--no-eval --save full``).
     """
     if not experts:
         raise MergeError(f"method '{label}' has no expert models to merge")
@@ -305,6 +325,8 @@ def merge_into(
     reindex = tokenizer_plan is not None and not tokenizer_plan.is_identity
     if reindex and delta_sink is not None:
         raise MergeError("a tokenizer that changes the vocabulary cannot be written as an adapter; use --save full")
+    if reindex and writer is not None:
+        raise MergeError("a tokenizer that changes the vocabulary resizes the model: it cannot be written while merging")
     vocab_names = {n for n, _ in vocab_params(model, tokenizer_plan.source_rows[0])} if reindex else set()
     params = [(n, p) for n, p in model.named_parameters() if n in touched and n not in vocab_names]
     base_reader = _base_reader(base_dir, model) if base_dir is not None else None
@@ -321,8 +343,10 @@ def merge_into(
             reader = RangeReader.open(name, param, experts, base_reader, device)
             chunks = None if reader is None else merge_chunks(name, reader, param.numel(), len(experts))
             if chunks is not None:
-                chunk_out = _merge_chunked(name, param, chunks, reader)
-                if on_cpu:
+                chunk_out = _merge_chunked(name, param, chunks, reader, writer)
+                if writer is not None:
+                    pass
+                elif on_cpu:
                     param.data = chunk_out
                 else:
                     param.data.copy_(chunk_out)
@@ -349,7 +373,9 @@ def merge_into(
             raise MergeError(f"merge produced NaN or Inf in parameter '{name}'")
         if delta_sink is not None:
             delta_sink(name, merged)
-        if on_cpu:
+        if writer is not None:
+            writer.put(name, 0, result.to(dtype=param.dtype))
+        elif on_cpu:
             param.data = result.to(device=param.device, dtype=param.dtype)
         else:
             param.data.copy_(result.to(dtype=param.dtype))

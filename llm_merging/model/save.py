@@ -88,6 +88,173 @@ def save_full(model: torch.nn.Module, tokenizer, output_dir: str | Path, info: d
     return output_dir
 
 
+class NotStreamable(Exception):
+    """The model cannot be written tensor by tensor (:class:`StreamingSave`); save it whole instead."""
+
+
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_ST_ORDER = ["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"]  # safetensors' dtype order
+
+
+class StreamingSave:
+    """A ``save_pretrained`` directory written while the engine merges (``--no-eval --save full``): every
+    merged value goes straight to its place in the safetensors shards, so the merged model is never held in
+    memory. Same files as :func:`save_full` (tensor names after transformers' tied-weight removal and
+    weight-conversion reversal, shards and index from ``split_torch_state_dict_into_shards``, config with
+    its ``dtype`` and ``architectures``, generation config, tokenizer, model card) and the same bytes.
+
+    ``dtype``: the saved floating-point dtype (a recipe's ``out_dtype``; default the model's). Raises
+    :class:`NotStreamable` where that cannot be guaranteed (remote code, weight converters, unsupported
+    dtypes). Written under a temporary name: :meth:`finish` renames it into place, :meth:`abort` removes it.
+    """
+
+    def __init__(self, model: torch.nn.Module, output_dir: str | Path, *, dtype: torch.dtype | None = None,
+                 max_shard_size: str = "5GB") -> None:
+        import os
+
+        from huggingface_hub import split_torch_state_dict_into_shards
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        if getattr(model, "is_remote_code", lambda: False)():
+            raise NotStreamable("remote-code model")
+        self.model, self.dtype = model, dtype
+        state = model.state_dict()
+        kept = remove_tied_weights_from_state_dict(dict(state), model)
+        by_storage = {_storage_key(t): n for n, t in kept.items() if isinstance(t, torch.Tensor) and t.numel()}
+        self.alias = {n: n for n in kept}  # a tied name -> the one saved
+        for n, t in state.items():
+            if n not in kept and isinstance(t, torch.Tensor) and _storage_key(t) in by_storage:
+                self.alias[n] = by_storage[_storage_key(t)]
+        self.source = {n: kept[n] for n in kept}  # the model's values: written for whatever the merge leaves
+        placeholders = {}
+        for n, t in kept.items():
+            out = self._out_dtype(t)
+            if out not in _ST_DTYPES:
+                raise NotStreamable(f"dtype {out} of '{n}'")
+            placeholders[n] = torch.empty(t.shape, dtype=out, device="meta")
+        ids = {id(v): n for n, v in placeholders.items()}
+        reverted = revert_weight_conversion(model, dict(placeholders))
+        if len(reverted) != len(placeholders) or any(id(v) not in ids for v in reverted.values()):
+            raise NotStreamable("weight conversions on save")  # converters build new tensors: save whole
+        self.saved_name = {ids[id(v)]: k for k, v in reverted.items()}
+        self.split = split_torch_state_dict_into_shards(reverted, filename_pattern="model{suffix}.safetensors",
+                                                        max_shard_size=max_shard_size)
+        self.output_dir = Path(output_dir)
+        self._ctx = atomic_path(self.output_dir)
+        self.tmp = self._ctx.__enter__()
+        self.tmp.mkdir(parents=True)
+        self._where: dict[str, tuple[int, int, int]] = {}  # model name -> (fd, byte offset, bytes)
+        self._done: dict[str, int] = {}
+        self._fds: list[int] = []
+        inverse = {v: k for k, v in self.saved_name.items()}
+        try:
+            for filename, names in self.split.filename_to_tensors.items():
+                header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+                offset = 0
+                names = sorted(names, key=lambda k: (-_ST_ORDER.index(_ST_DTYPES[reverted[k].dtype]), k))
+                for key in names:  # in safetensors' own order: wider dtypes first, then by name
+                    ph = reverted[key]
+                    size = ph.numel() * ph.element_size()
+                    header[key] = {"dtype": _ST_DTYPES[ph.dtype], "shape": list(ph.shape),
+                                   "data_offsets": [offset, offset + size]}
+                    offset += size
+                raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+                raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+                fd = os.open(self.tmp / filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+                os.ftruncate(fd, 8 + len(raw) + offset)
+                for key in names:
+                    start, stop = header[key]["data_offsets"]
+                    self._where[inverse[key]] = (fd, 8 + len(raw) + start, stop - start)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _out_dtype(self, t: torch.Tensor) -> torch.dtype:
+        return self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
+
+    def put(self, name: str, start: int, values: torch.Tensor) -> None:
+        """Write ``values`` (flat, any dtype: cast to the saved one) as the entries ``start …`` of ``name``
+        (a model parameter or buffer name; tied names resolve to the saved one)."""
+        import os
+
+        name = self.alias.get(name, name)
+        fd, offset, nbytes = self._where[name]
+        v = values.detach().reshape(-1).to(device="cpu", dtype=self._out_dtype(self.source[name]))
+        raw = v.contiguous().view(torch.uint8).numpy()
+        begin = start * v.element_size()
+        if begin + raw.nbytes > nbytes:
+            raise ValueError(f"'{name}': entries {start}…{start + v.numel()} are past its end")
+        os.pwrite(fd, raw, offset + begin)
+        self._done[name] = self._done.get(name, 0) + raw.nbytes
+
+    def finish(self, tokenizer, info: dict[str, Any] | None = None) -> Path:
+        """Write what the merge did not (tensors it left as they are), the index, config, generation config,
+        tokenizer and model card; rename the directory into place."""
+        import os
+
+        try:
+            for name, t in self.source.items():
+                done = self._done.get(name, 0)
+                if done == 0:
+                    flat = t.detach().reshape(-1)
+                    step = max(1, (64 << 20) // max(1, flat.element_size()))
+                    for s in range(0, flat.numel(), step):  # in pieces: no whole-tensor copy for a dtype cast
+                        self.put(name, s, flat[s:s + step])
+                elif done != self._where[name][2]:
+                    raise ValueError(f"'{name}': {done} of {self._where[name][2]} bytes were written")
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = []
+            if self.split.is_sharded:
+                index = {"metadata": {"total_parameters": self.model.num_parameters(), **self.split.metadata},
+                         "weight_map": self.split.tensor_to_filename}
+                (self.tmp / "model.safetensors.index.json").write_text(
+                    json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            config = self.model.config
+            dtype = self.dtype or self.model.dtype
+            config.dtype = str(dtype).split(".")[1]
+            config.architectures = [type(self.model).__name__]
+            config.save_pretrained(str(self.tmp))
+            if self.model.can_generate():
+                self.model.generation_config.save_pretrained(str(self.tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(self.tmp))
+            (self.tmp / "README.md").write_text(model_card(info or {}), encoding="utf-8")
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(None, None, None)
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+        return self.output_dir
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Remove the partly written directory (nothing is left behind)."""
+        import os
+
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        ctx, self._ctx = getattr(self, "_ctx", None), None
+        if ctx is not None:
+            err = exc if exc is not None else RuntimeError("aborted")
+            try:
+                ctx.__exit__(type(err), err, None)
+            except BaseException:
+                pass
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.device.type)
+
+
 class AdapterWriter:
     """Collect merged ΔW per LoRA-targeted parameter as truncated SVD factors, then write a PEFT adapter.
 
