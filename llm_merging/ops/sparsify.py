@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from ._common import (
@@ -29,6 +30,7 @@ from ._common import (
     check_seed,
     check_tensors,
     derive_seed,
+    f32,
     per_model,
     stack_f32,
     weight_list,
@@ -40,7 +42,6 @@ from .masks import (
     apply_mask,
     breadcrumbs_mask,
     della_mask,
-    magnitude_mask,
     random_mask,
 )
 from .ties import DIVISORS, SIGN_METHODS, consensus_merge
@@ -90,16 +91,25 @@ def magnitude_prune(
     density·numel is integral; mergekit ``sparsification_method: magnitude`` without consensus).
     ``consensus="ties"``: TIES election + disjoint merge, i.e. :func:`~llm_merging.ops.ties.ties`.
     """
+    from .streaming import CHUNK, magnitude_prune_chunks  # the one implementation of the trim
+
     ts = check_tensors(task_vectors)
-    lam = _common_checks(consensus, sign_method, divisor, scale)
+    _common_checks(consensus, sign_method, divisor, scale)
     check_choice(keep_count, "keep_count", KEEP_COUNTS)
-    dens = per_model(density, len(ts), "density", 0.0, 1.0, low_open=True)
-    w = weight_list(weights, len(ts))
-    stacked = stack_f32(ts)
-    for i, d in enumerate(dens):
-        if d < 1.0:
-            stacked[i].masked_fill_(~magnitude_mask(stacked[i], d, keep_count), 0.0)
-    return _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
+    per_model(density, len(ts), "density", 0.0, 1.0, low_open=True)
+    weight_list(weights, len(ts))
+    # The whole tensor as chunks of the flat entries: the same top-k set as magnitude_mask (an exact
+    # radix select instead of kthvalue), elementwise merge; O(chunk) temporaries beyond the result.
+    flat = [t.detach().reshape(-1) for t in ts]
+    n, device = flat[0].numel(), flat[0].device
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    chunks = magnitude_prune_chunks(
+        lambda s, e: (None, [f32(x[s:e]) for x in flat]), n, density, weights, scale, consensus,
+        n_models=len(ts), sign_method=sign_method, weighted_sign=weighted_sign, divisor=divisor,
+        keep_count_mode=keep_count, chunk=CHUNK if device.type == "cpu" else 1 << 24)
+    for start, stop, merged in chunks:
+        out[start:stop] = merged
+    return out.reshape(ts[0].shape)
 
 
 def dare(

@@ -26,6 +26,7 @@ import math
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (
@@ -62,9 +63,10 @@ def chunk_ranges(n: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
 
-def _bits(x: Tensor) -> Tensor:
-    """The int32 bit patterns of |x| (float32): for non-negative floats they sort as the values do."""
-    return x.abs().view(torch.int32)
+def _bits(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """The int32 bit patterns of |x| (float32; into the float32 buffer ``out`` when given): for non-negative
+    floats they sort as the values do."""
+    return torch.abs(x, out=out).view(torch.int32)
 
 
 def _pick(hist: Tensor, k: int) -> tuple[int, int]:
@@ -75,47 +77,91 @@ def _pick(hist: Tensor, k: int) -> tuple[int, int]:
     return b, int(above[j]) - int(hist[b])
 
 
+class _Scratch:
+    """A float32 and an int64 buffer of one chunk, reused by every chunk (the last, shorter one slices)."""
+
+    def __init__(self) -> None:
+        self.f: Optional[Tensor] = None
+        self.i: Optional[Tensor] = None
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        m = x.numel()
+        if self.f is None or self.f.numel() < m or self.f.device != x.device:
+            self.f = torch.empty(m, dtype=torch.float32, device=x.device)
+            self.i = torch.empty(m, dtype=torch.int64, device=x.device)
+        return self.f[:m], self.i[:m]
+
+
+#: high 16 bits of +inf: bins from here on hold the non-finite |τ| (inf, NaN)
+_NONFINITE_BIN = 0x7F80
+
+
+def _thresholds(read: Reader, n: int, ks: Sequence[int], chunk: int) -> tuple[list, list[bool]]:
+    """:func:`magnitude_thresholds`, and per model whether its |τ| has non-finite entries."""
+    todo = [i for i, k in enumerate(ks) if k < n]
+    out: list[Optional[tuple[float, int]]] = [None] * len(ks)
+    nonfinite = [False] * len(ks)
+    if not todo:
+        return out, nonfinite
+    ranges = chunk_ranges(n, chunk)
+    scratch = _Scratch()
+    hist: dict[int, Tensor] = {}
+    for start, stop in ranges:  # pass 1: histogram of the high 16 bits (2^15 bins: the sign bit is 0)
+        _, tvs = read(start, stop)
+        for i in todo:
+            f, idx = scratch(tvs[i])
+            idx.copy_(_bits(tvs[i], f).bitwise_right_shift_(16))  # bincount counts int64 without a copy
+            h = torch.bincount(idx, minlength=1 << 15)
+            hist[i] = h if i not in hist else hist[i].add_(h)
+    picks = {i: _pick(hist[i], ks[i]) for i in todo}
+    for i in todo:
+        nonfinite[i] = bool(hist[i][_NONFINITE_BIN:].any())
+    low: dict[int, Tensor] = {}
+    for start, stop in ranges:  # pass 2: histogram of the low 16 bits inside the chosen bin b
+        _, tvs = read(start, stop)
+        for i in todo:
+            # bits − (b·2^16 − 1) clamped to [0, 2^16 + 1]: 0 for entries below bin b, L + 1 for the entries
+            # of b (L their low 16 bits), 2^16 + 1 above (none above when b is the last bin). Exact integer
+            # arithmetic, with no select of bin b's entries.
+            lo = picks[i][0] << 16
+            f, idx = scratch(tvs[i])
+            bits = _bits(tvs[i], f).clamp_(lo - 1, min(lo + (1 << 16), (1 << 31) - 1)).sub_(lo - 1)
+            h = torch.bincount(idx.copy_(bits), minlength=(1 << 16) + 2)
+            low[i] = h if i not in low else low[i].add_(h)
+    for i in todo:
+        b, above_bin = picks[i]
+        lo, above_lo = _pick(low[i][1 : (1 << 16) + 1], ks[i] - above_bin)
+        t = torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32).item()
+        out[i] = (t, ks[i] - above_bin - above_lo)
+    return out, nonfinite
+
+
 def magnitude_thresholds(read: Reader, n: int, ks: Sequence[int], chunk: int = CHUNK) -> list[Optional[tuple[float, int]]]:
     """Per model i, ``(t, need)``: t the ``ks[i]``-th largest |τᵢ| over the whole tensor and ``need`` how many
     entries equal to t the top-``ks[i]`` set takes (those with the lowest flat indices); None when
     ``ks[i] >= n`` (everything kept). Exact: a two-pass radix select on the bit patterns (high 16 bits,
     then the low 16 bits inside the chosen bin)."""
-    todo = [i for i, k in enumerate(ks) if k < n]
-    out: list[Optional[tuple[float, int]]] = [None] * len(ks)
-    if not todo:
-        return out
-    ranges = chunk_ranges(n, chunk)
-    hist: dict[int, Tensor] = {}
-    for start, stop in ranges:
-        _, tvs = read(start, stop)
-        for i in todo:
-            h = torch.bincount(torch.bitwise_right_shift(_bits(tvs[i]), 16), minlength=1 << 15)
-            hist[i] = h if i not in hist else hist[i].add_(h)
-    picks = {i: _pick(hist[i], ks[i]) for i in todo}
-    low: dict[int, Tensor] = {}
-    for start, stop in ranges:
-        _, tvs = read(start, stop)
-        for i in todo:
-            bits = _bits(tvs[i])
-            sel = bits[torch.bitwise_right_shift(bits, 16) == picks[i][0]].bitwise_and_(0xFFFF)
-            h = torch.bincount(sel, minlength=1 << 16)
-            low[i] = h if i not in low else low[i].add_(h)
-    for i in todo:
-        b, above_bin = picks[i]
-        lo, above_lo = _pick(low[i], ks[i] - above_bin)
-        t = torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32).item()
-        out[i] = (t, ks[i] - above_bin - above_lo)
-    return out
+    return _thresholds(read, n, ks, chunk)[0]
 
 
-class _TopKMask:
-    """The top-k mask of one model over consecutive chunks: entries above the threshold, and the first
-    ``need`` entries equal to it in flat order (the running count carries across chunks)."""
+class _TopKTrim:
+    """The top-k trim of one model over consecutive chunks: x where |x| > t, the first ``need`` entries with
+    |x| = t in flat order (the running count carries across chunks), +0.0 elsewhere; a new float32 tensor.
 
-    def __init__(self, threshold: float, need: int) -> None:
-        self.t, self.left = threshold, need
+    ``F.hardshrink(x, λ)`` keeps x where |x| > λ and gives +0.0 elsewhere, in one pass: λ = t keeps
+    |x| > t, λ = the float below t keeps |x| >= t. Only the chunk where the count of ties runs out needs a
+    mask. Exceptions: with t = 0 the entries equal to t are zeros, dropped as +0.0 instead of kept as
+    they are (only a −0.0 differs, and τ = −0.0 needs θ₀ = +0.0 there, where θ₀ + a merged ±0 is +0.0:
+    the saved weight is the same); a task vector with inf or NaN takes the compare-and-select form
+    (hardshrink's vector and scalar loops disagree on NaN).
+    """
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __init__(self, threshold: float, need: int, nonfinite: bool = False) -> None:
+        self.t, self.left, self.masked = threshold, need, nonfinite
+        t32 = torch.tensor(threshold, dtype=torch.float32)
+        self.below = torch.nextafter(t32, torch.zeros_like(t32)).item()
+
+    def _mask(self, x: Tensor) -> Tensor:
         a = x.abs()
         mask = a > self.t
         if self.left > 0:
@@ -127,6 +173,23 @@ class _TopKMask:
             mask |= eq
             self.left -= count
         return mask
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.masked:
+            return torch.where(self._mask(x), x, 0.0)
+        if self.left <= 0 or self.t == 0.0:
+            return F.hardshrink(x, self.t)
+        ge = F.hardshrink(x, self.below)
+        gt = F.hardshrink(x, self.t)
+        ties = torch.sub(ge, gt)  # ±t at the entries equal to t, 0 elsewhere (exact)
+        count = int(torch.count_nonzero(ties))
+        if count <= self.left:
+            self.left -= count
+            return ge
+        keep = ties.ne_(0.0).to(torch.bool)
+        keep &= torch.cumsum(keep, dim=0, dtype=torch.int32) <= self.left
+        self.left = 0
+        return torch.where(keep, x, gt)
 
 
 def magnitude_prune_chunks(
@@ -151,14 +214,14 @@ def magnitude_prune_chunks(
     dens = per_model(density, n_models, "density", 0.0, 1.0, low_open=True)
     w = weight_list(weights, n_models)
     ks = [keep_count(d, n, keep_count_mode) if d < 1.0 else n for d in dens]
-    thresholds = magnitude_thresholds(read, n, ks, chunk)
-    masks = [None if t is None else _TopKMask(*t) for t in thresholds]
+    thresholds, nonfinite = _thresholds(read, n, ks, chunk)
+    trims = [None if t is None else _TopKTrim(*t, nonfinite[i]) for i, t in enumerate(thresholds)]
     for start, stop in chunk_ranges(n, chunk):
         _, tvs = read(start, stop)
-        # the trimmed vectors, stacked: what magnitude_prune's masked_fill_ leaves (dropped entries +0.0)
-        stacked = torch.stack([t if m is None else torch.where(m(t), t, 0.0) for t, m in zip(tvs, masks)])
+        # the trimmed vectors (new tensors: the merge overwrites them; dropped entries +0.0), no stack
+        trimmed = [t.to(torch.float32, copy=True) if m is None else m(t) for t, m in zip(tvs, trims)]
         del tvs
-        yield start, stop, _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
+        yield start, stop, _combine(trimmed, w, lam, consensus, sign_method, weighted_sign, divisor)
 
 
 def ties_chunks(read: Reader, n: int, density: PerModel = 0.2, weights: Optional[PerModel] = None, scale: float = 1.0,

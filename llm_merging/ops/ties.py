@@ -9,7 +9,7 @@ model i takes part when its value is nonzero and has the elected sign (zeros nev
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -20,6 +20,35 @@ SIGN_METHODS = ("total", "frequency")
 DIVISORS = ("count", "weight_sum", None)
 
 
+def _scores(xs: Sequence[Tensor], sign_method: str) -> Tensor:
+    """Σᵢ xᵢ (``"total"``) or Σᵢ sign xᵢ (``"frequency"``) as a new tensor, summed left to right."""
+    if sign_method == "total":
+        score = xs[0].clone() if len(xs) == 1 else torch.add(xs[0], xs[1])
+        for x in xs[2:]:
+            score.add_(x)
+        return score
+    score, tmp = torch.sign(xs[0]), None
+    for x in xs[1:]:
+        tmp = torch.sign(x, out=tmp)
+        score.add_(tmp)
+    return score
+
+
+def _elect_(score: Tensor, finite: bool) -> Tensor:
+    """γ = +1 where ``score >= 0`` (−0.0 included), −1 elsewhere (NaN included), float32; ``score`` is
+    overwritten when ``finite`` (all entries finite): adding +0.0 turns −0.0 into +0.0 and changes nothing
+    else, then γ = copysign(1, score) (two arithmetic passes instead of a compare and a select)."""
+    if not finite:
+        return torch.where(score >= 0, 1.0, -1.0).to(torch.float32)
+    one = torch.ones((), dtype=score.dtype, device=score.device)
+    return torch.copysign(one, score.add_(0.0), out=score)
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite (a finite sum says so; an overflowing one says no)."""
+    return bool(torch.isfinite(x.sum()))
+
+
 def elect_sign(stacked: Tensor, sign_method: str = "total") -> Tensor:
     """Elected sign γ ∈ {+1, −1} per entry of ``stacked`` ``(N, *shape)``.
 
@@ -28,46 +57,18 @@ def elect_sign(stacked: Tensor, sign_method: str = "total") -> Tensor:
     """
     check_choice(sign_method, "sign_method", SIGN_METHODS)
     score = stacked.sum(dim=0) if sign_method == "total" else torch.sign(stacked).sum(dim=0)
-    return torch.where(score >= 0, 1.0, -1.0).to(torch.float32)
+    score = score.to(torch.float32)
+    return _elect_(score, _all_finite(score))
 
 
-def consensus_merge(
-    stacked: Tensor,
-    weights: Sequence[float],
-    *,
-    sign_method: str = "total",
-    weighted_sign: bool = False,
-    divisor: Optional[str] = "count",
-) -> Tensor:
-    """Sign election + disjoint merge of already-sparsified vectors ``stacked`` ``(N, *shape)``.
-
-    γ is elected over the unweighted vectors (``weighted_sign=False``, TIES paper and PEFT) or over
-    ``wᵢ xᵢ`` (``weighted_sign=True``, mergekit). Model i agrees at an entry when its value (weighted when
-    ``weighted_sign``) is nonzero with sign γ. Result: ``Σ_agreeing wᵢ xᵢ / D`` with D = number of agreeing
-    models (``"count"``, paper/PEFT), Σ of agreeing wᵢ (``"weight_sum"``, mergekit ``normalize=True``) or 1
-    (``None``, mergekit ``normalize=False``); an entry with no agreeing model is 0. ``stacked`` is consumed
-    (may be overwritten).
-    """
-    check_choice(divisor, "divisor", DIVISORS)
-    check_choice(sign_method, "sign_method", SIGN_METHODS)
-    w = [float(x) for x in weights]
-    if weighted_sign:
-        for i, wi in enumerate(w):
-            stacked[i].mul_(wi)
-    # One model at a time: O(one tensor) of temporaries beyond ``stacked``. Sums start from their first
-    # term (0 + x is x, up to the sign of a zero, which no comparison below sees).
-    votes = [stacked[i] if sign_method == "total" else torch.sign(stacked[i]) for i in range(stacked.shape[0])]
-    score = votes[0].clone()
-    for v in votes[1:]:
-        score.add_(v)
-    del votes
-    gamma = torch.where(score >= 0, 1.0, -1.0).to(torch.float32)
-    del score
+def _select_merge(xs: list[Tensor], w: list[float], gamma: Tensor, weighted_sign: bool,
+                  divisor: Optional[str]) -> Tensor:
+    """The disjoint merge with compares and selects: exact for any input, NaN included (a NaN entry never
+    agrees); used when the election score is not finite."""
     num = den = None
-    for i, wi in enumerate(w):
-        agree = (stacked[i] * gamma) > 0  # nonzero with the elected sign
-        # stacked[i] already holds wᵢxᵢ when weighted_sign
-        term = torch.where(agree, stacked[i] if weighted_sign else stacked[i] * wi, 0.0)
+    for x, wi in zip(xs, w):
+        agree = (x * gamma) > 0  # nonzero with the elected sign
+        term = torch.where(agree, x if weighted_sign else x * wi, 0.0)  # x already holds wᵢxᵢ when weighted_sign
         num = term if num is None else num.add_(term)
         if divisor == "count":
             den = agree.to(torch.float32) if den is None else den.add_(agree)
@@ -78,6 +79,67 @@ def consensus_merge(
         return num / den.clamp_min(1.0)
     if divisor == "weight_sum":
         return num / torch.where(den == 0, 1.0, den)
+    return num
+
+
+def consensus_merge(
+    stacked: Union[Tensor, Sequence[Tensor]],
+    weights: Sequence[float],
+    *,
+    sign_method: str = "total",
+    weighted_sign: bool = False,
+    divisor: Optional[str] = "count",
+) -> Tensor:
+    """Sign election + disjoint merge of already-sparsified vectors ``stacked`` (a tensor ``(N, *shape)``
+    or a sequence of N float32 tensors of one shape).
+
+    γ is elected over the unweighted vectors (``weighted_sign=False``, TIES paper and PEFT) or over
+    ``wᵢ xᵢ`` (``weighted_sign=True``, mergekit). Model i agrees at an entry when its value (weighted when
+    ``weighted_sign``) is nonzero with sign γ. Result: ``Σ_agreeing wᵢ xᵢ / D`` with D = number of agreeing
+    models (``"count"``, paper/PEFT), Σ of agreeing wᵢ (``"weight_sum"``, mergekit ``normalize=True``; 1
+    where that sum is 0) or 1 (``None``, mergekit ``normalize=False``); an entry with no agreeing model is
+    +0. ``stacked`` is consumed (its tensors may be overwritten).
+    """
+    check_choice(divisor, "divisor", DIVISORS)
+    check_choice(sign_method, "sign_method", SIGN_METHODS)
+    xs = [stacked[i] for i in range(len(stacked))]
+    w = [float(x) for x in weights]
+    if weighted_sign:
+        for x, wi in zip(xs, w):
+            x.mul_(wi)
+    score = _scores(xs, sign_method)
+    finite = _all_finite(score)  # then every xᵢ is finite too (an inf or NaN term makes the sum inf or NaN)
+    gamma = _elect_(score, finite)
+    del score
+    if not finite:
+        return _select_merge(xs, w, gamma, weighted_sign, divisor)
+    # Arithmetic only (a compare + select costs ~20 float passes on the CPU). With γ = ±1 and finite x:
+    # r = relu(x·γ) is |x| where x agrees and ±0 elsewhere, so r·γ is x or ±0 and sign(r) the agree
+    # indicator (1 or ±0). Sums start from +0.0, so that a −0.0 term never leaves a −0.0 where the
+    # compare-and-select form (:func:`_select_merge`) gives +0.0: the two agree bit for bit.
+    num = torch.zeros_like(gamma)
+    den = torch.zeros_like(gamma) if divisor is not None else None
+    r, a = torch.empty_like(gamma), (torch.empty_like(gamma) if divisor is not None else None)
+    for x, wi in zip(xs, w):
+        torch.mul(x, gamma, out=r).relu_()
+        if divisor == "count":
+            den.add_(torch.sign(r, out=a))
+        elif divisor == "weight_sum":
+            den.add_(torch.sign(r, out=a), alpha=wi)  # agree·wᵢ exactly (float32 wᵢ, as the select form)
+        if weighted_sign:
+            num.addcmul_(r, gamma)  # + x or ±0: the product is exact, fused or not
+        else:
+            num.add_(r.mul_(gamma).mul_(wi))  # round(x·wᵢ), then the sum, as the select form
+    del r, a
+    if divisor == "count":
+        return num.div_(den.clamp_min_(1.0))
+    if divisor == "weight_sum":
+        w32 = torch.tensor(w, dtype=torch.float32).tolist()
+        if min(w32) > 0.0:
+            # a nonzero sum of positive wᵢ is >= the least of them: only the zeros (where num is +0.0,
+            # so num/min = +0.0 = num/1) change
+            return num.div_(den.clamp_min_(min(w32)))
+        return num.div_(den.add_(torch.rsub(torch.sign(den.abs()), 1.0)))  # den + 1 where den is ±0
     return num
 
 
