@@ -155,8 +155,8 @@ def fp16_task_vectors(rows: int, cols: int, n: int = 3, seed: int = 0) -> list[T
     return tvs
 
 
-def collect(chunks, n: int) -> Tensor:
-    out = torch.empty(n)
+def collect(chunks, n: int, out: Tensor) -> Tensor:
+    """The chunks written into ``out`` (allocated and touched once, outside the timing)."""
     for s, e, m in chunks:
         out[s:e] = m
     return out
@@ -191,6 +191,7 @@ def main() -> None:
     dens = 0.5
     kw = {"weighted_sign": True, "divisor": "weight_sum"}
     ks = [keep_count(dens, n, "floor")] * 3
+    out_old, out_new = torch.zeros(n), torch.zeros(n)
     print(f"TIES, {args.rows}×{args.cols} float32 task vectors ×3 (fp16 deltas), density {dens}, "
           f"keep_count floor, weighted_sign, divisor weight_sum; {args.threads} thread(s), best of {args.repeat}")
     print(f"{'':34s}{'before s':>10s}{'after s':>10s}{'ratio':>8s}  same")
@@ -199,9 +200,10 @@ def main() -> None:
          lambda: old_magnitude_thresholds(read, n, ks, args.chunk),
          lambda: st.magnitude_thresholds(read, n, ks, args.chunk)),
         ("ties_chunks (3 passes)",
-         lambda: collect(old_ties_chunks(read, n, dens, w, chunk=args.chunk, keep_count_mode="floor", **kw), n),
+         lambda: collect(old_ties_chunks(read, n, dens, w, chunk=args.chunk, keep_count_mode="floor", **kw), n,
+                         out_old),
          lambda: collect(st.ties_chunks(read, n, dens, w, n_models=3, chunk=args.chunk, keep_count_mode="floor",
-                                        **kw), n)),
+                                        **kw), n, out_new)),
         ("ops.ties (whole tensor)",
          lambda: old_ties(tvs, dens, w, keep_count_mode="floor", **kw).reshape(-1),
          lambda: ops.ties(tvs, dens, w, keep_count="floor", **kw).reshape(-1)),

@@ -17,7 +17,7 @@ mergekit parity notes (its defaults differ per method): mergekit elects the sign
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -44,25 +44,29 @@ from .masks import (
     della_mask,
     random_mask,
 )
-from .ties import DIVISORS, SIGN_METHODS, consensus_merge
+from .ties import DIVISORS, SIGN_METHODS, Buffers, _consensus
 
 CONSENSUS = (None, "ties")
 
 
 def _combine(
-    stacked: Tensor,
+    stacked: Union[Tensor, Sequence[Tensor]],
     w: list[float],
     lam: float,
     consensus: Optional[str],
     sign_method: str,
     weighted_sign: bool,
     divisor: Optional[str],
+    buffers: Optional[Buffers] = None,
 ) -> Tensor:
+    """The merge of the sparsified vectors ``stacked`` (a tensor ``(N, *shape)`` or N tensors, consumed)
+    times λ, as a new tensor; ``buffers``: the chunked paths' reused temporaries."""
     if consensus == "ties":
-        out = consensus_merge(stacked, w, sign_method=sign_method, weighted_sign=weighted_sign, divisor=divisor)
+        xs = [stacked[i] for i in range(len(stacked))]
+        out = _consensus(xs, w, sign_method, weighted_sign, divisor, buffers if buffers is not None else Buffers())
     else:
         out = weighted_sum_f32(stacked, w)
-    return out if lam == 1.0 else out * lam  # x·1 is x: skip a pass
+    return out if lam == 1.0 else out.mul_(lam)  # out is new; x·1 is x: skip a pass
 
 
 def _common_checks(consensus, sign_method, divisor, scale) -> float:

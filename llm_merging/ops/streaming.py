@@ -26,7 +26,6 @@ import math
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (
@@ -43,6 +42,7 @@ from ._common import (
 )
 from .masks import BLOCK, RESCALES, abs_sum64, apply_mask
 from .sparsify import _combine, _common_checks
+from .ties import Buffers
 
 Reader = Callable[[int, int], "tuple[Tensor, list[Tensor]]"]
 Chunks = Iterator["tuple[int, int, Tensor]"]
@@ -77,21 +77,6 @@ def _pick(hist: Tensor, k: int) -> tuple[int, int]:
     return b, int(above[j]) - int(hist[b])
 
 
-class _Scratch:
-    """A float32 and an int64 buffer of one chunk, reused by every chunk (the last, shorter one slices)."""
-
-    def __init__(self) -> None:
-        self.f: Optional[Tensor] = None
-        self.i: Optional[Tensor] = None
-
-    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        m = x.numel()
-        if self.f is None or self.f.numel() < m or self.f.device != x.device:
-            self.f = torch.empty(m, dtype=torch.float32, device=x.device)
-            self.i = torch.empty(m, dtype=torch.int64, device=x.device)
-        return self.f[:m], self.i[:m]
-
-
 #: high 16 bits of +inf: bins from here on hold the non-finite |τ| (inf, NaN)
 _NONFINITE_BIN = 0x7F80
 
@@ -104,12 +89,12 @@ def _thresholds(read: Reader, n: int, ks: Sequence[int], chunk: int) -> tuple[li
     if not todo:
         return out, nonfinite
     ranges = chunk_ranges(n, chunk)
-    scratch = _Scratch()
+    buf = Buffers()
     hist: dict[int, Tensor] = {}
     for start, stop in ranges:  # pass 1: histogram of the high 16 bits (2^15 bins: the sign bit is 0)
         _, tvs = read(start, stop)
         for i in todo:
-            f, idx = scratch(tvs[i])
+            f, idx = buf("abs", tvs[i]), buf("key", tvs[i], torch.int64)
             idx.copy_(_bits(tvs[i], f).bitwise_right_shift_(16))  # bincount counts int64 without a copy
             h = torch.bincount(idx, minlength=1 << 15)
             hist[i] = h if i not in hist else hist[i].add_(h)
@@ -124,7 +109,7 @@ def _thresholds(read: Reader, n: int, ks: Sequence[int], chunk: int) -> tuple[li
             # of b (L their low 16 bits), 2^16 + 1 above (none above when b is the last bin). Exact integer
             # arithmetic, with no select of bin b's entries.
             lo = picks[i][0] << 16
-            f, idx = scratch(tvs[i])
+            f, idx = buf("abs", tvs[i]), buf("key", tvs[i], torch.int64)
             bits = _bits(tvs[i], f).clamp_(lo - 1, min(lo + (1 << 16), (1 << 31) - 1)).sub_(lo - 1)
             h = torch.bincount(idx.copy_(bits), minlength=(1 << 16) + 2)
             low[i] = h if i not in low else low[i].add_(h)
@@ -148,7 +133,7 @@ class _TopKTrim:
     """The top-k trim of one model over consecutive chunks: x where |x| > t, the first ``need`` entries with
     |x| = t in flat order (the running count carries across chunks), +0.0 elsewhere; a new float32 tensor.
 
-    ``F.hardshrink(x, λ)`` keeps x where |x| > λ and gives +0.0 elsewhere, in one pass: λ = t keeps
+    ``torch.hardshrink(x, λ)`` keeps x where |x| > λ and gives +0.0 elsewhere, in one pass: λ = t keeps
     |x| > t, λ = the float below t keeps |x| >= t. Only the chunk where the count of ties runs out needs a
     mask. Exceptions: with t = 0 the entries equal to t are zeros, dropped as +0.0 instead of kept as
     they are (only a −0.0 differs, and τ = −0.0 needs θ₀ = +0.0 there, where θ₀ + a merged ±0 is +0.0:
@@ -174,15 +159,19 @@ class _TopKTrim:
             self.left -= count
         return mask
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, out: Tensor, buf: Buffers) -> Tensor:
+        """The trimmed chunk ``x``, in ``out`` (or a new tensor); ``buf`` lends the temporaries."""
         if self.masked:
             return torch.where(self._mask(x), x, 0.0)
         if self.left <= 0 or self.t == 0.0:
-            return F.hardshrink(x, self.t)
-        ge = F.hardshrink(x, self.below)
-        gt = F.hardshrink(x, self.t)
-        ties = torch.sub(ge, gt)  # ±t at the entries equal to t, 0 elsewhere (exact)
-        count = int(torch.count_nonzero(ties))
+            return torch.hardshrink(x, self.t, out=out)
+        ge = torch.hardshrink(x, self.below, out=out)
+        gt = torch.hardshrink(x, self.t, out=buf("above", x))
+        ties = torch.sub(ge, gt, out=buf("ties", x))  # ±t at the entries equal to t, 0 elsewhere (exact)
+        if ties.numel() <= 1 << 24:  # a float32 sum of at most 2^24 ones is exact
+            count = int(torch.sign(ties, out=ties).abs_().sum())
+        else:
+            count = int(torch.count_nonzero(ties))
         if count <= self.left:
             self.left -= count
             return ge
@@ -216,12 +205,14 @@ def magnitude_prune_chunks(
     ks = [keep_count(d, n, keep_count_mode) if d < 1.0 else n for d in dens]
     thresholds, nonfinite = _thresholds(read, n, ks, chunk)
     trims = [None if t is None else _TopKTrim(*t, nonfinite[i]) for i, t in enumerate(thresholds)]
+    buf = Buffers()  # every temporary of a chunk reuses the previous chunk's memory; the yield is new
     for start, stop in chunk_ranges(n, chunk):
         _, tvs = read(start, stop)
-        # the trimmed vectors (new tensors: the merge overwrites them; dropped entries +0.0), no stack
-        trimmed = [t.to(torch.float32, copy=True) if m is None else m(t) for t, m in zip(tvs, trims)]
+        # the trimmed vectors (copies: the merge overwrites them; dropped entries +0.0), no stack
+        trimmed = [buf(("trim", i), t).copy_(t) if m is None else m(t, buf(("trim", i), t), buf)
+                   for i, (t, m) in enumerate(zip(tvs, trims))]
         del tvs
-        yield start, stop, _combine(trimmed, w, lam, consensus, sign_method, weighted_sign, divisor)
+        yield start, stop, _combine(trimmed, w, lam, consensus, sign_method, weighted_sign, divisor, buf)
 
 
 def ties_chunks(read: Reader, n: int, density: PerModel = 0.2, weights: Optional[PerModel] = None, scale: float = 1.0,

@@ -20,17 +20,37 @@ SIGN_METHODS = ("total", "frequency")
 DIVISORS = ("count", "weight_sum", None)
 
 
-def _scores(xs: Sequence[Tensor], sign_method: str) -> Tensor:
-    """Σᵢ xᵢ (``"total"``) or Σᵢ sign xᵢ (``"frequency"``) as a new tensor, summed left to right."""
+class Buffers:
+    """Named scratch tensors reused from one chunk to the next (a new one only for a longer chunk or another
+    device): a chunked merge's temporaries then take the same memory every chunk, with no fresh pages
+    to fault in."""
+
+    def __init__(self) -> None:
+        self._t: dict = {}
+
+    def __call__(self, name: object, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A tensor of ``like``'s shape and device (contents undefined)."""
+        m, key = like.numel(), (name, dtype)
+        t = self._t.get(key)
+        if t is None or t.numel() < m or t.device != like.device:
+            t = self._t[key] = torch.empty(m, dtype=dtype, device=like.device)
+        return t[:m].view(like.shape)
+
+
+def _scores(xs: Sequence[Tensor], sign_method: str, buf: Buffers) -> Tensor:
+    """Σᵢ xᵢ (``"total"``) or Σᵢ sign xᵢ (``"frequency"``), summed left to right, in ``buf("score")``."""
+    score = buf("score", xs[0])
     if sign_method == "total":
-        score = xs[0].clone() if len(xs) == 1 else torch.add(xs[0], xs[1])
+        if len(xs) == 1:
+            return score.copy_(xs[0])
+        torch.add(xs[0], xs[1], out=score)
         for x in xs[2:]:
             score.add_(x)
         return score
-    score, tmp = torch.sign(xs[0]), None
+    torch.sign(xs[0], out=score)
+    tmp = buf("sign", xs[0])
     for x in xs[1:]:
-        tmp = torch.sign(x, out=tmp)
-        score.add_(tmp)
+        score.add_(torch.sign(x, out=tmp))
     return score
 
 
@@ -102,12 +122,19 @@ def consensus_merge(
     """
     check_choice(divisor, "divisor", DIVISORS)
     check_choice(sign_method, "sign_method", SIGN_METHODS)
-    xs = [stacked[i] for i in range(len(stacked))]
+    return _consensus([stacked[i] for i in range(len(stacked))], weights, sign_method, weighted_sign, divisor,
+                      Buffers())
+
+
+def _consensus(xs: list[Tensor], weights: Sequence[float], sign_method: str, weighted_sign: bool,
+               divisor: Optional[str], buf: Buffers) -> Tensor:
+    """:func:`consensus_merge` of the tensors ``xs`` (overwritten), its temporaries from ``buf``; the result
+    is a new tensor."""
     w = [float(x) for x in weights]
     if weighted_sign:
         for x, wi in zip(xs, w):
             x.mul_(wi)
-    score = _scores(xs, sign_method)
+    score = _scores(xs, sign_method, buf)
     finite = _all_finite(score)  # then every xᵢ is finite too (an inf or NaN term makes the sum inf or NaN)
     gamma = _elect_(score, finite)
     del score
@@ -118,8 +145,8 @@ def consensus_merge(
     # indicator (1 or ±0). Sums start from +0.0, so that a −0.0 term never leaves a −0.0 where the
     # compare-and-select form (:func:`_select_merge`) gives +0.0: the two agree bit for bit.
     num = torch.zeros_like(gamma)
-    den = torch.zeros_like(gamma) if divisor is not None else None
-    r, a = torch.empty_like(gamma), (torch.empty_like(gamma) if divisor is not None else None)
+    den = buf("den", gamma).zero_() if divisor is not None else None
+    r, a = buf("agree", gamma), buf("indicator", gamma)
     for x, wi in zip(xs, w):
         torch.mul(x, gamma, out=r).relu_()
         if divisor == "count":
@@ -130,7 +157,6 @@ def consensus_merge(
             num.addcmul_(r, gamma)  # + x or ±0: the product is exact, fused or not
         else:
             num.add_(r.mul_(gamma).mul_(wi))  # round(x·wᵢ), then the sum, as the select form
-    del r, a
     if divisor == "count":
         return num.div_(den.clamp_min_(1.0))
     if divisor == "weight_sum":
