@@ -123,13 +123,18 @@ def open_experts(models: Sequence[tuple[Any, bool]], shapes: dict[str, tuple], *
     return experts
 
 
-def _return_large_frees_to_the_os() -> None:
-    """Serve allocations of 1 MiB and more with mmap (glibc), so per-tensor temporaries of the merge
-    are given back to the OS instead of growing the heap. No-op where glibc is absent."""
+def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> None:
+    """glibc malloc for the merge loop: buffers under ``mmap_threshold`` (the chunk buffers, a few MiB
+    each) are reused from the heap, whose top is given back to the OS only past ``trim_threshold`` of
+    free space; larger ones (whole-tensor temporaries) are mmapped and returned to the OS when freed.
+    Glibc's own adaptive threshold instead keeps mapping, faulting in and unmapping chunk-sized buffers:
+    3x the system time of a whole large-vocabulary merge (benchmarks/merge_memory.py). No-op without glibc."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, int(mmap_threshold))  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, int(trim_threshold))  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 
@@ -330,6 +335,7 @@ def merge_into(
     vocab_names = {n for n, _ in vocab_params(model, tokenizer_plan.source_rows[0])} if reindex else set()
     params = [(n, p) for n, p in model.named_parameters() if n in touched and n not in vocab_names]
     base_reader = _base_reader(base_dir, model) if base_dir is not None else None
+    tune_allocator()
     t0 = time.time()
     n_values = 0
     n_chunked = 0
@@ -354,7 +360,6 @@ def merge_into(
                 n_chunked += 1
                 del chunk_out, chunks, reader
                 continue
-        _return_large_frees_to_the_os()  # whole-tensor temporaries: give them back to the OS
         if base_reader is not None and name in base_reader.mapping:
             # θ₀ as stored: the loaded copy may be rounded to a narrower dtype (e.g. bf16 from fp16 files),
             # and that rounding error would otherwise enter every task vector.
