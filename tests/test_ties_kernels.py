@@ -89,6 +89,13 @@ def test_elect_sign_ties_and_nan_elect_as_documented():
     assert ops.elect_sign(stacked).tolist() == [1.0, 1.0, -1.0, -1.0, 1.0]
 
 
+@pytest.fixture(params=["radix", "sampled"])
+def threshold_path(request, monkeypatch):
+    """The two-pass radix select, or the sample + window pass (forced on small tensors)."""
+    monkeypatch.setattr(st, "_SAMPLE_FROM", 0 if request.param == "sampled" else 1 << 62)
+    return request.param
+
+
 def _read(tvs):
     return lambda s, e: (None, [t[s:e] for t in tvs])
 
@@ -109,7 +116,7 @@ def _reference_ties(tvs, density, w, keep_count="round", **kw):
 
 
 @pytest.mark.parametrize("chunk", [SMALL_BLOCK, 5 * SMALL_BLOCK, 1 << 20])
-def test_ties_with_many_zeros_zero_threshold(chunk):
+def test_ties_with_many_zeros_zero_threshold(chunk, threshold_path):
     """More zeros than dropped entries: the k-th largest |τ| is 0 (the trim keeps every nonzero entry)."""
     g = torch.Generator().manual_seed(3)
     n = 40 * SMALL_BLOCK + 17
@@ -126,7 +133,7 @@ def test_ties_with_many_zeros_zero_threshold(chunk):
 
 
 @pytest.mark.parametrize("chunk", [SMALL_BLOCK, 3 * SMALL_BLOCK])
-def test_ties_with_non_finite_task_vectors_drops_nan_as_before(chunk):
+def test_ties_with_non_finite_task_vectors_drops_nan_as_before(chunk, threshold_path):
     g = torch.Generator().manual_seed(4)
     n = 30 * SMALL_BLOCK
     tvs = [(0.01 * torch.randn(n, generator=g)).half().float() for _ in range(3)]
@@ -140,7 +147,7 @@ def test_ties_with_non_finite_task_vectors_drops_nan_as_before(chunk):
     assert not got[[3, 400, 5000]].isnan().any()  # a NaN is never kept by the trim
 
 
-def test_thresholds_exact_over_all_binades():
+def test_thresholds_exact_over_all_binades(threshold_path):
     """Zeros, denormals, normal values of every exponent and the largest finite float: the two-pass radix
     select is the kthvalue, whatever the bin."""
     g = torch.Generator().manual_seed(5)
@@ -157,3 +164,40 @@ def test_thresholds_exact_over_all_binades():
         (t, need), = st.magnitude_thresholds(_read([x]), n, [k], 2 * SMALL_BLOCK)
         kth = torch.kthvalue(a, n - k + 1).values.item()
         assert t == kth and need == k - int((a > kth).sum())
+
+
+def _fp16_like(n, seed, models=3):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).half().float()
+    return [(base + 0.01 * torch.randn(n, generator=g)).half().float() - base for _ in range(models)]
+
+
+def test_sampled_window_finds_the_exact_thresholds(monkeypatch):
+    monkeypatch.setattr(st, "_SAMPLE_FROM", 0)
+    found = []
+    window = st._sample_window
+    monkeypatch.setattr(st, "_sample_window", lambda *a: found.append(window(*a)) or found[-1])
+    n = 1 << 16
+    tvs = _fp16_like(n, seed=6)
+    tvs[2][: n // 3] = 0.0
+    ks = [1, 700, n // 2, n - n // 5, n - 1]
+    for k in ks:
+        got = st.magnitude_thresholds(_read(tvs), n, [k] * 3, 4 * SMALL_BLOCK)
+        for x, (t, need) in zip(tvs, got):
+            a = x.abs()
+            kth = torch.kthvalue(a, n - k + 1).values.item()
+            assert t == kth and need == k - int((a > kth).sum())
+    assert any(w is not None for w in found)  # windows were used (and checked exact above)
+
+
+@pytest.mark.parametrize("window", [(0, 1 << 16), (0x7F00 << 16, 1 << 16), None])
+def test_a_sample_window_that_misses_falls_back_to_the_exact_select(monkeypatch, window):
+    monkeypatch.setattr(st, "_SAMPLE_FROM", 0)
+    monkeypatch.setattr(st, "_sample_window", lambda *a: window)
+    n = 40 * SMALL_BLOCK
+    tvs = _fp16_like(n, seed=7)
+    w = [0.5, 0.3, 0.2]
+    kw = {"weighted_sign": True, "divisor": "weight_sum", "keep_count": "floor"}
+    ref = torch.as_tensor(_reference_ties(tvs, 0.5, w, **kw))
+    kc = kw.pop("keep_count")
+    assert torch.equal(_chunked(tvs, 3 * SMALL_BLOCK, density=0.5, weights=w, keep_count_mode=kc, **kw), ref)

@@ -79,10 +79,75 @@ def _pick(hist: Tensor, k: int) -> tuple[int, int]:
 
 #: high 16 bits of +inf: bins from here on hold the non-finite |τ| (inf, NaN)
 _NONFINITE_BIN = 0x7F80
+#: tensors of at least this many entries find their thresholds from a sample first (every
+#: ``_SAMPLE_STRIDE``-th entry), then one exact pass over a window of at most ``_WINDOW_BINS`` bins
+_SAMPLE_FROM = 1 << 18
+_SAMPLE_STRIDE = 8
+_WINDOW_BINS = 4
+
+
+def _high_hist(x: Tensor, buf: Buffers, tag: str) -> Tensor:
+    """Histogram of the high 16 bits of |x| (2^15 bins: the sign bit is 0)."""
+    f, idx = buf(tag + "abs", x), buf(tag + "key", x, torch.int64)
+    idx.copy_(_bits(x, f).bitwise_right_shift_(16))  # bincount counts int64 without a copy
+    return torch.bincount(idx, minlength=1 << 15)
+
+
+def _window_pass(read: Reader, ranges, windows: dict, buf: Buffers) -> tuple[dict, dict]:
+    """One pass: per model i with ``windows[i] = (lo, width)``, the histogram ``h`` of its |τᵢ| bit patterns
+    with h[0] the entries below ``lo``, h[1 + j] those equal to ``lo + j`` (j < width) and h[width + 1]
+    those above; and Σ|τᵢ| (not finite when an entry is not)."""
+    hists: dict[int, Tensor] = {}
+    sums: dict[int, Tensor] = {}
+    for start, stop in ranges:
+        _, tvs = read(start, stop)
+        for i, (lo, width) in windows.items():
+            # bits − (lo − 1) clamped to [0, width + 1]: exact integer arithmetic, no select of the window
+            f, idx = buf("abs", tvs[i]), buf("key", tvs[i], torch.int64)
+            bits = _bits(tvs[i], f)
+            total = f.sum()
+            bits.clamp_(lo - 1, min(lo + width, (1 << 31) - 1)).sub_(lo - 1)
+            h = torch.bincount(idx.copy_(bits), minlength=width + 2)
+            hists[i] = h if i not in hists else hists[i].add_(h)
+            sums[i] = total if i not in sums else sums[i].add_(total)
+    return hists, sums
+
+
+def _resolve(h: Tensor, lo: int, width: int, k: int) -> Optional[tuple[float, int]]:
+    """``(t, need)`` from a window histogram of :func:`_window_pass`, or None when the k-th largest bit
+    pattern is not inside the window."""
+    above, inside = int(h[width + 1]), h[1 : width + 1]
+    if not above < k <= above + int(inside.sum()):
+        return None
+    j, above_j = _pick(inside, k - above)
+    t = torch.tensor([lo + j], dtype=torch.int32).view(torch.float32).item()
+    return t, k - above - above_j
+
+
+def _sample_window(hist: Tensor, k: int, n: int) -> Optional[tuple[int, int]]:
+    """A window ``(lo, width)`` of whole high-16 bins that holds the k-th largest of the n entries with
+    near certainty, from the histogram ``hist`` of a sample; None when it would span too many bins."""
+    m = int(hist.sum())
+    q = k / n
+    spread = 6.0 * math.sqrt(m * q * (1.0 - q)) + 16.0  # > 6 binomial standard deviations
+    rank_hi = max(1, int(math.floor(q * m - spread)))
+    rank_lo = min(m, int(math.ceil(q * m + spread)))
+    if m == 0 or rank_hi > rank_lo:
+        return None
+    b_hi, b_lo = _pick(hist, rank_hi)[0], _pick(hist, rank_lo)[0]
+    if b_hi - b_lo + 1 > _WINDOW_BINS:
+        return None
+    return b_lo << 16, (b_hi - b_lo + 1) << 16
 
 
 def _thresholds(read: Reader, n: int, ks: Sequence[int], chunk: int) -> tuple[list, list[bool]]:
-    """:func:`magnitude_thresholds`, and per model whether its |τ| has non-finite entries."""
+    """:func:`magnitude_thresholds`, and per model whether its |τ| may have non-finite entries.
+
+    Large tensors: a histogram of the high 16 bits of every ``_SAMPLE_STRIDE``-th entry (a strided pass:
+    little arithmetic) places the k-th largest within a few bins, and one exact pass over those bins
+    finds it (checked: the counts above and inside the window are exact); a model whose window misses, and
+    every model of a small tensor, takes the two-pass radix select (exact high-16 histogram, then the
+    low 16 bits inside the chosen bin). Either way t and need are exact."""
     todo = [i for i, k in enumerate(ks) if k < n]
     out: list[Optional[tuple[float, int]]] = [None] * len(ks)
     nonfinite = [False] * len(ks)
@@ -90,34 +155,35 @@ def _thresholds(read: Reader, n: int, ks: Sequence[int], chunk: int) -> tuple[li
         return out, nonfinite
     ranges = chunk_ranges(n, chunk)
     buf = Buffers()
+    if n >= _SAMPLE_FROM:
+        sample: dict[int, Tensor] = {}
+        for start, stop in ranges:
+            _, tvs = read(start, stop)
+            for i in todo:
+                h = _high_hist(tvs[i][::_SAMPLE_STRIDE], buf, "sample")
+                sample[i] = h if i not in sample else sample[i].add_(h)
+        windows = {i: w for i in todo if (w := _sample_window(sample[i], ks[i], n)) is not None}
+        if windows:
+            hists, sums = _window_pass(read, ranges, windows, buf)
+            for i, (lo, width) in windows.items():
+                out[i] = _resolve(hists[i], lo, width, ks[i])
+                nonfinite[i] = not bool(torch.isfinite(sums[i]))
+        todo = [i for i in todo if out[i] is None]
+        if not todo:
+            return out, nonfinite
     hist: dict[int, Tensor] = {}
-    for start, stop in ranges:  # pass 1: histogram of the high 16 bits (2^15 bins: the sign bit is 0)
+    for start, stop in ranges:  # pass 1: exact histogram of the high 16 bits
         _, tvs = read(start, stop)
         for i in todo:
-            f, idx = buf("abs", tvs[i]), buf("key", tvs[i], torch.int64)
-            idx.copy_(_bits(tvs[i], f).bitwise_right_shift_(16))  # bincount counts int64 without a copy
-            h = torch.bincount(idx, minlength=1 << 15)
+            h = _high_hist(tvs[i], buf, "")
             hist[i] = h if i not in hist else hist[i].add_(h)
-    picks = {i: _pick(hist[i], ks[i]) for i in todo}
     for i in todo:
         nonfinite[i] = bool(hist[i][_NONFINITE_BIN:].any())
-    low: dict[int, Tensor] = {}
-    for start, stop in ranges:  # pass 2: histogram of the low 16 bits inside the chosen bin b
-        _, tvs = read(start, stop)
-        for i in todo:
-            # bits − (b·2^16 − 1) clamped to [0, 2^16 + 1]: 0 for entries below bin b, L + 1 for the entries
-            # of b (L their low 16 bits), 2^16 + 1 above (none above when b is the last bin). Exact integer
-            # arithmetic, with no select of bin b's entries.
-            lo = picks[i][0] << 16
-            f, idx = buf("abs", tvs[i]), buf("key", tvs[i], torch.int64)
-            bits = _bits(tvs[i], f).clamp_(lo - 1, min(lo + (1 << 16), (1 << 31) - 1)).sub_(lo - 1)
-            h = torch.bincount(idx.copy_(bits), minlength=(1 << 16) + 2)
-            low[i] = h if i not in low else low[i].add_(h)
-    for i in todo:
-        b, above_bin = picks[i]
-        lo, above_lo = _pick(low[i][1 : (1 << 16) + 1], ks[i] - above_bin)
-        t = torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32).item()
-        out[i] = (t, ks[i] - above_bin - above_lo)
+    # pass 2: the low 16 bits inside the chosen bin b (the window of bin b holds the k-th largest)
+    windows = {i: (_pick(hist[i], ks[i])[0] << 16, 1 << 16) for i in todo}
+    hists, _ = _window_pass(read, ranges, windows, buf)
+    for i, (lo, width) in windows.items():
+        out[i] = _resolve(hists[i], lo, width, ks[i])
     return out, nonfinite
 
 
