@@ -1,17 +1,28 @@
-"""Seconds per 10⁸ entries to draw DARE / DELLA random masks: the old CPU-generator draw (before) vs the
-counter-based hash computed on the tensor's device (after), side by side in one run.
+"""Seconds per 10⁸ entries to draw DARE / DELLA random masks and to apply DARE: the two previous draws
+(before) vs the keyed 32-bit counter hash computed on the tensor's device (after), side by side in one run.
 
     python benchmarks/mask_speed.py [--entries 33554432] [--threads 2] [--repeat 5] [--devices cpu,cuda]
 
-"before" is the previous implementation, reimplemented here as the baseline: ``torch.rand`` from a CPU
-``torch.Generator`` seeded with the seed, compared with the keep probability on CPU, then moved to the
-device. "after" is :func:`llm_merging.ops.random_mask` / the draw inside
-:func:`llm_merging.ops.della_mask` (given the keep probabilities, which both versions compute the same
-way and are not timed). CUDA is measured when available (``--devices`` default: cpu, plus cuda if there).
+Columns, all reimplemented here as baselines except "after":
+
+* ``torch.rand``: the first implementation, ``torch.rand`` from a CPU ``torch.Generator`` seeded with the
+  seed, compared with the keep probability on CPU, then moved to the device;
+* ``SplitMix64``: the previous counter-based draw, the top 24 bits of the SplitMix64 finaliser of
+  ``key + (i + 1)·φ`` in int64 arithmetic over reused 2¹⁸-entry buffers;
+* ``after``: :func:`llm_merging.ops.random_mask`, the draw inside :func:`llm_merging.ops.della_mask` (given
+  the keep probabilities, computed the same way by every version and not timed), and
+  :func:`llm_merging.ops.masks.dare_drop_`.
+
+Rows: ``dare`` a bool mask; ``della`` a bool mask against per-entry keep probabilities; ``drop`` DARE as the
+chunked merges apply it, in place on 2²⁰-entry chunks of a float32 tensor (drop + 1/p rescale): before =
+the SplitMix64 bits drawn per chunk (fresh buffers, as ``dare_chunks`` did) and ``torch.where(mask, x/p,
+0.0)``, torch.rand = the whole mask drawn first, then the same ``torch.where``. CUDA is measured when
+available (``--devices`` default: cpu, plus cuda if there).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,40 +32,105 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_merging import ops
-from llm_merging.ops._common import counter_chunks
+from llm_merging.ops._common import CounterScratch, counter_chunks
+from llm_merging.ops.masks import dare_drop_
+
+M64 = (1 << 64) - 1
+PHI, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+CHUNK = 1 << 20  # the chunked merges' chunk
 
 
-def old_random_mask(shape, density: float, seed: int, device) -> torch.Tensor:
+def s64(v: int) -> int:
+    v &= M64
+    return v - (1 << 64) if v >> 63 else v
+
+
+def fmix64(z: int) -> int:
+    z &= M64
+    z = ((z ^ (z >> 30)) * MIX1) & M64
+    z = ((z ^ (z >> 27)) * MIX2) & M64
+    return z ^ (z >> 31)
+
+
+def splitmix_chunks(seed: int, n: int, start: int, device, step: int = 1 << 18):
+    """The previous generator: ``(lo, hi, b)`` with b the top 24 bits of SplitMix64's finaliser of
+    ``key(seed) + (i + 1)·φ`` (int64 ops; arithmetic shifts made logical by masks), reused buffers."""
+    step = max(1, min(step, n))
+    base = torch.arange(step, dtype=torch.int64, device=device).mul_(s64(PHI))
+    z, t = torch.empty_like(base), torch.empty_like(base)
+    key = fmix64((seed & M64) + PHI) + PHI
+    for lo in range(start, start + n, step):
+        count = min(step, start + n - lo)
+        zc, tc = z[:count], t[:count]
+        torch.add(base[:count], s64(key + lo * PHI), out=zc)
+        for shift, mult in ((30, MIX1), (27, MIX2), (31, None)):
+            torch.bitwise_right_shift(zc, shift, out=tc)
+            tc.bitwise_and_((1 << (64 - shift)) - 1)
+            zc.bitwise_xor_(tc)
+            if mult is not None:
+                zc.mul_(s64(mult))
+        torch.bitwise_right_shift(zc, 40, out=zc)
+        yield lo, lo + count, zc.bitwise_and_((1 << 24) - 1)
+
+
+def rand_mask(shape, density: float, seed: int, device) -> torch.Tensor:
     u = torch.rand(shape, generator=torch.Generator(device="cpu").manual_seed(seed), dtype=torch.float32)
     return (u < density).to(device)
 
 
-def old_della_draw(keep: torch.Tensor, seed: int) -> torch.Tensor:
+def rand_della(keep: torch.Tensor, seed: int) -> torch.Tensor:
     u = torch.rand(keep.shape, generator=torch.Generator(device="cpu").manual_seed(seed), dtype=torch.float32)
     return u.to(keep.device) < keep
 
 
-def new_della_draw(keep: torch.Tensor, seed: int) -> torch.Tensor:
-    """The draw of :func:`ops.della_mask` once the keep probabilities are known (same loop)."""
+def splitmix_mask(shape, density: float, seed: int, device) -> torch.Tensor:
+    n = math.prod(shape)
+    out = torch.empty(n, dtype=torch.bool, device=device)
+    for lo, hi, b in splitmix_chunks(seed, n, 0, device):
+        torch.lt(b, math.ceil(density * (1 << 24)), out=out[lo:hi])
+    return out.reshape(shape)
+
+
+def draw_against(keep: torch.Tensor, chunks) -> torch.Tensor:
+    """The DELLA draw loop (as :func:`ops.della_mask`): ``b / 2²⁴ < keep`` chunk by chunk."""
     flat = keep.reshape(-1)
-    n = flat.numel()
-    mask = torch.empty(n, dtype=torch.bool, device=keep.device)
+    mask = torch.empty(flat.numel(), dtype=torch.bool, device=keep.device)
     u = None
-    for start, stop, bits in counter_chunks(seed, n, keep.device):
+    for lo, hi, bits in chunks:
         if u is None:
             u = torch.empty(bits.shape, dtype=torch.float32, device=keep.device)
-        uc = u[: stop - start]
+        uc = u[: hi - lo]
         uc.copy_(bits).mul_(2.0**-24)
-        torch.lt(uc, flat[start:stop], out=mask[start:stop])
+        torch.lt(uc, flat[lo:hi], out=mask[lo:hi])
     return mask.reshape(keep.shape)
 
 
-def timed_pair(old, new, device: str, repeat: int) -> tuple[float, float]:
-    """Best of ``repeat`` seconds for each, alternating old and new so both see the same machine load."""
-    old(), new()  # warm-up
-    best = [float("inf"), float("inf")]
+def rand_drop(x: torch.Tensor, density: float, seed: int) -> None:
+    mask = rand_mask(x.shape, density, seed, x.device)
+    for lo in range(0, x.numel(), CHUNK):
+        x[lo : lo + CHUNK] = torch.where(mask[lo : lo + CHUNK], x[lo : lo + CHUNK] / density, 0.0)
+
+
+def splitmix_drop(x: torch.Tensor, density: float, seed: int) -> None:
+    limit = math.ceil(density * (1 << 24))
+    for lo in range(0, x.numel(), CHUNK):
+        count = min(CHUNK, x.numel() - lo)
+        bits = torch.cat([b.clone() for _, _, b in splitmix_chunks(seed, count, lo, x.device)])  # fresh
+        x[lo : lo + count] = torch.where(bits < limit, x[lo : lo + count] / density, 0.0)
+
+
+def new_drop(x: torch.Tensor, density: float, seed: int, scratch: CounterScratch) -> None:
+    for lo in range(0, x.numel(), CHUNK):
+        dare_drop_(x[lo : lo + CHUNK], density, seed, start=lo, scratch=scratch)
+
+
+def timed(fns, device: str, repeat: int) -> list[float]:
+    """Best of ``repeat`` seconds for each, taking turns so all see the same machine load."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeat):
-        for j, fn in enumerate((old, new)):
+        for j, fn in enumerate(fns):
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -62,7 +138,7 @@ def timed_pair(old, new, device: str, repeat: int) -> tuple[float, float]:
             if device == "cuda":
                 torch.cuda.synchronize()
             best[j] = min(best[j], time.perf_counter() - t0)
-    return best[0], best[1]
+    return best
 
 
 def main() -> None:
@@ -79,22 +155,27 @@ def main() -> None:
     n, seed, density = args.entries, ops.derive_seed(1234, 0), 0.3
     shape = (n // 4096, 4096) if n % 4096 == 0 else (n,)
     per = 1e8 / n
-    print(f"mask seconds per 1e8 entries ({n} entries per mask, {args.threads} CPU threads, "
-          f"best of {args.repeat})")
-    print(f"{'device':<7} {'mask':<6} {'before (CPU generator)':>23} {'after (counter hash)':>21} {'speed-up':>9}")
+    print(f"seconds per 1e8 entries ({n} entries per mask, {args.threads} CPU threads, best of {args.repeat})")
+    print(f"{'device':<7} {'row':<6} {'torch.rand':>11} {'SplitMix64':>11} {'after':>9} "
+          f"{'vs SplitMix64':>14} {'vs rand':>8}")
     for dev in devices:
         keep = torch.rand(shape, generator=torch.Generator().manual_seed(0)).mul_(0.4).add_(0.3).to(dev)
+        x = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dev)
+        xs = [x.clone() for _ in range(3)]  # values do not matter for the timing; each fn has its own
+        scratch = CounterScratch(dev)
         rows = [
-            (
-                "dare",
-                lambda: old_random_mask(shape, density, seed, dev),
-                lambda: ops.random_mask(shape, density, seed, dev),
-            ),
-            ("della", lambda: old_della_draw(keep, seed), lambda: new_della_draw(keep, seed)),
+            ("dare", [lambda: rand_mask(shape, density, seed, dev), lambda: splitmix_mask(shape, density, seed, dev),
+                      lambda: ops.random_mask(shape, density, seed, dev)]),
+            ("della", [lambda: rand_della(keep, seed),
+                       lambda: draw_against(keep, splitmix_chunks(seed, keep.numel(), 0, keep.device)),
+                       lambda: draw_against(keep, counter_chunks(seed, keep.numel(), keep.device))]),
+            ("drop", [lambda: rand_drop(xs[0], density, seed), lambda: splitmix_drop(xs[1], density, seed),
+                      lambda: new_drop(xs[2], density, seed, scratch)]),
         ]
-        for name, old, new in rows:
-            t_old, t_new = (t * per for t in timed_pair(old, new, dev, args.repeat))
-            print(f"{dev:<7} {name:<6} {t_old:>21.3f} s {t_new:>19.3f} s {t_old / t_new:>8.1f}x")
+        for name, fns in rows:
+            t_rand, t_sm, t_new = (t * per for t in timed(fns, dev, args.repeat))
+            print(f"{dev:<7} {name:<6} {t_rand:>9.3f} s {t_sm:>9.3f} s {t_new:>7.3f} s "
+                  f"{t_sm / t_new:>13.1f}x {t_rand / t_new:>7.1f}x")
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()

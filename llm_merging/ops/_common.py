@@ -162,7 +162,7 @@ def check_seed(seed: object, name: str = "seed") -> int:
 
 
 def derive_seed(seed: int, index: int) -> int:
-    """Seed of stream ``index`` derived from ``seed`` with the SplitMix64 finaliser.
+    """Seed of stream ``index`` derived from ``seed`` with the SplitMix64 finaliser (pure Python).
 
     Distinct, well-mixed, non-negative 63-bit seeds: model ``i`` of tensor seed ``s`` never
     shares a stream with model ``i+1`` of tensor seed ``s-1`` (as plain ``seed + i`` would).
@@ -175,12 +175,15 @@ def derive_seed(seed: int, index: int) -> int:
 
 
 _GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64 increment
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
-#: flat indices hashed per chunk by :func:`counter_chunks` on CPU (two reused int64 buffers of this size:
+_MASK32 = (1 << 32) - 1
+#: the two multipliers of the lowbias32 mixer (Wellons, "hash-prospector")
+_LB1, _LB2 = 0x7FEB352D, 0x846CA68B
+#: flat indices hashed per chunk by :func:`counter_chunks` on CPU (two reused int32 buffers of this size:
 #: small enough to stay in cache) and on other devices (few kernel launches per tensor)
-COUNTER_CHUNK_CPU = 1 << 18
+COUNTER_CHUNK_CPU = 1 << 19
 COUNTER_CHUNK_DEVICE = 1 << 24
+#: flat indices share one key pair within a block of this many (the counter is the index's low 32 bits)
+COUNTER_BLOCK = 1 << 32
 
 
 def _signed64(v: int) -> int:
@@ -189,53 +192,90 @@ def _signed64(v: int) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
+def _signed32(v: int) -> int:
+    """``v mod 2**32`` as a signed int32 value (what a torch int32 tensor holds for those bits)."""
+    v &= _MASK32
+    return v - (1 << 32) if v >> 31 else v
+
+
 def fmix64(z: int) -> int:
     """The SplitMix64 finaliser of a 64-bit value (pure Python, unsigned)."""
     z &= _MASK64
-    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
-    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
 
 
-def counter_key(seed: int) -> int:
-    """The stream key of ``seed``: its first SplitMix64 output (unsigned 64-bit)."""
-    return fmix64((seed & _MASK64) + _GOLDEN)
+def lowbias32(x: int) -> int:
+    """The lowbias32 32-bit mixer (pure Python, unsigned): xorshift 16, ×0x7feb352d, xorshift 15,
+    ×0x846ca68b, xorshift 16, all modulo 2³²."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * _LB1) & _MASK32
+    x ^= x >> 15
+    x = (x * _LB2) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_key(seed: int, block: int = 0) -> int:
+    """The 64-bit key of ``seed`` for flat indices ``block·2³² … (block + 1)·2³² − 1``: output ``block + 1``
+    of SplitMix64 seeded with ``seed`` (mod 2⁶⁴), i.e. ``fmix64(seed + (block + 1)·φ)``."""
+    return fmix64((seed & _MASK64) + (block + 1) * _GOLDEN)
+
+
+def counter_hash(seed: int, index: int) -> int:
+    """Pure-Python reference of the counter-based generator: the unsigned 32-bit hash of flat ``index``
+    under ``seed``, ``lowbias32(lowbias32((index + k₁) mod 2³²) ⊕ k₂)`` with ``k₁``/``k₂`` the low/high
+    halves of :func:`counter_key` ``(seed, index // 2³²)``. :func:`counter_bits` is its top bits."""
+    key = counter_key(seed, index >> 32)
+    return lowbias32(lowbias32((index & _MASK32) + (key & _MASK32)) ^ (key >> 32))
 
 
 def _check_bits(bits: int) -> None:
-    if not 1 <= bits <= 63:
-        raise ValueError(f"bits: {bits!r} is outside [1, 63]")
+    if not 1 <= bits <= 31:
+        raise ValueError(f"bits: {bits!r} is outside [1, 31]")
 
 
-def _fmix_top_bits_(z: Tensor, t: Tensor, bits: int) -> Tensor:
-    """In place on the int64 tensor ``z``: the top ``bits`` bits of the SplitMix64 finaliser of each
-    entry (``t`` a scratch tensor of the same size). Multiplication wraps modulo 2⁶⁴ on every backend;
-    the right shifts are made logical by masking off the sign-extended bits."""
-    for shift, mult in ((30, _MIX1), (27, _MIX2), (31, None)):
-        torch.bitwise_right_shift(z, shift, out=t)
-        t.bitwise_and_((1 << (64 - shift)) - 1)
-        z.bitwise_xor_(t)
-        if mult is not None:
-            z.mul_(_signed64(mult))
-    torch.bitwise_right_shift(z, 64 - bits, out=z)
-    return z.bitwise_and_((1 << bits) - 1)
+def _xorshift_(z: Tensor, t: Tensor, shift: int) -> None:
+    """``z ^= z >>> shift`` in place on int32 ``z`` (logical shift: arithmetic shift, then the
+    sign-extended bits masked off; ``t`` scratch of the same size)."""
+    torch.bitwise_right_shift(z, shift, out=t)
+    t.bitwise_and_((1 << (32 - shift)) - 1)
+    z.bitwise_xor_(t)
 
 
-def counter_bits(
-    seed: int, start: int, count: int, device: Union[str, torch.device, None], bits: int = 24
-) -> Tensor:
-    """Counter-based random bits: the top ``bits`` bits of ``fmix64(key(seed) + (i + 1)·φ)`` for the flat
-    indices ``i = start … start + count − 1`` (φ the SplitMix64 increment, key :func:`counter_key`), as an
-    int64 tensor on ``device``: entry i of SplitMix64's stream for the key.
+def _lowbias32_(z: Tensor, t: Tensor) -> None:
+    """:func:`lowbias32` in place on the bit patterns of int32 ``z`` (multiplication wraps modulo 2³²
+    on every backend)."""
+    _xorshift_(z, t, 16)
+    z.mul_(_signed32(_LB1))
+    _xorshift_(z, t, 15)
+    z.mul_(_signed32(_LB2))
+    _xorshift_(z, t, 16)
 
-    A pure function of (seed, i) computed on the device in int64 arithmetic, so every device, chunking and
-    tensor shape gives the same bits for the same (seed, flat index). :func:`counter_chunks` is the same
-    draw over a whole tensor with reused buffers.
-    """
-    _check_bits(bits)
-    z = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    z.mul_(_signed64(_GOLDEN)).add_(_signed64(counter_key(seed) + _GOLDEN))
-    return _fmix_top_bits_(z, torch.empty_like(z), bits)
+
+class CounterScratch:
+    """Reusable int32 buffers (``chunk`` entries each) for :func:`counter_chunks` on one device: pass one
+    to successive calls (e.g. one per chunk of a chunked merge) so no call allocates. ``chunk``: entries per
+    hash step (default :data:`COUNTER_CHUNK_CPU` on CPU, :data:`COUNTER_CHUNK_DEVICE` elsewhere)."""
+
+    def __init__(self, device: Union[str, torch.device, None] = None, chunk: Optional[int] = None) -> None:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if chunk is None:
+            chunk = COUNTER_CHUNK_CPU if self.device.type == "cpu" else COUNTER_CHUNK_DEVICE
+        if int(chunk) < 1:
+            raise ValueError(f"chunk: {chunk!r} is not a positive number of entries")
+        self.chunk = int(chunk)
+        self._bufs: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+    def buffers(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(offsets 0 … step − 1, z, t)`` int32 for steps of ``step = min(chunk, n)`` entries (grown on
+        demand, never shrunk)."""
+        step = max(1, min(self.chunk, n))
+        if self._bufs is None or self._bufs[0].numel() < step:
+            base = torch.arange(step, dtype=torch.int32, device=self.device)
+            self._bufs = (base, torch.empty_like(base), torch.empty_like(base))
+        return self._bufs
 
 
 def counter_chunks(
@@ -244,28 +284,64 @@ def counter_chunks(
     device: Union[str, torch.device, None],
     bits: int = 24,
     chunk: Optional[int] = None,
+    *,
+    start: int = 0,
+    scratch: Optional[CounterScratch] = None,
 ) -> Iterator[tuple[int, int, Tensor]]:
-    """``(start, stop, b)`` for consecutive chunks of the flat indices ``0 … n − 1``: ``b`` holds
-    :func:`counter_bits` ``(seed, start, stop − start, device, bits)``, in a buffer reused by the next
-    chunk (consume it before advancing). ``chunk``: entries per chunk (default
-    :data:`COUNTER_CHUNK_CPU` on CPU, :data:`COUNTER_CHUNK_DEVICE` elsewhere); the bits do not depend on it.
+    """``(lo, hi, b)`` for consecutive chunks of the flat indices ``start … start + n − 1``: ``b`` (int32)
+    holds the top ``bits`` bits of :func:`counter_hash` ``(seed, i)`` for ``i = lo … hi − 1``, in a buffer
+    reused by the next chunk (consume it before advancing). ``bits=32`` is the whole hash as int32 bit
+    patterns (negative where the top bit is set). ``chunk``: entries per step (default by device; ignored
+    when ``scratch`` is given, whose buffers are used instead); the bits depend on neither. A chunk never
+    straddles a multiple of 2³² (each such block has its own key), so indices up to 2⁶⁴ are all distinct.
+    """
+    if bits != 32:
+        _check_bits(bits)
+    if n <= 0:
+        return
+    if start < 0:
+        raise ValueError(f"start: {start!r} is negative")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if scratch is None:
+        scratch = CounterScratch(device, chunk)
+    elif scratch.device != device:
+        raise ValueError(f"scratch: buffers on {scratch.device}, not {device}")
+    base, z, t = scratch.buffers(n)
+    step = base.numel()
+    lo, stop, key_block = start, start + n, None
+    while lo < stop:
+        block, off = lo >> 32, lo & _MASK32
+        count = min(step, stop - lo, COUNTER_BLOCK - off)
+        if block != key_block:
+            key_block, key = block, counter_key(seed, block)
+            k1, k2 = key & _MASK32, _signed32(key >> 32)
+        zc, tc = z[:count], t[:count]
+        torch.add(base[:count], _signed32(off + k1), out=zc)  # the counter (index + k₁) mod 2³²
+        _lowbias32_(zc, tc)
+        zc.bitwise_xor_(k2)
+        _lowbias32_(zc, tc)
+        if bits < 32:
+            zc.bitwise_right_shift_(32 - bits).bitwise_and_((1 << bits) - 1)
+        yield lo, lo + count, zc
+        lo += count
+
+
+def counter_bits(
+    seed: int, start: int, count: int, device: Union[str, torch.device, None], bits: int = 24
+) -> Tensor:
+    """Counter-based random bits: the top ``bits`` (1–31) bits of :func:`counter_hash` ``(seed, i)`` for
+    the flat indices ``i = start … start + count − 1``, as a new int32 tensor on ``device``.
+
+    A pure function of (seed, i) computed on the device in int32 arithmetic (wrapping multiply, xor, add,
+    arithmetic shift and mask), so every device, chunking and tensor shape gives the same bits for the same
+    (seed, flat index); for a whole tensor use :func:`counter_chunks` (reused buffers, no output tensor).
     """
     _check_bits(bits)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if chunk is None:
-        chunk = COUNTER_CHUNK_CPU if device.type == "cpu" else COUNTER_CHUNK_DEVICE
-    step = max(1, min(int(chunk), n))
-    if n <= 0:
-        return
-    phi = _signed64(_GOLDEN)
-    base = torch.arange(step, dtype=torch.int64, device=device).mul_(phi)  # i·φ for the chunk's offsets
-    z, t = torch.empty_like(base), torch.empty_like(base)
-    key = counter_key(seed) + _GOLDEN
-    for start in range(0, n, step):
-        count = min(step, n - start)
-        zc = z[:count]
-        torch.add(base[:count], _signed64(key + start * _GOLDEN), out=zc)  # (start + i)·φ + key + φ
-        yield start, start + count, _fmix_top_bits_(zc, t[:count], bits)
+    out = torch.empty(max(count, 0), dtype=torch.int32, device=device)
+    for lo, hi, b in counter_chunks(seed, count, device, bits, start=start):
+        out[lo - start : hi - start].copy_(b)
+    return out
 
 
 KEEP_COUNTS = ("round", "floor")

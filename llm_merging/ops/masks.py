@@ -11,10 +11,13 @@ threshold still go to the lower flat index, where mergekit keeps whichever entri
 inputs with exact ties at the threshold (common in fp16) can still differ there.)
 
 Random masks (DARE, DELLA) come from a counter-based generator computed on the tensor's own device:
-entry i's uniform is ``u = b / 2²⁴`` with ``b`` the top 24 bits of the SplitMix64 finaliser of
-``key(seed) + (i + 1)·φ`` (i the flat row-major index; see :func:`~llm_merging.ops._common.counter_bits`),
-and the entry is kept when ``u < keep probability``. It is a pure function of (seed, flat index) in int64
-arithmetic, so one seed yields bit-identical masks on CPU and GPU, whatever the chunking.
+entry i's uniform is ``u = b / 2²⁴`` with ``b`` the top 24 bits of a keyed 32-bit hash of i,
+``lowbias32(lowbias32((i + k₁) mod 2³²) ⊕ k₂)`` (k₁, k₂ the two halves of a SplitMix64 output of the seed;
+i the flat row-major index; see :func:`~llm_merging.ops._common.counter_hash`), and the entry is kept when
+``u < keep probability``. It is a pure function of (seed, flat index) in int32 arithmetic (wrapping
+multiply, xor, add, shift and mask), so one seed yields bit-identical masks on CPU and GPU, whatever the
+chunking. Dropped entries are +0.0 and kept ones keep their exact bits (masks are applied as bitwise ANDs
+on the float32 bit patterns: no ``torch.where``, no signed zeros from ``x · 0``).
 """
 from __future__ import annotations
 
@@ -26,7 +29,16 @@ from torch import Tensor
 
 from llm_merging.errors import ConfigError
 
-from ._common import KEEP_COUNTS, check_choice, check_range, check_seed, counter_chunks, f32
+from ._common import (
+    COUNTER_CHUNK_CPU,
+    KEEP_COUNTS,
+    CounterScratch,
+    check_choice,
+    check_range,
+    check_seed,
+    counter_chunks,
+    f32,
+)
 from ._common import keep_count as _keep_count
 
 RESCALES = ("inverse", "l1", None)
@@ -92,6 +104,12 @@ def magnitude_mask(x: Tensor, density: float, keep_count: str = "round") -> Tens
     return _topk_flat(f32(x).detach().abs().reshape(-1), k).reshape(x.shape)
 
 
+def keep_limit(density: float) -> int:
+    """The DARE keep test's limit: entry kept when its 24-bit draw ``b < keep_limit(density)``, i.e.
+    ``b / 2²⁴ < density`` (exact: density·2²⁴ is exact in float64)."""
+    return math.ceil(density * (1 << 24))
+
+
 def random_mask(
     shape: Union[torch.Size, tuple[int, ...]],
     density: float,
@@ -111,12 +129,63 @@ def random_mask(
     if d >= 1.0:
         return torch.ones(shape, dtype=torch.bool, device=device)
     shape = torch.Size(shape)
-    n = shape.numel()
-    thr = math.ceil(d * (1 << 24))  # b < thr  ⇔  b / 2²⁴ < d (exact: d·2²⁴ is exact in float64)
-    out = torch.empty(n, dtype=torch.bool, device=device)
-    for start, stop, bits in counter_chunks(s, n, out.device, chunk=chunk):
-        torch.lt(bits, thr, out=out[start:stop])
+    out = torch.empty(shape.numel(), dtype=torch.bool, device=device)
+    random_mask_into_(out, d, s, chunk=chunk)
     return out.reshape(shape)
+
+
+def random_mask_into_(
+    out: Tensor, density: float, seed: int, *, start: int = 0, chunk: Optional[int] = None,
+    scratch: Optional[CounterScratch] = None,
+) -> Tensor:
+    """:func:`random_mask` of the flat indices ``start … start + out.numel() − 1`` written into the 1-D bool
+    tensor ``out`` (``scratch``: buffers reused across calls). density < 1, checked by the caller."""
+    limit = keep_limit(density)
+    for lo, hi, bits in counter_chunks(seed, out.numel(), out.device, chunk=chunk, start=start, scratch=scratch):
+        torch.lt(bits, limit, out=out[lo - start : hi - start])
+    return out
+
+
+def dare_drop_(
+    x: Tensor, density: float, seed: int, *, start: int = 0, inverse: bool = True,
+    scratch: Optional[CounterScratch] = None,
+) -> Tensor:
+    """DARE in place on the contiguous float32 tensor ``x`` holding flat entries ``start … start + numel − 1``
+    of a tensor: entries :func:`random_mask` drops become +0.0, kept ones ``x / density`` (``inverse``) or
+    unchanged. The same values as ``apply_mask(x, random_mask(...), "inverse" or None, density)``, bit for
+    bit, without a bool mask: the 24-bit draws become keep words (``(b − limit) >> 31``: all ones where kept)
+    ANDed into the float bit patterns. density < 1, checked by the caller."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError("dare_drop_: x must be a contiguous float32 tensor")
+    limit = keep_limit(density)
+    flat = x.view(-1)
+    for lo, hi, bits in counter_chunks(seed, flat.numel(), x.device, start=start, scratch=scratch):
+        part = flat[lo - start : hi - start]
+        if inverse:
+            part.div_(density)
+        part.view(torch.int32).bitwise_and_(bits.sub_(limit).bitwise_right_shift_(31))
+    return x
+
+
+def zero_dropped_(x: Tensor, mask: Tensor, chunk: int = COUNTER_CHUNK_CPU) -> Tensor:
+    """In place on the contiguous float32 tensor ``x``: +0.0 where the bool ``mask`` (same numel) is False,
+    kept entries' bits untouched (as ``torch.where(mask, x, 0.0)``, several times faster on CPU: the mask
+    becomes int32 words −1/0 in a small reused buffer, ANDed into the float bit patterns)."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError("zero_dropped_: x must be a contiguous float32 tensor")
+    if mask.numel() != x.numel():
+        raise ValueError(f"zero_dropped_: mask has {mask.numel()} entries, x {x.numel()}")
+    xi, m = x.view(-1).view(torch.int32), mask.reshape(-1)
+    n = xi.numel()
+    if n == 0:
+        return x
+    buf = torch.empty(min(chunk, n), dtype=torch.int32, device=x.device)
+    for lo in range(0, n, buf.numel()):
+        hi = min(lo + buf.numel(), n)
+        w = buf[: hi - lo]
+        w.copy_(m[lo:hi]).neg_()
+        xi[lo:hi].bitwise_and_(w)
+    return x
 
 
 def breadcrumbs_mask(x: Tensor, density: float, gamma: float, keep_count: str = "round") -> Tensor:
@@ -241,12 +310,20 @@ def apply_mask(
     if rescale == "inverse":
         if keep_prob is None:
             raise ConfigError("keep_prob: required for rescale='inverse'")
-        return torch.where(mask, xf / keep_prob, 0.0)
-    masked = torch.where(mask, xf, 0.0)
+        out = torch.div(xf, keep_prob).contiguous()
+    else:
+        out = xf.clone(memory_format=torch.contiguous_format)
+    masked = zero_dropped_(out, mask)
     if rescale == "l1":
         if l1_norms is None:
             l1_norms = (math.fsum(abs_sum64(xf)), math.fsum(abs_sum64(masked)))
-        before, after = l1_norms
-        if before >= _L1_EPS and after >= _L1_EPS:
-            masked = masked * (before / after)
+        l1_rescale_(masked, *l1_norms)
     return masked
+
+
+def l1_rescale_(x: Tensor, before: float, after: float) -> Tensor:
+    """In place: ``x · (before / after)`` (mergekit's L1 rescale of a pruned vector, norm ``after``, to the
+    original's norm ``before``), skipped when either norm is below 1e-7."""
+    if before >= _L1_EPS and after >= _L1_EPS:
+        x.mul_(before / after)
+    return x

@@ -17,6 +17,7 @@ mergekit parity notes (its defaults differ per method): mergekit elects the sign
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from ._common import (
     KEEP_COUNTS,
+    CounterScratch,
     PerModel,
     check_choice,
     check_real,
@@ -39,10 +41,12 @@ from ._common import (
 from .masks import (
     RESCALES,
     _check_della,
+    abs_sum64,
     apply_mask,
     breadcrumbs_mask,
+    dare_drop_,
     della_mask,
-    random_mask,
+    l1_rescale_,
 )
 from .ties import DIVISORS, SIGN_METHODS, Buffers, _consensus
 
@@ -145,10 +149,14 @@ def dare(
     dens = per_model(density, len(ts), "density", 0.0, 1.0, low_open=True)
     w = weight_list(weights, len(ts))
     stacked = stack_f32(ts)
+    scratch = CounterScratch(stacked.device)
     for i, d in enumerate(dens):
         if d < 1.0:
-            mask = random_mask(stacked[i].shape, d, derive_seed(s, i), stacked.device)
-            stacked[i] = apply_mask(stacked[i], mask, rescale, d)
+            x = stacked[i]
+            before = math.fsum(abs_sum64(x)) if rescale == "l1" else None
+            dare_drop_(x, d, derive_seed(s, i), inverse=rescale == "inverse", scratch=scratch)
+            if before is not None:
+                l1_rescale_(x, before, math.fsum(abs_sum64(x)))
     return _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
 
 

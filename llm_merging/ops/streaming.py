@@ -11,9 +11,10 @@ modifies them). The functions here call it as often as they need
 Every function gives, bit for bit and whatever ``chunk``, the flat result of its whole-tensor counterpart:
 
 * :func:`magnitude_prune_chunks` (``ties`` with ``consensus="ties"``) = :func:`~llm_merging.ops.sparsify.magnitude_prune`:
-  the top-k thresholds are exact selections over the whole tensor (:func:`magnitude_thresholds`, a radix
-  select on the float32 bit patterns of |τ|, two counting passes), ties at the threshold go to the lowest
-  flat indices as :func:`~llm_merging.ops.masks.magnitude_mask`, and the rest is elementwise;
+  the top-k thresholds are exact selections over the whole tensor (:func:`magnitude_thresholds`, counting
+  passes over the float32 bit patterns of |τ|), ties at the threshold go to the lowest flat indices as
+  :func:`~llm_merging.ops.masks.magnitude_mask`, and the rest is elementwise (arithmetic passes: see
+  :class:`_TopKTrim` and :func:`~llm_merging.ops.ties.consensus_merge`);
 * :func:`dare_chunks` = :func:`~llm_merging.ops.sparsify.dare`: the counter-based masks are functions of
   the flat index; the L1 rescale's norms are sums of fixed blocks (:func:`~llm_merging.ops.masks.abs_sum64`)
   and its masks are kept between its two passes (one byte per entry and model);
@@ -30,17 +31,17 @@ from torch import Tensor
 
 from ._common import (
     KEEP_COUNTS,
+    CounterScratch,
     PerModel,
     check_choice,
     check_seed,
-    counter_bits,
     derive_seed,
     keep_count,
     per_model,
     stack_f32,
     weight_list,
 )
-from .masks import BLOCK, RESCALES, abs_sum64, apply_mask
+from .masks import BLOCK, RESCALES, abs_sum64, dare_drop_, l1_rescale_, random_mask_into_, zero_dropped_
 from .sparsify import _combine, _common_checks
 from .ties import Buffers
 
@@ -190,8 +191,10 @@ def _thresholds(read: Reader, n: int, ks: Sequence[int], chunk: int) -> tuple[li
 def magnitude_thresholds(read: Reader, n: int, ks: Sequence[int], chunk: int = CHUNK) -> list[Optional[tuple[float, int]]]:
     """Per model i, ``(t, need)``: t the ``ks[i]``-th largest |τᵢ| over the whole tensor and ``need`` how many
     entries equal to t the top-``ks[i]`` set takes (those with the lowest flat indices); None when
-    ``ks[i] >= n`` (everything kept). Exact: a two-pass radix select on the bit patterns (high 16 bits,
-    then the low 16 bits inside the chosen bin)."""
+    ``ks[i] >= n`` (everything kept). Exact, in two passes over the inputs: a radix select on the bit
+    patterns (high 16 bits, then the low 16 bits inside the chosen bin), or for a tensor of at least
+    ``_SAMPLE_FROM`` entries a strided sample's histogram, then an exact count over the few bins it
+    points at (three passes when that window misses)."""
     return _thresholds(read, n, ks, chunk)[0]
 
 
@@ -263,7 +266,8 @@ def magnitude_prune_chunks(
     chunk: int = CHUNK,
 ) -> Chunks:
     """:func:`~llm_merging.ops.sparsify.magnitude_prune` (and with ``consensus="ties"``,
-    :func:`~llm_merging.ops.ties.ties`) in chunks: three passes over the inputs (two for the thresholds)."""
+    :func:`~llm_merging.ops.ties.ties`) in chunks: three passes over the inputs (two for the thresholds,
+    see :func:`magnitude_thresholds`); every temporary of a chunk reuses the previous chunk's memory."""
     lam = _common_checks(consensus, sign_method, divisor, scale)
     check_choice(keep_count_mode, "keep_count", KEEP_COUNTS)
     dens = per_model(density, n_models, "density", 0.0, 1.0, low_open=True)
@@ -314,11 +318,13 @@ def dare_chunks(
     dens = per_model(density, n_models, "density", 0.0, 1.0, low_open=True)
     w = weight_list(weights, n_models)
     seeds = [derive_seed(s, i) for i in range(n_models)]
-    limits = [math.ceil(d * (1 << 24)) for d in dens]  # as random_mask: kept where bits < limit
+    scratch: dict = {}  # the hash's buffers, one set per device, reused by every chunk
 
-    def masks(start: int, stop: int, device) -> list[Optional[Tensor]]:
-        return [None if d >= 1.0 else counter_bits(seeds[i], start, stop - start, device) < limits[i]
-                for i, d in enumerate(dens)]
+    def buffers(device) -> CounterScratch:
+        device = torch.device(device)
+        if device not in scratch:
+            scratch[device] = CounterScratch(device)
+        return scratch[device]
 
     norms: list[Optional[tuple[float, float]]] = [None] * n_models
     kept: dict[int, list] = {}  # the L1 pass's masks (one byte per entry and model), reused by the merge pass
@@ -327,20 +333,32 @@ def dare_chunks(
         after: list[list[float]] = [[] for _ in range(n_models)]
         for start, stop in chunk_ranges(n, chunk):
             _, tvs = read(start, stop)
-            kept[start] = ms = masks(start, stop, tvs[0].device)
-            for i, m in enumerate(ms):
-                if m is not None:
-                    before[i] += abs_sum64(tvs[i])
-                    after[i] += abs_sum64(torch.where(m, tvs[i], 0.0))
+            device = tvs[0].device
+            ms: list[Optional[Tensor]] = []
+            for i, d in enumerate(dens):
+                if d >= 1.0:
+                    ms.append(None)
+                    continue
+                m = torch.empty(stop - start, dtype=torch.bool, device=device)
+                ms.append(random_mask_into_(m, d, seeds[i], start=start, scratch=buffers(device)))
+                x = tvs[i].reshape(-1).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                before[i] += abs_sum64(x)  # float32, as the whole-tensor path
+                after[i] += abs_sum64(zero_dropped_(x, m))
+            kept[start] = ms
         norms = [None if d >= 1.0 else (math.fsum(before[i]), math.fsum(after[i])) for i, d in enumerate(dens)]
     for start, stop in chunk_ranges(n, chunk):
         _, tvs = read(start, stop)
         stacked = stack_f32(tvs)
         del tvs
-        ms = kept.pop(start) if kept else masks(start, stop, stacked.device)
-        for i, m in enumerate(ms):
-            if m is not None:
-                stacked[i] = apply_mask(stacked[i], m, rescale, dens[i], l1_norms=norms[i])
+        ms = kept.pop(start) if kept else None
+        for i, d in enumerate(dens):
+            if d >= 1.0:
+                continue
+            x = stacked[i].view(-1)
+            if ms is None:  # no rescale or 1/p: the masks are keep words ANDed in, no bool mask
+                dare_drop_(x, d, seeds[i], start=start, inverse=rescale == "inverse", scratch=buffers(x.device))
+            else:
+                l1_rescale_(zero_dropped_(x, ms[i]), *norms[i])
         yield start, stop, _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
 
 
