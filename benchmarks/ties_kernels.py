@@ -196,10 +196,10 @@ def main() -> None:
           f"keep_count floor, weighted_sign, divisor weight_sum; {args.threads} thread(s), best of {args.repeat}")
     print(f"{'':34s}{'before s':>10s}{'after s':>10s}{'ratio':>8s}  same")
     rows = [
-        ("magnitude_thresholds (2 passes)",
+        ("magnitude_thresholds",
          lambda: old_magnitude_thresholds(read, n, ks, args.chunk),
          lambda: st.magnitude_thresholds(read, n, ks, args.chunk)),
-        ("ties_chunks (3 passes)",
+        ("ties_chunks",
          lambda: collect(old_ties_chunks(read, n, dens, w, chunk=args.chunk, keep_count_mode="floor", **kw), n,
                          out_old),
          lambda: collect(st.ties_chunks(read, n, dens, w, n_models=3, chunk=args.chunk, keep_count_mode="floor",
