@@ -186,6 +186,11 @@ def test_dropped_entries_are_positive_zero_and_kept_bits_exact():
     for rescale, keep in (("inverse", d), (None, None), ("inverse", torch.full(x.shape, 0.25))):
         want = torch.where(mask, x / keep if rescale else x, 0.0).view(torch.int32)
         assert torch.equal(ops.apply_mask(x, mask, rescale, keep).view(torch.int32), want)
+    for chunk in (7, 1000, None):
+        got = mk.zero_dropped_(x.clone(), mask, chunk)
+        assert torch.equal(got.view(torch.int32), torch.where(mask, x, 0.0).view(torch.int32))
+    with pytest.raises(ValueError, match="entries"):
+        mk.zero_dropped_(x.clone(), mask[:-1])
     got = mk.dare_drop_(x.clone(), d, seed)
     assert torch.equal(got.view(torch.int32), torch.where(mask, x / d, 0.0).view(torch.int32))
     assert (got.view(torch.int32)[~mask] == 0).all()  # +0.0, never -0.0

@@ -31,6 +31,7 @@ from llm_merging.errors import ConfigError
 
 from ._common import (
     COUNTER_CHUNK_CPU,
+    COUNTER_CHUNK_DEVICE,
     KEEP_COUNTS,
     CounterScratch,
     check_choice,
@@ -167,10 +168,11 @@ def dare_drop_(
     return x
 
 
-def zero_dropped_(x: Tensor, mask: Tensor, chunk: int = COUNTER_CHUNK_CPU) -> Tensor:
+def zero_dropped_(x: Tensor, mask: Tensor, chunk: Optional[int] = None) -> Tensor:
     """In place on the contiguous float32 tensor ``x``: +0.0 where the bool ``mask`` (same numel) is False,
     kept entries' bits untouched (as ``torch.where(mask, x, 0.0)``, several times faster on CPU: the mask
-    becomes int32 words −1/0 in a small reused buffer, ANDed into the float bit patterns)."""
+    becomes int32 words −1/0 in a small reused buffer, ANDed into the float bit patterns). ``chunk``:
+    entries per step (default by device, as the counter hash's)."""
     if x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError("zero_dropped_: x must be a contiguous float32 tensor")
     if mask.numel() != x.numel():
@@ -179,6 +181,8 @@ def zero_dropped_(x: Tensor, mask: Tensor, chunk: int = COUNTER_CHUNK_CPU) -> Te
     n = xi.numel()
     if n == 0:
         return x
+    if chunk is None:
+        chunk = COUNTER_CHUNK_CPU if x.device.type == "cpu" else COUNTER_CHUNK_DEVICE
     buf = torch.empty(min(chunk, n), dtype=torch.int32, device=x.device)
     for lo in range(0, n, buf.numel()):
         hi = min(lo + buf.numel(), n)
