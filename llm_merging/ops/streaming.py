@@ -200,7 +200,7 @@ def magnitude_thresholds(read: Reader, n: int, ks: Sequence[int], chunk: int = C
 
 class _TopKTrim:
     """The top-k trim of one model over consecutive chunks: x where |x| > t, the first ``need`` entries with
-    |x| = t in flat order (the running count carries across chunks), +0.0 elsewhere; a new float32 tensor.
+    |x| = t in flat order (the running count carries across chunks), +0.0 elsewhere (float32).
 
     ``torch.hardshrink(x, λ)`` keeps x where |x| > λ and gives +0.0 elsewhere, in one pass: λ = t keeps
     |x| > t, λ = the float below t keeps |x| >= t. Only the chunk where the count of ties runs out needs a
@@ -331,6 +331,7 @@ def dare_chunks(
     if rescale == "l1":
         before: list[list[float]] = [[] for _ in range(n_models)]
         after: list[list[float]] = [[] for _ in range(n_models)]
+        copy: Optional[Tensor] = None  # one float32 buffer for the masked copies, reused
         for start, stop in chunk_ranges(n, chunk):
             _, tvs = read(start, stop)
             device = tvs[0].device
@@ -341,8 +342,10 @@ def dare_chunks(
                     continue
                 m = torch.empty(stop - start, dtype=torch.bool, device=device)
                 ms.append(random_mask_into_(m, d, seeds[i], start=start, scratch=buffers(device)))
-                x = tvs[i].reshape(-1).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-                before[i] += abs_sum64(x)  # float32, as the whole-tensor path
+                if copy is None or copy.numel() < stop - start or copy.device != device:
+                    copy = torch.empty(stop - start, dtype=torch.float32, device=device)
+                x = copy[: stop - start].copy_(tvs[i].reshape(-1))  # float32, as the whole-tensor path
+                before[i] += abs_sum64(x)
                 after[i] += abs_sum64(zero_dropped_(x, m))
             kept[start] = ms
         norms = [None if d >= 1.0 else (math.fsum(before[i]), math.fsum(after[i])) for i, d in enumerate(dens)]
