@@ -18,6 +18,10 @@ chunked merges apply it, in place on 2²⁰-entry chunks of a float32 tensor (dr
 the SplitMix64 bits drawn per chunk (fresh buffers, as ``dare_chunks`` did) and ``torch.where(mask, x/p,
 0.0)``, torch.rand = the whole mask drawn first, then the same ``torch.where``. CUDA is measured when
 available (``--devices`` default: cpu, plus cuda if there).
+
+Then :func:`llm_merging.ops.streaming.dare_chunks` alone on three 32000×1024 float32 task vectors
+(``--dare-shape``; density 0.5, TIES consensus, 1/p and mergekit's L1 rescale), with the previous mask
+code patched into it (before) and as it is (after): everything else (the TIES kernels) is the same code.
 """
 from __future__ import annotations
 
@@ -124,6 +128,66 @@ def new_drop(x: torch.Tensor, density: float, seed: int, scratch: CounterScratch
         dare_drop_(x[lo : lo + CHUNK], density, seed, start=lo, scratch=scratch)
 
 
+class OldMasks:
+    """The previous mask code inside :func:`llm_merging.ops.streaming.dare_chunks`, patched in for the
+    "before" column: SplitMix64 bits drawn per chunk into fresh buffers, applied with
+    ``torch.where(mask, x, 0.0)`` (plus one copy back into the chunk, ~2 % of a mask's cost)."""
+
+    @staticmethod
+    def _mask(density: float, seed: int, start: int, count: int, device) -> torch.Tensor:
+        bits = next(splitmix_chunks(seed, count, start, device, step=count))[2]  # fresh buffers, one step
+        return bits < math.ceil(density * (1 << 24))
+
+    @classmethod
+    def dare_drop_(cls, x, density, seed, *, start=0, inverse=True, scratch=None):
+        m = cls._mask(density, seed, start, x.numel(), x.device)
+        return x.copy_(torch.where(m, x / density if inverse else x, 0.0))
+
+    @classmethod
+    def random_mask_into_(cls, out, density, seed, *, start=0, chunk=None, scratch=None):
+        return out.copy_(cls._mask(density, seed, start, out.numel(), out.device))
+
+    @staticmethod
+    def zero_dropped_(x, mask, chunk=None):
+        return x.copy_(torch.where(mask, x, 0.0))
+
+
+def time_dare_chunks(rows: int, cols: int, repeat: int) -> None:
+    """``dare_chunks`` alone on three ``rows × cols`` float32 task vectors (density 0.5, TIES consensus), with
+    the previous mask code patched in (before) and as it is (after), taking turns."""
+    from llm_merging.ops import streaming
+
+    n = rows * cols
+    g = torch.Generator().manual_seed(2)
+    tvs = [torch.randn(n, generator=g).mul_(1e-3) for _ in range(3)]
+
+    def read(start: int, stop: int):
+        return None, [t[start:stop] for t in tvs]
+
+    def run(kw):
+        for _ in streaming.dare_chunks(read, n, 0.5, [0.5, 0.3, 0.2], consensus="ties", seed=7, n_models=3, **kw):
+            pass
+
+    names = ("dare_drop_", "random_mask_into_", "zero_dropped_")
+    current = {k: getattr(streaming, k) for k in names}
+
+    def before(kw):
+        for k in names:
+            setattr(streaming, k, getattr(OldMasks, k))
+        try:
+            run(kw)
+        finally:
+            for k, v in current.items():
+                setattr(streaming, k, v)
+
+    print(f"dare_chunks on 3 task vectors of {rows}x{cols} float32, density 0.5, ties (seconds, best of {repeat})")
+    for label, kw in (("rescale inverse", {"rescale": "inverse"}),
+                      ("rescale l1, weighted_sign, no divisor (mergekit dare_ties)",
+                       {"rescale": "l1", "weighted_sign": True, "divisor": None})):
+        t_old, t_new = timed([lambda: before(kw), lambda: run(kw)], "cpu", repeat)
+        print(f"  {label:<58} before {t_old:6.3f} s  after {t_new:6.3f} s  {t_old / t_new:5.1f}x")
+
+
 def timed(fns, device: str, repeat: int) -> list[float]:
     """Best of ``repeat`` seconds for each, taking turns so all see the same machine load."""
     for fn in fns:
@@ -147,6 +211,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--devices", default=None, help="comma-separated; default cpu (+ cuda when available)")
+    p.add_argument("--dare-shape", default="32000x1024",
+                   help="ROWSxCOLS of the dare_chunks timing on CPU (three task vectors); 'none' skips it")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     devices = args.devices.split(",") if args.devices else ["cpu"]
@@ -182,6 +248,9 @@ def main() -> None:
             ops.random_mask(shape, density, seed, dev)
             extra = (torch.cuda.max_memory_allocated() - base) / 2**20
             print(f"cuda   dare peak GPU memory of one mask draw: {extra:.0f} MiB (mask {n / 2**20:.0f} MiB)")
+    if args.dare_shape != "none":
+        rows, cols = (int(v) for v in args.dare_shape.lower().split("x"))
+        time_dare_chunks(rows, cols, max(1, min(args.repeat, 3)))
 
 
 if __name__ == "__main__":
