@@ -28,8 +28,9 @@ class Buffers:
     def __init__(self) -> None:
         self._t: dict = {}
 
-    def __call__(self, name: object, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-        """A tensor of ``like``'s shape and device (contents undefined)."""
+    def __call__(self, name: object, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """A tensor of ``like``'s shape and device, of ``dtype`` (default: ``like``'s; contents undefined)."""
+        dtype = like.dtype if dtype is None else dtype
         m, key = like.numel(), (name, dtype)
         t = self._t.get(key)
         if t is None or t.numel() < m or t.device != like.device:
