@@ -24,6 +24,13 @@ def _tiny_model(kind: str, tied: bool = False):
     if kind == "t5":  # keeps its `wo` weights in float32: shards of mixed dtypes
         return T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=32, d_ff=64, num_layers=2, num_heads=4,
                                                    d_kv=8, decoder_start_token_id=0))
+    if kind == "marian":  # has _keys_to_ignore_on_save (its sinusoidal positions), which save_pretrained drops
+        from transformers import MarianConfig, MarianMTModel
+
+        return MarianMTModel(MarianConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
+                                          encoder_attention_heads=4, decoder_attention_heads=4,
+                                          encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                                          pad_token_id=0, decoder_start_token_id=0))
     if kind == "gpt2":
         return AutoModelForCausalLM.from_config(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4))
     return AutoModelForCausalLM.from_config(LlamaConfig(
@@ -31,7 +38,8 @@ def _tiny_model(kind: str, tied: bool = False):
         num_key_value_heads=2, tie_word_embeddings=tied))
 
 
-@pytest.mark.parametrize("kind,tied", [("llama", False), ("llama", True), ("gpt2", True), ("t5", True)])
+@pytest.mark.parametrize("kind,tied", [("llama", False), ("llama", True), ("gpt2", True), ("t5", True),
+                                       ("marian", True)])
 @pytest.mark.parametrize("shard", ["20KB", "5GB"])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_streamed_directory_equals_save_pretrained(tmp_path, kind, tied, shard, dtype):
@@ -56,6 +64,17 @@ def test_streamed_directory_equals_save_pretrained(tmp_path, kind, tied, shard, 
     model.save_pretrained(tmp_path / "reference", max_shard_size=shard)
     assert _digests(tmp_path / "streamed") == _digests(tmp_path / "reference")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_short_writes_are_completed(tmp_path, monkeypatch):
+    """One pwrite writes at most ~2 GiB on Linux: a tensor past that must still be written whole."""
+    model = _tiny_model("llama")
+    model.save_pretrained(tmp_path / "reference")
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real(fd, memoryview(data).cast("B")[:100], offset))
+    StreamingSave(model, tmp_path / "streamed").finish(None)
+    monkeypatch.undo()
+    assert _digests(tmp_path / "streamed") == _digests(tmp_path / "reference")
 
 
 def test_incomplete_stream_is_refused_and_removed(tmp_path):

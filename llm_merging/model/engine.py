@@ -128,7 +128,9 @@ def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 
     each) are reused from the heap, whose top is given back to the OS only past ``trim_threshold`` of
     free space; larger ones (whole-tensor temporaries) are mmapped and returned to the OS when freed.
     Glibc's own adaptive threshold instead keeps mapping, faulting in and unmapping chunk-sized buffers:
-    3x the system time of a whole large-vocabulary merge (benchmarks/merge_memory.py). No-op without glibc."""
+    3x the system time of a whole large-vocabulary merge (benchmarks/merge_memory.py). Process-wide and
+    kept after the merge (evaluation then runs with it too: up to ``trim_threshold`` of freed heap may stay
+    resident). No-op without glibc."""
     try:
         import ctypes
 
@@ -229,8 +231,8 @@ class RangeReader:
         return self.base(start, stop)
 
     def _read_all(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The whole parameter, as ``_read``, in one block (one allocation, which the allocator maps on its
-        own and returns to the OS when freed, instead of leaving holes in its heap)."""
+        """The whole parameter, as ``_read``, in one block (one allocation: above :func:`tune_allocator`'s
+        mmap threshold it is mapped on its own and returned to the OS when freed)."""
         block = torch.empty((len(self.sources) + 1, self.numel), dtype=torch.float32, device=self.device)
         block[0].copy_(self.base(0, self.numel))
         for row, src in zip(block[1:], self.sources):

@@ -122,6 +122,9 @@ class StreamingSave:
             raise NotStreamable("remote-code model")
         self.model, self.dtype = model, dtype
         state = model.state_dict()
+        self.ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) & set(state)
+        for key in self.ignored:  # as save_pretrained drops them (e.g. Marian's sinusoidal positions)
+            state.pop(key)
         kept = remove_tied_weights_from_state_dict(dict(state), model)
         by_storage = {_storage_key(t): n for n, t in kept.items() if isinstance(t, torch.Tensor) and t.numel()}
         self.alias = {n: n for n in kept}  # a tied name -> the one saved
@@ -136,7 +139,10 @@ class StreamingSave:
                 raise NotStreamable(f"dtype {out} of '{n}'")
             placeholders[n] = torch.empty(t.shape, dtype=out, device="meta")
         ids = {id(v): n for n, v in placeholders.items()}
-        reverted = revert_weight_conversion(model, dict(placeholders))
+        try:
+            reverted = revert_weight_conversion(model, dict(placeholders))
+        except Exception as exc:  # a conversion that needs real values: save whole
+            raise NotStreamable(f"weight conversions on save ({type(exc).__name__})") from None
         if len(reverted) != len(placeholders) or any(id(v) not in ids for v in reverted.values()):
             raise NotStreamable("weight conversions on save")  # converters build new tensors: save whole
         self.saved_name = {ids[id(v)]: k for k, v in reverted.items()}
@@ -165,7 +171,7 @@ class StreamingSave:
                 raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
                 fd = os.open(self.tmp / filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds.append(fd)
-                os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+                _pwrite_all(fd, len(raw).to_bytes(8, "little") + raw, 0)
                 os.ftruncate(fd, 8 + len(raw) + offset)
                 for key in names:
                     start, stop = header[key]["data_offsets"]
@@ -180,8 +186,8 @@ class StreamingSave:
     def put(self, name: str, start: int, values: torch.Tensor) -> None:
         """Write ``values`` (flat, any dtype: cast to the saved one) as the entries ``start …`` of ``name``
         (a model parameter or buffer name; tied names resolve to the saved one)."""
-        import os
-
+        if name in self.ignored:
+            return  # not saved (save_pretrained drops it too)
         name = self.alias.get(name, name)
         fd, offset, nbytes = self._where[name]
         v = values.detach().reshape(-1).to(device="cpu", dtype=self._out_dtype(self.source[name]))
@@ -189,7 +195,7 @@ class StreamingSave:
         begin = start * v.element_size()
         if begin + raw.nbytes > nbytes:
             raise ValueError(f"'{name}': entries {start}…{start + v.numel()} are past its end")
-        os.pwrite(fd, raw, offset + begin)
+        _pwrite_all(fd, raw, offset + begin)
         self._done[name] = self._done.get(name, 0) + raw.nbytes
 
     def finish(self, tokenizer, info: dict[str, Any] | None = None) -> Path:
@@ -249,6 +255,18 @@ class StreamingSave:
                 ctx.__exit__(type(err), err, None)
             except BaseException:
                 pass
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (one call writes at most ~2 GiB on Linux)."""
+    import os
+
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(f"cannot write to the saved model (pwrite returned {n})")
+        view, offset = view[n:], offset + n
 
 
 def _storage_key(t: torch.Tensor) -> tuple:

@@ -160,10 +160,11 @@ def dare_drop_(
         raise ValueError("dare_drop_: x must be a contiguous float32 tensor")
     limit = keep_limit(density)
     flat = x.view(-1)
+    p = _divisor(density, x.device)
     for lo, hi, bits in counter_chunks(seed, flat.numel(), x.device, start=start, scratch=scratch):
         part = flat[lo - start : hi - start]
         if inverse:
-            part.div_(density)
+            part.div_(p)
         part.view(torch.int32).bitwise_and_(bits.sub_(limit).bitwise_right_shift_(31))
     return x
 
@@ -292,6 +293,13 @@ def della_mask(
     return mask.reshape(x.shape), keep
 
 
+def _divisor(value: float, device) -> Tensor:
+    """``value`` as a 0-dim float32 tensor on ``device``: dividing by it is a true division on every device
+    (CUDA divides by a Python or CPU scalar as a multiplication by its reciprocal, one bit off at times),
+    and on the CPU the same bits as dividing by the float."""
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
 def apply_mask(
     x: Tensor,
     mask: Tensor,
@@ -314,7 +322,8 @@ def apply_mask(
     if rescale == "inverse":
         if keep_prob is None:
             raise ConfigError("keep_prob: required for rescale='inverse'")
-        out = torch.div(xf, keep_prob).contiguous()
+        p = keep_prob if isinstance(keep_prob, Tensor) else _divisor(keep_prob, xf.device)
+        out = torch.div(xf, p).contiguous()
     else:
         out = xf.clone(memory_format=torch.contiguous_format)
     masked = zero_dropped_(out, mask)

@@ -194,7 +194,7 @@ def magnitude_thresholds(read: Reader, n: int, ks: Sequence[int], chunk: int = C
     ``ks[i] >= n`` (everything kept). Exact, in two passes over the inputs: a radix select on the bit
     patterns (high 16 bits, then the low 16 bits inside the chosen bin), or for a tensor of at least
     ``_SAMPLE_FROM`` entries a strided sample's histogram, then an exact count over the few bins it
-    points at (three passes when that window misses)."""
+    points at (four passes when that window misses: the sample, the window, then the two radix passes)."""
     return _thresholds(read, n, ks, chunk)[0]
 
 
@@ -205,8 +205,8 @@ class _TopKTrim:
     ``torch.hardshrink(x, λ)`` keeps x where |x| > λ and gives +0.0 elsewhere, in one pass: λ = t keeps
     |x| > t, λ = the float below t keeps |x| >= t. Only the chunk where the count of ties runs out needs a
     mask. Exceptions: with t = 0 the entries equal to t are zeros, dropped as +0.0 instead of kept as
-    they are (only a −0.0 differs, and τ = −0.0 needs θ₀ = +0.0 there, where θ₀ + a merged ±0 is +0.0:
-    the saved weight is the same); a task vector with inf or NaN takes the compare-and-select form
+    they are (only a −0.0 differs: a zero never takes part in the TIES election, and in a plain sum it
+    can change the sign of a zero result only, so of a saved weight only where θ₀ = −0.0); a task vector with inf or NaN takes the compare-and-select form
     (hardshrink's vector and scalar loops disagree on NaN).
     """
 

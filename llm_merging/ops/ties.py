@@ -90,7 +90,8 @@ def _select_merge(xs: list[Tensor], w: list[float], gamma: Tensor, weighted_sign
     for x, wi in zip(xs, w):
         agree = (x * gamma) > 0  # nonzero with the elected sign
         term = torch.where(agree, x if weighted_sign else x * wi, 0.0)  # x already holds wᵢxᵢ when weighted_sign
-        num = term if num is None else num.add_(term)
+        # from +0.0, as the arithmetic form: no −0.0 sum where the two would differ in a zero's sign
+        num = torch.zeros_like(term).add_(term) if num is None else num.add_(term)
         if divisor == "count":
             den = agree.to(torch.float32) if den is None else den.add_(agree)
         elif divisor == "weight_sum":
