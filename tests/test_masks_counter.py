@@ -315,4 +315,4 @@ def test_cpu_and_cuda_bit_identical():
     xg = ts[0].cuda().reshape(-1).clone()
     assert torch.equal(mk.dare_drop_(xg, 0.3, 4, inverse=False).cpu(),
                        mk.dare_drop_(ts[0].reshape(-1).clone(), 0.3, 4, inverse=False))
-    assert torch.equal(cpu == 0, gpu == 0) and torch.allclose(cpu, gpu, rtol=1e-6, atol=0)
+    assert torch.equal(cpu, gpu)  # 1/p is a true division on both (masks._divisor), so the same bits
