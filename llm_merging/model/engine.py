@@ -277,6 +277,15 @@ def _merge_chunked(name: str, param: torch.Tensor, chunks, reader: RangeReader, 
     return None if out is None else out.view(param.shape)
 
 
+def _store(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``value`` becomes the parameter (in its dtype): fresh storage on the CPU (the loaded weights may be
+    memory-mapped files), in place elsewhere."""
+    if param.device.type == "cpu":
+        param.data = value.to(device=param.device, dtype=param.dtype)
+    else:
+        param.data.copy_(value.to(dtype=param.dtype))
+
+
 def compute_device(param: torch.Tensor) -> torch.device:
     """Where to do the math for ``param``: its own device, or the GPU when the model sits on the CPU."""
     if param.device.type != "cpu":
@@ -344,7 +353,6 @@ def merge_into(
     device = None
     for name, param in tqdm(params, desc="merge", unit="tensor", disable=not progress, leave=False):
         device = compute_device(param)
-        on_cpu = param.device.type == "cpu"
         if should_stop is not None and should_stop():
             raise BudgetExceeded(f"time budget ran out while merging (at parameter '{name}'); nothing was saved")
         if merge_chunks is not None and delta_sink is None:
@@ -352,12 +360,8 @@ def merge_into(
             chunks = None if reader is None else merge_chunks(name, reader, param.numel(), len(experts))
             if chunks is not None:
                 chunk_out = _merge_chunked(name, param, chunks, reader, writer)
-                if writer is not None:
-                    pass
-                elif on_cpu:
-                    param.data = chunk_out
-                else:
-                    param.data.copy_(chunk_out)
+                if writer is None:
+                    _store(param, chunk_out)
                 n_values += param.numel()
                 n_chunked += 1
                 del chunk_out, chunks, reader
@@ -382,10 +386,8 @@ def merge_into(
             delta_sink(name, merged)
         if writer is not None:
             writer.put(name, 0, result.to(dtype=param.dtype))
-        elif on_cpu:
-            param.data = result.to(device=param.device, dtype=param.dtype)
         else:
-            param.data.copy_(result.to(dtype=param.dtype))
+            _store(param, result)
         n_values += param.numel()
         del base, task_vectors, merged, result
     vocab_stats = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,6 @@ class StreamingSave:
 
     def __init__(self, model: torch.nn.Module, output_dir: str | Path, *, dtype: torch.dtype | None = None,
                  max_shard_size: str = "5GB") -> None:
-        import os
-
         from huggingface_hub import split_torch_state_dict_into_shards
         from transformers.core_model_loading import revert_weight_conversion
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -131,7 +130,7 @@ class StreamingSave:
         for n, t in state.items():
             if n not in kept and isinstance(t, torch.Tensor) and _storage_key(t) in by_storage:
                 self.alias[n] = by_storage[_storage_key(t)]
-        self.source = {n: kept[n] for n in kept}  # the model's values: written for whatever the merge leaves
+        self.source = dict(kept)  # the model's values: written for whatever the merge leaves
         placeholders = {}
         for n, t in kept.items():
             out = self._out_dtype(t)
@@ -201,8 +200,6 @@ class StreamingSave:
     def finish(self, tokenizer, info: dict[str, Any] | None = None) -> Path:
         """Write what the merge did not (tensors it left as they are), the index, config, generation config,
         tokenizer and model card; rename the directory into place."""
-        import os
-
         try:
             for name, t in self.source.items():
                 done = self._done.get(name, 0)
@@ -240,8 +237,6 @@ class StreamingSave:
 
     def abort(self, exc: BaseException | None = None) -> None:
         """Remove the partly written directory (nothing is left behind)."""
-        import os
-
         for fd in self._fds:
             try:
                 os.close(fd)
@@ -259,8 +254,6 @@ class StreamingSave:
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
     """``os.pwrite`` until every byte is written (one call writes at most ~2 GiB on Linux)."""
-    import os
-
     view = memoryview(data).cast("B")
     while view.nbytes:
         n = os.pwrite(fd, view, offset)

@@ -305,17 +305,13 @@ def apply_mask(
     mask: Tensor,
     rescale: Optional[str] = None,
     keep_prob: Union[float, Tensor, None] = None,
-    *,
-    l1_norms: Optional[tuple[float, float]] = None,
 ) -> Tensor:
     """``x`` with dropped entries zeroed and the kept ones rescaled.
 
     ``rescale``: ``"inverse"`` divides kept entries by their keep probability (DARE 1/p, DELLA 1/(1−pᵢ));
     ``"l1"`` scales the result so its L1 norm equals that of ``x`` (mergekit ``rescale=True``; skipped when
     either norm is below 1e-7, as mergekit); ``None`` no rescaling. Returns a new float32 tensor.
-    The L1 norms are float64 sums of fixed blocks (:func:`abs_sum64`), so a tensor's norms are the same
-    whether it is rescaled whole or in chunks; ``l1_norms`` = (‖x‖₁, ‖masked x‖₁) of the whole tensor when
-    ``x`` is one chunk of it.
+    The L1 norms are float64 sums of fixed blocks (:func:`abs_sum64`), as the chunked DARE's.
     """
     check_choice(rescale, "rescale", RESCALES)
     xf = f32(x)
@@ -328,9 +324,7 @@ def apply_mask(
         out = xf.clone(memory_format=torch.contiguous_format)
     masked = zero_dropped_(out, mask)
     if rescale == "l1":
-        if l1_norms is None:
-            l1_norms = (math.fsum(abs_sum64(xf)), math.fsum(abs_sum64(masked)))
-        l1_rescale_(masked, *l1_norms)
+        l1_rescale_(masked, math.fsum(abs_sum64(xf)), math.fsum(abs_sum64(masked)))
     return masked
 
 

@@ -86,12 +86,11 @@ def _select_merge(xs: list[Tensor], w: list[float], gamma: Tensor, weighted_sign
                   divisor: Optional[str]) -> Tensor:
     """The disjoint merge with compares and selects: exact for any input, NaN included (a NaN entry never
     agrees); used when the election score is not finite."""
-    num = den = None
+    num = torch.zeros_like(gamma)  # from +0.0, as the arithmetic form: no −0.0 sum where they would differ
+    den = None
     for x, wi in zip(xs, w):
         agree = (x * gamma) > 0  # nonzero with the elected sign
-        term = torch.where(agree, x if weighted_sign else x * wi, 0.0)  # x already holds wᵢxᵢ when weighted_sign
-        # from +0.0, as the arithmetic form: no −0.0 sum where the two would differ in a zero's sign
-        num = torch.zeros_like(term).add_(term) if num is None else num.add_(term)
+        num.add_(torch.where(agree, x if weighted_sign else x * wi, 0.0))  # x holds wᵢxᵢ when weighted_sign
         if divisor == "count":
             den = agree.to(torch.float32) if den is None else den.add_(agree)
         elif divisor == "weight_sum":
