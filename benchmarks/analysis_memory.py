@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def run_analyze(workdir: Path, n: int) -> dict:
-    from llm_merging.analysis import analyze_method
+    from llm_merging.insight.analysis import analyze_method
     from llm_merging.merging.base import TaskVectorMerge
 
     m = TaskVectorMerge("analyze")

@@ -41,7 +41,7 @@ def build(work: Path, hidden: int, layers: int, experts: int, rank: int) -> tupl
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from llm_merging import tiny
+    from llm_merging.model import tiny
 
     base = work / f"base-h{hidden}-l{layers}"
     if not (base / "config.json").is_file():
@@ -81,8 +81,8 @@ def plain_forward(args) -> None:
     alone cost); printed as JSON like :func:`one`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_merging import calibration as cal
-    from llm_merging.runner import peak_memory
+    from llm_merging.merging import calibration as cal
+    from llm_merging.core.resources import peak_memory
 
     t0 = time.time()
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=getattr(torch, args.dtype)).to(args.device).eval()
@@ -106,7 +106,7 @@ def plain_forward(args) -> None:
 
 def one(args) -> None:
     """One configuration in this process: print its figures as JSON."""
-    from llm_merging.runner import RunConfig, Runner
+    from llm_merging.pipeline.runner import RunConfig, Runner
 
     if args.one == "forward":
         return plain_forward(args)

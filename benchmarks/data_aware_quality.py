@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from search_benchmark import WORDS, accuracies, cli, rows, train_expert, write_jsonl  # noqa: E402
 
-from llm_merging import tiny  # noqa: E402
+from llm_merging.model import tiny  # noqa: E402
 
 
 def main() -> None:

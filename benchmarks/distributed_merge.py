@@ -7,7 +7,7 @@ The parent builds a base model and LoRA experts (``--shape tiny``: the offline t
 barriers, times
 
 * **each merges**: ``method.merge()`` (load + merge) on every process, then
-  :func:`llm_merging.distributed.same_weights` (the fingerprint check the runner does);
+  :func:`llm_merging.core.processes.same_weights` (the fingerprint check the runner does);
 * **0 merges + broadcast**: process 0 runs ``method.merge()`` while the others only load the base
   model, then every tensor is broadcast from process 0.
 
@@ -45,7 +45,7 @@ def build_medium(work: Path, layers: int, dtype: str, n_experts: int, rank: int)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from llm_merging import tiny
+    from llm_merging.model import tiny
 
     base = work / "base"
     if not base.exists():
@@ -75,7 +75,7 @@ def build_medium(work: Path, layers: int, dtype: str, n_experts: int, rank: int)
 
 
 def open_method(args):
-    from llm_merging.runner import RunConfig, apply_config, instantiate
+    from llm_merging.pipeline.runner import RunConfig, apply_config, instantiate
 
     method = instantiate(args.method)
     cfg = RunConfig(method=args.method, base_model=args.base, models=args.models, device=args.device,
@@ -86,7 +86,7 @@ def open_method(args):
 
 
 def child(args) -> None:
-    from llm_merging import distributed
+    from llm_merging.core import processes as distributed
 
     procs = distributed.start()
     args.device = procs.device  # the process's own device
@@ -156,7 +156,7 @@ def main() -> None:
     if args.child:
         torch.set_num_threads(args.threads)
         return child(args)
-    from llm_merging import tiny
+    from llm_merging.model import tiny
 
     if args.shape == "tiny":
         base, experts = str(tiny.base_dir()), [str(tiny.lora_expert_dir("decoder", i)) for i in range(args.experts)]

@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    from llm_merging import tiny
+    from llm_merging.model import tiny
 
     if args.model is not None:
         from transformers import AutoModelForCausalLM

@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from llm_merging import lm_eval_tasks, tiny  # noqa: E402
+from llm_merging import lm_eval_tasks  # noqa: E402
+from llm_merging.model import tiny
 
 KIT = REPO.parent / "shared" / "data" / "starter_kit" / "cosmos_qa.json"
 TASK = """task: bench_mc

@@ -63,7 +63,7 @@ def build(workdir: Path, n_experts: int, layers: int, hidden: int, vocab: int = 
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from llm_merging.tiny import build_tokenizer
+    from llm_merging.model.tiny import build_tokenizer
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
                       num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,

@@ -3,7 +3,7 @@
 Builds (once, cached under ``--workdir``) an fp32 Llama-shaped base, three full fine-tunes of it whose task
 vectors share a per-tensor common direction with random signs (so cosines, sign conflicts and model-stock
 ratios, negative ones included, are non-trivial) and one PEFT LoRA adapter; the default shape reuses the
-tiny offline base and LoRA expert of ``llm_merging.tiny`` (hidden 64, 2 layers). Then writes one recipe per
+tiny offline base and LoRA expert of ``llm_merging.model.tiny`` (hidden 64, 2 layers). Then writes one recipe per
 case — every deterministic mergekit method we map (linear, task_arithmetic, ties, breadcrumbs,
 breadcrumbs_ties, slerp, model_stock) and the recipe features (per-layer gradients, filter lists, per-model
 parameters, slices, a ``BASE+LORA`` model) — runs ``mergekit-yaml RECIPE OUT`` and
@@ -104,7 +104,7 @@ def _random_base(out: Path, hidden: int, layers: int, vocab: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from llm_merging.tiny import build_tokenizer
+    from llm_merging.model.tiny import build_tokenizer
 
     heads = max(1, hidden // 32)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -141,7 +141,7 @@ def _lora(base: Path, out: Path) -> None:
 
 def build_models(workdir: Path, hidden: int, layers: int, vocab: int | None) -> dict:
     """Paths of the base, the 3 full experts and the LoRA adapter (built on first use)."""
-    from llm_merging import tiny
+    from llm_merging.model import tiny
 
     if (hidden, layers, vocab) == TINY_SHAPE:
         base, lora = tiny.base_dir("decoder"), tiny.lora_expert_dir("decoder", 0)

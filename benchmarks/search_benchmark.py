@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from llm_merging import tiny  # noqa: E402
+from llm_merging.model import tiny  # noqa: E402
 
 WORDS = {
     "animal": ["cat", "dog", "horse", "cow", "sheep", "lion", "tiger", "mouse", "bird", "fish", "goat", "wolf",

@@ -33,11 +33,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from llm_merging import tiny  # noqa: E402
+from llm_merging.model import tiny  # noqa: E402
 from llm_merging.data import load_examples  # noqa: E402
-from llm_merging.evaluation import _unique_names  # noqa: E402
+from llm_merging.evaluation import unique_names  # noqa: E402
 from llm_merging.merging.hparams import parse_overrides  # noqa: E402
-from llm_merging.runner import instantiate  # noqa: E402
+from llm_merging.pipeline.runner import instantiate  # noqa: E402
 from llm_merging.search.candidates import Fitness, InMemoryMerger  # noqa: E402
 
 KIT = REPO.parent / "shared" / "data" / "starter_kit" / "validation"
@@ -127,7 +127,7 @@ import json, sys
 sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads({threads})
-from llm_merging.runner import instantiate
+from llm_merging.pipeline.runner import instantiate
 from llm_merging.search.candidates import Fitness
 spec = json.load(open({spec!r}))
 m = instantiate(spec["method"])
@@ -187,7 +187,7 @@ def main() -> None:
         files = args.data or ([str(KIT / "cosmos_qa.csv"), str(KIT / "xsum.csv")] if (KIT / "cosmos_qa.csv").is_file()
                               else [f for f in tiny.sample_data_files() if not f.endswith(".csv")])
         rows = [[r for r in load_examples(f) if "label" in r or r.get("target")][: args.examples] for f in files]
-        fitness = Fitness(_unique_names(files), rows, [len(r) for r in rows])
+        fitness = Fitness(unique_names(files), rows, [len(r) for r in rows])
 
         method = configure(args.method, base, experts, values, args.device)
         t0 = time.perf_counter()

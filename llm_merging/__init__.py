@@ -4,11 +4,11 @@ Library use::
 
     from llm_merging import ops            # merge math on tensors (ties, dare, slerp, ...)
     from llm_merging.merging import Merges, get_method_class
-    from llm_merging.runner import RunConfig, Runner
+    from llm_merging.pipeline.runner import RunConfig, Runner
 """
 __version__ = "0.1.0"
 
-from . import errors  # noqa: F401
+from llm_merging.core import errors  # noqa: F401
 
 
 def __getattr__(name):  # lazy: importing the package must stay cheap (torch loads on first use)

@@ -12,7 +12,7 @@ Every loader returns the same row format, a list of dicts:
 The eval type of a row comes from the ``eval_type`` argument (one per file), else from the row's
 ``eval_type`` field, else it is inferred: rows with answer choices are multiple choice, others generation.
 
-Every problem in a file is a :class:`~llm_merging.errors.DataError` with a one-line message naming the
+Every problem in a file is a :class:`~llm_merging.core.errors.DataError` with a one-line message naming the
 file and the line (JSON lines) or data row (CSV, 1-based, header excluded).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import ConfigError, DataError
+from llm_merging.core.errors import ConfigError, DataError
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
@@ -198,7 +198,7 @@ def _normalize_row(raw: dict, where: str, eval_type: str | None, *, csv_style: b
     return row
 
 
-def _read_json_rows(path: Path) -> Iterable[tuple[str, Any]]:
+def read_json_rows(path: Path) -> Iterable[tuple[str, Any]]:
     text = path.read_text(encoding="utf-8-sig")
     if not text.strip():
         raise DataError(f"{path}: file is empty")
@@ -221,7 +221,7 @@ def _read_json_rows(path: Path) -> Iterable[tuple[str, Any]]:
         yield f"{path}: line {lineno}", rec
 
 
-def _read_csv_rows(path: Path) -> Iterable[tuple[str, dict]]:
+def read_csv_rows(path: Path) -> Iterable[tuple[str, dict]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
@@ -276,7 +276,7 @@ def load_examples(
     if p.is_dir():
         raise DataError(f"{p}: is a directory, expected a data file")
     csv_style = p.suffix.lower() == ".csv"
-    reader = _read_csv_rows(p) if csv_style else _read_json_rows(p)
+    reader = read_csv_rows(p) if csv_style else read_json_rows(p)
     rows: list[dict] = []
     seen_ids: dict[str, str] = {}
     for where, rec in reader:

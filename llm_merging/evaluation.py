@@ -21,7 +21,7 @@ signature. For each data file it
      ``average``: ``score`` = mean over scored files of their main metric (accuracy, rougeL, or the
      mean of both for a mixed file), plus the kit's ``accuracy`` average when every file is accuracy-only.
 
-Under a :class:`~llm_merging.budget.Budget` it stops between batches once the budget is spent, keeps
+Under a :class:`~llm_merging.core.budget.Budget` it stops between batches once the budget is spent, keeps
 what finished and marks the dataset partial.
 """
 from __future__ import annotations
@@ -41,10 +41,10 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from .data import EVAL_TYPES, GENERATION, MULTIPLE_CHOICE, check_max_examples, eval_types_for, load_examples
-from .errors import ConfigError
-from .io_utils import atomic_append_line, atomic_write_text
-from .metrics import accuracy, rouge
+from llm_merging.data import EVAL_TYPES, GENERATION, MULTIPLE_CHOICE, check_max_examples, eval_types_for, load_examples
+from llm_merging.core.errors import ConfigError
+from llm_merging.core.io import atomic_append_line, atomic_write_text
+from llm_merging.metrics import accuracy, rouge
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +71,12 @@ class DatasetResult:
     predictions_path: str | None = None
     submission_path: str | None = None
     source: str = "kit"  # "kit" (a data file) or "lm_eval" (an lm-eval-harness task: --lm-eval)
-    main_metric: str | None = None  # lm-eval: the metric the average takes (kit files: see _primary)
+    main_metric: str | None = None  # lm-eval: the metric the average takes (kit files: see primary_score)
 
     def primary(self) -> float | None:
         """The value the run's average takes: accuracy / ROUGE-L for kit files, ``main_metric`` else."""
         if self.source == "kit":
-            return _primary(self.scores)
+            return primary_score(self.scores)
         return self.scores.get(self.main_metric) if self.main_metric else None
 
     def to_dict(self) -> dict:
@@ -132,7 +132,7 @@ def _normalize_paths(dataset_filepaths) -> list[str]:
     return [os.fspath(p) for p in dataset_filepaths]
 
 
-def _normalize_batch_size(batch_size) -> int | None:
+def normalize_batch_size(batch_size) -> int | None:
     """``None`` for "auto", else a positive int."""
     if batch_size is None or batch_size == "auto":
         return None
@@ -143,7 +143,7 @@ def _normalize_batch_size(batch_size) -> int | None:
     return batch_size
 
 
-def _unique_names(paths: Sequence[str]) -> list[str]:
+def unique_names(paths: Sequence[str]) -> list[str]:
     """Output names: the file stem, disambiguated when two files share it."""
     stems = [Path(p).stem if not p.startswith("hf:") else p[3:].replace("/", "_").replace(":", "_").replace("@", "_")
              for p in paths]
@@ -239,7 +239,7 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, oom_types)
 
 
-def _model_of(merge_method):
+def model_of(merge_method):
     for attr in ("base_model", "merged_model"):
         model = getattr(merge_method, attr, None)
         if isinstance(model, torch.nn.Module):
@@ -249,9 +249,9 @@ def _model_of(merge_method):
 
 def _device_of(merge_method) -> torch.device:
     """Where the method's model takes its inputs (:func:`scoring.model_device`), else its ``device``."""
-    from .model.scoring import model_device
+    from llm_merging.model.scoring import model_device
 
-    model = _model_of(merge_method)
+    model = model_of(merge_method)
     if model is not None:
         return model_device(model)
     try:
@@ -299,7 +299,7 @@ def auto_batch_size(merge_method, eval_type: str, rows: Sequence[dict]) -> int:
     device = _device_of(merge_method)
     if device.type != "cuda" or not torch.cuda.is_available():
         return CPU_BATCH_SIZE[eval_type]
-    model = _model_of(merge_method)
+    model = model_of(merge_method)
     if model is None or getattr(model, "config", None) is None:
         return 8
     free, _total = torch.cuda.mem_get_info(device)
@@ -373,7 +373,7 @@ def _run_batch(merge_method, eval_type: str, rows: Sequence[dict]):
     return [{"prediction": str(t), "predicted_text": str(t)} for t in texts]
 
 
-def _score_rows(rows: Sequence[dict], preds: dict[int, dict]) -> tuple[dict[str, float], int]:
+def score_rows(rows: Sequence[dict], preds: dict[int, dict]) -> tuple[dict[str, float], int]:
     """Metrics over the evaluated rows that have a gold answer: accuracy (multiple choice with a
     label) and ROUGE F-measures (generation with a target)."""
     mc = [(preds[i]["prediction"], rows[i]["label"]) for i in sorted(preds)
@@ -388,7 +388,7 @@ def _score_rows(rows: Sequence[dict], preds: dict[int, dict]) -> tuple[dict[str,
     return scores, len(mc) + len(gen)
 
 
-def _primary(scores: dict[str, float]) -> float | None:
+def primary_score(scores: dict[str, float]) -> float | None:
     if "accuracy" in scores and "rougeL" in scores:
         return (scores["accuracy"] + scores["rougeL"]) / 2
     if "accuracy" in scores:
@@ -437,7 +437,7 @@ def plan_batches(merge_method, rows: Sequence[dict], batch_size: int | None = No
                  processes=None) -> list[Batch]:
     """The batches of ``rows`` in evaluation order: :func:`plan_groups` cut in batches of ``batch_size`` (``None``: :func:`auto_batch_size` per group; over several processes
     the smallest any of them picks, so that every process plans the same batches)."""
-    from .distributed import SINGLE
+    from llm_merging.core.processes import SINGLE
 
     processes = processes or SINGLE
     groups, sizes, error = [], [], None
@@ -495,7 +495,7 @@ def evaluate_dataset(
 ) -> tuple[dict[int, dict], bool, int | None]:
     """Predictions for ``rows``: ``({row index: prediction fields}, partial, last batch size)``.
 
-    ``processes`` (:class:`~llm_merging.distributed.Processes`, default one): batch ``k`` of
+    ``processes`` (:class:`~llm_merging.core.processes.Processes`, default one): batch ``k`` of
     :func:`plan_batches` runs on process ``k mod N``; the processes step together, one batch each, and
     agree before each step whether to go on (a spent budget or a failure anywhere stops every one), so a
     budget stop keeps the same whole steps everywhere. Every process returns all the predictions
@@ -504,7 +504,7 @@ def evaluate_dataset(
     """
     from tqdm.auto import tqdm
 
-    from .distributed import FAILED, GO, SINGLE, STOP, PeerFailed
+    from llm_merging.core.processes import FAILED, GO, SINGLE, STOP, PeerFailed
 
     processes = processes or SINGLE
     world, rank = processes.world, processes.rank
@@ -595,14 +595,14 @@ def evaluate_model(
     outputs are those of one process (see :func:`evaluate_dataset`); ``shares``, when given, receives
     each file's per-process shares (``{name: [{"rank", "examples", "batches", "seconds"}, ...]}``).
     """
-    from . import distributed
+    from llm_merging.core import processes as distributed
 
     processes = processes or distributed.current()
     t_start = time.perf_counter()
     name = _method_name(merge_method)
     paths = _normalize_paths(dataset_filepaths)
     types = eval_types_for(eval_types, len(paths))
-    fixed_size = _normalize_batch_size(batch_size)
+    fixed_size = normalize_batch_size(batch_size)
     check_max_examples(max_examples)
 
     # Load everything first: a bad file fails the run before any time is spent on the model.
@@ -610,7 +610,7 @@ def evaluate_model(
         datasets = [load_examples(p, eval_type=t, max_examples=max_examples) for p, t in zip(paths, types)]
     else:
         datasets = [list(rows)[:max_examples] for rows in examples]
-    names = _unique_names(paths)
+    names = unique_names(paths)
     out_dir = Path(output_folder) / name
     pred_dir = out_dir / "predictions"
     result = EvaluationResult(method=name, output_dir=str(out_dir))
@@ -626,7 +626,7 @@ def evaluate_model(
             processes=processes, shares=None if shares is None else shares.setdefault(dname, []))
         dres.n_evaluated = len(preds)
         dres.partial = dres.partial or len(preds) < len(rows)
-        dres.scores, dres.n_scored = _score_rows(rows, preds)
+        dres.scores, dres.n_scored = score_rows(rows, preds)
         dres.predictions_path = str(pred_dir / f"{dname}.jsonl")
         if rows and all("id" in r for r in rows):
             dres.submission_path = str(out_dir / f"{dname}_submission.csv")
@@ -663,7 +663,7 @@ def write_scores_line(result: EvaluationResult) -> None:
         if result.average:
             line["average"] = {k: round(v, 3) for k, v in result.average.items()}
         scores_path = Path(result.output_dir) / "scores.jsonl"
-        from .distributed import current
+        from llm_merging.core.processes import current
 
         current().on_main(lambda: atomic_append_line(scores_path, json.dumps(line)))  # process 0 writes
         result.scores_path = str(scores_path)

@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a script from a source tree: import the 
     else:
         sys.path.insert(0, _root)
 
-from llm_merging.errors import LLMMergingError  # noqa: E402
+from llm_merging.core.errors import LLMMergingError  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,12 +132,12 @@ def _batch_size(value: str):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "analyze":  # `llm-merging analyze --base-model REF --models REF ...`
-        from llm_merging.analysis import cli_main
+        from llm_merging.insight.analysis import cli_main
 
         return cli_main(argv[1:])
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
-    from llm_merging.distributed import launched
+    from llm_merging.core.processes import launched
 
     rank = launched()[1]  # several processes (accelerate launch): process 0 reports, the others only warn
     logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING),
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
 
     from llm_merging.merging.hparams import parse_overrides
-    from llm_merging.runner import RunConfig, Runner
+    from llm_merging.pipeline.runner import RunConfig, Runner
 
     try:
         if args.list:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     cfg.analyze, cfg.baselines = args.analyze, args.baselines
     cfg.lm_eval = lm_eval
-    from llm_merging.budget import Budget
+    from llm_merging.core.budget import Budget
 
     runner = Runner(cfg, budget=Budget(cfg.time_budget))  # counted from process start (competition rule)
     status = runner.run()

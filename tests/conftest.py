@@ -35,8 +35,8 @@ def write_lines(path, lines) -> str:
 def merged_method(method_name, experts, prompts_file, values=None, **attrs):
     """A data-aware method merged in process over the tiny decoder base, with ``prompts_file`` as its
     calibration data and ``attrs`` set on it before preflight."""
-    from llm_merging import tiny
-    from llm_merging.runner import instantiate
+    from llm_merging.model import tiny
+    from llm_merging.pipeline.runner import instantiate
 
     m = instantiate(method_name)
     m.base_model_name, m.base_model_revision_id = str(tiny.base_dir("decoder")), None

@@ -2,7 +2,7 @@
 process 1 only, at a known point, so the tests can check that every process stops the same way."""
 import os
 
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 from llm_merging.merging import get_method_class
 
 RANK = int(os.environ.get("RANK", "0"))

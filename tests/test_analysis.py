@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from llm_merging import tiny
-from llm_merging.analysis import (
+from llm_merging.model import tiny
+from llm_merging.insight.analysis import (
     analyze_method,
     effective_rank,
     lora_singular_values,
@@ -18,7 +18,7 @@ from llm_merging.analysis import (
     tensor_stats,
     verdicts,
 )
-from llm_merging.html_report import SECTIONS
+from llm_merging.report.html import SECTIONS
 from llm_merging.main import main
 
 MC_FILE = tiny.sample_data_files()[0]  # multiple choice: fast to evaluate
@@ -286,7 +286,7 @@ def test_baselines_equal_evaluating_those_models_directly(insight_run, tmp_path)
     from transformers import AutoModelForCausalLM
 
     from llm_merging.evaluation import evaluate_model
-    from llm_merging.runner import instantiate
+    from llm_merging.pipeline.runner import instantiate
 
     code, d, models = insight_run
     assert code == 0
@@ -332,7 +332,7 @@ def test_report_html_of_a_run_without_evaluation(tmp_path, monkeypatch):
 
 
 def test_a_failure_to_draw_never_changes_the_exit_status(tmp_path, monkeypatch, caplog):
-    from llm_merging import html_report
+    from llm_merging.report import html as html_report
 
     def broken(*args, **kwargs):
         raise RuntimeError("no ink")
@@ -363,8 +363,8 @@ def test_baselines_need_evaluation(tmp_path, capsys):
 def test_budget_running_out_during_the_analysis_keeps_what_was_analysed(tmp_path):
     import contextlib
 
-    from llm_merging.budget import Budget
-    from llm_merging.runner import RunConfig, Runner
+    from llm_merging.core.budget import Budget
+    from llm_merging.pipeline.runner import RunConfig, Runner
 
     class StopsInAnalysis(Budget):
         def __init__(self):

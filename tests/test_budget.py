@@ -6,9 +6,9 @@ import sys
 
 from transformers import AutoModelForCausalLM
 
-from llm_merging import tiny
-from llm_merging.budget import Budget
-from llm_merging.runner import RunConfig, Runner
+from llm_merging.model import tiny
+from llm_merging.core.budget import Budget
+from llm_merging.pipeline.runner import RunConfig, Runner
 
 import kit_classes
 from conftest import REPO_ROOT

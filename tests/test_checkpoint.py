@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from llm_merging.errors import CheckpointError  # noqa: E402
+from llm_merging.core.errors import CheckpointError  # noqa: E402
 from llm_merging.model.checkpoint import (  # noqa: E402
     CheckpointReader,
     FullExpert,

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from llm_merging import tiny
+from llm_merging.model import tiny
 from llm_merging.main import main
 
 from conftest import REPO_ROOT

@@ -4,9 +4,10 @@ import os
 
 import pytest
 
-from llm_merging import data, tiny
+from llm_merging import data
+from llm_merging.model import tiny
 from llm_merging.data import Dataset, load_examples
-from llm_merging.errors import ConfigError, DataError
+from llm_merging.core.errors import ConfigError, DataError
 
 KIT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                    "shared", "data", "starter_kit")

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from llm_merging import distributed, tiny
-from llm_merging.errors import ConfigError
+from llm_merging.core import processes as distributed
+from llm_merging.model import tiny
+from llm_merging.core.errors import ConfigError
 from llm_merging.evaluation import plan_batches, plan_groups, row_lengths
 
 from conftest import REPO_ROOT
@@ -190,7 +191,7 @@ def test_fingerprint_sees_one_bit():
 
 @pytest.mark.parametrize("flag", ["--search", "--baselines", "--analyze"])
 def test_one_process_features_refused_under_several(tmp_path, flag):
-    from llm_merging.runner import RunConfig, Runner
+    from llm_merging.pipeline.runner import RunConfig, Runner
     from llm_merging.search import SearchConfig
 
     search = SearchConfig(data=tiny.sample_data_files()[:1]) if flag == "--search" else None

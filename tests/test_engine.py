@@ -6,8 +6,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from llm_merging import ops, tiny
-from llm_merging.errors import MergeError
+from llm_merging import ops
+from llm_merging.model import tiny
+from llm_merging.core.errors import MergeError
 from llm_merging.merging.TaskArithmetic import TaskArithmetic
 from llm_merging.merging.TiesMerge import TiesMerge
 from llm_merging.model.save import AdapterWriter, save_full, save_state_dict

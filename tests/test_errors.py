@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from llm_merging import tiny
+from llm_merging.model import tiny
 from llm_merging.main import main
 
 

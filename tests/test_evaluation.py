@@ -6,9 +6,10 @@ import os
 import pytest
 import torch
 
-from llm_merging import evaluation, tiny
+from llm_merging import evaluation
+from llm_merging.model import tiny
 from llm_merging.data import load_examples
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 from llm_merging.evaluation import evaluate_model
 from llm_merging.model import decoder_functions
 

@@ -6,7 +6,7 @@ import torch
 
 from llm_merging import ops
 from conftest import merged_method as _merged, write_lines as _write
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 
 
 # ------------------------------------------------------------------------------------------- fisher ops
@@ -142,7 +142,7 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog.", "A summary is", "Ques
 
 
 def _dirs(kind, n):
-    from llm_merging import tiny
+    from llm_merging.model import tiny
 
     return [str(tiny.lora_expert_dir("decoder", i) if kind == "lora" else tiny.full_expert_dir("decoder", i))
             for i in range(n)]
@@ -153,7 +153,7 @@ def _expert_models(kind, n):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from llm_merging import tiny
+    from llm_merging.model import tiny
 
     out = []
     for d in _dirs(kind, n):
@@ -169,7 +169,7 @@ def _fisher_by_hand(model, prompts, positions="all"):
     """Per prompt, alone: backward of the mean over positions of log p(argmax_t), squared .grad, averaged."""
     from transformers import AutoTokenizer
 
-    from llm_merging import tiny
+    from llm_merging.model import tiny
 
     tok = AutoTokenizer.from_pretrained(str(tiny.base_dir("decoder")))
     acc = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
@@ -187,7 +187,7 @@ def _fisher_by_hand(model, prompts, positions="all"):
 
 @pytest.mark.parametrize("kind, positions", [("lora", "all"), ("full", "last")])
 def test_fisher_merge_matches_fisher_computed_by_hand(tmp_path, kind, positions):
-    from llm_merging import tiny
+    from llm_merging.model import tiny
     from transformers import AutoModelForCausalLM
 
     n = 3 if kind == "lora" else 2
@@ -244,9 +244,9 @@ def _rows_file(tmp_path):
 
 def _prepared(kind, n, prompts_file, values=None):
     """An adamerging method with its base loaded and a pass started (λ not learned: steps=0)."""
-    from llm_merging import tiny
+    from llm_merging.model import tiny
     from llm_merging.model.engine import base_param_shapes
-    from llm_merging.runner import instantiate
+    from llm_merging.pipeline.runner import instantiate
 
     m = instantiate("adamerging")
     m.base_model_name, m.base_model_revision_id = str(tiny.base_dir("decoder")), None
@@ -270,7 +270,7 @@ def _entropy_by_hand(model, params):
     from torch.func import functional_call
     from transformers import AutoTokenizer
 
-    from llm_merging import tiny
+    from llm_merging.model import tiny
 
     tok = AutoTokenizer.from_pretrained(str(tiny.base_dir("decoder")))
     total = 0
@@ -296,7 +296,7 @@ def _entropy_by_hand(model, params):
 def test_adamerging_gradient_matches_autograd_through_an_explicit_merge(tmp_path, kind):
     from transformers import AutoModelForCausalLM
 
-    from llm_merging import tiny
+    from llm_merging.model import tiny
 
     n = 2
     m = _prepared(kind, n, _rows_file(tmp_path))
@@ -340,7 +340,7 @@ def test_adamerging_gradient_matches_autograd_through_an_explicit_merge(tmp_path
 def test_adamerging_lowers_the_entropy_respects_the_clamp_and_merges_with_the_learned_lambdas(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from llm_merging import tiny
+    from llm_merging.model import tiny
 
     rows = _rows_file(tmp_path)
     m = _merged("adamerging", _dirs("lora", 2), rows, {"steps": 4, "lr": 0.01, "scale": 0.5})
@@ -380,8 +380,8 @@ def test_adamerging_without_steps_is_task_arithmetic_exactly(tmp_path, kind):
     ("adamerging", ["lr=0.005:0.05:log", "steps=1:2"], "optimised", None),
 ])
 def test_search_over_fisher_and_adamerging_hyperparameters(tmp_path, method, entries, counter, expected):
-    from llm_merging import tiny
-    from llm_merging.runner import RunConfig, Runner
+    from llm_merging.model import tiny
+    from llm_merging.pipeline.runner import RunConfig, Runner
     from llm_merging.search import SearchConfig
 
     prompts = _write(tmp_path / "p.txt", PROMPTS[:3])
@@ -403,8 +403,8 @@ def test_search_over_fisher_and_adamerging_hyperparameters(tmp_path, method, ent
 def test_calibration_keeps_answer_choices_but_never_labels(tmp_path):
     import json
 
-    from llm_merging import calibration as cal
-    from llm_merging.errors import DataError
+    from llm_merging.merging import calibration as cal
+    from llm_merging.core.errors import DataError
 
     a = cal.load_calibration([_rows_file(tmp_path)], n_experts=2)
     relabelled = [dict(r, label=0, target="other") for r in ROWS]
@@ -443,8 +443,8 @@ def test_fisher_encoder_decoder_predicts_the_first_output_token(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from llm_merging import tiny
-    from llm_merging.runner import instantiate
+    from llm_merging.model import tiny
+    from llm_merging.pipeline.runner import instantiate
 
     prompts = _write(tmp_path / "p.txt", PROMPTS[:3])
     m = instantiate("fisher")

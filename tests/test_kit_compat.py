@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from llm_merging import tiny
+from llm_merging.model import tiny
 from llm_merging.main import main
 
 import kit_classes

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from llm_merging import lm_eval_tasks
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 from llm_merging.main import main
-from llm_merging.tiny import SAMPLE_DATA_DIR
+from llm_merging.model.tiny import SAMPLE_DATA_DIR
 
 # lm-eval's multiple-choice "acc" is argmax of sum log p(continuation tokens | context), unnormalised:
 # our exact kit scoring. The kit's target tokenizer appends EOS to every choice; the README's task YAML
@@ -213,7 +213,7 @@ class _Budget:
 
 def test_budget_stops_between_and_inside_tasks(tmp_path, task_files):
     pytest.importorskip("lm_eval")
-    from llm_merging.runner import apply_tiny, instantiate
+    from llm_merging.pipeline.runner import apply_tiny, instantiate
 
     rows_path, yaml_path = task_files
     second = tmp_path / "second.yaml"
@@ -253,8 +253,8 @@ def test_budget_stops_between_and_inside_tasks(tmp_path, task_files):
 
 def test_budget_spent_in_lm_eval_exits_3_keeping_kit_scores(capsys, tmp_path, task_files, monkeypatch):
     pytest.importorskip("lm_eval")
-    from llm_merging import budget as budget_mod
-    from llm_merging.runner import RunConfig, Runner
+    from llm_merging.core import budget as budget_mod
+    from llm_merging.pipeline.runner import RunConfig, Runner
 
     rows_path, yaml_path = task_files
     real_build = lm_eval_tasks.build_lm

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from llm_merging.errors import AdapterError  # noqa: E402
+from llm_merging.core.errors import AdapterError  # noqa: E402
 from llm_merging.model.lora import LoraAdapter, get_pattern_key, is_adapter_dir  # noqa: E402
 
 REAL = Path("/work/shared/data/real_adapters/gpt2")

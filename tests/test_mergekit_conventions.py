@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_merging import ops, tiny
-from llm_merging.errors import ConfigError
+from llm_merging import ops
+from llm_merging.model import tiny
+from llm_merging.core.errors import ConfigError
 from llm_merging.main import main
 from llm_merging.merging import get_method_class, settings
-from llm_merging.recipe import apply_recipe, load_recipe
+from llm_merging.merging.recipe import apply_recipe, load_recipe
 
 
 def _distinct(shape, seed, scale=1.0):

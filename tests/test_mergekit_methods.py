@@ -5,10 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_merging import ops, tiny
+from llm_merging import ops
+from llm_merging.model import tiny
 from llm_merging.main import main
-from llm_merging.recipe import apply_recipe, load_recipe
-from llm_merging.runner import instantiate
+from llm_merging.merging.recipe import apply_recipe, load_recipe
+from llm_merging.pipeline.runner import instantiate
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 

@@ -24,7 +24,7 @@ import torch
 from peft.utils import merge_utils as pm
 
 from llm_merging import ops
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------
 # helpers: independent reference implementations (NumPy / Python loops, float64)

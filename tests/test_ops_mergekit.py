@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llm_merging import ops
-from llm_merging.errors import ConfigError, MergeError
+from llm_merging.core.errors import ConfigError, MergeError
 
 SHAPES = [(7,), (5, 9), (3, 4, 6)]
 

@@ -28,7 +28,7 @@ def test_new_method_example_runs(tmp_path):
 
 
 def test_recipe_examples_parse(tmp_path):
-    from llm_merging.recipe import load_recipe
+    from llm_merging.merging.recipe import load_recipe
 
     text = open(f"{REPO_ROOT}/README.md", encoding="utf-8").read()
     blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)

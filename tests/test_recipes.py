@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_merging import tiny
-from llm_merging.errors import ConfigError
+from llm_merging.model import tiny
+from llm_merging.core.errors import ConfigError
 from llm_merging.main import main
 from llm_merging.merging import settings
 from llm_merging.merging.hparams import DENSITY, Param
-from llm_merging.recipe import load_recipe
+from llm_merging.merging.recipe import load_recipe
 
 NAMES = ["model.embed_tokens.weight", *[f"model.layers.{i}.mlp.up_proj.weight" for i in range(5)],
          *[f"model.layers.{i}.self_attn.q_proj.weight" for i in range(5)], "model.norm.weight", "lm_head.weight"]
@@ -84,8 +84,8 @@ parameters:
   weights: 0.4
   scale: [1.0, 3.0]
 """)
-    from llm_merging.recipe import apply_recipe
-    from llm_merging.runner import instantiate
+    from llm_merging.merging.recipe import apply_recipe
+    from llm_merging.pipeline.runner import instantiate
 
     r = load_recipe(path)
     m = instantiate(r.method)
@@ -114,8 +114,8 @@ parameters:
   weight: 0.3
   density: 0.5
 """)
-    from llm_merging.recipe import apply_recipe
-    from llm_merging.runner import instantiate
+    from llm_merging.merging.recipe import apply_recipe
+    from llm_merging.pipeline.runner import instantiate
 
     r = load_recipe(path)
     m = instantiate(r.method)

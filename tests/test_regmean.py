@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 
-from llm_merging import calibration as cal
-from llm_merging import ops, tiny
+from llm_merging.merging import calibration as cal
+from llm_merging import ops
+from llm_merging.model import tiny
 from conftest import merged_method as _merged, write_lines as _write
-from llm_merging.errors import ConfigError, DataError
+from llm_merging.core.errors import ConfigError, DataError
 from llm_merging.main import main
-from llm_merging.runner import RunConfig, Runner, instantiate
+from llm_merging.pipeline.runner import RunConfig, Runner, instantiate
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "A summary is", "Question: which one?",
            "According to the above context, choose the best option to answer the following question.",
@@ -266,7 +267,7 @@ def test_regmean_in_groups_and_without_base_files_equals_one_group(tmp_path, mon
     assert many.groups_gathered == 3  # layers 0, 1 and the head
     import llm_merging.model.engine as engine
 
-    monkeypatch.setattr(engine, "_base_reader", lambda *a, **k: None)  # θ₀ from copies kept while merging
+    monkeypatch.setattr(engine, "open_base_reader", lambda *a, **k: None)  # θ₀ from copies kept while merging
     copies = _merged("regmean", dirs, prompts, statistics_memory=1)
     a, b, c = (dict(m.base_model.named_parameters()) for m in (one, many, copies))
     for name in a:
@@ -401,7 +402,7 @@ def test_groups_of_experts_touching_different_parameters_equal_one_group(tmp_pat
 def test_spent_budget_stops_the_gram_collection(tmp_path, name):
     import inspect
 
-    from llm_merging.errors import BudgetExceeded
+    from llm_merging.core.errors import BudgetExceeded
 
     def stop():  # the budget is spent once the statistics passes begin (not before: the engine checks too)
         return any(f.function == "_gather" for f in inspect.stack())

@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
-from llm_merging import metrics, tiny
-from llm_merging.errors import ConfigError
+from llm_merging import metrics
+from llm_merging.model import tiny
+from llm_merging.core.errors import ConfigError
 from llm_merging.model import decoder_functions as df
 from llm_merging.model import encoder_decoder_functions as ef
 

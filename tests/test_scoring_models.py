@@ -4,7 +4,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
 
-from llm_merging import tiny
+from llm_merging.model import tiny
 from llm_merging.model import decoder_functions as df
 
 BATCH = {

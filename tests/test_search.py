@@ -10,12 +10,12 @@ import time
 import pytest
 import torch
 
-from llm_merging import tiny
-from llm_merging.errors import ConfigError
+from llm_merging.model import tiny
+from llm_merging.core.errors import ConfigError
 from llm_merging.main import main
 from llm_merging.merging import settings
 from llm_merging.merging.Merges import Merges
-from llm_merging.runner import RunConfig, Runner, instantiate
+from llm_merging.pipeline.runner import RunConfig, Runner, instantiate
 from llm_merging.search import SearchConfig
 from llm_merging.search.candidates import Fitness, InMemoryMerger
 from llm_merging.search.space import build_space, candidate_values, parse_entry
@@ -331,7 +331,7 @@ def test_resume_fails_a_trial_left_running_by_a_stopped_search(tmp_path):
 
 
 def test_values_a_recipe_sets_leave_the_default_space(tmp_path):
-    from llm_merging import tiny
+    from llm_merging.model import tiny
     from llm_merging.main import main
 
     base = tiny.base_dir("decoder")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, T5Config, T5ForConditionalGeneration
 
-from llm_merging import tiny
+from llm_merging.model import tiny
 from llm_merging.main import main
 from llm_merging.model.save import StreamingSave
-from llm_merging.runner import Runner
+from llm_merging.pipeline.runner import Runner
 
 
 def _digests(directory, skip=("README.md",)):

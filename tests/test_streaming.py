@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm_merging import ops, tiny
+from llm_merging import ops
+from llm_merging.model import tiny
 from llm_merging.merging.DareLinear import DareLinear
 from llm_merging.merging.DareTies import DareTies
 from llm_merging.merging.Linear import Linear

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_merging import tiny
+from llm_merging.model import tiny
 from llm_merging.main import main
 from llm_merging.model.tokenizer_union import CHAT_TEMPLATES
 

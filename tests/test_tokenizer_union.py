@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 from transformers import AutoTokenizer  # noqa: E402
 
-from llm_merging.errors import ConfigError, MergeError, ModelNotFoundError  # noqa: E402
+from llm_merging.core.errors import ConfigError, MergeError, ModelNotFoundError  # noqa: E402
 from llm_merging.model.tokenizer_union import TokenSource, align_rows, build_tokenizer  # noqa: E402
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
@@ -336,7 +336,7 @@ def test_base_tokens_beyond_its_rows_are_stripped(tmp_path):
 
 
 def test_tiny_models_share_one_vocabulary():
-    from llm_merging import tiny
+    from llm_merging.model import tiny
 
     plan = build_tokenizer(tiny.base_dir(), [tiny.full_expert_dir(index=0), tiny.lora_expert_dir(index=0)])
     assert plan.is_identity and plan.vocab_size == len(AutoTokenizer.from_pretrained(str(tiny.base_dir())))

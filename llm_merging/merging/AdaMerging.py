@@ -33,12 +33,12 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .. import calibration as cal
-from .. import ops
-from ..errors import BudgetExceeded, ConfigError
-from .data_aware import DataAwareMerge
-from .hparams import SCALE, WEIGHTS, Param
-from .settings import layer_index
+from llm_merging.merging import calibration as cal
+from llm_merging import ops
+from llm_merging.core.errors import BudgetExceeded, ConfigError
+from llm_merging.merging.data_aware import DataAwareMerge
+from llm_merging.merging.hparams import SCALE, WEIGHTS, Param
+from llm_merging.merging.settings import layer_index
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class AdaMerging(DataAwareMerge):
     # ------------------------------------------------------------------ the objective
     def _rows(self) -> list[tuple[list[int], list[list[int]] | None]]:
         """``(prompt ids, choice ids or None)`` of every distinct calibration prompt."""
-        from ..model.scoring import truncate_left
+        from llm_merging.model.scoring import truncate_left
 
         prompts = self.calibration.all_prompts()
         ids = self.calibration_ids(None)
@@ -267,7 +267,7 @@ class AdaMerging(DataAwareMerge):
     def _entropy(self, rows, *, backward: bool, tokens_per_batch: int | None = None) -> float:
         """Mean entropy over ``rows`` of the current model's prediction distributions (backward: accumulate
         the gradient of their **sum** in the touched parameters' ``.grad``)."""
-        from ..model.scoring import model_device, pad_id_of
+        from llm_merging.model.scoring import model_device, pad_id_of
 
         device = model_device(self.base_model)
         pad = pad_id_of(self.tokenizer_for_calibration())
@@ -318,7 +318,7 @@ class AdaMerging(DataAwareMerge):
 
     def _choice_scores(self, chunk, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores (R, C), mask (R, C))``: Σ log p(choice tokens | prompt) of every choice of each row."""
-        from ..model.scoring import pad_sequences
+        from llm_merging.model.scoring import pad_sequences
 
         model = self.base_model
         pairs = [(r, p, c) for r, (p, cs) in enumerate(chunk) for c in cs]

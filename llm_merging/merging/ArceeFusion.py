@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from .base import TaskVectorMerge
+from llm_merging import ops
+from llm_merging.merging.base import TaskVectorMerge
 
 
 class ArceeFusion(TaskVectorMerge):

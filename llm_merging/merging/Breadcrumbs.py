@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from .hparams import SCALE, WEIGHTS, Param, consensus_kwargs
-from .base import TaskVectorMerge
-from .TaskArithmetic import LINEAR_DIVISOR, divide_by_weight_sum
-from .TiesMerge import KEEP_COUNT
+from llm_merging import ops
+from llm_merging.merging.hparams import SCALE, WEIGHTS, Param, consensus_kwargs
+from llm_merging.merging.base import TaskVectorMerge
+from llm_merging.merging.TaskArithmetic import LINEAR_DIVISOR, divide_by_weight_sum
+from llm_merging.merging.TiesMerge import KEEP_COUNT
 
 
 class Breadcrumbs(TaskVectorMerge):

@@ -1,8 +1,8 @@
 """``breadcrumbs_ties``: Model Breadcrumbs masks, then TIES sign consensus (Davari & Belilovsky 2023)."""
 from __future__ import annotations
 
-from .Breadcrumbs import Breadcrumbs
-from .hparams import CONSENSUS
+from llm_merging.merging.Breadcrumbs import Breadcrumbs
+from llm_merging.merging.hparams import CONSENSUS
 
 
 class BreadcrumbsTies(Breadcrumbs):

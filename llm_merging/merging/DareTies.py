@@ -1,8 +1,8 @@
 """``dare_ties``: DARE drop-and-rescale, then TIES sign consensus (Yu et al. 2024)."""
 from __future__ import annotations
 
-from .DareLinear import DareLinear
-from .hparams import CONSENSUS
+from llm_merging.merging.DareLinear import DareLinear
+from llm_merging.merging.hparams import CONSENSUS
 
 
 class DareTies(DareLinear):

@@ -1,8 +1,8 @@
 """``della``: DELLA-Merging (Deep et al. 2024): MagPrune drop-and-rescale, then TIES sign consensus."""
 from __future__ import annotations
 
-from .DellaLinear import DellaLinear
-from .hparams import CONSENSUS
+from llm_merging.merging.DellaLinear import DellaLinear
+from llm_merging.merging.hparams import CONSENSUS
 
 
 class Della(DellaLinear):

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from .hparams import SCALE, WEIGHTS, Param, consensus_kwargs
-from .base import TaskVectorMerge
-from .TaskArithmetic import LINEAR_DIVISOR, divide_by_weight_sum
+from llm_merging import ops
+from llm_merging.merging.hparams import SCALE, WEIGHTS, Param, consensus_kwargs
+from llm_merging.merging.base import TaskVectorMerge
+from llm_merging.merging.TaskArithmetic import LINEAR_DIVISOR, divide_by_weight_sum
 
 
 class DellaLinear(TaskVectorMerge):

@@ -31,11 +31,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import calibration as cal
-from .. import ops
-from ..errors import BudgetExceeded, ConfigError
-from .data_aware import DataAwareMerge
-from .hparams import SCALE, Param
+from llm_merging.merging import calibration as cal
+from llm_merging import ops
+from llm_merging.core.errors import BudgetExceeded, ConfigError
+from llm_merging.core.resources import available_bytes
+from llm_merging.merging.data_aware import DataAwareMerge
+from llm_merging.merging.hparams import SCALE, Param
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,8 @@ class Fisher(DataAwareMerge):
         if self.fisher_memory is not None:
             budget = float(self.fisher_memory)
         else:
-            from ..model.scoring import model_device
-            from ..search.candidates import _available_bytes
-
-            budget = FISHER_FRACTION * _available_bytes(model_device(self.base_model))
+            from llm_merging.model.scoring import model_device
+            budget = FISHER_FRACTION * available_bytes(model_device(self.base_model))
         chunks: list[list[str]] = [[]]
         used = 0
         for name in self._pass_names:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from .hparams import SCALE
-from .base import TaskVectorMerge
+from llm_merging import ops
+from llm_merging.merging.hparams import SCALE
+from llm_merging.merging.base import TaskVectorMerge
 
 
 class IsoC(TaskVectorMerge):

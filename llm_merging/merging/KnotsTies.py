@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from ..errors import ConfigError
-from .hparams import (
+from llm_merging import ops
+from llm_merging.core.errors import ConfigError
+from llm_merging.merging.hparams import (
     CONSENSUS,
     DENSITY,
     SCALE,
@@ -13,7 +13,7 @@ from .hparams import (
     Param,
     consensus_kwargs,
 )
-from .base import TaskVectorMerge
+from llm_merging.merging.base import TaskVectorMerge
 
 
 class KnotsTies(TaskVectorMerge):

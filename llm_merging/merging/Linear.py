@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from ..errors import ConfigError
-from .base import TaskVectorMerge
-from .hparams import WEIGHTS, Param
+from llm_merging import ops
+from llm_merging.core.errors import ConfigError
+from llm_merging.merging.base import TaskVectorMerge
+from llm_merging.merging.hparams import WEIGHTS, Param
 
 
 class Linear(TaskVectorMerge):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .hparams import WEIGHTS
-from .Linear import Linear
+from llm_merging.merging.hparams import WEIGHTS
+from llm_merging.merging.Linear import Linear
 
 
 class LlamaAvg(Linear):

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from .hparams import SCALE, WEIGHTS, Param
-from .base import TaskVectorMerge
-from .TiesMerge import KEEP_COUNT
+from llm_merging import ops
+from llm_merging.merging.hparams import SCALE, WEIGHTS, Param
+from llm_merging.merging.base import TaskVectorMerge
+from llm_merging.merging.TiesMerge import KEEP_COUNT
 
 
 class MagnitudePrune(TaskVectorMerge):

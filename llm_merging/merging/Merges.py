@@ -20,10 +20,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, ModelNotFoundError, first_line
-from ..model.refs import ModelRef, hf_token
-from . import settings
-from .hparams import COMMON, Param
+from llm_merging.core.errors import CheckpointError, ConfigError, ModelNotFoundError, first_line
+from llm_merging.model.refs import ModelRef, hf_token
+from llm_merging.merging import settings
+from llm_merging.merging.hparams import COMMON, Param
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Merges(object):
 
     def _load_base_model(self) -> None:
         """Load the base model (resolved reference, chosen dtype) onto ``self.device``."""
-        from ..model import auto_model_class
+        from llm_merging.model import auto_model_class
 
         self._check_architecture()
         path = self.base_ref().resolve(hf_token())
@@ -169,7 +169,7 @@ class Merges(object):
 
     def predict_multiple_choice(self, batch: dict):
         """Score every answer choice; return ``(predicted_choice[B], scores[B, n_choices])``."""
-        from ..model import decoder_functions, encoder_decoder_functions
+        from llm_merging.model import decoder_functions, encoder_decoder_functions
 
         assert self.base_model is not None, "the model must be merged (or loaded) before evaluation"
         scoring = self.mc_scoring
@@ -183,7 +183,7 @@ class Merges(object):
 
     def generate(self, batch: dict):
         """Greedy generation of ``max_gen_len`` new tokens; return ``(ids, texts)``."""
-        from ..model import decoder_functions, encoder_decoder_functions
+        from llm_merging.model import decoder_functions, encoder_decoder_functions
 
         assert self.base_model is not None, "the model must be merged (or loaded) before evaluation"
         max_gen_len = self.max_gen_len or 64
@@ -204,7 +204,7 @@ class Merges(object):
         from peft import PeftConfig, load_peft_weights
         from transformers import AutoConfig
 
-        from ..model import auto_model_class
+        from llm_merging.model import auto_model_class
 
         refs = self.model_refs()
         if not refs:
@@ -235,8 +235,8 @@ class Merges(object):
         """Merge the experts into the base model with the engine and ``merge_tensor``."""
         if type(self).merge_tensor is Merges.merge_tensor:
             raise NotImplementedError(f"merge method '{self.name}' must implement merge() or merge_tensor()")
-        from ..model.engine import base_param_shapes, merge_into
-        from ..model.tokenizer_union import vocabulary_report
+        from llm_merging.model.engine import base_param_shapes, merge_into
+        from llm_merging.model.tokenizer_union import vocabulary_report
 
         plan = self._recipe_tokenizer()  # before any weights: a bad tokenizer setting fails fast
         if plan is not None and self.delta_sink is not None and not plan.is_identity:
@@ -281,7 +281,7 @@ class Merges(object):
             return None
         import tempfile
 
-        from ..model.tokenizer_union import recipe_tokenizer
+        from llm_merging.model.tokenizer_union import recipe_tokenizer
 
         token = hf_token()
         base_path = self.base_ref().resolve(token)
@@ -352,7 +352,7 @@ class Merges(object):
 
     def save_model(self, output_dir: str) -> None:
         """Kit output: the merged weights as ``<output_dir>/safetensor.pt`` (safetensors format)."""
-        from ..model.save import save_state_dict
+        from llm_merging.model.save import save_state_dict
 
         assert self.merged_model is not None, "Merged model is empty"
         state = self.merged_model.state_dict() if isinstance(self.merged_model, torch.nn.Module) else self.merged_model
@@ -495,7 +495,7 @@ class Merges(object):
 
     def open_experts(self, shapes: dict[str, tuple]) -> list:
         """This method's experts opened lazily (``engine.open_experts``) and bound to ``shapes``."""
-        from ..model.engine import open_experts
+        from llm_merging.model.engine import open_experts
 
         models = [(ref, self.expert_is_adapter(ref)) for ref in self.model_refs()]
         reindexed = getattr(getattr(self, "recipe", None), "tokenizer", None) is not None
@@ -549,7 +549,7 @@ class Merges(object):
     def _check_compatibility(self, base_path: Path) -> list[str] | None:
         """Read only headers and configs: every expert must fit the base (shapes, modules in common).
         Returns each expert's ``kind``."""
-        from ..model.engine import check_base_files, config_param_shapes
+        from llm_merging.model.engine import check_base_files, config_param_shapes
 
         check_base_files(base_path)
         shapes = config_param_shapes(base_path, self.architecture)

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from ..model.refs import ModelRef, hf_token
-from . import settings
-from .base import TaskVectorMerge
-from .Merges import Merges
-from .hparams import Param
+from llm_merging.core.errors import CheckpointError, ConfigError
+from llm_merging.model.refs import ModelRef, hf_token
+from llm_merging.merging import settings
+from llm_merging.merging.base import TaskVectorMerge
+from llm_merging.merging.Merges import Merges
+from llm_merging.merging.hparams import Param
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Passthrough(TaskVectorMerge):
 
     # ---------------------------------------------------------------- preflight
     def _check_compatibility(self, base_path) -> None:
-        from ..model.engine import check_base_files
+        from llm_merging.model.engine import check_base_files
 
         check_base_files(base_path)
         recipe = getattr(self, "recipe", None)
@@ -119,10 +119,10 @@ class Passthrough(TaskVectorMerge):
         from transformers import AutoConfig
         from transformers.initialization import no_init_weights
 
-        from ..model import auto_model_class
-        from ..model.checkpoint import FullExpert
-        from ..model.engine import config_param_shapes
-        from ..model.lora import LoraAdapter
+        from llm_merging.model import auto_model_class
+        from llm_merging.model.checkpoint import FullExpert
+        from llm_merging.model.engine import config_param_shapes
+        from llm_merging.model.lora import LoraAdapter
 
         self._check_architecture()
         self._load_tokenizer_if_any()
@@ -161,7 +161,7 @@ class Passthrough(TaskVectorMerge):
         for name, param in tqdm(list(model.named_parameters()), desc="passthrough", unit="tensor",
                                 disable=not self.progress, leave=False):
             if self.should_stop is not None and self.should_stop():
-                from ..errors import BudgetExceeded
+                from llm_merging.core.errors import BudgetExceeded
 
                 raise BudgetExceeded(f"time budget ran out while copying (at parameter '{name}'); nothing was saved")
             found = settings.layer_index(name)

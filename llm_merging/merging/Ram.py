@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from .base import TaskVectorMerge
-from .hparams import Param
+from llm_merging import ops
+from llm_merging.merging.base import TaskVectorMerge
+from llm_merging.merging.hparams import Param
 
 EPSILON = Param(1e-5, "an entry is active when |τ| > epsilon", low=0.0)
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from .base import TaskVectorMerge
-from .hparams import Param
-from .Ram import EPSILON
+from llm_merging import ops
+from llm_merging.merging.base import TaskVectorMerge
+from llm_merging.merging.hparams import Param
+from llm_merging.merging.Ram import EPSILON
 
 
 class RamplusTl(TaskVectorMerge):

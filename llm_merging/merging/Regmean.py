@@ -18,12 +18,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import calibration as cal
-from .. import ops
-from ..errors import BudgetExceeded, ConfigError
-from .data_aware import DataAwareMerge
-from .hparams import Param
-from .settings import layer_index
+from llm_merging.merging import calibration as cal
+from llm_merging import ops
+from llm_merging.core.errors import BudgetExceeded, ConfigError
+from llm_merging.merging.data_aware import DataAwareMerge
+from llm_merging.merging.hparams import Param
+from llm_merging.merging.settings import layer_index
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class Regmean(DataAwareMerge):
     def _statistics_budget(self) -> float:
         if self.statistics_memory is not None:
             return float(self.statistics_memory)
-        from ..model.scoring import model_device
+        from llm_merging.model.scoring import model_device
 
         device = model_device(self.base_model)
         if device.type == "cuda":

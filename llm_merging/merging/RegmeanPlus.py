@@ -12,7 +12,7 @@ give each expert its own prompts (``--calibration-data I=FILE``) for the method'
 """
 from __future__ import annotations
 
-from .Regmean import Regmean
+from llm_merging.merging.Regmean import Regmean
 
 
 class RegmeanPlus(Regmean):

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from .hparams import Param
-from .base import TaskVectorMerge
+from llm_merging import ops
+from llm_merging.merging.hparams import Param
+from llm_merging.merging.base import TaskVectorMerge
 
 
 class Slerp(TaskVectorMerge):

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from .hparams import SCALE, WEIGHTS, Param
-from .base import TaskVectorMerge
+from llm_merging import ops
+from llm_merging.merging.hparams import SCALE, WEIGHTS, Param
+from llm_merging.merging.base import TaskVectorMerge
 
 # mergekit ``normalize`` for its linear (no consensus) variants: divide the weighted sum by the sum of all the
 # weights (left as is where that sum is below 1e-8, as mergekit). The TIES variants override this with the

@@ -11,8 +11,8 @@ import importlib
 import logging
 from importlib.metadata import entry_points
 
-from ..errors import ConfigError
-from .Merges import Merges
+from llm_merging.core.errors import ConfigError
+from llm_merging.merging.Merges import Merges
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import re
 import zlib
 from typing import ClassVar
 
-from ..errors import ConfigError
+from llm_merging.core.errors import ConfigError
 
-from .Merges import Merges
+from llm_merging.merging.Merges import Merges
 
 # Defaults when no models are given: the starter kit's Llama-2-7B LoRA experts.
 DEFAULT_BASE = ("meta-llama/Llama-2-7b-hf", "01c7f73d771dfac7d292323805ebc428287df4f9")
@@ -73,7 +73,7 @@ class TaskVectorMerge(Merges):
         """For ``elementwise`` methods, ``merge_tensor`` on consecutive chunks (bit for bit the same)."""
         if not self.elementwise:
             return None
-        from ..ops.streaming import elementwise_chunks, reader_chunk
+        from llm_merging.ops.streaming import elementwise_chunks, reader_chunk
 
         if callable(getattr(read, "single_pass", None)):
             read.single_pass()  # one read per range: nothing to keep

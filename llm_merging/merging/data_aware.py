@@ -26,10 +26,10 @@ from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
-from .. import calibration as cal
-from ..errors import ConfigError
-from .base import TaskVectorMerge
-from .hparams import SCALE, WEIGHTS, Param
+from llm_merging.merging import calibration as cal
+from llm_merging.core.errors import ConfigError
+from llm_merging.merging.base import TaskVectorMerge
+from llm_merging.merging.hparams import SCALE, WEIGHTS, Param
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class DataAwareMerge(TaskVectorMerge):
         return out
 
     def _start_pass(self) -> None:
-        from ..model.engine import _base_reader
+        from llm_merging.model.engine import open_base_reader
 
         if self.base_model is None or self.calibration is None:
             raise ConfigError(f"method '{self.name}': the calibration prompts and model must be loaded before merging")
@@ -142,7 +142,7 @@ class DataAwareMerge(TaskVectorMerge):
         self._done = set()
         self._theta0_copies = {}
         if self._reader is None:
-            self._reader = _base_reader(self.base_ref().local_path, self.base_model) if self.base_model_name else None
+            self._reader = open_base_reader(self.base_ref().local_path, self.base_model) if self.base_model_name else None
         self.begin_pass()
 
     def _end_pass(self) -> None:
@@ -155,7 +155,7 @@ class DataAwareMerge(TaskVectorMerge):
 
     def fallback_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         """The data-free ``fallback`` method's merged task vector (with this method's resolved values)."""
-        from . import get_method_class
+        from llm_merging.merging import get_method_class
 
         h = self.hparams
         key = h["fallback"]
@@ -209,7 +209,7 @@ class DataAwareMerge(TaskVectorMerge):
         """Batches of expert ``i``'s prompts (:meth:`calibration_ids`), right-padded, on the model's input
         device; ``tokens_per_batch`` (default ``calibration_tokens_per_batch``) bounds each batch's tokens,
         padding included (1: one prompt per batch)."""
-        from ..model.scoring import model_device, pad_id_of
+        from llm_merging.model.scoring import model_device, pad_id_of
 
         ids = self.calibration_ids(i)
         tok = self.tokenizer_for_calibration()

@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..errors import ConfigError
-from ..model.scoring import SCORINGS
-from . import settings
+from llm_merging.core.errors import ConfigError
+from llm_merging.model.scoring import SCORINGS
+from llm_merging.merging import settings
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

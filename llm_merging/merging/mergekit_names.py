@@ -1,4 +1,4 @@
-"""mergekit 0.1.5 method names and parameters in our terms, for ``--recipe`` (``llm_merging.recipe``).
+"""mergekit 0.1.5 method names and parameters in our terms, for ``--recipe`` (``llm_merging.merging.recipe``).
 
 Each entry maps a mergekit ``merge_method`` to one of our registered methods: mergekit parameter names to
 ours (``params``), our hyperparameters fixed to mergekit's conventions (``fixed``), mergekit's defaults where
@@ -52,7 +52,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import settings
+from llm_merging.merging import settings
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
-from ..errors import ConfigError, first_line
+from llm_merging.core.errors import ConfigError, first_line
 
 SCALARS = (bool, int, float, str, type(None))
 
@@ -276,3 +276,19 @@ class Layout:
                 return Position(name, offset / (length - 1) if length > 1 else 1.0, s)
             start += length
         return Position(name, 1.0, len(lengths) - 1)
+
+
+def settings_json(hparams: dict) -> dict:
+    """Hyperparameters for report.json: per-tensor settings in recipe (YAML) form."""
+    def one(v):
+        if isinstance(v, list):
+            return [one(x) for x in v]
+        if isinstance(v, Chain):  # recipe precedence levels, highest first
+            return {"first_set_of": [one(x) for x in v.levels]}
+        if isinstance(v, Sliced):
+            return {"per_slice": [one(x) for x in v.per_slice]}
+        if isinstance(v, Filtered):
+            return [{**({"filter": f} if f is not None else {}), "value": one(x)} for f, x in v.entries]
+        return to_yaml(v)
+
+    return {k: one(v) for k, v in hparams.items()}

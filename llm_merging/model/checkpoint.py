@@ -22,7 +22,7 @@ from typing import Iterable
 
 import torch
 
-from llm_merging.errors import CheckpointError, LLMMergingError, first_line
+from llm_merging.core.errors import CheckpointError, LLMMergingError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def _move(t: torch.Tensor, device=None, dtype=None) -> torch.Tensor:
     return t
 
 
-def _shape_str(shape: Iterable[int]) -> str:
+def shape_str(shape: Iterable[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
@@ -109,7 +109,7 @@ def read_safetensors_header(path: str | os.PathLike, error_cls: type[LLMMergingE
                 numel *= s
             if end - start != (numel * bits + 7) // 8:
                 raise error_cls(
-                    f"corrupted safetensors file {path}: tensor '{key}' {dtype}{_shape_str(shape)} "
+                    f"corrupted safetensors file {path}: tensor '{key}' {dtype}{shape_str(shape)} "
                     f"has {end - start} bytes"
                 )
         if start < 0 or end < start:
@@ -214,7 +214,7 @@ def is_vocab_param(name: str) -> bool:
     return module in _VOCAB_MODULES or "embed" in module or module.endswith("lm_head")
 
 
-_EMBED_CANDIDATES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+EMBED_CANDIDATES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                      "tok_embeddings.weight", "shared.weight")
 
 
@@ -425,7 +425,7 @@ class CheckpointReader:
 # --------------------------------------------------------------------------------------------------------
 # FullExpert
 # --------------------------------------------------------------------------------------------------------
-def _summary(names: list[str], limit: int = 5) -> str:
+def name_summary(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
@@ -479,7 +479,7 @@ class FullExpert:
         if not m:
             raise CheckpointError(
                 f"expert {self.name} ({self.path}): no tensor in common with the base model "
-                f"(checkpoint has e.g. {_summary(keys, 3)}; base has e.g. {_summary(list(shapes), 3)})"
+                f"(checkpoint has e.g. {name_summary(keys, 3)}; base has e.g. {name_summary(list(shapes), 3)})"
             )
         mapping: dict[str, str] = {}
         vocab: dict[str, tuple[int, int]] = {}
@@ -491,14 +491,14 @@ class FullExpert:
                 else:
                     raise CheckpointError(
                         f"expert {self.name}: tensor '{key}' in {self.reader.file_of(key)} has shape "
-                        f"{_shape_str(es)} but base parameter '{base_name}' has shape {_shape_str(bs)}"
+                        f"{shape_str(es)} but base parameter '{base_name}' has shape {shape_str(bs)}"
                     )
             mapping[base_name] = key
         missing = [n for n in shapes if n not in mapping]
         # a tied output head absent from the checkpoint: the expert's head is its input embedding
         for n in list(missing):
             if n == "lm_head.weight" or n.endswith(".lm_head.weight"):
-                emb = next((k for suf in _EMBED_CANDIDATES for k in keys if k == suf or k.endswith("." + suf)),
+                emb = next((k for suf in EMBED_CANDIDATES for k in keys if k == suf or k.endswith("." + suf)),
                            None)
                 if emb is not None and self._tie and self.reader.shape(emb)[1:] == shapes[n][1:]:
                     mapping[n] = emb
@@ -517,11 +517,11 @@ class FullExpert:
         real_unmatched = [k for k in self.unmatched_keys if not k.endswith(_BUFFER_SUFFIXES)]
         if real_unmatched:
             logger.warning("expert %s: %d checkpoint tensor(s) match no base parameter and are ignored: %s",
-                           self.name, len(real_unmatched), _summary(real_unmatched))
+                           self.name, len(real_unmatched), name_summary(real_unmatched))
         important_missing = [n for n in missing if not n.endswith("lm_head.weight")]
         if important_missing:
             logger.warning("expert %s: %d base parameter(s) absent from the checkpoint (task vector 0): %s",
-                           self.name, len(important_missing), _summary(important_missing))
+                           self.name, len(important_missing), name_summary(important_missing))
         for n, (b_rows, e_rows) in vocab.items():
             if self.vocab_reindexed:
                 logger.info("expert %s: %s has %d vocabulary rows (base %d); re-indexed to the output tokenizer",
@@ -560,8 +560,8 @@ class FullExpert:
             return out
         if tuple(t.shape) != tuple(base.shape):
             raise CheckpointError(
-                f"expert {self.name}: tensor '{key}' has shape {_shape_str(t.shape)} but base parameter "
-                f"'{param_name}' has shape {_shape_str(base.shape)}"
+                f"expert {self.name}: tensor '{key}' has shape {shape_str(t.shape)} but base parameter "
+                f"'{param_name}' has shape {shape_str(base.shape)}"
             )
         return t
 
@@ -593,8 +593,8 @@ class FullExpert:
             return out
         if tuple(t.shape) != tuple(b.shape):
             raise CheckpointError(
-                f"expert {self.name}: tensor '{key}' has shape {_shape_str(t.shape)} but base parameter "
-                f"'{param_name}' has shape {_shape_str(b.shape)}"
+                f"expert {self.name}: tensor '{key}' has shape {shape_str(t.shape)} but base parameter "
+                f"'{param_name}' has shape {shape_str(b.shape)}"
             )
         return t.sub_(b) if t.dtype == b.dtype else t - b.float()  # t is a fresh copy: subtract in place
 

@@ -36,16 +36,16 @@ from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError
-from .scoring import (  # noqa: F401 (shared with encoder_decoder_functions; re-exported for this module's callers)
+from llm_merging.core.errors import ConfigError
+from llm_merging.model.scoring import (  # noqa: F401 (shared with encoder_decoder_functions; re-exported for this module's callers)
     CHUNK_OVERHEAD_TOKENS,
     FORWARD_TOKENS,
     SCORINGS,
     check_scoring,
-    _NO_LIMIT,
-    _as_id_list,
-    _forward_params,
-    _per_example,
+    NO_LIMIT,
+    as_id_list,
+    forward_params,
+    split_choice_scores,
     as_texts,
     cache_kwarg,
     cache_rows,
@@ -93,7 +93,7 @@ def sliding_window(model) -> int | None:
 def _bool_logits_to_keep(cls) -> bool:
     """Whether ``cls.forward`` slices hidden states with transformers' ``slice_logits_to_keep``
     (which accepts a 2D boolean mask and returns logits for the True positions only)."""
-    if "logits_to_keep" not in _forward_params(cls):
+    if "logits_to_keep" not in forward_params(cls):
         return False
     try:
         return "slice_logits_to_keep(" in inspect.getsource(cls.forward)
@@ -149,14 +149,14 @@ def predict_multiple_choice(
         flat_scores = _score_by_prompt_length(transformer, prompt_ids, choice_ids, counts, **kwargs)
     else:
         flat_scores = score_choices(transformer, prompt_ids, choice_ids, counts, **kwargs)
-    return _per_example(flat_scores, counts)
+    return split_choice_scores(flat_scores, counts)
 
 
 def _padding_gap_is_safe(model, prompt_ids: Sequence[Sequence[int]], extra: int) -> bool:
     """Whether right-padded prompts can be continued across their padding gap: the model must take
     ``position_ids``, and a sliding window (counted in cache positions) must cover the longest prompt
     plus ``extra`` continuation tokens."""
-    if "position_ids" not in _forward_params(type(forward_owner(model))):
+    if "position_ids" not in forward_params(type(forward_owner(model))):
         return False
     window = sliding_window(model)
     return window is None or max((len(p) for p in prompt_ids), default=0) + extra <= window
@@ -234,7 +234,7 @@ def fast_path_supported(model) -> bool:
     """Whether the model takes ``position_ids`` and 2D ``logits_to_keep`` (modern transformers models);
     otherwise generation falls back to ``model.generate`` with left padding."""
     owner = type(forward_owner(model))
-    return "position_ids" in _forward_params(owner) and _bool_logits_to_keep(owner)
+    return "position_ids" in forward_params(owner) and _bool_logits_to_keep(owner)
 
 
 @torch.inference_mode()
@@ -258,7 +258,7 @@ def score_choices(
     cache, last_logp, lengths, prompt_mask = _prefill(model, prompt_ids, pad_id)
     owner = torch.repeat_interleave(torch.arange(len(counts), device=device),
                                     torch.as_tensor(list(counts), device=device))
-    params = _forward_params(type(forward_owner(model)))
+    params = forward_params(type(forward_owner(model)))
     keep_mask = _bool_logits_to_keep(type(forward_owner(model)))
     cache_kw = cache_kwarg(model)
 
@@ -336,7 +336,7 @@ def generate(
     """
     cfg = greedy_generation_config(transformer, input_tokenizer, max_gen_len)
     prompt_ids = encode_prompts(transformer, input_tokenizer, batch["input"], reserve=max_gen_len)
-    eos_ids = _as_id_list(cfg.eos_token_id)
+    eos_ids = as_id_list(cfg.eos_token_id)
     if fast_path_supported(transformer) and _padding_gap_is_safe(transformer, prompt_ids, max_gen_len):
         new_ids = greedy_decode(transformer, prompt_ids, max_gen_len, eos_ids, cfg.pad_token_id)
     else:
@@ -350,4 +350,4 @@ def hf_generate(model, prompt_ids: Sequence[Sequence[int]], cfg) -> list[list[in
     ids, mask = pad_sequences(prompt_ids, cfg.pad_token_id, "left", model_device(model))
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
-    return trim_generated(sequences[:, ids.shape[1]:].cpu(), _as_id_list(cfg.eos_token_id))
+    return trim_generated(sequences[:, ids.shape[1]:].cpu(), as_id_list(cfg.eos_token_id))

@@ -17,11 +17,11 @@ import logging
 
 import torch
 
-from ..errors import ConfigError
-from .scoring import (
+from llm_merging.core.errors import ConfigError
+from llm_merging.model.scoring import (
     check_scoring,
-    _as_id_list,
-    _per_example,
+    as_id_list,
+    split_choice_scores,
     as_texts,
     cache_kwarg,
     cache_rows,
@@ -82,7 +82,7 @@ def predict_multiple_choice(transformer, tokenizer, batch, *, scoring: str = "ex
     flat = [c for cs in choices for c in cs]
     choice_ids = [list(x) for x in tokenizer(flat)["input_ids"]] if flat else []
     flat_scores = score_choices(transformer, input_ids, choice_ids, counts, pad_id=pad_id_of(tokenizer))
-    return _per_example(flat_scores, counts)
+    return split_choice_scores(flat_scores, counts)
 
 
 @torch.inference_mode()
@@ -131,6 +131,6 @@ def generate(transformer, tokenizer, batch, max_gen_len):
     ids, mask = pad_sequences(input_ids, pad_id_of(tokenizer), "right", model_device(transformer))
     out = transformer.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
-    new_ids = trim_generated(sequences[:, 1:].cpu(), _as_id_list(cfg.eos_token_id))
+    new_ids = trim_generated(sequences[:, 1:].cpu(), as_id_list(cfg.eos_token_id))
     texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
     return new_ids, texts

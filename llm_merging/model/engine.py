@@ -14,8 +14,8 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import BudgetExceeded, MergeError
-from .refs import hf_token
+from llm_merging.core.errors import BudgetExceeded, MergeError
+from llm_merging.model.refs import hf_token
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ def config_param_shapes(model_dir, architecture: str) -> dict[str, tuple]:
 
     from transformers import AutoConfig
 
-    from ..errors import CheckpointError, first_line
-    from . import auto_model_class
+    from llm_merging.core.errors import CheckpointError, first_line
+    from llm_merging.model import auto_model_class
 
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
@@ -69,7 +69,7 @@ def check_base_files(model_dir) -> None:
     """Check the headers of the base model's safetensors files (truncated downloads) without reading data."""
     from pathlib import Path
 
-    from .checkpoint import read_safetensors_header
+    from llm_merging.model.checkpoint import read_safetensors_header
 
     for file in sorted(Path(model_dir).glob("*.safetensors")):
         read_safetensors_header(file)
@@ -104,8 +104,8 @@ def open_experts(models: Sequence[tuple[Any, bool]], shapes: dict[str, tuple], *
     """Open each ``(model reference, is_adapter)`` lazily (LoRA adapter, full checkpoint, or the base itself
     when it resolves to ``base_path``) and bind it to ``shapes``. ``vocab_reindexed``: a recipe's tokenizer
     re-indexes the vocabulary tensors (``merge_vocabulary``), so full experts skip their own row handling."""
-    from .checkpoint import FullExpert
-    from .lora import LoraAdapter
+    from llm_merging.model.checkpoint import FullExpert
+    from llm_merging.model.lora import LoraAdapter
 
     experts = []
     base = None if base_path is None else Path(base_path).resolve()
@@ -141,10 +141,10 @@ def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 
         pass
 
 
-def _base_reader(base_dir, model: torch.nn.Module):
+def open_base_reader(base_dir, model: torch.nn.Module):
     """The base checkpoint as a tensor reader bound to ``model`` (None when its files cannot serve)."""
-    from ..errors import LLMMergingError
-    from .checkpoint import FullExpert
+    from llm_merging.core.errors import LLMMergingError
+    from llm_merging.model.checkpoint import FullExpert
 
     try:
         reader = FullExpert(base_dir, name="base")
@@ -345,7 +345,7 @@ def merge_into(
         raise MergeError("a tokenizer that changes the vocabulary resizes the model: it cannot be written while merging")
     vocab_names = {n for n, _ in vocab_params(model, tokenizer_plan.source_rows[0])} if reindex else set()
     params = [(n, p) for n, p in model.named_parameters() if n in touched and n not in vocab_names]
-    base_reader = _base_reader(base_dir, model) if base_dir is not None else None
+    base_reader = open_base_reader(base_dir, model) if base_dir is not None else None
     tune_allocator()
     t0 = time.time()
     n_values = 0
@@ -418,7 +418,7 @@ def merge_into(
 def vocab_params(model: torch.nn.Module, rows: int) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters of ``model``'s input embedding and output head whose first dimension is the
     vocabulary (``rows`` long); a tied head is the embedding's parameter and is listed once."""
-    from .checkpoint import is_vocab_param
+    from llm_merging.model.checkpoint import is_vocab_param
 
     owned: set[int] = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):

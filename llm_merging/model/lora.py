@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from llm_merging.errors import AdapterError, first_line
+from llm_merging.core.errors import AdapterError, first_line
 from llm_merging.model.checkpoint import (
-    _EMBED_CANDIDATES,
-    _shape_str,
-    _summary,
+    EMBED_CANDIDATES,
+    shape_str,
+    name_summary,
     load_torch_file,
     match_names,
     open_safetensors,
@@ -246,8 +246,8 @@ class LoraAdapter:
             a_shape, b_shape = self._shapes[lo.a_key], self._shapes[lo.b_key]
             if len(a_shape) < 2 or len(b_shape) < 2:
                 raise AdapterError(
-                    f"adapter {self.name}: module '{mod}' has malformed factors A{_shape_str(a_shape)}, "
-                    f"B{_shape_str(b_shape)} in {self.weights_file}"
+                    f"adapter {self.name}: module '{mod}' has malformed factors A{shape_str(a_shape)}, "
+                    f"B{shape_str(b_shape)} in {self.weights_file}"
                 )
             rank_a = a_shape[0]
             rank_b = b_shape[1]
@@ -255,7 +255,7 @@ class LoraAdapter:
             alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), mod), alpha0))
             if rank_a != rank_b or rank_a != r:
                 raise AdapterError(
-                    f"adapter {self.name}: module '{mod}' has factors A{_shape_str(a_shape)}, B{_shape_str(b_shape)} "
+                    f"adapter {self.name}: module '{mod}' has factors A{shape_str(a_shape)}, B{shape_str(b_shape)} "
                     f"but the config gives rank r={r} ({self.path / ADAPTER_CONFIG})"
                 )
             lo.r, lo.alpha = r, alpha
@@ -297,8 +297,8 @@ class LoraAdapter:
         if not mapping:
             raise AdapterError(
                 f"adapter {self.name} ({self.path}): no module in common with the base model (adapter modules "
-                f"e.g. {_summary(self.module_names() or list(self._full), 3)}; base parameters e.g. "
-                f"{_summary(list(shapes), 3)})"
+                f"e.g. {name_summary(self.module_names() or list(self._full), 3)}; base parameters e.g. "
+                f"{name_summary(list(shapes), 3)})"
             )
         for s, mod in lora_src.items():
             if s not in mapping and (mod == "lm_head" or mod.endswith(".lm_head")):
@@ -329,10 +329,10 @@ class LoraAdapter:
                 replacements[target] = key
                 continue
             if tname.endswith(".bias") and bias_mode != "none":
-                where = (f"base parameter '{target}' has shape {_shape_str(shapes[target])}" if target
+                where = (f"base parameter '{target}' has shape {shape_str(shapes[target])}" if target
                          else "no base parameter of that name")
                 raise AdapterError(
-                    f"adapter {self.name}: bias tensor '{key}' {_shape_str(self._shapes[key])} in "
+                    f"adapter {self.name}: bias tensor '{key}' {shape_str(self._shapes[key])} in "
                     f"{self.weights_file} does not fit the base model ({where})"
                 )
             unused.append(key)
@@ -349,15 +349,15 @@ class LoraAdapter:
             ts, bs = self._shapes[key], shapes[target]
             if len(idx) != ts[0] or ts[1:] != bs[1:] or (idx and (max(idx) >= bs[0] or min(idx) < 0)):
                 raise AdapterError(
-                    f"adapter {self.name}: trainable tokens '{key}' {_shape_str(ts)} for indices {idx[:8]} "
-                    f"do not fit base parameter '{target}' {_shape_str(bs)}"
+                    f"adapter {self.name}: trainable tokens '{key}' {shape_str(ts)} for indices {idx[:8]} "
+                    f"do not fit base parameter '{target}' {shape_str(bs)}"
                 )
             token_params[target] = (key, idx)
         if unused:
             logger.warning(
                 "adapter %s: %d saved tensor(s) match no base parameter of the same name and shape and are "
                 "ignored: %s", self.name, len(unused),
-                _summary([f"{k} {_shape_str(self._shapes[k])}" for k in unused]))
+                name_summary([f"{k} {shape_str(self._shapes[k])}" for k in unused]))
         self.mapping = mapping
         self.replacements = replacements
         self.unused_tensors = unused
@@ -379,8 +379,8 @@ class LoraAdapter:
         """The input embedding a LoRA on an absent (tied) output head merges into, as PEFT does."""
         lo = self._loras[mod]
         dw = (self._shapes[lo.b_key][0], self._shapes[lo.a_key][1])
-        suffixes = tuple("." + c for c in _EMBED_CANDIDATES)
-        cands = [n for n in shapes if (n in _EMBED_CANDIDATES or n.endswith(suffixes)) and shapes[n] == dw]
+        suffixes = tuple("." + c for c in EMBED_CANDIDATES)
+        cands = [n for n in shapes if (n in EMBED_CANDIDATES or n.endswith(suffixes)) and shapes[n] == dw]
         return cands[0] if len(cands) == 1 else None
 
     def _token_indices(self, mod: str) -> list[int]:
@@ -431,8 +431,8 @@ class LoraAdapter:
                 ok = base == dw and all(x == 1 for x in b[2:])
             if not ok:
                 raise AdapterError(
-                    f"adapter {self.name}: module '{mod}' gives ΔW of shape {_shape_str(dw)} (A{_shape_str(a)}, "
-                    f"B{_shape_str(b)}) but base parameter '{lo.param}' has shape {_shape_str(base)}"
+                    f"adapter {self.name}: module '{mod}' gives ΔW of shape {shape_str(dw)} (A{shape_str(a)}, "
+                    f"B{shape_str(b)}) but base parameter '{lo.param}' has shape {shape_str(base)}"
                 )
         for lo in square:
             # shapes cannot tell: follow the config, unless every other module shows the opposite layout

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelNotFoundError, first_line
+from llm_merging.core.errors import ModelNotFoundError, first_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from .. import ops
-from ..errors import ConfigError
-from ..io_utils import atomic_path, atomic_write_json
+from llm_merging import ops
+from llm_merging.core.errors import ConfigError
+from llm_merging.core.io import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
 

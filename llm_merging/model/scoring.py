@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import ConfigError
+from llm_merging.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def check_scoring(scoring: str) -> str:
     return scoring
 
 
-_NO_LIMIT = 1_000_000
+NO_LIMIT = 1_000_000
 
 
 def model_device(model) -> torch.device:
@@ -40,7 +40,7 @@ def model_device(model) -> torch.device:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_params(cls) -> frozenset:
+def forward_params(cls) -> frozenset:
     try:
         return frozenset(inspect.signature(cls.forward).parameters)
     except (TypeError, ValueError):
@@ -62,7 +62,7 @@ def forward_owner(model):
 
 def cache_kwarg(model) -> str:
     """Name of the cache argument of ``model.forward`` (``cache`` in recent transformers 5.x)."""
-    return "cache" if "cache" in _forward_params(type(forward_owner(model))) else "past_key_values"
+    return "cache" if "cache" in forward_params(type(forward_owner(model))) else "past_key_values"
 
 
 def as_texts(values: Sequence[Any]) -> list[str]:
@@ -115,9 +115,9 @@ def pad_id_of(*tokenizers) -> int:
 
 def length_limit(model, tokenizer) -> int:
     """Longest sequence the model takes: the smaller of the tokenizer's and the model's limits."""
-    limit = _NO_LIMIT
+    limit = NO_LIMIT
     tok_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tok_max, int) and 0 < tok_max < _NO_LIMIT:
+    if isinstance(tok_max, int) and 0 < tok_max < NO_LIMIT:
         limit = tok_max
     cfg = getattr(model, "config", None)
     for attr in ("max_position_embeddings", "n_positions"):
@@ -157,7 +157,7 @@ def encode_prompts(model, tokenizer, texts, *, reserve: int = 0, keep_first_spec
     return ids
 
 
-def _as_id_list(value) -> list[int]:
+def as_id_list(value) -> list[int]:
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
@@ -176,8 +176,8 @@ def greedy_generation_config(model, tokenizer, max_new_tokens: int):
         raise ConfigError(f"max_gen_len must be a positive integer, got {max_new_tokens!r}")
     base = getattr(model, "generation_config", None)
     cfg = copy.deepcopy(base) if base is not None else GenerationConfig()
-    eos = _as_id_list(cfg.eos_token_id)
-    for t in _as_id_list(getattr(tokenizer, "eos_token_id", None)):
+    eos = as_id_list(cfg.eos_token_id)
+    for t in as_id_list(getattr(tokenizer, "eos_token_id", None)):
         if t not in eos:
             eos.append(t)
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -215,7 +215,7 @@ def trim_generated(new_ids: torch.Tensor, eos_ids: Sequence[int]) -> list[list[i
     return out
 
 
-def _per_example(flat_scores: torch.Tensor, counts: Sequence[int]):
+def split_choice_scores(flat_scores: torch.Tensor, counts: Sequence[int]):
     """Split flat choice scores into ``(predicted[B], scores[B, C])`` padded with ``-inf``."""
     width = max(counts, default=0)
     scores = torch.full((len(counts), max(width, 1)), float("-inf"), dtype=torch.float32)

@@ -46,7 +46,7 @@ from typing import Sequence
 
 import torch
 
-from llm_merging.errors import ConfigError, MergeError, ModelNotFoundError, first_line
+from llm_merging.core.errors import ConfigError, MergeError, ModelNotFoundError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -693,7 +693,7 @@ def _map_token_sources(tokens: dict | None, local) -> dict | None:
 def recipe_tokenizer(tokenizer: dict | None, chat_template: str | None, base_dir, model_dirs: Sequence,
                      local=None):
     """``(plan, output tokenizer)`` for a recipe's ``tokenizer_source`` / ``tokenizer:`` (``tokenizer``:
-    ``{"source", "tokens", "pad_to_multiple_of"}`` as `llm_merging.recipe.Recipe` holds it) and
+    ``{"source", "tokens", "pad_to_multiple_of"}`` as `llm_merging.merging.recipe.Recipe` holds it) and
     ``chat_template``. No tokenizer setting: no plan (mergekit re-indexes nothing), and the base's
     tokenizer with the template when ``chat_template`` is set, else ``(None, None)``.
     ``local(ref)`` maps a model reference of the recipe to its local directory (default: as given)."""

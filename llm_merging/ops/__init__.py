@@ -4,15 +4,15 @@ Conventions: inputs are same-shape tensors (never modified); results are new flo
 inputs' device. Most functions take task vectors τᵢ = θᵢ − θ₀ and return the merged task vector (the
 caller adds θ₀); ``linear``, ``slerp``/``lerp`` and ``geometric_median`` work on whatever they are given.
 Per-model hyperparameters accept a number or one number per model; bad values raise
-:class:`llm_merging.errors.ConfigError` naming the parameter.
+:class:`llm_merging.core.errors.ConfigError` naming the parameter.
 """
 from __future__ import annotations
 
-from .adamerging import entropy, task_vector_inner
-from .basic import linear, task_arithmetic
-from .fisher import diagonal_fisher, fisher_merge, greedy_log_likelihood
-from .geometric_median import geometric_median
-from .masks import (
+from llm_merging.ops.adamerging import entropy, task_vector_inner
+from llm_merging.ops.basic import linear, task_arithmetic
+from llm_merging.ops.fisher import diagonal_fisher, fisher_merge, greedy_log_likelihood
+from llm_merging.ops.geometric_median import geometric_median
+from llm_merging.ops.masks import (
     apply_mask,
     breadcrumbs_mask,
     della_keep_probabilities,
@@ -20,7 +20,7 @@ from .masks import (
     magnitude_mask,
     random_mask,
 )
-from .mergekit_methods import (
+from llm_merging.ops.mergekit_methods import (
     arcee_fusion,
     arcee_fusion_importance,
     nearswap,
@@ -29,14 +29,14 @@ from .mergekit_methods import (
     sce,
     sce_mask,
 )
-from .model_stock import model_stock, model_stock_ratio
-from .regmean import reduce_off_diagonal, regmean
-from .slerp import lerp, slerp
-from .sparsify import breadcrumbs, dare, della, magnitude_prune
-from .spherical import karcher, multislerp, nuslerp
-from .svd import iso_c, iso_cts, knots, low_rank, tsv
-from .ties import consensus_merge, elect_sign, ties
-from ._common import derive_seed
+from llm_merging.ops.model_stock import model_stock, model_stock_ratio
+from llm_merging.ops.regmean import reduce_off_diagonal, regmean
+from llm_merging.ops.slerp import lerp, slerp
+from llm_merging.ops.sparsify import breadcrumbs, dare, della, magnitude_prune
+from llm_merging.ops.spherical import karcher, multislerp, nuslerp
+from llm_merging.ops.svd import iso_c, iso_cts, knots, low_rank, tsv
+from llm_merging.ops.ties import consensus_merge, elect_sign, ties
+from llm_merging.ops._common import derive_seed
 
 __all__ = [
     "apply_mask",

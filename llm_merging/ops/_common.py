@@ -8,7 +8,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 
 #: A hyperparameter given once for all models or once per model.
 PerModel = Union[float, Sequence[float]]

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 
 
 def entropy(logits: Tensor, mask: Optional[Tensor] = None, dim: int = -1) -> Tensor:

@@ -5,9 +5,9 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 
-from ._common import PerModel, check_real, check_tensors, weight_list, weighted_sum_f32
+from llm_merging.ops._common import PerModel, check_real, check_tensors, weight_list, weighted_sum_f32
 
 
 def linear(tensors: Sequence[Tensor], weights: Optional[PerModel] = None, normalize: bool = True) -> Tensor:

@@ -6,9 +6,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 
-from ._common import PerModel, check_choice, check_range, check_tensors, per_model
+from llm_merging.ops._common import PerModel, check_choice, check_range, check_tensors, per_model
 
 
 def fisher_merge(

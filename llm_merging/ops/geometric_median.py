@@ -11,9 +11,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 
-from ._common import PerModel, check_range, check_tensors, norm64, stack_f32, weight_list
+from llm_merging.ops._common import PerModel, check_range, check_tensors, norm64, stack_f32, weight_list
 
 
 def _norm(x: Tensor) -> float:

@@ -27,9 +27,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 
-from ._common import (
+from llm_merging.ops._common import (
     COUNTER_CHUNK_CPU,
     COUNTER_CHUNK_DEVICE,
     KEEP_COUNTS,
@@ -40,7 +40,7 @@ from ._common import (
     counter_chunks,
     f32,
 )
-from ._common import keep_count as _keep_count
+from llm_merging.ops._common import keep_count as _keep_count
 
 RESCALES = ("inverse", "l1", None)
 _L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor threshold

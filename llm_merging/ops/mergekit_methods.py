@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import check_pair, check_range, check_tensors, dot64, f32, stack_f32
-from .masks import _kth_largest, _topk_flat
-from .ties import elect_sign
+from llm_merging.ops._common import check_pair, check_range, check_tensors, dot64, f32, stack_f32
+from llm_merging.ops.masks import _kth_largest, _topk_flat
+from llm_merging.ops.ties import elect_sign
 
 # --------------------------------------------------------------------------------------------------
 # SCE

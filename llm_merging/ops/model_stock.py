@@ -8,7 +8,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from ._common import check_tensors, dot64, stack_f32
+from llm_merging.ops._common import check_tensors, dot64, stack_f32
 
 
 _MK_NORM_EPS = 1e-6  # mergekit's clamp of the pairwise norm product

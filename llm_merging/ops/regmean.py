@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 
-from ._common import PerModel, check_real, check_tensors, weight_list
+from llm_merging.ops._common import PerModel, check_real, check_tensors, weight_list
 
 
 def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:

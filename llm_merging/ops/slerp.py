@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import check_pair, check_range, dot64, f32
+from llm_merging.ops._common import check_pair, check_range, dot64, f32
 
 
 def lerp(a: Tensor, b: Tensor, t: float) -> Tensor:

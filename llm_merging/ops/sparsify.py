@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._common import (
+from llm_merging.ops._common import (
     KEEP_COUNTS,
     CounterScratch,
     PerModel,
@@ -38,7 +38,7 @@ from ._common import (
     weight_list,
     weighted_sum_f32,
 )
-from .masks import (
+from llm_merging.ops.masks import (
     RESCALES,
     _check_della,
     abs_sum64,
@@ -48,7 +48,7 @@ from .masks import (
     della_mask,
     l1_rescale_,
 )
-from .ties import DIVISORS, SIGN_METHODS, Buffers, _consensus
+from llm_merging.ops.ties import DIVISORS, SIGN_METHODS, Buffers, _consensus
 
 CONSENSUS = (None, "ties")
 
@@ -99,7 +99,7 @@ def magnitude_prune(
     density·numel is integral; mergekit ``sparsification_method: magnitude`` without consensus).
     ``consensus="ties"``: TIES election + disjoint merge, i.e. :func:`~llm_merging.ops.ties.ties`.
     """
-    from .streaming import CHUNK, magnitude_prune_chunks  # the one implementation of the trim
+    from llm_merging.ops.streaming import CHUNK, magnitude_prune_chunks  # the one implementation of the trim
 
     ts = check_tensors(task_vectors)
     _common_checks(consensus, sign_method, divisor, scale)

@@ -15,9 +15,9 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from llm_merging.errors import ConfigError, MergeError
+from llm_merging.core.errors import ConfigError, MergeError
 
-from ._common import (
+from llm_merging.ops._common import (
     PerModel,
     check_pair,
     check_range,

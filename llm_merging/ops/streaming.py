@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._common import (
+from llm_merging.ops._common import (
     KEEP_COUNTS,
     CounterScratch,
     PerModel,
@@ -41,9 +41,9 @@ from ._common import (
     stack_f32,
     weight_list,
 )
-from .masks import BLOCK, RESCALES, abs_sum64, dare_drop_, l1_rescale_, random_mask_into_, zero_dropped_
-from .sparsify import _combine, _common_checks
-from .ties import Buffers
+from llm_merging.ops.masks import BLOCK, RESCALES, abs_sum64, dare_drop_, l1_rescale_, random_mask_into_, zero_dropped_
+from llm_merging.ops.sparsify import _combine, _common_checks
+from llm_merging.ops.ties import Buffers
 
 Reader = Callable[[int, int], "tuple[Tensor, list[Tensor]]"]
 Chunks = Iterator["tuple[int, int, Tensor]"]

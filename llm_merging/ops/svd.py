@@ -11,9 +11,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from llm_merging.errors import ConfigError
+from llm_merging.core.errors import ConfigError
 
-from ._common import (
+from llm_merging.ops._common import (
     PerModel,
     check_choice,
     check_range,
@@ -28,8 +28,8 @@ from ._common import (
     weight_list,
     weight_tensor,
 )
-from .masks import apply_mask, magnitude_mask, random_mask
-from .ties import DIVISORS, SIGN_METHODS, consensus_merge
+from llm_merging.ops.masks import apply_mask, magnitude_mask, random_mask
+from llm_merging.ops.ties import DIVISORS, SIGN_METHODS, consensus_merge
 
 
 def _mean(ts: Sequence[Tensor]) -> Tensor:

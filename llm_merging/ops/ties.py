@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._common import PerModel, check_choice
+from llm_merging.ops._common import PerModel, check_choice
 
 SIGN_METHODS = ("total", "frequency")
 DIVISORS = ("count", "weight_sum", None)
@@ -195,7 +195,7 @@ def ties(
     mergekit 0.1.5 ``ties`` is ``keep_count="floor", weighted_sign=True, divisor="weight_sum"`` (its
     ``normalize: false``: ``divisor=None``).
     """
-    from .sparsify import magnitude_prune  # the trim + consensus path every *_ties variant shares
+    from llm_merging.ops.sparsify import magnitude_prune  # the trim + consensus path every *_ties variant shares
 
     return magnitude_prune(task_vectors, density, weights, scale, consensus="ties", sign_method=sign_method,
                            weighted_sign=weighted_sign, divisor=divisor, keep_count=keep_count)

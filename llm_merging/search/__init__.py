@@ -3,7 +3,7 @@
 :mod:`.space` parses and checks the search space, :mod:`.candidates` merges and scores candidates in
 memory, :mod:`.study` runs the Optuna study and writes ``OUTPUT/METHOD/search/``.
 """
-from .space import SearchSpace, build_space
-from .study import SearchConfig, overrides_for, prepare, run
+from llm_merging.search.space import SearchSpace, build_space
+from llm_merging.search.study import SearchConfig, overrides_for, prepare, run
 
 __all__ = ["SearchConfig", "SearchSpace", "build_space", "overrides_for", "prepare", "run"]

@@ -13,8 +13,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import MergeError
-from ..evaluation import _primary, _score_rows, evaluate_dataset
+from llm_merging.core.errors import MergeError
+from llm_merging.core.resources import available_bytes
+from llm_merging.evaluation import primary_score, score_rows, evaluate_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +41,6 @@ class CachedFull:
         return getattr(self.expert, item)
 
 
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
 
 class InMemoryMerger:
     """Load the base of ``method`` once and merge candidates into it in place.
@@ -57,8 +50,8 @@ class InMemoryMerger:
     """
 
     def __init__(self, method, *, memory_fraction: float = 0.4, progress: bool = True) -> None:
-        from ..model.engine import _base_reader, base_param_shapes, compute_device
-        from ..model.lora import LoraAdapter
+        from llm_merging.model.engine import open_base_reader, base_param_shapes, compute_device
+        from llm_merging.model.lora import LoraAdapter
 
         t0 = time.time()
         method._load_base_model()
@@ -73,7 +66,7 @@ class InMemoryMerger:
         self.params = [(n, p) for n, p in self.model.named_parameters() if n in touched]
         if not self.params:
             raise MergeError(f"method '{method.name}': the experts change no parameter of the base model")
-        reader = _base_reader(method.base_ref().local_path, self.model)
+        reader = open_base_reader(method.base_ref().local_path, self.model)
         self.theta0: dict[str, torch.Tensor] = {}
         self.device = compute_device(self.params[0][1])
         from tqdm.auto import tqdm
@@ -91,7 +84,7 @@ class InMemoryMerger:
         if reader is not None:
             reader.close()
         self.cache_kinds: list[str] = []
-        budget = _available_bytes(self.device) * memory_fraction
+        budget = available_bytes(self.device) * memory_fraction
         cached: list = []
         for e in experts:
             if isinstance(e, LoraAdapter):
@@ -234,12 +227,12 @@ class Fitness:
             if partial:
                 break
             if s == 0 and len(slices) > 1 and report is not None:
-                first_scores = [_primary(_score_rows(self.rows[f][:k], preds[f])[0]) for f, k in enumerate(self.first)]
+                first_scores = [primary_score(score_rows(self.rows[f][:k], preds[f])[0]) for f, k in enumerate(self.first)]
                 if report(self._value(first_scores)):
                     pruned = True
                     break
-        scores = [_score_rows(self.rows[f], preds[f])[0] for f in range(len(self.rows))]
-        primary = [_primary(s) for s in scores]
+        scores = [score_rows(self.rows[f], preds[f])[0] for f in range(len(self.rows))]
+        primary = [primary_score(s) for s in scores]
         return {"value": self._value(primary), "scores": dict(zip(self.names, scores)),
                 "primary": dict(zip(self.names, primary)), "pruned": pruned, "partial": partial}
 

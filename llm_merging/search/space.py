@@ -24,9 +24,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ..errors import ConfigError
-from ..merging import settings
-from ..merging.hparams import COMMON, Param
+from llm_merging.core.errors import ConfigError
+from llm_merging.merging import settings
+from llm_merging.merging.hparams import COMMON, Param
 
 #: default ranges of hyperparameters whose declaration has no (finite) bounds, or a better usual range
 DEFAULT_RANGES: dict[str, tuple[float, float, bool]] = {

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import BudgetExceeded, ConfigError, DataError, MergeError, first_line
-from ..io_utils import atomic_path, atomic_write_text
-from .space import SearchSpace, build_space, candidate_values, parse_entry
+from llm_merging.core.errors import BudgetExceeded, ConfigError, DataError, MergeError, first_line
+from llm_merging.core.io import atomic_path, atomic_write_text
+from llm_merging.search.space import SearchSpace, build_space, candidate_values, parse_entry
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Search:
 
     # ------------------------------------------------------------------ preflight (no weights)
     def prepare(self) -> None:
-        from ..runner import apply_config, instantiate
+        from llm_merging.pipeline.runner import apply_config, instantiate
 
         runner, cfg = self.runner, self.cfg
         primary = runner.method
@@ -161,7 +161,7 @@ class Search:
         specs = {n: {k: p for k, p in m.all_hyperparameters().items()} for n, m in self.methods.items()}
         fixed = {n: set(overrides_for(runner.cfg, n, specs[n])) for n in names}
         if recipe is not None and recipe.method in fixed:  # values the recipe sets leave the default space too
-            from ..merging.mergekit_names import MERGEKIT_METHODS
+            from llm_merging.merging.mergekit_names import MERGEKIT_METHODS
 
             mk = MERGEKIT_METHODS.get(recipe.mergekit_method or "")
             doc = recipe.document
@@ -184,14 +184,14 @@ class Search:
             self.report["search_lm_eval"] = {"tasks": list(cfg.lm_eval.tasks), "args": dict(cfg.lm_eval.args)}
 
     def _prepare_data(self) -> None:
-        from .. import tiny
-        from ..data import GENERATION, MULTIPLE_CHOICE, load_examples
+        from llm_merging.model import tiny
+        from llm_merging.data import GENERATION, MULTIPLE_CHOICE, load_examples
 
         runner, cfg = self.runner, self.cfg
         if cfg.objective is not None:
             return
         if cfg.lm_eval is not None:  # lm-eval tasks instead of files: checked (and their data loaded) now
-            from ..lm_eval_tasks import prepare as prepare_lm_eval
+            from llm_merging.lm_eval_tasks import prepare as prepare_lm_eval
 
             if cfg.data:
                 raise ConfigError("--search-lm-eval and --search-data: score the candidates on one of them")
@@ -231,7 +231,7 @@ class Search:
     # ------------------------------------------------------------------ the search phase
     def run(self) -> None:
         import optuna
-        from .candidates import Fitness, InMemoryMerger
+        from llm_merging.search.candidates import Fitness, InMemoryMerger
 
         runner, cfg = self.runner, self.cfg
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -246,15 +246,15 @@ class Search:
         self.report["cache"] = dict(zip([str(e.name) for e in merger.experts], merger.cache_kinds))
         fitness = None
         if self.lm_eval is not None:
-            from ..lm_eval_tasks import SearchFitness
+            from llm_merging.lm_eval_tasks import SearchFitness
 
             fitness = SearchFitness(self.lm_eval, batch_size=runner.cfg.batch_size)
         elif cfg.objective is None:
-            from ..evaluation import _normalize_batch_size, _unique_names
+            from llm_merging.evaluation import normalize_batch_size, unique_names
 
             first = [max(1, math.ceil(len(r) * cfg.prune_fraction)) if cfg.prune else len(r) for r in self.search_rows]
-            fitness = Fitness(_unique_names(self.search_files), self.search_rows, first,
-                              batch_size=_normalize_batch_size(runner.cfg.batch_size))
+            fitness = Fitness(unique_names(self.search_files), self.search_rows, first,
+                              batch_size=normalize_batch_size(runner.cfg.batch_size))
             if cfg.normalize:
                 self._baselines(merger, fitness)
         self.fitness = fitness
@@ -564,7 +564,7 @@ class Search:
         params = {k: v for k, v in best.params.items() if k != "method"}
         method = self.configure(method_name, params)
         doc = self._recipe_doc(method)
-        from ..recipe import write_recipe
+        from llm_merging.merging.recipe import write_recipe
 
         write_recipe(self.dir / "best.yml", doc)
         self.report["best"] = {"number": best.number, "value": best.value, "method": method_name, "params": params,
@@ -575,7 +575,7 @@ class Search:
                     ", ".join(f"{k}={_short(v)}" for k, v in params.items()))
 
     def _recipe_doc(self, method) -> dict:
-        from ..recipe import recipe_document
+        from llm_merging.merging.recipe import recipe_document
 
         runner = self.runner
         recipe = getattr(method, "recipe", None)
@@ -712,9 +712,10 @@ def run(runner, search: Search) -> None:
     runner.method = best
     runner.report["method"] = best.name
     runner.out_dir = Path(runner.cfg.output_folder) / str(best.get_name())
-    from ..runner import _jsonable, _settings_json, check_output_folder
+    from llm_merging.core.io import jsonable, check_output_folder
+    from llm_merging.merging.settings import settings_json
 
     check_output_folder(runner.out_dir)
-    runner.report["hyperparameters"] = _jsonable(_settings_json(best.hparams))
+    runner.report["hyperparameters"] = jsonable(settings_json(best.hparams))
     if search.optimistic:
         runner.report["search"]["note"] = "the search data is also evaluated: the final scores are optimistic"

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .io_utils import atomic_write_text
+from llm_merging.core.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def analysis_html(doc: dict | None, out_dir: Path, hint: str = "no analysis (run
     """The analysis section's body from an ``analysis.json`` document (plots from its files, else drawn)."""
     if not doc:
         return f'<p class="muted">{hint}</p>'
-    from . import plots
+    from llm_merging.report import plots
 
     labels = [e["label"] for e in doc["experts"]]
     parts = []
@@ -197,8 +197,8 @@ def _page(title: str, sections: list[str], status_line: str) -> str:
 # --------------------------------------------------------------------------------------------- run report
 def write_html_report(out_dir: str | Path, report: dict) -> Path:
     """Write ``out_dir/report.html`` for a run's ``report`` (the report.json document); return its path."""
-    from . import plots
-    from .baselines import dataset_rows, relative_predictions
+    from llm_merging.report import plots
+    from llm_merging.insight.baselines import dataset_rows, relative_predictions
 
     out_dir = Path(out_dir)
     r = report
@@ -288,7 +288,7 @@ def write_html_report(out_dir: str | Path, report: dict) -> Path:
 
 def _save_plot(out_dir: Path, name: str, png: bytes | None) -> None:
     if png:
-        from .plots import write_png
+        from llm_merging.report.plots import write_png
 
         write_png(out_dir / "plots" / f"{name}.png", png)
 
@@ -312,7 +312,7 @@ def _analysis_doc(report: dict, out_dir: Path) -> dict | None:
 
 
 def _scores_html(r: dict, out_dir: Path, dataset_rows) -> str:
-    from . import plots
+    from llm_merging.report import plots
 
     ev = r.get("evaluation")
     if not ev:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import ConfigError, DataError
+from llm_merging.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def read_prompts(path: str | os.PathLike, choices: dict[str, list[str]] | None =
     naming the file and record) for a missing file, malformed JSON/CSV or a record without ``input``.
     ``choices``: filled with ``prompt -> answer choices`` for records that have ``answer_choices`` (kit
     lists or CSV list strings; AdaMerging's choice distribution). Labels and targets are never read."""
-    from .data import _read_csv_rows, _read_json_rows
+    from llm_merging.data import read_csv_rows, read_json_rows
 
     p = Path(path)
     if not p.exists():
@@ -53,7 +53,7 @@ def read_prompts(path: str | os.PathLike, choices: dict[str, list[str]] | None =
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"--calibration-data: cannot read '{p}': {exc}") from None
         return [line.strip() for line in text.splitlines() if line.strip()]
-    rows = _read_csv_rows(p) if p.suffix.lower() == ".csv" else _read_json_rows(p)
+    rows = read_csv_rows(p) if p.suffix.lower() == ".csv" else read_json_rows(p)
     out = []
     try:
         for where, rec in rows:
@@ -80,7 +80,7 @@ def read_prompts(path: str | os.PathLike, choices: dict[str, list[str]] | None =
 
 
 def _choice_list(value: Any, where: str) -> list[str]:
-    from .model.scoring import choice_lists
+    from llm_merging.model.scoring import choice_lists
 
     try:
         out = choice_lists({"answer_choices": [value]})[0]
@@ -177,7 +177,7 @@ def overlapping_files(calibration: Calibration, others: Iterable[str]) -> list[s
 # ----------------------------------------------------------------------------------------------- tokens
 def context_length(model, tokenizer, max_seq_len: int | None = None) -> int:
     """The longest sequence to feed: the model's and tokenizer's limit, and ``max_seq_len`` when set."""
-    from .model.scoring import length_limit
+    from llm_merging.model.scoring import length_limit
 
     limit = length_limit(model, tokenizer)
     if max_seq_len:
@@ -188,7 +188,7 @@ def context_length(model, tokenizer, max_seq_len: int | None = None) -> int:
 def encode(tokenizer, prompts: Sequence[str], max_len: int) -> tuple[list[list[int]], int]:
     """Token ids of each prompt, truncated to ``max_len`` (the end is kept, with a leading BOS, as
     evaluation does); returns ``(ids, number truncated)``. An empty encoding becomes the BOS/EOS token."""
-    from .model.scoring import pad_id_of, truncate_left
+    from llm_merging.model.scoring import pad_id_of, truncate_left
 
     ids = [list(x) for x in tokenizer(list(prompts))["input_ids"]]
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -437,7 +437,7 @@ class Meter:
             self.seconds += time.time() - t0
 
     def as_dict(self) -> dict[str, Any]:
-        from .runner import peak_memory
+        from llm_merging.core.resources import peak_memory
 
         return {"seconds": round(self.seconds, 3), "forward_passes": self.forward_passes, "tokens": self.tokens,
                 "peak_statistics_mib": round(self.statistics_bytes / 2**20, 1), **peak_memory()}

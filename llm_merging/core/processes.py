@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import BudgetExceeded, ConfigError, LLMMergingError, first_line
+from llm_merging.core.errors import BudgetExceeded, ConfigError, LLMMergingError, first_line
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, LLMMergingError
+from llm_merging.core.errors import ConfigError, LLMMergingError
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def tensor_stats(task_vectors: Sequence[torch.Tensor], densities: Sequence[float
     density, ``ranks[i]`` an optional (effective rank, LoRA rank) of its ΔW.
 
     Counts are exact (integers); dot products are float32 per chunk, summed in float64."""
-    from . import ops
+    from llm_merging import ops
 
     cnz = torch.count_nonzero
     n = len(task_vectors)
@@ -258,7 +258,7 @@ def tensor_group(name: str) -> tuple[tuple[str, int] | None, str, str]:
     """``(layer, module type, family)`` of a parameter name: layer ``(stack prefix, index)`` or None
     (embeddings, final norm, head), module type the path inside the layer without ``.weight``
     (``self_attn.q_proj``), family one of attention, mlp, embedding, norm, other."""
-    from .merging.settings import layer_index
+    from llm_merging.merging.settings import layer_index
 
     found = layer_index(name)
     inner = name[len(found[0]) + 1:].split(".", 1)[1] if found else name
@@ -316,7 +316,7 @@ def analyze(base_dir, experts: Sequence, shapes: dict[str, tuple], *, density: C
     asked between tensors; True ends the analysis early with ``partial: true``. Returns the
     ``analysis.json`` document.
     """
-    from .model.checkpoint import FullExpert
+    from llm_merging.model.checkpoint import FullExpert
 
     n = len(experts)
     if n == 0:
@@ -522,8 +522,8 @@ def _fmt(v) -> str:
 def write_analysis(doc: dict, out_dir: str | Path) -> dict[str, str]:
     """Write ``analysis.json`` and the analysis plots (PNG) under ``out_dir`` atomically; return
     ``{name: path}`` of everything written."""
-    from . import plots
-    from .io_utils import atomic_write_json
+    from llm_merging.report import plots
+    from llm_merging.core.io import atomic_write_json
 
     out_dir = Path(out_dir)
     written = {}
@@ -553,9 +553,9 @@ def analyze_method(method, *, density=None, device=None, full_rank: bool = False
                    should_stop: Callable[[], bool] | None = None) -> dict:
     """Analyse the experts of a (preflighted) merge method: its base, its models, and, when the method
     has a ``density`` hyperparameter and no ``density`` is given, its per-tensor resolved densities."""
-    from .merging.hparams import DENSITY
-    from .model.engine import config_param_shapes
-    from .model.refs import hf_token
+    from llm_merging.merging.hparams import DENSITY
+    from llm_merging.model.engine import config_param_shapes
+    from llm_merging.model.refs import hf_token
 
     base_dir = method.base_ref().resolve(hf_token())
     shapes = config_param_shapes(base_dir, method.architecture)
@@ -564,7 +564,7 @@ def analyze_method(method, *, density=None, device=None, full_rank: bool = False
         if "density" in method.hparams:
             n = len(experts)
             if method.layout is None:
-                from .merging import settings
+                from llm_merging.merging import settings
 
                 method.layout = settings.Layout(list(shapes), method.slice_lengths)
 
@@ -585,7 +585,7 @@ def analyze_method(method, *, density=None, device=None, full_rank: bool = False
 
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from .main import _Parser
+    from llm_merging.main import _Parser
 
     p = _Parser(prog="llm-merging analyze",
                 description="Task-vector analysis of expert models against their base: norms, cosine similarity, "
@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_density(text: str | None, n: int) -> float | list[float]:
-    from .merging.hparams import DENSITY
+    from llm_merging.merging.hparams import DENSITY
 
     if text is None:
         return DENSITY.default
@@ -643,8 +643,9 @@ def cli_main(argv: Sequence[str]) -> int:
     """``llm-merging analyze ...``: 0 on success, 2 on a user error (one line), 1 on an internal error."""
     import sys
 
-    from .merging.base import TaskVectorMerge
-    from .runner import check_device, check_output_folder
+    from llm_merging.merging.base import TaskVectorMerge
+    from llm_merging.core.devices import check_device
+    from llm_merging.core.io import check_output_folder
 
     args = build_parser().parse_args(list(argv))
     _setup_logging(args.quiet, args.debug)
@@ -664,7 +665,7 @@ def cli_main(argv: Sequence[str]) -> int:
         doc["models"] = models
         doc["command"] = ["llm-merging", "analyze", *argv]
         written = write_analysis(doc, out_dir)
-        from .html_report import write_analysis_html
+        from llm_merging.report.html import write_analysis_html
 
         html = write_analysis_html(out_dir, doc)
     except LLMMergingError as exc:

@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import distributed
-from .budget import Budget
-from .errors import BudgetExceeded, ConfigError, DataError, LLMMergingError
-from .data import check_max_examples
-from .io_utils import atomic_write_json
+from llm_merging.core import processes as distributed
+from llm_merging.core.budget import Budget
+from llm_merging.core.errors import BudgetExceeded, ConfigError, DataError, LLMMergingError
+from llm_merging.data import check_max_examples
+from llm_merging.core.devices import check_device
+from llm_merging.core.io import atomic_write_json, check_output_folder, jsonable
+from llm_merging.core.resources import peak_memory, versions
+from llm_merging.merging.settings import settings_json
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ class RunConfig:
 
 def instantiate(name: str):
     """Create the method registered as ``name`` (kit classes take ``name``; very old ones take nothing)."""
-    from .merging import get_method_class
+    from llm_merging.merging import get_method_class
 
     cls = get_method_class(name)
     name = name.rpartition(":")[2]  # "package.module:Class" runs an unregistered class as "Class"
@@ -81,7 +84,7 @@ def instantiate(name: str):
 def _ensure_our_attributes(method) -> None:
     """Kit classes may skip our base ``__init__`` extras (e.g. a class with its own ``__init__`` that
     never calls ``super().__init__``); give them defaults."""
-    from .merging.Merges import Merges
+    from llm_merging.merging.Merges import Merges
 
     defaults = Merges(method.name)
     for key, value in vars(defaults).items():
@@ -93,7 +96,7 @@ def _ensure_our_attributes(method) -> None:
 
 def apply_tiny(method) -> None:
     """Swap the method's models for offline tiny twins (same architecture, one per listed expert)."""
-    from . import tiny
+    from llm_merging.model import tiny
 
     arch = method.architecture if method.architecture in ("decoder", "encoder_decoder") else "decoder"
     n = max(len(method.model_refs()), 1)
@@ -140,74 +143,17 @@ def apply_config(method, cfg: RunConfig) -> None:
         method.seed = method.recipe.seed
     method.progress = cfg.progress
     if getattr(method, "needs_calibration", False):  # data-aware methods (merging/data_aware.py)
-        from . import tiny
+        from llm_merging.model import tiny
 
         method.calibration_files = list(cfg.calibration_data or (tiny.calibration_files() if cfg.tiny else []))
         if cfg.calibration_examples is not None:
             method.calibration_examples = cfg.calibration_examples
     method.set_hyperparameters(cfg.overrides, from_text=True)  # also takes mc_scoring / adapter_rank aliases
-    from .merging.hparams import COMMON
+    from llm_merging.merging.hparams import COMMON
 
     for key in ("mc_scoring", "adapter_rank"):
         if getattr(cfg, key) is not None:
             setattr(method, key, COMMON[key].validate(key, getattr(cfg, key)))
-
-
-def check_device(name: str) -> str:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` that exists on this machine; ConfigError otherwise."""
-    import torch
-
-    if name == "auto":
-        return name
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        n = torch.cuda.device_count()
-        if n == 0:
-            raise ConfigError(f"--device {name}: no GPU is available on this machine (use --device cpu)")
-        if device.index is not None and device.index >= n:
-            raise ConfigError(f"--device {name}: this machine has {n} GPU(s)")
-    elif device.type != "cpu":
-        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    return name
-
-
-def check_output_folder(path: Path) -> None:
-    """Fail early (one line) when the output folder cannot be written."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"output folder '{path}' is not writable: {exc.strerror or exc}") from None
-
-
-def peak_memory() -> dict[str, Any]:
-    """Peak resident memory of this process and, when there is a GPU, peak GPU memory (MiB)."""
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out: dict[str, Any] = {"peak_rss_mib": round(rss_kb / 1024, 1)}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    except Exception:  # pragma: no cover
-        pass
-    return out
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("llm_merging", "torch", "transformers", "peft", "safetensors", "accelerate", "lm_eval"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 class Runner:
@@ -244,7 +190,7 @@ class Runner:
             self._check_processes()
         recipe = None
         if cfg.recipe:
-            from .recipe import apply_recipe, load_recipe
+            from llm_merging.merging.recipe import apply_recipe, load_recipe
 
             if cfg.models or cfg.base_model or cfg.tiny:
                 raise ConfigError(f"--recipe {cfg.recipe}: the recipe names the models; drop --base-model/--models/--tiny")
@@ -258,7 +204,7 @@ class Runner:
         if recipe is not None:
             apply_recipe(method, recipe)
         if cfg.search is not None:  # --set items of a search over several methods: this method's only
-            from .search import overrides_for
+            from llm_merging.search import overrides_for
 
             apply_config(method, dataclasses.replace(cfg, overrides=overrides_for(cfg, method.name, method.all_hyperparameters())))
         else:
@@ -274,13 +220,13 @@ class Runner:
         if cfg.evaluate:
             self._check_datasets()
         if cfg.lm_eval is not None:  # lm-eval installed, every task and its data loadable: before any merge
-            from . import lm_eval_tasks
+            from llm_merging import lm_eval_tasks
 
             if not cfg.evaluate:
                 raise ConfigError("--lm-eval evaluates the merged model: drop --no-eval")
             self.lm_eval = lm_eval_tasks.prepare(cfg.lm_eval, progress=cfg.progress)
         if cfg.analyze or cfg.baselines:
-            from . import insight
+            from llm_merging.pipeline import insight_tmp as insight
 
             insight.check_config(cfg, method)
         self._check_calibration_flags()
@@ -289,12 +235,12 @@ class Runner:
         if self.procs.is_main:  # process 0 writes every output
             check_output_folder(self.out_dir)
         if cfg.search is not None:  # space, search data and storage checked before any weight is loaded
-            from . import search
+            from llm_merging import search
 
             self.search = search.prepare(self)
         self._note_calibration()
         self.preflight_ok = True
-        self.report["hyperparameters"] = _jsonable(_settings_json(method.hparams))
+        self.report["hyperparameters"] = jsonable(settings_json(method.hparams))
         self.report["options"] = {"mc_scoring": method.mc_scoring, "adapter_rank": method.adapter_rank}
         self.report["seed"] = method.seed
         self.report["num_processes"] = self.procs.world
@@ -307,7 +253,7 @@ class Runner:
         cfg = self.cfg
         if not cfg.calibration_data and cfg.calibration_examples is None:
             return
-        from .merging import get_method_class
+        from llm_merging.merging import get_method_class
 
         names = list(cfg.search.methods or []) if cfg.search is not None else []
         classes = [type(self.method)] + [get_method_class(n) for n in names]
@@ -322,7 +268,7 @@ class Runner:
         method = self.method
         if not getattr(method, "needs_calibration", False) or getattr(method, "calibration", None) is None:
             return
-        from .calibration import overlapping_files
+        from llm_merging.merging.calibration import overlapping_files
 
         others = list(self.datasets) if self.cfg.evaluate else []
         search = getattr(self, "search", None)
@@ -345,8 +291,8 @@ class Runner:
         self.report["processes"] = {"backend": self.procs.backend, "merge": None}
 
     def _check_datasets(self) -> None:
-        from . import tiny
-        from .data import eval_types_for, load_examples
+        from llm_merging.model import tiny
+        from llm_merging.data import eval_types_for, load_examples
 
         cfg = self.cfg
         files = cfg.dataset_filepaths or (tiny.sample_data_files() if cfg.tiny else DEFAULT_DATASETS)
@@ -387,7 +333,7 @@ class Runner:
         None where the model must be saved whole."""
         import torch
 
-        from .model.save import NotStreamable, StreamingSave
+        from llm_merging.model.save import NotStreamable, StreamingSave
 
         recipe = getattr(self.method, "recipe", None)
         dtype = getattr(torch, recipe.out_dtype) if recipe is not None and recipe.out_dtype else None
@@ -400,7 +346,7 @@ class Runner:
     def _streams_to_disk(self) -> bool:
         """Whether the merge may write the saved model while it runs (see `_save_while_merging`): nothing
         after it needs the merged weights in memory."""
-        from .merging.Merges import Merges
+        from llm_merging.merging.Merges import Merges
 
         cfg, method = self.cfg, self.method
         return (not cfg.evaluate and cfg.save == "full" and self.procs.world == 1 and cfg.search is None
@@ -415,12 +361,12 @@ class Runner:
             raise ConfigError(f"--save adapter needs an engine-based method; '{self.cfg.method}' overrides merge()")
         if any(e["kind"] != "lora" for e in self.report["models"]["experts"]):
             raise ConfigError("--save adapter needs LoRA experts only; use --save full for full fine-tunes")
-        from .model.save import AdapterWriter
+        from llm_merging.model.save import AdapterWriter
 
         self.method.delta_sink = AdapterWriter(rank=self.method.adapter_rank)  # bound to the model by the merge
 
     def save(self) -> None:
-        from .model.save import save_full
+        from llm_merging.model.save import save_full
 
         mode = self.cfg.save
         method = self.method
@@ -454,7 +400,7 @@ class Runner:
 
     def write_recipe(self) -> None:
         """``recipe.yml``: reproduces this merge with ``--recipe`` (models pinned to the revisions used)."""
-        from .recipe import recipe_document, write_recipe
+        from llm_merging.merging.recipe import recipe_document, write_recipe
 
         doc = recipe_document(self.method, self.report.get("models"), dtype=self.report.get("dtype"), seed=self.method.seed)
         path = write_recipe(self.out_dir / "recipe.yml", doc)
@@ -462,7 +408,7 @@ class Runner:
 
     def evaluate(self) -> bool:
         """Evaluate every dataset, then the lm-eval tasks (--lm-eval); return False when the budget stopped it."""
-        from .evaluation import EvaluationResult, evaluate_model, write_scores_line
+        from llm_merging.evaluation import EvaluationResult, evaluate_model, write_scores_line
 
         cfg = self.cfg
         lm_eval = getattr(self, "lm_eval", None)
@@ -476,7 +422,7 @@ class Runner:
         else:
             result = EvaluationResult(method=str(self.method.get_name()), output_dir=str(self.out_dir))
         if lm_eval is not None:  # after the kit files, in memory; one scores.jsonl line for both
-            from . import lm_eval_tasks
+            from llm_merging import lm_eval_tasks
 
             datasets: list = []
             try:  # none run when the kit files spent the budget
@@ -486,10 +432,10 @@ class Runner:
             finally:  # the kit files' scores are kept whatever happens to the lm-eval tasks
                 result.datasets.extend(datasets)
                 write_scores_line(result)
-                self.report["evaluation"] = _jsonable(result)
+                self.report["evaluation"] = jsonable(result)
             if self.report["lm_eval"].get("error"):
                 raise DataError(self.report["lm_eval"]["error"])
-        self.report["evaluation"] = _jsonable(result)
+        self.report["evaluation"] = jsonable(result)
         for ds in result.datasets:
             self.budget.phases[f"evaluate:{ds.name}"] = ds.seconds
         return not result.partial
@@ -508,7 +454,7 @@ class Runner:
                 if self.procs.world > 1:
                     self.report["processes"]["devices"] = self.procs.exchange(str(self.method.torch_device()))
             if self.cfg.search is not None:  # leaves self.method configured with the best candidate
-                from . import search
+                from llm_merging import search
 
                 self._check_budget("search")
                 with self.budget.phase("search"):
@@ -533,7 +479,7 @@ class Runner:
                         f"time budget of {self.cfg.time_budget:g} s ran out during evaluation; finished predictions were saved"
                     )
             if self.cfg.analyze or self.cfg.baselines:
-                from . import insight
+                from llm_merging.pipeline import insight_tmp as insight
 
                 insight.run(self)
             self.report["status"] = "ok"
@@ -587,11 +533,11 @@ class Runner:
             return
         try:
             if self.out_dir.is_dir():
-                atomic_write_json(self.out_dir / "report.json", _jsonable(self.report))
+                atomic_write_json(self.out_dir / "report.json", jsonable(self.report))
         except OSError as exc:
             logger.error("cannot write report.json in %s: %s", self.out_dir, exc)
         if self.out_dir.is_dir():
-            from . import insight
+            from llm_merging.pipeline import insight_tmp as insight
 
             insight.write_report_html(self)  # logs a failure, never raises
 
@@ -633,39 +579,3 @@ class Runner:
         return "\n".join(lines)
 
 
-def _settings_json(hparams: dict) -> dict:
-    """Hyperparameters for report.json: per-tensor settings in recipe (YAML) form."""
-    from .merging import settings
-
-    def one(v):
-        if isinstance(v, list):
-            return [one(x) for x in v]
-        if isinstance(v, settings.Chain):  # recipe precedence levels, highest first
-            return {"first_set_of": [one(x) for x in v.levels]}
-        if isinstance(v, settings.Sliced):
-            return {"per_slice": [one(x) for x in v.per_slice]}
-        if isinstance(v, settings.Filtered):
-            return [{**({"filter": f} if f is not None else {}), "value": one(x)} for f, x in v.entries]
-        return settings.to_yaml(v)
-
-    return {k: one(v) for k, v in hparams.items()}
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
-    if hasattr(obj, "to_dict"):
-        return _jsonable(obj.to_dict())
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    try:
-        json.dumps(obj)
-        return obj
-    except TypeError:
-        return str(obj)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, first_line
-from .io_utils import atomic_write_text
-from .merging import settings
+from llm_merging.core.errors import ConfigError, first_line
+from llm_merging.core.io import atomic_write_text
+from llm_merging.merging import settings
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +108,8 @@ def _model_ref(path: str, where: str, value: Any, base: str | None) -> tuple[str
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and check a recipe (before any weight is loaded); every error names the file and the key."""
-    from .merging import method_targets
-    from .merging.mergekit_names import MERGEKIT_METHODS
+    from llm_merging.merging import method_targets
+    from llm_merging.merging.mergekit_names import MERGEKIT_METHODS
 
     path = str(path)
     doc = _check_keys(path, "", read_yaml(path), TOP_KEYS)
@@ -309,7 +309,7 @@ def _tokenizer_source(path: str, where: str, value: Any, base: str | None) -> st
 
 def _our_settings(path, method, mk, experts, global_params, model_params, slice_params, source_params) -> dict:
     """Combine the levels into our hyperparameter settings (our names), checking every key."""
-    from .merging import get_method_class
+    from llm_merging.merging import get_method_class
 
     cls = get_method_class(method)
     specs = cls.all_hyperparameters() if hasattr(cls, "all_hyperparameters") else {}
@@ -426,7 +426,7 @@ def recipe_document(method, models_info: dict | None, *, dtype: str | None, seed
         if dtype:
             doc["dtype"] = dtype  # the dtype the run used (--dtype may override the recipe's)
         return doc
-    from .merging.mergekit_names import MERGEKIT_METHODS
+    from llm_merging.merging.mergekit_names import MERGEKIT_METHODS
 
     experts = models_info.get("experts") or [{"id": r.id, "revision": r.revision} for r in method.model_refs()]
     base = models_info.get("base") or {"id": method.base_ref().id, "revision": method.base_ref().revision}

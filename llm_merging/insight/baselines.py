@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import BudgetExceeded, CheckpointError, ConfigError
+from llm_merging.core.errors import BudgetExceeded, CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class _Named:
 
 
 def _label(i: int, name: str) -> str:
-    from .analysis import short_names
+    from llm_merging.insight.analysis import short_names
 
     return f"expert{i}-" + re.sub(r"[^A-Za-z0-9._-]+", "_", short_names([name])[0])[:60]
 
@@ -55,12 +55,12 @@ class ModelSwapper:
     """Overwrite the parameters of a loaded model with the base's or one expert's, tensor by tensor."""
 
     def __init__(self, method) -> None:
-        from .model.engine import _base_reader, base_param_shapes
+        from llm_merging.model.engine import open_base_reader, base_param_shapes
 
         self.model = method.base_model
         self.params = dict(self.model.named_parameters())
         self.experts = method.open_experts(base_param_shapes(self.model))
-        self.reader = _base_reader(method.base_ref().local_path, self.model)
+        self.reader = open_base_reader(method.base_ref().local_path, self.model)
         if self.reader is None:
             raise CheckpointError(f"--baselines: the base checkpoint in {method.base_ref().local_path} cannot serve "
                                   f"its tensors one at a time (or its vocabulary differs from the loaded model)")
@@ -74,7 +74,7 @@ class ModelSwapper:
             p.data.copy_(value.to(dtype=p.dtype))
 
     def _base(self, name: str) -> torch.Tensor:
-        from .model.engine import compute_device
+        from llm_merging.model.engine import compute_device
 
         p = self.params[name]
         return self.reader.tensor(name, p).to(device=compute_device(p))
@@ -117,8 +117,8 @@ def run_baselines(runner, evaluate: Callable | None = None) -> dict[str, Any]:
     """Evaluate the base and each expert alone on the run's files (outputs under ``OUT/METHOD/baselines/``);
     return the ``baselines`` section of report.json. Raises BudgetExceeded when the budget stops it
     (what finished is kept in the report)."""
-    from .evaluation import evaluate_model
-    from .runner import _jsonable
+    from llm_merging.evaluation import evaluate_model
+    from llm_merging.core.io import jsonable
 
     method, cfg = runner.method, runner.cfg
     evaluate = evaluate or evaluate_model
@@ -152,7 +152,7 @@ def run_baselines(runner, evaluate: Callable | None = None) -> dict[str, Any]:
             finally:
                 if written:
                     swapper.restore(written)
-            data = _jsonable(result.to_dict())
+            data = jsonable(result.to_dict())
             entry.update({"scores": {d["name"]: d["scores"] for d in data["datasets"]}, "average": data["average"],
                           "predictions": {d["name"]: d["predictions_path"] for d in data["datasets"]},
                           "partial": data["partial"]})
@@ -170,7 +170,7 @@ def run_baselines(runner, evaluate: Callable | None = None) -> dict[str, Any]:
 def normalised_scores(report: dict) -> dict[str, Any]:
     """Merged scores as a share of the best expert's, per dataset and metric, from a report's
     ``evaluation`` and ``baselines`` sections; also the gain over the base."""
-    from .evaluation import _primary
+    from llm_merging.evaluation import primary_score
 
     merged = {d["name"]: dict(d.get("scores") or {}) for d in report.get("evaluation", {}).get("datasets", [])}
     models = [m for m in report.get("baselines", {}).get("models", []) if "scores" in m]
@@ -182,7 +182,7 @@ def normalised_scores(report: dict) -> dict[str, Any]:
     for ds, scores in merged.items():
         if not scores:
             continue
-        scores = {**scores, "score": _primary(scores)}
+        scores = {**scores, "score": primary_score(scores)}
         normalised[ds], best_expert[ds], over_base[ds] = {}, {}, {}
         for metric, value in scores.items():
             if value is None:
@@ -191,7 +191,7 @@ def normalised_scores(report: dict) -> dict[str, Any]:
             for m in experts:
                 s = dict(m["scores"].get(ds) or {})
                 if s:
-                    s["score"] = _primary(s)
+                    s["score"] = primary_score(s)
                 if s.get(metric) is not None:
                     cands.append((s[metric], m["label"]))
             if cands:
@@ -201,7 +201,7 @@ def normalised_scores(report: dict) -> dict[str, Any]:
             if base is not None:
                 b = dict(base["scores"].get(ds) or {})
                 if b:
-                    b["score"] = _primary(b)
+                    b["score"] = primary_score(b)
                 if b.get(metric) is not None:
                     over_base[ds][metric] = value - b[metric]
     mains = [v["score"] for v in normalised.values() if v.get("score") is not None]
@@ -221,16 +221,16 @@ def check_config(cfg, method) -> None:
 
 def dataset_rows(report: dict) -> tuple[dict[str, dict[str, float | None]], list[str]]:
     """``({dataset: {model label: main score}}, labels)`` for the scores plot: merged, base, experts."""
-    from .evaluation import _primary
+    from llm_merging.evaluation import primary_score
 
     rows: dict[str, dict[str, float | None]] = {}
     for d in report.get("evaluation", {}).get("datasets", []):
         if d.get("scores"):
-            rows.setdefault(d["name"], {})["merged"] = _primary(d["scores"])
+            rows.setdefault(d["name"], {})["merged"] = primary_score(d["scores"])
     for m in report.get("baselines", {}).get("models", []):
         for ds, s in (m.get("scores") or {}).items():
             if s and ds in rows:
-                rows[ds][m["label"]] = _primary(s)
+                rows[ds][m["label"]] = primary_score(s)
     labels = []
     for values in rows.values():
         for k in values:

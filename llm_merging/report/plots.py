@@ -9,7 +9,7 @@ import io
 from pathlib import Path
 from typing import Any, Sequence
 
-from .io_utils import atomic_path
+from llm_merging.core.io import atomic_path
 
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 TINY_VERSION = "v1"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
-SAMPLE_DATA_DIR = Path(__file__).parent / "sample_data"
+SAMPLE_DATA_DIR = Path(__file__).parent.parent / "sample_data"
 
 # Mixed ranks and target modules on purpose: merging must not assume they agree.
 _DECODER_LORA = [
@@ -128,7 +128,7 @@ def _t5_config(vocab_size: int):
 
 
 def _new_model(architecture: str, vocab_size: int, seed: int):
-    from .model import auto_model_class
+    from llm_merging.model import auto_model_class
 
     torch.manual_seed(seed)
     config = _decoder_config(vocab_size) if architecture == "decoder" else _t5_config(vocab_size)
@@ -137,7 +137,7 @@ def _new_model(architecture: str, vocab_size: int, seed: int):
 
 def _load_base(architecture: str):
     """The tiny base model, loaded from its cache directory."""
-    from .model import auto_model_class
+    from llm_merging.model import auto_model_class
 
     return auto_model_class(architecture).from_pretrained(str(base_dir(architecture)))
 
@@ -215,6 +215,6 @@ def calibration_files() -> list[str]:
 
 def _check_arch(architecture: str) -> None:
     if architecture not in ("decoder", "encoder_decoder"):
-        from .errors import ConfigError
+        from llm_merging.core.errors import ConfigError
 
         raise ConfigError(f"architecture must be 'decoder' or 'encoder_decoder', got {architecture!r}")

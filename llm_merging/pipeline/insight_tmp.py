@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .errors import BudgetExceeded
+from llm_merging.core.errors import BudgetExceeded
 
 logger = logging.getLogger(__name__)
 
@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 def check_config(cfg, method) -> None:
     """Preflight checks of the insight flags (before any weights are loaded)."""
     if getattr(cfg, "baselines", False):
-        from .baselines import check_config as check_baselines
+        from llm_merging.insight.baselines import check_config as check_baselines
 
         check_baselines(cfg, method)
 
@@ -22,7 +22,7 @@ def run(runner) -> None:
     and each expert evaluated alone), inside the run's budget; BudgetExceeded when it stops them."""
     cfg = runner.cfg
     if getattr(cfg, "analyze", False):
-        from .analysis import analyze_method, write_analysis
+        from llm_merging.insight.analysis import analyze_method, write_analysis
 
         runner._check_budget("analyze")
         with runner.budget.phase("analyze"):
@@ -37,7 +37,7 @@ def run(runner) -> None:
             raise BudgetExceeded(f"time budget of {cfg.time_budget:g} s ran out during the analysis; "
                                  f"what was analysed is in analysis.json")
     if getattr(cfg, "baselines", False):
-        from .baselines import run_baselines
+        from llm_merging.insight.baselines import run_baselines
 
         runner._check_budget("baselines")
         run_baselines(runner)
@@ -46,7 +46,7 @@ def run(runner) -> None:
 def write_report_html(runner) -> None:
     """``report.html`` next to report.json; a failure is logged and never changes the run's exit status."""
     try:
-        from .html_report import write_html_report
+        from llm_merging.report.html import write_html_report
 
         path = write_html_report(runner.out_dir, runner.report)
         logger.debug("wrote %s", path)

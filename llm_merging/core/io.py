@@ -1,13 +1,16 @@
-"""Atomic file writing: every output is written to a temporary name and renamed into place."""
+"""Atomic file writing (every output is written to a temporary name and renamed into place) and JSON."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from llm_merging.core.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -57,3 +60,34 @@ def atomic_append_line(path: str | os.PathLike, line: str) -> None:
     if old and not old.endswith("\n"):
         old += "\n"
     atomic_write_text(path, old + line.rstrip("\n") + "\n")
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON values: dataclasses and ``to_dict()`` objects as dicts, paths as strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return jsonable(dataclasses.asdict(obj))
+    if hasattr(obj, "to_dict"):
+        return jsonable(obj.to_dict())
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    try:
+        json.dumps(obj)
+        return obj
+    except TypeError:
+        return str(obj)
+
+
+def check_output_folder(path: Path) -> None:
+    """Fail early (one line) when the output folder cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output folder '{path}' is not writable: {exc.strerror or exc}") from None

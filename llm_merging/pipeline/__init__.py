@@ -1,0 +1,1 @@
+"""The pipeline: one run configuration, a run context, phases and the runner that walks them."""
