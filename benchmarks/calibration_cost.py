@@ -106,14 +106,14 @@ def plain_forward(args) -> None:
 
 def one(args) -> None:
     """One configuration in this process: print its figures as JSON."""
-    from llm_merging.pipeline.runner import RunConfig, Runner
+    from llm_merging.pipeline import CalibrationConfig, RunConfig, Runner
 
     if args.one == "forward":
         return plain_forward(args)
 
     cfg = RunConfig(method=args.one, base_model=args.base, models=args.models, device=args.device, dtype=args.dtype,
                     evaluate=False, save="none", progress=False, output_folder=args.out,
-                    calibration_data=[args.data] if args.data else None,
+                    calibration=CalibrationConfig(data=[args.data] if args.data else None),
                     calibration_examples=args.n if args.data else None)
     runner = Runner(cfg)
     status = runner.run()

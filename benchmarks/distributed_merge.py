@@ -75,12 +75,13 @@ def build_medium(work: Path, layers: int, dtype: str, n_experts: int, rank: int)
 
 
 def open_method(args):
-    from llm_merging.pipeline.runner import RunConfig, apply_config, instantiate
+    from llm_merging.merging.factory import configure, instantiate
+    from llm_merging.pipeline import RunConfig
 
     method = instantiate(args.method)
     cfg = RunConfig(method=args.method, base_model=args.base, models=args.models, device=args.device,
                     dtype=args.dtype if args.shape != "tiny" else None, progress=False)
-    apply_config(method, cfg)
+    configure(method, cfg.method_options())
     method.preflight()
     return method
 

@@ -37,7 +37,7 @@ from llm_merging.model import tiny  # noqa: E402
 from llm_merging.data import load_examples  # noqa: E402
 from llm_merging.evaluation import unique_names  # noqa: E402
 from llm_merging.merging.hparams import parse_overrides  # noqa: E402
-from llm_merging.pipeline.runner import instantiate  # noqa: E402
+from llm_merging.merging.factory import instantiate  # noqa: E402
 from llm_merging.search.candidates import Fitness, InMemoryMerger  # noqa: E402
 
 KIT = REPO.parent / "shared" / "data" / "starter_kit" / "validation"
@@ -127,7 +127,7 @@ import json, sys
 sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads({threads})
-from llm_merging.pipeline.runner import instantiate
+from llm_merging.merging.factory import instantiate
 from llm_merging.search.candidates import Fitness
 spec = json.load(open({spec!r}))
 m = instantiate(spec["method"])

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llm_merging import ops  # noqa: E402
 from llm_merging.ops import streaming as st  # noqa: E402
 from llm_merging.ops._common import keep_count, stack_f32  # noqa: E402
-from llm_merging.ops.masks import _topk_flat  # noqa: E402  (the kthvalue top-k, unchanged)
+from llm_merging.ops.masks import topk_flat  # noqa: E402  (the kthvalue top-k, unchanged)
 
 
 # ----------------------------------------------------------------------------- baseline (previous code)
@@ -129,7 +129,7 @@ def old_ties(tvs, density, w, *, keep_count_mode, **kw):
     stacked = stack_f32(tvs)
     for i in range(len(tvs)):
         k = keep_count(density, stacked[i].numel(), keep_count_mode)
-        stacked[i].masked_fill_(~_topk_flat(stacked[i].abs().reshape(-1), k).reshape(stacked[i].shape), 0.0)
+        stacked[i].masked_fill_(~topk_flat(stacked[i].abs().reshape(-1), k).reshape(stacked[i].shape), 0.0)
     return old_consensus_merge(stacked, w, **kw)
 
 

@@ -41,10 +41,12 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from llm_merging.data import EVAL_TYPES, GENERATION, MULTIPLE_CHOICE, check_max_examples, eval_types_for, load_examples
 from llm_merging.core.errors import ConfigError
 from llm_merging.core.io import atomic_append_line, atomic_write_text
+from llm_merging.core.processes import FAILED, GO, SINGLE, STOP, PeerFailed, current
+from llm_merging.data import EVAL_TYPES, GENERATION, MULTIPLE_CHOICE, check_max_examples, eval_types_for, load_examples
 from llm_merging.metrics import accuracy, rouge
+from llm_merging.model.scoring import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -249,8 +251,6 @@ def model_of(merge_method):
 
 def _device_of(merge_method) -> torch.device:
     """Where the method's model takes its inputs (:func:`scoring.model_device`), else its ``device``."""
-    from llm_merging.model.scoring import model_device
-
     model = model_of(merge_method)
     if model is not None:
         return model_device(model)
@@ -437,8 +437,6 @@ def plan_batches(merge_method, rows: Sequence[dict], batch_size: int | None = No
                  processes=None) -> list[Batch]:
     """The batches of ``rows`` in evaluation order: :func:`plan_groups` cut in batches of ``batch_size`` (``None``: :func:`auto_batch_size` per group; over several processes
     the smallest any of them picks, so that every process plans the same batches)."""
-    from llm_merging.core.processes import SINGLE
-
     processes = processes or SINGLE
     groups, sizes, error = [], [], None
     try:
@@ -503,8 +501,6 @@ def evaluate_dataset(
     "seconds"}``.
     """
     from tqdm.auto import tqdm
-
-    from llm_merging.core.processes import FAILED, GO, SINGLE, STOP, PeerFailed
 
     processes = processes or SINGLE
     world, rank = processes.world, processes.rank
@@ -590,14 +586,12 @@ def evaluate_model(
     they are not read again.
     ``write_scores``: append the run's ``scores.jsonl`` line (False: the caller adds more datasets, e.g.
     lm-eval tasks, then calls :func:`write_scores_line`).
-    ``processes``: the run's processes (default :func:`distributed.current`, one unless launched as
+    ``processes``: the run's processes (default :func:`~llm_merging.core.processes.current`, one unless launched as
     several): each evaluates its share of every file's batches and process 0 writes every file; the
     outputs are those of one process (see :func:`evaluate_dataset`); ``shares``, when given, receives
     each file's per-process shares (``{name: [{"rank", "examples", "batches", "seconds"}, ...]}``).
     """
-    from llm_merging.core import processes as distributed
-
-    processes = processes or distributed.current()
+    processes = processes or current()
     t_start = time.perf_counter()
     name = _method_name(merge_method)
     paths = _normalize_paths(dataset_filepaths)
@@ -663,7 +657,5 @@ def write_scores_line(result: EvaluationResult) -> None:
         if result.average:
             line["average"] = {k: round(v, 3) for k, v in result.average.items()}
         scores_path = Path(result.output_dir) / "scores.jsonl"
-        from llm_merging.core.processes import current
-
         current().on_main(lambda: atomic_append_line(scores_path, json.dumps(line)))  # process 0 writes
         result.scores_path = str(scores_path)

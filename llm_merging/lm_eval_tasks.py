@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llm_merging.core.errors import ConfigError, DataError, first_line
+from llm_merging.core.io import atomic_write_text
+from llm_merging.evaluation import DatasetResult, model_of
+from llm_merging.model.scoring import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -316,8 +319,6 @@ class _BudgetStop(Exception):
 
 
 def _model_and_tokenizer(method):
-    from llm_merging.evaluation import model_of
-
     model = model_of(method)
     if model is None:
         raise ConfigError(f"method '{method.name}': no merged model to evaluate with --lm-eval")
@@ -335,8 +336,6 @@ def _batch_size_for(args: dict, batch_size, model) -> int | str:
         return args["batch_size"]
     if isinstance(batch_size, int) or (isinstance(batch_size, str) and batch_size.isdigit()):
         return int(batch_size)
-    from llm_merging.model.scoring import model_device
-
     return "auto" if model_device(model).type == "cuda" else DEFAULT_CPU_BATCH_SIZE
 
 
@@ -438,15 +437,11 @@ def _merge_results(into: dict, new: dict) -> None:
 def _write_json(path: Path, obj: Any) -> None:
     from lm_eval.utils import handle_non_serializable
 
-    from llm_merging.core.io import atomic_write_text
-
     atomic_write_text(path, json.dumps(obj, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
 
 
 def _write_samples(path: Path, samples: list[dict]) -> None:
     from lm_eval.utils import handle_non_serializable
-
-    from llm_merging.core.io import atomic_write_text
 
     lines = [json.dumps(s, default=handle_non_serializable, ensure_ascii=False) for s in samples]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
@@ -594,8 +589,6 @@ def _share(res: dict | None) -> dict:
 def results_as_datasets(prepared: PreparedTasks, run: TaskRun, out_dir: Path | None = None,
                         taken: set[str] | None = None, batch_size: int | None = None) -> list:
     """A :class:`~llm_merging.evaluation.DatasetResult` per reported name (see :func:`evaluate`)."""
-    from llm_merging.evaluation import DatasetResult
-
     results, taken = run.results, set(taken or ())
     write_samples = prepared.config.args.get("log_samples", True)
     datasets = []

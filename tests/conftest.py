@@ -36,7 +36,7 @@ def merged_method(method_name, experts, prompts_file, values=None, **attrs):
     """A data-aware method merged in process over the tiny decoder base, with ``prompts_file`` as its
     calibration data and ``attrs`` set on it before preflight."""
     from llm_merging.model import tiny
-    from llm_merging.pipeline.runner import instantiate
+    from llm_merging.merging.factory import instantiate
 
     m = instantiate(method_name)
     m.base_model_name, m.base_model_revision_id = str(tiny.base_dir("decoder")), None

@@ -286,7 +286,7 @@ def test_baselines_equal_evaluating_those_models_directly(insight_run, tmp_path)
     from transformers import AutoModelForCausalLM
 
     from llm_merging.evaluation import evaluate_model
-    from llm_merging.pipeline.runner import instantiate
+    from llm_merging.merging.factory import instantiate
 
     code, d, models = insight_run
     assert code == 0
@@ -364,7 +364,7 @@ def test_budget_running_out_during_the_analysis_keeps_what_was_analysed(tmp_path
     import contextlib
 
     from llm_merging.core.budget import Budget
-    from llm_merging.pipeline.runner import RunConfig, Runner
+    from llm_merging.pipeline import InsightConfig, RunConfig, Runner
 
     class StopsInAnalysis(Budget):
         def __init__(self):
@@ -384,7 +384,7 @@ def test_budget_running_out_during_the_analysis_keeps_what_was_analysed(tmp_path
             return False
 
     cfg = RunConfig(method="ties_merge", tiny=True, output_folder=str(tmp_path), evaluate=False, save="none",
-                    analyze=True, progress=False)
+                    insight=InsightConfig(analyze=True), progress=False)
     assert Runner(cfg, budget=StopsInAnalysis()).run() == 3
     d = tmp_path / "ties_merge"
     doc = json.loads((d / "analysis.json").read_text())

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from llm_merging.model import tiny
 from llm_merging.core.budget import Budget
-from llm_merging.pipeline.runner import RunConfig, Runner
+from llm_merging.pipeline import RunConfig, Runner
 
 import kit_classes
 from conftest import REPO_ROOT

@@ -191,12 +191,12 @@ def test_fingerprint_sees_one_bit():
 
 @pytest.mark.parametrize("flag", ["--search", "--baselines", "--analyze"])
 def test_one_process_features_refused_under_several(tmp_path, flag):
-    from llm_merging.pipeline.runner import RunConfig, Runner
+    from llm_merging.pipeline import InsightConfig, RunConfig, Runner
     from llm_merging.search import SearchConfig
 
     search = SearchConfig(data=tiny.sample_data_files()[:1]) if flag == "--search" else None
     cfg = RunConfig(method="linear", tiny=True, output_folder=str(tmp_path), search=search,
-                    baselines=flag == "--baselines", analyze=flag == "--analyze")
+                    insight=InsightConfig(baselines=flag == "--baselines", analyze=flag == "--analyze"))
     runner = Runner(cfg)
     runner.procs = distributed.Processes(world=2, rank=0)
     with pytest.raises(ConfigError, match=f"^{flag} runs in one process, not 2: start it with python llm_merging/main.py"):

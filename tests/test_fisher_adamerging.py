@@ -246,7 +246,7 @@ def _prepared(kind, n, prompts_file, values=None):
     """An adamerging method with its base loaded and a pass started (λ not learned: steps=0)."""
     from llm_merging.model import tiny
     from llm_merging.model.engine import base_param_shapes
-    from llm_merging.pipeline.runner import instantiate
+    from llm_merging.merging.factory import instantiate
 
     m = instantiate("adamerging")
     m.base_model_name, m.base_model_revision_id = str(tiny.base_dir("decoder")), None
@@ -381,12 +381,12 @@ def test_adamerging_without_steps_is_task_arithmetic_exactly(tmp_path, kind):
 ])
 def test_search_over_fisher_and_adamerging_hyperparameters(tmp_path, method, entries, counter, expected):
     from llm_merging.model import tiny
-    from llm_merging.pipeline.runner import RunConfig, Runner
+    from llm_merging.pipeline import CalibrationConfig, RunConfig, Runner
     from llm_merging.search import SearchConfig
 
     prompts = _write(tmp_path / "p.txt", PROMPTS[:3])
     cfg = RunConfig(method=method, tiny=True, output_folder=str(tmp_path / "out"), evaluate=False, save="none",
-                    progress=False, device="cpu", calibration_data=[prompts],
+                    progress=False, device="cpu", calibration=CalibrationConfig(data=[prompts]),
                     search=SearchConfig(entries=entries, methods=[method], data=[tiny.sample_data_files()[0]],
                                         trials=2, examples=2))
     runner = Runner(cfg)
@@ -444,7 +444,7 @@ def test_fisher_encoder_decoder_predicts_the_first_output_token(tmp_path):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from llm_merging.model import tiny
-    from llm_merging.pipeline.runner import instantiate
+    from llm_merging.merging.factory import instantiate
 
     prompts = _write(tmp_path / "p.txt", PROMPTS[:3])
     m = instantiate("fisher")

@@ -213,7 +213,7 @@ class _Budget:
 
 def test_budget_stops_between_and_inside_tasks(tmp_path, task_files):
     pytest.importorskip("lm_eval")
-    from llm_merging.pipeline.runner import apply_tiny, instantiate
+    from llm_merging.merging.factory import apply_tiny, instantiate
 
     rows_path, yaml_path = task_files
     second = tmp_path / "second.yaml"
@@ -254,7 +254,7 @@ def test_budget_stops_between_and_inside_tasks(tmp_path, task_files):
 def test_budget_spent_in_lm_eval_exits_3_keeping_kit_scores(capsys, tmp_path, task_files, monkeypatch):
     pytest.importorskip("lm_eval")
     from llm_merging.core import budget as budget_mod
-    from llm_merging.pipeline.runner import RunConfig, Runner
+    from llm_merging.pipeline import RunConfig, Runner
 
     rows_path, yaml_path = task_files
     real_build = lm_eval_tasks.build_lm

@@ -9,7 +9,7 @@ from llm_merging import ops
 from llm_merging.model import tiny
 from llm_merging.main import main
 from llm_merging.merging.recipe import apply_recipe, load_recipe
-from llm_merging.pipeline.runner import instantiate
+from llm_merging.merging.factory import instantiate
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 

@@ -174,10 +174,10 @@ def test_magnitude_mask_counts():
 @pytest.mark.parametrize("k", [1, 2, 17, 30, 53, 54])
 def test_topk_paths_agree(k):
     """The CUDA path (topk on the smaller side) and the CPU path (kthvalue) select the same entries."""
-    from llm_merging.ops.masks import _topk_flat
+    from llm_merging.ops.masks import topk_flat
 
     a = torch.randint(0, 6, (54,), generator=torch.Generator().manual_seed(44)).float()
-    m_cpu, m_topk = _topk_flat(a, k, use_topk=False), _topk_flat(a, k, use_topk=True)
+    m_cpu, m_topk = topk_flat(a, k, use_topk=False), topk_flat(a, k, use_topk=True)
     assert torch.equal(m_cpu, m_topk) and int(m_cpu.sum()) == k
     np.testing.assert_array_equal(m_cpu.numpy(), ref_topk_mask(a.numpy(), k))
 

@@ -85,7 +85,7 @@ parameters:
   scale: [1.0, 3.0]
 """)
     from llm_merging.merging.recipe import apply_recipe
-    from llm_merging.pipeline.runner import instantiate
+    from llm_merging.merging.factory import instantiate
 
     r = load_recipe(path)
     m = instantiate(r.method)
@@ -115,7 +115,7 @@ parameters:
   density: 0.5
 """)
     from llm_merging.merging.recipe import apply_recipe
-    from llm_merging.pipeline.runner import instantiate
+    from llm_merging.merging.factory import instantiate
 
     r = load_recipe(path)
     m = instantiate(r.method)

@@ -12,7 +12,8 @@ from llm_merging.model import tiny
 from conftest import merged_method as _merged, write_lines as _write
 from llm_merging.core.errors import ConfigError, DataError
 from llm_merging.main import main
-from llm_merging.pipeline.runner import RunConfig, Runner, instantiate
+from llm_merging.merging.factory import instantiate
+from llm_merging.pipeline import CalibrationConfig, RunConfig, Runner
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "A summary is", "Question: which one?",
            "According to the above context, choose the best option to answer the following question.",
@@ -258,17 +259,26 @@ def test_regmean_matches_grams_of_separately_loaded_experts(tmp_path, kind):
     assert rep["prompts_per_expert"] == [len(PROMPTS)] * n and rep["forward_passes"] >= n and rep["seconds"] > 0
 
 
-def test_regmean_in_groups_and_without_base_files_equals_one_group(tmp_path, monkeypatch):
-    dirs = [str(tiny.full_expert_dir("decoder", i)) for i in range(2)]
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_regmean_in_groups_and_without_base_files_equals_one_group(tmp_path, monkeypatch, kind):
+    expert_dir = tiny.full_expert_dir if kind == "full" else tiny.lora_expert_dir
+    dirs = [str(expert_dir("decoder", i)) for i in range(2)]
     prompts = _write(tmp_path / "p.txt", PROMPTS)
     one = _merged("regmean", dirs, prompts)
     assert one.groups_gathered == 1
     many = _merged("regmean", dirs, prompts, statistics_memory=1)  # one layer per group
-    assert many.groups_gathered == 3  # layers 0, 1 and the head
+    assert many.groups_gathered == (3 if kind == "full" else 2)  # layers 0, 1 (and the head: full experts)
+    import llm_merging.merging.data_aware as data_aware
     import llm_merging.model.engine as engine
 
-    monkeypatch.setattr(engine, "open_base_reader", lambda *a, **k: None)  # θ₀ from copies kept while merging
+    # no base files: θ₀ of the parameters a pass already merged comes from the copies kept while merging.
+    # Those copies must stay θ₀ while expert after expert is swapped in (they were once handed out to be
+    # modified in place: full experts then differed by ~1e-6, LoRA experts by 0.29)
+    opened = []
+    for module in (engine, data_aware):
+        monkeypatch.setattr(module, "open_base_reader", lambda *a, **k: opened.append(a) and None)
     copies = _merged("regmean", dirs, prompts, statistics_memory=1)
+    assert opened
     a, b, c = (dict(m.base_model.named_parameters()) for m in (one, many, copies))
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6) and torch.allclose(a[name], c[name], atol=1e-6), name
@@ -354,7 +364,7 @@ def test_search_over_alpha_reuses_the_statistics(tmp_path):
     prompts = _write(tmp_path / "p.txt", PROMPTS)
     data = tiny.sample_data_files()[0]
     cfg = RunConfig(method="regmean", tiny=True, output_folder=str(tmp_path / "out"), evaluate=False, save="none",
-                    progress=False, device="cpu", calibration_data=[prompts, data],
+                    progress=False, device="cpu", calibration=CalibrationConfig(data=[prompts, data]),
                     search=SearchConfig(entries=["alpha=0:1"], methods=["regmean"], data=[data], trials=3, examples=2))
     runner = Runner(cfg)
     assert runner.run() == 0, runner.report.get("error")

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from llm_merging.model import tiny
 from llm_merging.core.budget import Budget
 from llm_merging.main import main
-from llm_merging.pipeline.runner import RunConfig, Runner
+from llm_merging.pipeline import RunConfig, Runner
 
 
 def _report(path):
@@ -133,7 +133,7 @@ def test_no_eval_with_a_base_without_tokenizer_merges_and_saves(tmp_path):
 
 def test_run_options_and_their_set_aliases(tmp_path):
     from llm_merging.core.errors import ConfigError
-    from llm_merging.pipeline.runner import instantiate
+    from llm_merging.merging.factory import instantiate
 
     m = instantiate("ties_merge")
     m.set_hyperparameters({"mc_scoring": "starter_kit", "adapter_rank": "4"}, from_text=True)

@@ -15,7 +15,8 @@ from llm_merging.core.errors import ConfigError
 from llm_merging.main import main
 from llm_merging.merging import settings
 from llm_merging.merging.Merges import Merges
-from llm_merging.pipeline.runner import RunConfig, Runner, instantiate
+from llm_merging.merging.factory import instantiate
+from llm_merging.pipeline import RunConfig, Runner
 from llm_merging.search import SearchConfig
 from llm_merging.search.candidates import Fitness, InMemoryMerger
 from llm_merging.search.space import build_space, candidate_values, parse_entry

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, T5Config
 from llm_merging.model import tiny
 from llm_merging.main import main
 from llm_merging.model.save import StreamingSave
-from llm_merging.pipeline.runner import Runner
+from llm_merging.pipeline import Runner
 
 
 def _digests(directory, skip=("README.md",)):

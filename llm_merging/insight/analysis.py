@@ -4,7 +4,6 @@ Streams the parameters like the merge engine (θ₀ read from the base checkpoin
 from `expert.delta`, one tensor × experts in memory, LoRA adapters and full fine-tunes alike) and collects,
 per tensor, additive sums from which every figure is derived for any group of tensors (the whole model, a
 layer, a module type such as ``self_attn.q_proj``, a family such as attention or MLP):
-
 * **norm** ‖τᵢ‖₂ over the group (square root of the summed squares);
 * **cosine** τᵢ·τⱼ / (‖τᵢ‖ ‖τⱼ‖) of the concatenated task vectors of the group;
 * **sign conflict** of a pair: among coordinates where both task vectors are nonzero, the share with
@@ -19,11 +18,10 @@ layer, a module type such as ``self_attn.q_proj``, a family such as attention or
   decompositions (no m × n SVD). Full fine-tunes get it only with ``full_rank=True`` (an SVD per matrix).
 
 `analyze` returns the ``analysis.json`` document; `write_analysis` writes it and its plots atomically.
-The CLI is ``llm-merging analyze --base-model REF --models REF ...`` (see `cli_main`) or ``--analyze`` on a run.
+The CLI is ``llm-merging analyze --base-model REF --models REF ...`` or ``--analyze`` on a run.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import re
@@ -35,7 +33,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llm_merging.core.errors import ConfigError, LLMMergingError
+from llm_merging import ops
+from llm_merging.core.errors import ConfigError
+from llm_merging.core.io import atomic_write_json
+from llm_merging.merging import settings
+from llm_merging.merging.hparams import DENSITY
+from llm_merging.merging.settings import layer_index
+from llm_merging.model.checkpoint import FullExpert
+from llm_merging.model.engine import config_param_shapes
+from llm_merging.model.refs import hf_token
+from llm_merging.report import plots
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +188,6 @@ def tensor_stats(task_vectors: Sequence[torch.Tensor], densities: Sequence[float
     density, ``ranks[i]`` an optional (effective rank, LoRA rank) of its ΔW.
 
     Counts are exact (integers); dot products are float32 per chunk, summed in float64."""
-    from llm_merging import ops
-
     cnz = torch.count_nonzero
     n = len(task_vectors)
     st = Stats(n)
@@ -258,8 +263,6 @@ def tensor_group(name: str) -> tuple[tuple[str, int] | None, str, str]:
     """``(layer, module type, family)`` of a parameter name: layer ``(stack prefix, index)`` or None
     (embeddings, final norm, head), module type the path inside the layer without ``.weight``
     (``self_attn.q_proj``), family one of attention, mlp, embedding, norm, other."""
-    from llm_merging.merging.settings import layer_index
-
     found = layer_index(name)
     inner = name[len(found[0]) + 1:].split(".", 1)[1] if found else name
     module = inner[: -len(".weight")] if inner.endswith(".weight") else inner
@@ -316,8 +319,6 @@ def analyze(base_dir, experts: Sequence, shapes: dict[str, tuple], *, density: C
     asked between tensors; True ends the analysis early with ``partial: true``. Returns the
     ``analysis.json`` document.
     """
-    from llm_merging.model.checkpoint import FullExpert
-
     n = len(experts)
     if n == 0:
         raise ConfigError("analysis needs at least one expert model")
@@ -414,7 +415,7 @@ def analyze(base_dir, experts: Sequence, shapes: dict[str, tuple], *, density: C
 
 
 def _kind(expert) -> str:
-    return getattr(expert, "kind", None) or ("lora" if hasattr(expert, "factors") else "full")
+    return expert.kind
 
 
 def _layer_label(layer: tuple[str, int] | None) -> str | None:
@@ -522,9 +523,6 @@ def _fmt(v) -> str:
 def write_analysis(doc: dict, out_dir: str | Path) -> dict[str, str]:
     """Write ``analysis.json`` and the analysis plots (PNG) under ``out_dir`` atomically; return
     ``{name: path}`` of everything written."""
-    from llm_merging.report import plots
-    from llm_merging.core.io import atomic_write_json
-
     out_dir = Path(out_dir)
     written = {}
     for key, png in plots.analysis_figures(doc).items():
@@ -553,10 +551,6 @@ def analyze_method(method, *, density=None, device=None, full_rank: bool = False
                    should_stop: Callable[[], bool] | None = None) -> dict:
     """Analyse the experts of a (preflighted) merge method: its base, its models, and, when the method
     has a ``density`` hyperparameter and no ``density`` is given, its per-tensor resolved densities."""
-    from llm_merging.merging.hparams import DENSITY
-    from llm_merging.model.engine import config_param_shapes
-    from llm_merging.model.refs import hf_token
-
     base_dir = method.base_ref().resolve(hf_token())
     shapes = config_param_shapes(base_dir, method.architecture)
     experts = method.open_experts(shapes)
@@ -564,8 +558,6 @@ def analyze_method(method, *, density=None, device=None, full_rank: bool = False
         if "density" in method.hparams:
             n = len(experts)
             if method.layout is None:
-                from llm_merging.merging import settings
-
                 method.layout = settings.Layout(list(shapes), method.slice_lengths)
 
             def density(name):  # noqa: F811 - the method's value for this tensor
@@ -583,30 +575,8 @@ def analyze_method(method, *, density=None, device=None, full_rank: bool = False
                 close()
 
 
-# --------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    from llm_merging.main import _Parser
-
-    p = _Parser(prog="llm-merging analyze",
-                description="Task-vector analysis of expert models against their base: norms, cosine similarity, "
-                            "sign conflicts, top-k mask overlap, LoRA effective rank, verdicts; writes "
-                            "OUTPUT_FOLDER/analysis/analysis.json, plots and report.html.")
-    p.add_argument("--base-model", dest="base_model", required=True, help="base model: local directory or hub id[@revision]")
-    p.add_argument("--models", nargs="+", required=True, help="expert adapters / models: local directories or hub ids[@revision]")
-    p.add_argument("--density", default=None,
-                   help="TIES density of the trimmed figures, one value or one per model (e.g. 0.2 or 0.3,0.2; default 0.2)")
-    p.add_argument("--output_folder", default="output", help="outputs go to OUTPUT_FOLDER/analysis/ (default: output)")
-    p.add_argument("--device", help="where to compute: cpu, cuda, cuda:N (default: the GPU when there is one)")
-    p.add_argument("--full-rank", dest="full_rank", action="store_true",
-                   help="also the effective rank of full fine-tunes' task-vector matrices (one SVD per matrix: slow)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
-    return p
-
-
-def _parse_density(text: str | None, n: int) -> float | list[float]:
-    from llm_merging.merging.hparams import DENSITY
-
+def parse_density(text: str | None, n: int) -> float | list[float]:
+    """``--density``: one TIES density in (0, 1], or one per model, comma-separated (None: the default)."""
     if text is None:
         return DENSITY.default
     try:
@@ -619,67 +589,3 @@ def _parse_density(text: str | None, n: int) -> float | list[float]:
         if not (0.0 < v <= 1.0):
             raise ConfigError(f"--density {text!r}: every value must be in (0, 1]")
     return values[0] if len(values) == 1 else values
-
-
-def _setup_logging(quiet: bool, debug: bool) -> None:
-    import os
-    import sys
-
-    logging.basicConfig(level=logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO),
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if quiet or not sys.stderr.isatty():
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-    except Exception:  # pragma: no cover
-        pass
-
-
-def cli_main(argv: Sequence[str]) -> int:
-    """``llm-merging analyze ...``: 0 on success, 2 on a user error (one line), 1 on an internal error."""
-    import sys
-
-    from llm_merging.merging.base import TaskVectorMerge
-    from llm_merging.core.devices import check_device
-    from llm_merging.core.io import check_output_folder
-
-    args = build_parser().parse_args(list(argv))
-    _setup_logging(args.quiet, args.debug)
-    try:
-        density = _parse_density(args.density, len(args.models))
-        device = check_device(args.device) if args.device else None
-        method = TaskVectorMerge("analyze")
-        method.base_model_name, method.base_model_revision_id = args.base_model, None
-        method.list_models = list(args.models)
-        method.is_peft = None
-        method.progress = not args.quiet
-        models = method.preflight()  # every reference resolved and checked before any tensor is read
-        out_dir = Path(args.output_folder) / "analysis"
-        check_output_folder(out_dir)
-        doc = analyze_method(method, density=density, device=None if device in (None, "auto") else device,
-                             full_rank=args.full_rank, progress=not args.quiet)
-        doc["models"] = models
-        doc["command"] = ["llm-merging", "analyze", *argv]
-        written = write_analysis(doc, out_dir)
-        from llm_merging.report.html import write_analysis_html
-
-        html = write_analysis_html(out_dir, doc)
-    except LLMMergingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Exception as exc:  # an internal bug: one line, traceback with --debug
-        logger.debug("internal error", exc_info=True)
-        if args.debug:
-            raise
-        print(f"error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(f"analysis of {len(doc['experts'])} expert(s), {doc['tensors_analyzed']} tensors, {doc['seconds']:.1f} s")
-    for line in summary_lines(doc):
-        print(line)
-    print(f"  analysis: {written['analysis.json']}")
-    print(f"  report:   {html}")
-    return 0

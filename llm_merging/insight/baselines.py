@@ -21,6 +21,10 @@ from typing import Any, Callable
 import torch
 
 from llm_merging.core.errors import BudgetExceeded, CheckpointError, ConfigError
+from llm_merging.core.io import jsonable
+from llm_merging.evaluation import evaluate_model, primary_score
+from llm_merging.insight.analysis import short_names
+from llm_merging.model.engine import base_param_shapes, compute_device, open_base_reader
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +50,6 @@ class _Named:
 
 
 def _label(i: int, name: str) -> str:
-    from llm_merging.insight.analysis import short_names
-
     return f"expert{i}-" + re.sub(r"[^A-Za-z0-9._-]+", "_", short_names([name])[0])[:60]
 
 
@@ -55,8 +57,6 @@ class ModelSwapper:
     """Overwrite the parameters of a loaded model with the base's or one expert's, tensor by tensor."""
 
     def __init__(self, method) -> None:
-        from llm_merging.model.engine import open_base_reader, base_param_shapes
-
         self.model = method.base_model
         self.params = dict(self.model.named_parameters())
         self.experts = method.open_experts(base_param_shapes(self.model))
@@ -74,8 +74,6 @@ class ModelSwapper:
             p.data.copy_(value.to(dtype=p.dtype))
 
     def _base(self, name: str) -> torch.Tensor:
-        from llm_merging.model.engine import compute_device
-
         p = self.params[name]
         return self.reader.tensor(name, p).to(device=compute_device(p))
 
@@ -113,29 +111,27 @@ class ModelSwapper:
                 close()
 
 
-def run_baselines(runner, evaluate: Callable | None = None) -> dict[str, Any]:
+def run_baselines(ctx, evaluate: Callable | None = None) -> dict[str, Any]:
     """Evaluate the base and each expert alone on the run's files (outputs under ``OUT/METHOD/baselines/``);
     return the ``baselines`` section of report.json. Raises BudgetExceeded when the budget stops it
     (what finished is kept in the report)."""
-    from llm_merging.evaluation import evaluate_model
-    from llm_merging.core.io import jsonable
 
-    method, cfg = runner.method, runner.cfg
+    method, cfg = ctx.method, ctx.config
     evaluate = evaluate or evaluate_model
-    out_root = runner.out_dir / "baselines"
+    out_root = ctx.out_dir / "baselines"
     section: dict[str, Any] = {"rule": NORMALISED_RULE, "models": [], "partial": False}
-    runner.report["baselines"] = section
+    ctx.report["baselines"] = section
     swapper = ModelSwapper(method)
-    refs = runner.report.get("models", {}).get("experts", [])
-    todo = [("base", None, "base", runner.report.get("models", {}).get("base", {}).get("id"))]
+    refs = ctx.report.get("models", {}).get("experts", [])
+    todo = [("base", None, "base", ctx.report.get("models", {}).get("base", {}).get("id"))]
     for i, e in enumerate(swapper.experts):
-        kind = getattr(e, "kind", None) or ("lora" if hasattr(e, "factors") else "full")
+        kind = e.kind
         ref = refs[i]["id"] if i < len(refs) else getattr(e, "name", str(i))
         todo.append((_label(i, getattr(e, "name", str(i))), i, kind, ref))
     try:
         swapper.restore(progress=cfg.progress)
         for label, index, kind, ref in todo:
-            if runner.budget.expired():
+            if ctx.budget.expired():
                 section["partial"] = True
                 raise BudgetExceeded(f"time budget of {cfg.time_budget:g} s ran out before the baseline '{label}'")
             entry: dict[str, Any] = {"label": label, "kind": kind, "ref": ref}
@@ -145,10 +141,10 @@ def run_baselines(runner, evaluate: Callable | None = None) -> dict[str, Any]:
                 continue
             written = swapper.apply(index, progress=cfg.progress) if index is not None else []
             try:
-                with runner.budget.phase(f"baseline:{label}"):
-                    result = evaluate(_Named(method, label), runner.datasets, str(out_root), eval_types=cfg.eval_types,
-                                      batch_size=cfg.batch_size, max_examples=cfg.max_examples, budget=runner.budget,
-                                      progress=cfg.progress, examples=runner.examples)
+                with ctx.budget.phase(f"baseline:{label}"):
+                    result = evaluate(_Named(method, label), ctx.datasets, str(out_root), eval_types=cfg.eval_types,
+                                      batch_size=cfg.batch_size, max_examples=cfg.max_examples, budget=ctx.budget,
+                                      progress=cfg.progress, examples=ctx.examples)
             finally:
                 if written:
                     swapper.restore(written)
@@ -163,14 +159,13 @@ def run_baselines(runner, evaluate: Callable | None = None) -> dict[str, Any]:
                                      f"finished predictions were saved")
     finally:
         swapper.close()
-        section.update(normalised_scores(runner.report))
+        section.update(normalised_scores(ctx.report))
     return section
 
 
 def normalised_scores(report: dict) -> dict[str, Any]:
     """Merged scores as a share of the best expert's, per dataset and metric, from a report's
     ``evaluation`` and ``baselines`` sections; also the gain over the base."""
-    from llm_merging.evaluation import primary_score
 
     merged = {d["name"]: dict(d.get("scores") or {}) for d in report.get("evaluation", {}).get("datasets", [])}
     models = [m for m in report.get("baselines", {}).get("models", []) if "scores" in m]
@@ -209,19 +204,8 @@ def normalised_scores(report: dict) -> dict[str, Any]:
             "average_normalised": (sum(mains) / len(mains)) if mains else None}
 
 
-def check_config(cfg, method) -> None:
-    """Preflight checks of --baselines (before any weights are loaded)."""
-    if not cfg.evaluate:
-        raise ConfigError("--baselines evaluates the base and each expert: it cannot be combined with --no-eval")
-    recipe = getattr(method, "recipe", None)
-    if recipe is not None and getattr(recipe, "tokenizer", None):
-        raise ConfigError(f"--baselines: the recipe {cfg.recipe} sets an output tokenizer, so the merged model's "
-                          f"vocabulary differs from the experts'; run the baselines without it")
-
-
 def dataset_rows(report: dict) -> tuple[dict[str, dict[str, float | None]], list[str]]:
     """``({dataset: {model label: main score}}, labels)`` for the scores plot: merged, base, experts."""
-    from llm_merging.evaluation import primary_score
 
     rows: dict[str, dict[str, float | None]] = {}
     for d in report.get("evaluation", {}).get("datasets", []):

@@ -39,6 +39,7 @@ from llm_merging.core.errors import BudgetExceeded, ConfigError
 from llm_merging.merging.data_aware import DataAwareMerge
 from llm_merging.merging.hparams import SCALE, WEIGHTS, Param
 from llm_merging.merging.settings import layer_index
+from llm_merging.model.scoring import model_device, pad_id_of, pad_sequences, truncate_left
 
 logger = logging.getLogger(__name__)
 
@@ -237,8 +238,6 @@ class AdaMerging(DataAwareMerge):
     # ------------------------------------------------------------------ the objective
     def _rows(self) -> list[tuple[list[int], list[list[int]] | None]]:
         """``(prompt ids, choice ids or None)`` of every distinct calibration prompt."""
-        from llm_merging.model.scoring import truncate_left
-
         prompts = self.calibration.all_prompts()
         ids = self.calibration_ids(None)
         enc_dec = self.architecture == "encoder_decoder"
@@ -267,8 +266,6 @@ class AdaMerging(DataAwareMerge):
     def _entropy(self, rows, *, backward: bool, tokens_per_batch: int | None = None) -> float:
         """Mean entropy over ``rows`` of the current model's prediction distributions (backward: accumulate
         the gradient of their **sum** in the touched parameters' ``.grad``)."""
-        from llm_merging.model.scoring import model_device, pad_id_of
-
         device = model_device(self.base_model)
         pad = pad_id_of(self.tokenizer_for_calibration())
         budget = tokens_per_batch or self.calibration_tokens_per_batch
@@ -318,8 +315,6 @@ class AdaMerging(DataAwareMerge):
 
     def _choice_scores(self, chunk, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores (R, C), mask (R, C))``: Σ log p(choice tokens | prompt) of every choice of each row."""
-        from llm_merging.model.scoring import pad_sequences
-
         model = self.base_model
         pairs = [(r, p, c) for r, (p, cs) in enumerate(chunk) for c in cs]
         width = max(len(cs) for _, cs in chunk)

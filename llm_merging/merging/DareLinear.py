@@ -7,6 +7,7 @@ from llm_merging import ops
 from llm_merging.merging.hparams import SCALE, WEIGHTS, Param, consensus_kwargs
 from llm_merging.merging.base import TaskVectorMerge
 from llm_merging.merging.TaskArithmetic import LINEAR_DIVISOR, divide_by_weight_sum
+from llm_merging.ops.streaming import dare_chunks, reader_chunk
 
 
 class DareLinear(TaskVectorMerge):
@@ -36,8 +37,6 @@ class DareLinear(TaskVectorMerge):
         return out
 
     def merge_chunks(self, name: str, read, numel: int, n_models: int):
-        from llm_merging.ops.streaming import dare_chunks, reader_chunk
-
         h = self.hparams
         extra = consensus_kwargs(h) if self.consensus else {}
         if h["rescale"] != "l1" and callable(getattr(read, "single_pass", None)):

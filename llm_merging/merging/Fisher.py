@@ -37,6 +37,7 @@ from llm_merging.core.errors import BudgetExceeded, ConfigError
 from llm_merging.core.resources import available_bytes
 from llm_merging.merging.data_aware import DataAwareMerge
 from llm_merging.merging.hparams import SCALE, Param
+from llm_merging.model.scoring import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,6 @@ class Fisher(DataAwareMerge):
         if self.fisher_memory is not None:
             budget = float(self.fisher_memory)
         else:
-            from llm_merging.model.scoring import model_device
             budget = FISHER_FRACTION * available_bytes(model_device(self.base_model))
         chunks: list[list[str]] = [[]]
         used = 0

@@ -21,7 +21,9 @@ from typing import Any, ClassVar
 import torch
 
 from llm_merging.core.errors import CheckpointError, ConfigError, ModelNotFoundError, first_line
+from llm_merging.model import auto_model_class, decoder_functions, encoder_decoder_functions, engine, tokenizer_union
 from llm_merging.model.refs import ModelRef, hf_token
+from llm_merging.model.save import save_state_dict
 from llm_merging.merging import settings
 from llm_merging.merging.hparams import COMMON, Param
 
@@ -37,6 +39,17 @@ class Merges(object):
     description: ClassVar[str] = ""
     #: hyperparameters of the method, settable with ``--set KEY=VALUE``
     hyperparameters: ClassVar[dict[str, Param]] = {}
+    #: how many expert models the method takes: (at least, at most or None); checked in preflight
+    expert_count: ClassVar[tuple[int, int | None]] = (1, None)
+    #: data-aware methods read unlabeled prompts (``calibration_files``) before merging
+    needs_calibration: ClassVar[bool] = False
+
+    # What the pipeline reads and sets on a method (declared here so that it never probes for them):
+    #   set before preflight: ``should_stop`` (budget spent?), ``tokenizer_optional`` (``--no-eval``),
+    #   ``progress``, ``calibration_files`` / ``calibration_examples``, ``recipe`` (``apply_recipe``),
+    #   ``delta_sink`` (``--save adapter``), ``save_while_merging`` (write the model while merging);
+    #   read after the merge: ``merge_stats``, ``load_seconds``, ``stream_writer``, ``output_tokenizer``,
+    #   ``tokenizer_note``, ``vocabulary_report``, ``calibration_report()``.
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name
@@ -81,10 +94,20 @@ class Merges(object):
         self.slice_lengths = None  # layers per output slice of a recipe (None: one slice)
         self.tokenizer_optional = False  # set by the runner for --no-eval: a base without tokenizer still merges
         self.tokenizer_note: str | None = None  # why no tokenizer was loaded (then none is saved)
+        self.recipe = None  # the merging.recipe.Recipe this method was built from (--recipe), if any
+        self.recipe_hparams: dict[str, Any] | None = None  # hyperparameters as the recipe set them
+        self.output_tokenizer = None  # a recipe's output tokenizer (tokenizer_source / chat_template)
+        self.vocabulary_report: dict[str, Any] | None = None  # output vocabulary, or vocabulary mismatches
+        self.calibration_files: list[str] | None = None  # --calibration-data entries (data-aware methods)
+        self.calibration_examples: int | None = None  # --calibration-examples (None: the method's default)
 
     # ------------------------------------------------------------------ kit surface
     def get_name(self) -> str | None:
         return self.name
+
+    def calibration_report(self) -> dict[str, Any]:
+        """report.json ``calibration`` of a data-aware method (prompts, passes, seconds); {} otherwise."""
+        return {}
 
     def get_model_config(self):
         """The kit declared this hook without implementing it; we return the base model's config."""
@@ -96,8 +119,6 @@ class Merges(object):
 
     def _load_base_model(self) -> None:
         """Load the base model (resolved reference, chosen dtype) onto ``self.device``."""
-        from llm_merging.model import auto_model_class
-
         self._check_architecture()
         path = self.base_ref().resolve(hf_token())
         loader = auto_model_class(self.architecture)
@@ -169,8 +190,6 @@ class Merges(object):
 
     def predict_multiple_choice(self, batch: dict):
         """Score every answer choice; return ``(predicted_choice[B], scores[B, n_choices])``."""
-        from llm_merging.model import decoder_functions, encoder_decoder_functions
-
         assert self.base_model is not None, "the model must be merged (or loaded) before evaluation"
         scoring = self.mc_scoring
         if self.architecture == "encoder_decoder":
@@ -183,8 +202,6 @@ class Merges(object):
 
     def generate(self, batch: dict):
         """Greedy generation of ``max_gen_len`` new tokens; return ``(ids, texts)``."""
-        from llm_merging.model import decoder_functions, encoder_decoder_functions
-
         assert self.base_model is not None, "the model must be merged (or loaded) before evaluation"
         max_gen_len = self.max_gen_len or 64
         if self.architecture == "encoder_decoder":
@@ -203,8 +220,6 @@ class Merges(object):
         """
         from peft import PeftConfig, load_peft_weights
         from transformers import AutoConfig
-
-        from llm_merging.model import auto_model_class
 
         refs = self.model_refs()
         if not refs:
@@ -235,16 +250,13 @@ class Merges(object):
         """Merge the experts into the base model with the engine and ``merge_tensor``."""
         if type(self).merge_tensor is Merges.merge_tensor:
             raise NotImplementedError(f"merge method '{self.name}' must implement merge() or merge_tensor()")
-        from llm_merging.model.engine import base_param_shapes, merge_into
-        from llm_merging.model.tokenizer_union import vocabulary_report
-
         plan = self._recipe_tokenizer()  # before any weights: a bad tokenizer setting fails fast
         if plan is not None and self.delta_sink is not None and not plan.is_identity:
             raise ConfigError("--save adapter cannot change the vocabulary (the recipe's tokenizer); use --save full")
         self._load_base_model()
         self._load_tokenizer_if_any()
         t0 = time.time()
-        self.experts = self.open_experts(base_param_shapes(self.base_model))
+        self.experts = self.open_experts(engine.base_param_shapes(self.base_model))
         self.load_seconds += time.time() - t0
         if hasattr(self.delta_sink, "bind"):  # e.g. the adapter writer: it needs the model and experts
             self.delta_sink.bind(self.base_model, self.experts)
@@ -254,7 +266,7 @@ class Merges(object):
         if self.save_while_merging is not None and plan is None and self.delta_sink is None:
             writer = self.save_while_merging(self.base_model)  # None where the model must be saved whole
         try:
-            self.merge_stats = merge_into(
+            self.merge_stats = engine.merge_into(
                 self.base_model, self.experts, self.merge_resolved, progress=self.progress, label=str(self.name),
                 delta_sink=self.delta_sink, base_dir=self.base_ref().local_path, should_stop=self.should_stop,
                 tokenizer_plan=plan, merge_chunks=self.merge_chunks_resolved, writer=writer,
@@ -263,9 +275,9 @@ class Merges(object):
             if writer is not None:
                 writer.abort()
             raise
-        recipe_tok = getattr(getattr(self, "recipe", None), "tokenizer", None) or {}
-        self.vocabulary_report = vocabulary_report(plan, self.experts, recipe_tok.get("source"),
-                                                   self.merge_stats.pop("vocabulary", None))
+        recipe_tok = (self.recipe.tokenizer if self.recipe is not None else None) or {}
+        self.vocabulary_report = tokenizer_union.vocabulary_report(plan, self.experts, recipe_tok.get("source"),
+                                                                   self.merge_stats.pop("vocabulary", None))
         self.stream_writer = writer
         # written while merging: the loaded model still holds θ₀, and the merged one exists only on disk
         self.merged_model = None if writer is not None else self.base_model
@@ -275,13 +287,11 @@ class Merges(object):
         """A recipe's ``tokenizer_source`` / ``tokenizer:`` / ``chat_template``: build the output tokenizer
         (`tokenizer_union.recipe_tokenizer`), keep it as ``output_tokenizer`` (what is saved) and make it
         the tokenizer of the merged model (evaluation included); return its plan (None: no tokenizer setting)."""
-        recipe = getattr(self, "recipe", None)
+        recipe = self.recipe
         self.output_tokenizer = None
-        if recipe is None or (getattr(recipe, "tokenizer", None) is None and not getattr(recipe, "chat_template", None)):
+        if recipe is None or (recipe.tokenizer is None and not recipe.chat_template):
             return None
         import tempfile
-
-        from llm_merging.model.tokenizer_union import recipe_tokenizer
 
         token = hf_token()
         base_path = self.base_ref().resolve(token)
@@ -297,7 +307,7 @@ class Merges(object):
                 return str(known[value])
             return value
 
-        plan, tok = recipe_tokenizer(recipe.tokenizer, recipe.chat_template, base_path, paths, local)
+        plan, tok = tokenizer_union.recipe_tokenizer(recipe.tokenizer, recipe.chat_template, base_path, paths, local)
         self.output_tokenizer = tok
         if plan is not None:  # evaluation and generation use the output tokenizer (padded as the kit's)
             self.tokenizer = self.input_tokenizer = self.target_tokenizer = None
@@ -352,8 +362,6 @@ class Merges(object):
 
     def save_model(self, output_dir: str) -> None:
         """Kit output: the merged weights as ``<output_dir>/safetensor.pt`` (safetensors format)."""
-        from llm_merging.model.save import save_state_dict
-
         assert self.merged_model is not None, "Merged model is empty"
         state = self.merged_model.state_dict() if isinstance(self.merged_model, torch.nn.Module) else self.merged_model
         assert len(state) > 0, "Merged model is empty"
@@ -495,11 +503,9 @@ class Merges(object):
 
     def open_experts(self, shapes: dict[str, tuple]) -> list:
         """This method's experts opened lazily (``engine.open_experts``) and bound to ``shapes``."""
-        from llm_merging.model.engine import open_experts
-
         models = [(ref, self.expert_is_adapter(ref)) for ref in self.model_refs()]
-        reindexed = getattr(getattr(self, "recipe", None), "tokenizer", None) is not None
-        return open_experts(models, shapes, base_path=self.base_ref().resolve(hf_token()), vocab_reindexed=reindexed)
+        reindexed = self.recipe is not None and self.recipe.tokenizer is not None
+        return engine.open_experts(models, shapes, base_path=self.base_ref().resolve(hf_token()), vocab_reindexed=reindexed)
 
     def expert_is_adapter(self, ref: ModelRef) -> bool:
         """``is_peft`` when the class sets it, else whether the resolved directory holds an adapter."""
@@ -549,10 +555,8 @@ class Merges(object):
     def _check_compatibility(self, base_path: Path) -> list[str] | None:
         """Read only headers and configs: every expert must fit the base (shapes, modules in common).
         Returns each expert's ``kind``."""
-        from llm_merging.model.engine import check_base_files, config_param_shapes
-
-        check_base_files(base_path)
-        shapes = config_param_shapes(base_path, self.architecture)
+        engine.check_base_files(base_path)
+        shapes = engine.config_param_shapes(base_path, self.architecture)
         self.check_all_tensors(list(shapes))
         if not self.model_refs():
             return None

@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
-from llm_merging.core.errors import CheckpointError, ConfigError
+from llm_merging.core.errors import BudgetExceeded, CheckpointError, ConfigError
+from llm_merging.model import auto_model_class
+from llm_merging.model.checkpoint import FullExpert
+from llm_merging.model.engine import check_base_files, config_param_shapes
+from llm_merging.model.lora import LoraAdapter
 from llm_merging.model.refs import ModelRef, hf_token
 from llm_merging.merging import settings
 from llm_merging.merging.base import TaskVectorMerge
@@ -100,10 +104,8 @@ class Passthrough(TaskVectorMerge):
 
     # ---------------------------------------------------------------- preflight
     def _check_compatibility(self, base_path) -> None:
-        from llm_merging.model.engine import check_base_files
-
         check_base_files(base_path)
-        recipe = getattr(self, "recipe", None)
+        recipe = self.recipe
         if recipe is not None and (recipe.tokenizer is not None or recipe.chat_template is not None):
             raise ConfigError(f"recipe {recipe.path}: passthrough keeps the first model's tokenizer; "
                               "tokenizer_source / tokenizer / chat_template are not supported with it")
@@ -118,11 +120,6 @@ class Passthrough(TaskVectorMerge):
     def merge(self):
         from transformers import AutoConfig
         from transformers.initialization import no_init_weights
-
-        from llm_merging.model import auto_model_class
-        from llm_merging.model.checkpoint import FullExpert
-        from llm_merging.model.engine import config_param_shapes
-        from llm_merging.model.lora import LoraAdapter
 
         self._check_architecture()
         self._load_tokenizer_if_any()
@@ -161,8 +158,6 @@ class Passthrough(TaskVectorMerge):
         for name, param in tqdm(list(model.named_parameters()), desc="passthrough", unit="tensor",
                                 disable=not self.progress, leave=False):
             if self.should_stop is not None and self.should_stop():
-                from llm_merging.core.errors import BudgetExceeded
-
                 raise BudgetExceeded(f"time budget ran out while copying (at parameter '{name}'); nothing was saved")
             found = settings.layer_index(name)
             if found is not None:

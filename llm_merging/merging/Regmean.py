@@ -24,6 +24,7 @@ from llm_merging.core.errors import BudgetExceeded, ConfigError
 from llm_merging.merging.data_aware import DataAwareMerge
 from llm_merging.merging.hparams import Param
 from llm_merging.merging.settings import layer_index
+from llm_merging.model.scoring import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,6 @@ class Regmean(DataAwareMerge):
     def _statistics_budget(self) -> float:
         if self.statistics_memory is not None:
             return float(self.statistics_memory)
-        from llm_merging.model.scoring import model_device
-
         device = model_device(self.base_model)
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)

@@ -6,6 +6,7 @@ import torch
 from llm_merging import ops
 from llm_merging.merging.hparams import CONSENSUS, DENSITY, SCALE, WEIGHTS, Param, consensus_kwargs
 from llm_merging.merging.base import TaskVectorMerge
+from llm_merging.ops.streaming import reader_chunk, ties_chunks
 
 KEEP_COUNT = Param("round", "entries kept per task vector: round(density·n) (ours) or floor: int(density·n) (mergekit, PEFT)",
                    kind=str, choices=("round", "floor"))
@@ -30,8 +31,6 @@ class TiesMerge(TaskVectorMerge):
         )
 
     def merge_chunks(self, name: str, read, numel: int, n_models: int):
-        from llm_merging.ops.streaming import reader_chunk, ties_chunks
-
         h = self.hparams
         return ties_chunks(read, numel, density=h["density"], weights=h["weights"], scale=h["scale"],
                            n_models=n_models, keep_count_mode=h["keep_count"], chunk=reader_chunk(read),

@@ -18,8 +18,8 @@ import zlib
 from typing import ClassVar
 
 from llm_merging.core.errors import ConfigError
-
 from llm_merging.merging.Merges import Merges
+from llm_merging.ops.streaming import elementwise_chunks, reader_chunk
 
 # Defaults when no models are given: the starter kit's Llama-2-7B LoRA experts.
 DEFAULT_BASE = ("meta-llama/Llama-2-7b-hf", "01c7f73d771dfac7d292323805ebc428287df4f9")
@@ -41,9 +41,6 @@ def method_name(cls: type) -> str:
 
 class TaskVectorMerge(Merges):
     """Base of engine methods: default models and settings; ``merge_tensor`` sees resolved values."""
-
-    #: how many expert models the method takes: (at least, at most or None); checked in preflight
-    expert_count: ClassVar[tuple[int, int | None]] = (1, None)
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name or method_name(type(self)))
@@ -73,8 +70,6 @@ class TaskVectorMerge(Merges):
         """For ``elementwise`` methods, ``merge_tensor`` on consecutive chunks (bit for bit the same)."""
         if not self.elementwise:
             return None
-        from llm_merging.ops.streaming import elementwise_chunks, reader_chunk
-
         if callable(getattr(read, "single_pass", None)):
             read.single_pass()  # one read per range: nothing to keep
         return elementwise_chunks(read, numel, lambda base, tvs: self.merge_tensor(name, base, tvs),

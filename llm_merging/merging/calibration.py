@@ -26,6 +26,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from llm_merging.core.errors import ConfigError, DataError
+from llm_merging.core.resources import peak_memory
+from llm_merging.data import read_csv_rows, read_json_rows
+from llm_merging.model.scoring import choice_lists, length_limit, pad_id_of, truncate_left
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +43,6 @@ def read_prompts(path: str | os.PathLike, choices: dict[str, list[str]] | None =
     naming the file and record) for a missing file, malformed JSON/CSV or a record without ``input``.
     ``choices``: filled with ``prompt -> answer choices`` for records that have ``answer_choices`` (kit
     lists or CSV list strings; AdaMerging's choice distribution). Labels and targets are never read."""
-    from llm_merging.data import read_csv_rows, read_json_rows
-
     p = Path(path)
     if not p.exists():
         raise DataError(f"--calibration-data: file '{p}' does not exist")
@@ -80,8 +81,6 @@ def read_prompts(path: str | os.PathLike, choices: dict[str, list[str]] | None =
 
 
 def _choice_list(value: Any, where: str) -> list[str]:
-    from llm_merging.model.scoring import choice_lists
-
     try:
         out = choice_lists({"answer_choices": [value]})[0]
     except (ValueError, SyntaxError, TypeError):
@@ -177,8 +176,6 @@ def overlapping_files(calibration: Calibration, others: Iterable[str]) -> list[s
 # ----------------------------------------------------------------------------------------------- tokens
 def context_length(model, tokenizer, max_seq_len: int | None = None) -> int:
     """The longest sequence to feed: the model's and tokenizer's limit, and ``max_seq_len`` when set."""
-    from llm_merging.model.scoring import length_limit
-
     limit = length_limit(model, tokenizer)
     if max_seq_len:
         limit = min(limit, int(max_seq_len))
@@ -188,8 +185,6 @@ def context_length(model, tokenizer, max_seq_len: int | None = None) -> int:
 def encode(tokenizer, prompts: Sequence[str], max_len: int) -> tuple[list[list[int]], int]:
     """Token ids of each prompt, truncated to ``max_len`` (the end is kept, with a leading BOS, as
     evaluation does); returns ``(ids, number truncated)``. An empty encoding becomes the BOS/EOS token."""
-    from llm_merging.model.scoring import pad_id_of, truncate_left
-
     ids = [list(x) for x in tokenizer(list(prompts))["input_ids"]]
     bos = getattr(tokenizer, "bos_token_id", None)
     filler = bos if bos is not None else getattr(tokenizer, "eos_token_id", None)
@@ -258,9 +253,10 @@ def expert_weights(model: torch.nn.Module, expert, names: Iterable[str] | None,
     """Within the block, each parameter in ``names`` (None: every parameter ``expert`` changes) holds the
     expert's weights θ₀ + τ in the parameter's dtype: θ₀ + τ where the expert changes it, θ₀ where it does
     not but the parameter is in ``merged`` (already overwritten by a merge, so no longer θ₀); yields the
-    names swapped. ``theta0(name, param)`` gives θ₀ in float32 (e.g. the current value, or a read from the
-    base files once the parameter is merged). The original tensors are put back on exit (exactly: the very
-    same storage). Extra memory: the swapped tensors, in the model's dtype."""
+    names swapped. ``theta0(name, param)`` gives θ₀ in float32 (e.g. a copy of the current value, or a read
+    from the base files once the parameter is merged) as a tensor of its own: τ is added to it in place.
+    The original tensors are put back on exit (exactly: the very same storage). Extra memory: the swapped
+    tensors, in the model's dtype."""
     params = dict(model.named_parameters())
     touched = set(expert.param_names())
     wanted = touched if names is None else set(names)
@@ -437,7 +433,5 @@ class Meter:
             self.seconds += time.time() - t0
 
     def as_dict(self) -> dict[str, Any]:
-        from llm_merging.core.resources import peak_memory
-
         return {"seconds": round(self.seconds, 3), "forward_passes": self.forward_passes, "tokens": self.tokens,
                 "peak_statistics_mib": round(self.statistics_bytes / 2**20, 1), **peak_memory()}

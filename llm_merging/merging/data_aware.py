@@ -26,10 +26,13 @@ from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
-from llm_merging.merging import calibration as cal
 from llm_merging.core.errors import ConfigError
+from llm_merging.merging import calibration as cal
+from llm_merging.merging import get_method_class
 from llm_merging.merging.base import TaskVectorMerge
 from llm_merging.merging.hparams import SCALE, WEIGHTS, Param
+from llm_merging.model.engine import open_base_reader
+from llm_merging.model.scoring import model_device, pad_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ FALLBACK = Param("task_arithmetic", "data-free method for the parameters the sta
 class DataAwareMerge(TaskVectorMerge):
     """Base of data-aware methods: calibration prompts, expert forward passes, a data-free fallback."""
 
-    #: the method needs ``--calibration-data`` (the runner and ``--list`` read this)
+    #: overrides Merges' False: the method needs ``--calibration-data``
     needs_calibration: ClassVar[bool] = True
     #: expert forward passes need θ₀ of parameters already merged in this pass (:meth:`theta0`): keep a CPU
     #: copy of those the base files cannot serve (set False when only unmerged parameters are swapped)
@@ -51,8 +54,7 @@ class DataAwareMerge(TaskVectorMerge):
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name)
-        self.calibration_files: list[str] | None = None  # --calibration-data entries
-        self.calibration_examples: int = cal.DEFAULT_EXAMPLES  # --calibration-examples
+        self.calibration_examples = cal.DEFAULT_EXAMPLES  # Merges' None ("the method's default") made explicit
         self.calibration_tokens_per_batch: int = cal.DEFAULT_TOKENS_PER_BATCH
         self.calibration: cal.Calibration | None = None
         self.meter = cal.Meter()
@@ -126,8 +128,6 @@ class DataAwareMerge(TaskVectorMerge):
         return out
 
     def _start_pass(self) -> None:
-        from llm_merging.model.engine import open_base_reader
-
         if self.base_model is None or self.calibration is None:
             raise ConfigError(f"method '{self.name}': the calibration prompts and model must be loaded before merging")
         if self._model_ref is None or self._model_ref() is not self.base_model:
@@ -155,8 +155,6 @@ class DataAwareMerge(TaskVectorMerge):
 
     def fallback_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         """The data-free ``fallback`` method's merged task vector (with this method's resolved values)."""
-        from llm_merging.merging import get_method_class
-
         h = self.hparams
         key = h["fallback"]
         method = self._fallbacks.get(key)
@@ -175,12 +173,15 @@ class DataAwareMerge(TaskVectorMerge):
     # ------------------------------------------------------------------ helpers for subclasses
     def theta0(self, name: str, param: torch.nn.Parameter) -> torch.Tensor:
         """θ₀ of parameter ``name`` in float32 on the parameter's device: its current value until this pass
-        merged it, then from the base files (or a copy kept when the files cannot serve it)."""
+        merged it, then from the base files (or a copy kept when the files cannot serve it). Always a tensor
+        of the caller's own (``calibration.expert_weights`` adds τᵢ to it in place)."""
         if name not in self._done:
             return param.detach().to(dtype=torch.float32, copy=True)
         if self._reader is not None and name in self._reader.mapping:
-            return self._reader.tensor(name, param).to(device=param.device)
-        return self._theta0_copies[name].to(device=param.device, dtype=torch.float32)
+            return self._reader.tensor(name, param).to(device=param.device)  # a fresh read
+        # copy=True: for a float32 model on the CPU, .to() would hand out the kept copy itself, and the
+        # expert's τ added to it would corrupt θ₀ for every later expert and group of this pass
+        return self._theta0_copies[name].to(device=param.device, dtype=torch.float32, copy=True)
 
     @contextmanager
     def expert_forward(self, i: int, names: Sequence[str] | None = None) -> Iterator[list[str]]:
@@ -209,8 +210,6 @@ class DataAwareMerge(TaskVectorMerge):
         """Batches of expert ``i``'s prompts (:meth:`calibration_ids`), right-padded, on the model's input
         device; ``tokens_per_batch`` (default ``calibration_tokens_per_batch``) bounds each batch's tokens,
         padding included (1: one prompt per batch)."""
-        from llm_merging.model.scoring import model_device, pad_id_of
-
         ids = self.calibration_ids(i)
         tok = self.tokenizer_for_calibration()
         yield from cal.batches(ids, pad_id_of(tok), model_device(self.base_model),

@@ -20,7 +20,8 @@ from typing import Any
 
 from llm_merging.core.errors import ConfigError, first_line
 from llm_merging.core.io import atomic_write_text
-from llm_merging.merging import settings
+from llm_merging.merging import get_method_class, method_targets, settings
+from llm_merging.merging.mergekit_names import MERGEKIT_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +109,6 @@ def _model_ref(path: str, where: str, value: Any, base: str | None) -> tuple[str
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and check a recipe (before any weight is loaded); every error names the file and the key."""
-    from llm_merging.merging import method_targets
-    from llm_merging.merging.mergekit_names import MERGEKIT_METHODS
-
     path = str(path)
     doc = _check_keys(path, "", read_yaml(path), TOP_KEYS)
     name = doc.get("merge_method")
@@ -309,8 +307,6 @@ def _tokenizer_source(path: str, where: str, value: Any, base: str | None) -> st
 
 def _our_settings(path, method, mk, experts, global_params, model_params, slice_params, source_params) -> dict:
     """Combine the levels into our hyperparameter settings (our names), checking every key."""
-    from llm_merging.merging import get_method_class
-
     cls = get_method_class(method)
     specs = cls.all_hyperparameters() if hasattr(cls, "all_hyperparameters") else {}
     rename = (lambda k: mk.params.get(k)) if mk is not None else (lambda k: k if k in specs else None)
@@ -412,9 +408,10 @@ def recipe_document(method, models_info: dict | None, *, dtype: str | None, seed
     """The recipe that reproduces a run: the recipe it came from (hub models pinned to the revisions used),
     or, for a CLI run, every hyperparameter in mergekit's vocabulary when the run is exactly a mergekit
     merge (checked by reading it back), else in ours."""
-    recipe = getattr(method, "recipe", None)
+    recipe = method.recipe
     models_info = models_info or {}
-    changed = recipe is not None and method.hparams != getattr(method, "recipe_hparams", method.hparams)
+    # recipe_hparams is None only where ``recipe`` was set without apply_recipe: nothing to compare with
+    changed = recipe is not None and method.recipe_hparams is not None and method.hparams != method.recipe_hparams
     structured = recipe is not None and (recipe.slices is not None or recipe.slice_lengths is not None
                                          or recipe.tokenizer is not None or recipe.chat_template is not None)
     if recipe is not None and (not changed or structured):
@@ -426,8 +423,6 @@ def recipe_document(method, models_info: dict | None, *, dtype: str | None, seed
         if dtype:
             doc["dtype"] = dtype  # the dtype the run used (--dtype may override the recipe's)
         return doc
-    from llm_merging.merging.mergekit_names import MERGEKIT_METHODS
-
     experts = models_info.get("experts") or [{"id": r.id, "revision": r.revision} for r in method.model_refs()]
     base = models_info.get("base") or {"id": method.base_ref().id, "revision": method.base_ref().revision}
     specs = method.all_hyperparameters()

@@ -14,7 +14,10 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from llm_merging.core.errors import BudgetExceeded, MergeError
+from llm_merging.core.errors import BudgetExceeded, CheckpointError, LLMMergingError, MergeError, first_line
+from llm_merging.model import auto_model_class
+from llm_merging.model.checkpoint import FullExpert, is_vocab_param, read_safetensors_header
+from llm_merging.model.lora import LoraAdapter
 from llm_merging.model.refs import hf_token
 
 logger = logging.getLogger(__name__)
@@ -52,9 +55,6 @@ def config_param_shapes(model_dir, architecture: str) -> dict[str, tuple]:
 
     from transformers import AutoConfig
 
-    from llm_merging.core.errors import CheckpointError, first_line
-    from llm_merging.model import auto_model_class
-
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
         with torch.device("meta"), warnings.catch_warnings():
@@ -67,10 +67,6 @@ def config_param_shapes(model_dir, architecture: str) -> dict[str, tuple]:
 
 def check_base_files(model_dir) -> None:
     """Check the headers of the base model's safetensors files (truncated downloads) without reading data."""
-    from pathlib import Path
-
-    from llm_merging.model.checkpoint import read_safetensors_header
-
     for file in sorted(Path(model_dir).glob("*.safetensors")):
         read_safetensors_header(file)
 
@@ -104,9 +100,6 @@ def open_experts(models: Sequence[tuple[Any, bool]], shapes: dict[str, tuple], *
     """Open each ``(model reference, is_adapter)`` lazily (LoRA adapter, full checkpoint, or the base itself
     when it resolves to ``base_path``) and bind it to ``shapes``. ``vocab_reindexed``: a recipe's tokenizer
     re-indexes the vocabulary tensors (``merge_vocabulary``), so full experts skip their own row handling."""
-    from llm_merging.model.checkpoint import FullExpert
-    from llm_merging.model.lora import LoraAdapter
-
     experts = []
     base = None if base_path is None else Path(base_path).resolve()
     for ref, is_adapter in models:
@@ -143,9 +136,6 @@ def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 
 
 def open_base_reader(base_dir, model: torch.nn.Module):
     """The base checkpoint as a tensor reader bound to ``model`` (None when its files cannot serve)."""
-    from llm_merging.core.errors import LLMMergingError
-    from llm_merging.model.checkpoint import FullExpert
-
     try:
         reader = FullExpert(base_dir, name="base")
         reader.bind(base_param_shapes(model))
@@ -418,8 +408,6 @@ def merge_into(
 def vocab_params(model: torch.nn.Module, rows: int) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters of ``model``'s input embedding and output head whose first dimension is the
     vocabulary (``rows`` long); a tied head is the embedding's parameter and is listed once."""
-    from llm_merging.model.checkpoint import is_vocab_param
-
     owned: set[int] = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         try:

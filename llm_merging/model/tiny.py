@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from llm_merging.core.errors import ConfigError
+from llm_merging.model import auto_model_class
+
 logger = logging.getLogger(__name__)
 
 TINY_VERSION = "v1"
@@ -128,8 +131,6 @@ def _t5_config(vocab_size: int):
 
 
 def _new_model(architecture: str, vocab_size: int, seed: int):
-    from llm_merging.model import auto_model_class
-
     torch.manual_seed(seed)
     config = _decoder_config(vocab_size) if architecture == "decoder" else _t5_config(vocab_size)
     return auto_model_class(architecture).from_config(config).eval()
@@ -137,8 +138,6 @@ def _new_model(architecture: str, vocab_size: int, seed: int):
 
 def _load_base(architecture: str):
     """The tiny base model, loaded from its cache directory."""
-    from llm_merging.model import auto_model_class
-
     return auto_model_class(architecture).from_pretrained(str(base_dir(architecture)))
 
 
@@ -215,6 +214,4 @@ def calibration_files() -> list[str]:
 
 def _check_arch(architecture: str) -> None:
     if architecture not in ("decoder", "encoder_decoder"):
-        from llm_merging.core.errors import ConfigError
-
         raise ConfigError(f"architecture must be 'decoder' or 'encoder_decoder', got {architecture!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from llm_merging.ops.adamerging import entropy, task_vector_inner
 from llm_merging.ops.basic import linear, task_arithmetic
+from llm_merging.ops.consensus import consensus_merge, elect_sign
 from llm_merging.ops.fisher import diagonal_fisher, fisher_merge, greedy_log_likelihood
 from llm_merging.ops.geometric_median import geometric_median
 from llm_merging.ops.masks import (
@@ -35,7 +36,7 @@ from llm_merging.ops.slerp import lerp, slerp
 from llm_merging.ops.sparsify import breadcrumbs, dare, della, magnitude_prune
 from llm_merging.ops.spherical import karcher, multislerp, nuslerp
 from llm_merging.ops.svd import iso_c, iso_cts, knots, low_rank, tsv
-from llm_merging.ops.ties import consensus_merge, elect_sign, ties
+from llm_merging.ops.ties import ties
 from llm_merging.ops._common import derive_seed
 
 __all__ = [

@@ -57,7 +57,7 @@ def abs_sum64(x: Tensor) -> list[float]:
     return torch.stack(sums).tolist() if sums else []
 
 
-def _kth_largest(a: Tensor, k: int, use_topk: Optional[bool] = None) -> Tensor:
+def kth_largest(a: Tensor, k: int, use_topk: Optional[bool] = None) -> Tensor:
     """The k-th largest value of the 1-D tensor ``a`` (1 ≤ k ≤ numel).
 
     CPU: ``torch.kthvalue`` (quickselect). CUDA and other devices: ``torch.topk`` on the smaller side,
@@ -74,14 +74,14 @@ def _kth_largest(a: Tensor, k: int, use_topk: Optional[bool] = None) -> Tensor:
     return torch.topk(a, n - k + 1, largest=False, sorted=False).values.max()
 
 
-def _topk_flat(a: Tensor, k: int, use_topk: Optional[bool] = None) -> Tensor:
+def topk_flat(a: Tensor, k: int, use_topk: Optional[bool] = None) -> Tensor:
     """Boolean mask of the k largest entries of the 1-D tensor ``a`` (ties → lower index first)."""
     n = a.numel()
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool, device=a.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=a.device)
-    thr = _kth_largest(a, k, use_topk)
+    thr = kth_largest(a, k, use_topk)
     mask = a > thr
     need = k - int(mask.sum())
     if need > 0:
@@ -102,7 +102,7 @@ def magnitude_mask(x: Tensor, density: float, keep_count: str = "round") -> Tens
     check_choice(keep_count, "keep_count", KEEP_COUNTS)
     n = x.numel()
     k = _keep_count(d, n, keep_count)
-    return _topk_flat(f32(x).detach().abs().reshape(-1), k).reshape(x.shape)
+    return topk_flat(f32(x).detach().abs().reshape(-1), k).reshape(x.shape)
 
 
 def keep_limit(density: float) -> int:
@@ -216,13 +216,14 @@ def breadcrumbs_mask(x: Tensor, density: float, gamma: float, keep_count: str = 
         n_keep = _keep_count(d, n)
         n_top = min(int(math.floor(g * n + 0.5)), n - n_keep)
     a = f32(x).detach().abs().reshape(-1)
-    mask = _topk_flat(a, n_keep + n_top)
+    mask = topk_flat(a, n_keep + n_top)
     if n_top > 0:
-        mask &= ~_topk_flat(a, n_top)
+        mask &= ~topk_flat(a, n_top)
     return mask.reshape(x.shape)
 
 
-def _check_della(density: float, epsilon: float) -> tuple[float, float]:
+def check_della(density: float, epsilon: float) -> tuple[float, float]:
+    """Check DELLA's ``density`` and ``epsilon`` (keep probabilities within [0, 1]); return them as floats."""
     d = check_range(density, "density", 0.0, 1.0, low_open=True)
     e = check_range(epsilon, "epsilon", 0.0, 1.0)
     if d < 1.0 and (d - e < 0.0 or d + e > 1.0):
@@ -248,7 +249,7 @@ def della_keep_probabilities(x: Tensor, density: float, epsilon: float) -> Tenso
 
     The paper spaces the probabilities over [p − ε/2, p + ε/2]; this follows mergekit's ±ε.
     """
-    d, e = _check_della(density, epsilon)
+    d, e = check_della(density, epsilon)
     if d >= 1.0:
         return torch.ones(x.shape, dtype=torch.float32, device=x.device)
     rows = _rows(f32(x).detach())

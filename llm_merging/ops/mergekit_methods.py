@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llm_merging.ops._common import check_pair, check_range, check_tensors, dot64, f32, stack_f32
-from llm_merging.ops.masks import _kth_largest, _topk_flat
-from llm_merging.ops.ties import elect_sign
+from llm_merging.ops.consensus import elect_sign
+from llm_merging.ops.masks import kth_largest, topk_flat
 
 # --------------------------------------------------------------------------------------------------
 # SCE
@@ -52,7 +52,7 @@ def _sce_mask(stacked: Tensor, frac: float, stable_ties: bool) -> Tensor:
     nonzero = torch.count_nonzero(var).cpu()
     k = int(nonzero * frac)  # float32 product, as mergekit's ``int(nonzero * density)``
     if stable_ties or k == 0:
-        return _topk_flat(var, k).reshape(shape)
+        return topk_flat(var, k).reshape(shape)
     mask = torch.zeros(var.shape, dtype=torch.bool, device=device)
     mask[torch.topk(var, k=k, largest=True).indices] = True
     return mask.reshape(shape)
@@ -214,7 +214,7 @@ def arcee_fusion(base: Tensor, model: Tensor) -> Tensor:
     n = flat.numel()
     if n == 0:
         return a.clone()
-    q1, med, q3 = (_kth_largest(flat, n - (i * (n - 1)) // 4) for i in (1, 2, 3))
+    q1, med, q3 = (kth_largest(flat, n - (i * (n - 1)) // 4) for i in (1, 2, 3))
     threshold = med + 1.5 * (q3 - q1)
     mask = importance >= threshold
     return a + (b - a) * mask

@@ -2,7 +2,7 @@
 
 Each sparsifies every task vector on its own (per tensor), then either sums the weighted results
 (``consensus=None``: ``λ Σ wᵢ τ̃ᵢ``) or runs the TIES sign election and disjoint merge on them
-(``consensus="ties"``, see :func:`llm_merging.ops.ties.consensus_merge`).
+(``consensus="ties"``, see :func:`llm_merging.ops.consensus.consensus_merge`).
 
 Random methods take ``seed``; model i draws its mask with the counter-based generator of
 :mod:`llm_merging.ops.masks` keyed by ``derive_seed(seed, i)`` (a SplitMix64 mix of seed and i, so streams
@@ -18,7 +18,7 @@ mergekit parity notes (its defaults differ per method): mergekit elects the sign
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -28,7 +28,6 @@ from llm_merging.ops._common import (
     CounterScratch,
     PerModel,
     check_choice,
-    check_real,
     check_seed,
     check_tensors,
     derive_seed,
@@ -36,48 +35,19 @@ from llm_merging.ops._common import (
     per_model,
     stack_f32,
     weight_list,
-    weighted_sum_f32,
 )
+from llm_merging.ops.consensus import combine, common_checks
 from llm_merging.ops.masks import (
     RESCALES,
-    _check_della,
     abs_sum64,
     apply_mask,
     breadcrumbs_mask,
+    check_della,
     dare_drop_,
     della_mask,
     l1_rescale_,
 )
-from llm_merging.ops.ties import DIVISORS, SIGN_METHODS, Buffers, _consensus
-
-CONSENSUS = (None, "ties")
-
-
-def _combine(
-    stacked: Union[Tensor, Sequence[Tensor]],
-    w: list[float],
-    lam: float,
-    consensus: Optional[str],
-    sign_method: str,
-    weighted_sign: bool,
-    divisor: Optional[str],
-    buffers: Optional[Buffers] = None,
-) -> Tensor:
-    """The merge of the sparsified vectors ``stacked`` (a tensor ``(N, *shape)`` or N tensors, consumed)
-    times λ, as a new tensor; ``buffers``: the chunked paths' reused temporaries."""
-    if consensus == "ties":
-        xs = [stacked[i] for i in range(len(stacked))]
-        out = _consensus(xs, w, sign_method, weighted_sign, divisor, buffers if buffers is not None else Buffers())
-    else:
-        out = weighted_sum_f32(stacked, w)
-    return out if lam == 1.0 else out.mul_(lam)  # out is new; x·1 is x: skip a pass
-
-
-def _common_checks(consensus, sign_method, divisor, scale) -> float:
-    check_choice(consensus, "consensus", CONSENSUS)
-    check_choice(sign_method, "sign_method", SIGN_METHODS)
-    check_choice(divisor, "divisor", DIVISORS)
-    return check_real(scale, "scale")
+from llm_merging.ops.streaming import CHUNK, magnitude_prune_chunks  # the one implementation of the trim
 
 
 def magnitude_prune(
@@ -99,10 +69,8 @@ def magnitude_prune(
     density·numel is integral; mergekit ``sparsification_method: magnitude`` without consensus).
     ``consensus="ties"``: TIES election + disjoint merge, i.e. :func:`~llm_merging.ops.ties.ties`.
     """
-    from llm_merging.ops.streaming import CHUNK, magnitude_prune_chunks  # the one implementation of the trim
-
     ts = check_tensors(task_vectors)
-    _common_checks(consensus, sign_method, divisor, scale)
+    common_checks(consensus, sign_method, divisor, scale)
     check_choice(keep_count, "keep_count", KEEP_COUNTS)
     per_model(density, len(ts), "density", 0.0, 1.0, low_open=True)
     weight_list(weights, len(ts))
@@ -143,7 +111,7 @@ def dare(
     (PEFT ``dare_ties``). Masks: see the module docstring (``seed``, counter-based generator, per-model streams).
     """
     ts = check_tensors(task_vectors)
-    lam = _common_checks(consensus, sign_method, divisor, scale)
+    lam = common_checks(consensus, sign_method, divisor, scale)
     check_choice(rescale, "rescale", RESCALES)
     s = check_seed(seed)
     dens = per_model(density, len(ts), "density", 0.0, 1.0, low_open=True)
@@ -157,7 +125,7 @@ def dare(
             dare_drop_(x, d, derive_seed(s, i), inverse=rescale == "inverse", scratch=scratch)
             if before is not None:
                 l1_rescale_(x, before, math.fsum(abs_sum64(x)))
-    return _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
+    return combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
 
 
 def breadcrumbs(
@@ -183,7 +151,7 @@ def breadcrumbs(
     uses ``weighted_sign=True, divisor=None``). ``keep_count="floor"``: mergekit 0.1.5's truncated counts.
     """
     ts = check_tensors(task_vectors)
-    lam = _common_checks(consensus, sign_method, divisor, scale)
+    lam = common_checks(consensus, sign_method, divisor, scale)
     n = len(ts)
     dens = per_model(density, n, "density", 0.0, 1.0, low_open=True)
     gams = per_model(gamma, n, "gamma", 0.0, 1.0, high_open=True)
@@ -193,7 +161,7 @@ def breadcrumbs(
     for i, (d, g) in enumerate(zip(dens, gams)):
         if d < 1.0:
             stacked[i].masked_fill_(~breadcrumbs_mask(stacked[i], d, g, keep_count), 0.0)
-    return _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
+    return combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
 
 
 def della(
@@ -221,18 +189,18 @@ def della(
     :class:`ConfigError`; density 1 means no pruning.
     """
     ts = check_tensors(task_vectors)
-    lam = _common_checks(consensus, sign_method, divisor, scale)
+    lam = common_checks(consensus, sign_method, divisor, scale)
     check_choice(rescale, "rescale", RESCALES)
     s = check_seed(seed)
     n = len(ts)
     dens = per_model(density, n, "density", 0.0, 1.0, low_open=True)
     eps = per_model(epsilon, n, "epsilon", 0.0, 1.0)
     for d, e in zip(dens, eps):
-        _check_della(d, e)
+        check_della(d, e)
     w = weight_list(weights, n)
     stacked = stack_f32(ts)
     for i, (d, e) in enumerate(zip(dens, eps)):
         if d < 1.0:
             mask, keep = della_mask(stacked[i], d, e, derive_seed(s, i))
             stacked[i] = apply_mask(stacked[i], mask, rescale, keep)
-    return _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
+    return combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)

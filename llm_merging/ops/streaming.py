@@ -14,7 +14,7 @@ Every function gives, bit for bit and whatever ``chunk``, the flat result of its
   the top-k thresholds are exact selections over the whole tensor (:func:`magnitude_thresholds`, counting
   passes over the float32 bit patterns of |τ|), ties at the threshold go to the lowest flat indices as
   :func:`~llm_merging.ops.masks.magnitude_mask`, and the rest is elementwise (arithmetic passes: see
-  :class:`_TopKTrim` and :func:`~llm_merging.ops.ties.consensus_merge`);
+  :class:`_TopKTrim` and :func:`~llm_merging.ops.consensus.consensus_merge`);
 * :func:`dare_chunks` = :func:`~llm_merging.ops.sparsify.dare`: the counter-based masks are functions of
   the flat index; the L1 rescale's norms are sums of fixed blocks (:func:`~llm_merging.ops.masks.abs_sum64`)
   and its masks are kept between its two passes (one byte per entry and model);
@@ -41,9 +41,8 @@ from llm_merging.ops._common import (
     stack_f32,
     weight_list,
 )
+from llm_merging.ops.consensus import Buffers, combine, common_checks
 from llm_merging.ops.masks import BLOCK, RESCALES, abs_sum64, dare_drop_, l1_rescale_, random_mask_into_, zero_dropped_
-from llm_merging.ops.sparsify import _combine, _common_checks
-from llm_merging.ops.ties import Buffers
 
 Reader = Callable[[int, int], "tuple[Tensor, list[Tensor]]"]
 Chunks = Iterator["tuple[int, int, Tensor]"]
@@ -268,7 +267,7 @@ def magnitude_prune_chunks(
     """:func:`~llm_merging.ops.sparsify.magnitude_prune` (and with ``consensus="ties"``,
     :func:`~llm_merging.ops.ties.ties`) in chunks: three passes over the inputs (two for the thresholds,
     see :func:`magnitude_thresholds`); every temporary of a chunk reuses the previous chunk's memory."""
-    lam = _common_checks(consensus, sign_method, divisor, scale)
+    lam = common_checks(consensus, sign_method, divisor, scale)
     check_choice(keep_count_mode, "keep_count", KEEP_COUNTS)
     dens = per_model(density, n_models, "density", 0.0, 1.0, low_open=True)
     w = weight_list(weights, n_models)
@@ -282,7 +281,7 @@ def magnitude_prune_chunks(
         trimmed = [buf(("trim", i), t).copy_(t) if m is None else m(t, buf(("trim", i), t), buf)
                    for i, (t, m) in enumerate(zip(tvs, trims))]
         del tvs
-        yield start, stop, _combine(trimmed, w, lam, consensus, sign_method, weighted_sign, divisor, buf)
+        yield start, stop, combine(trimmed, w, lam, consensus, sign_method, weighted_sign, divisor, buf)
 
 
 def ties_chunks(read: Reader, n: int, density: PerModel = 0.2, weights: Optional[PerModel] = None, scale: float = 1.0,
@@ -312,7 +311,7 @@ def dare_chunks(
 ) -> Chunks:
     """:func:`~llm_merging.ops.sparsify.dare` in chunks: one pass (two with ``rescale="l1"``, whose norms
     need the whole tensor)."""
-    lam = _common_checks(consensus, sign_method, divisor, scale)
+    lam = common_checks(consensus, sign_method, divisor, scale)
     check_choice(rescale, "rescale", RESCALES)
     s = check_seed(seed)
     dens = per_model(density, n_models, "density", 0.0, 1.0, low_open=True)
@@ -362,7 +361,7 @@ def dare_chunks(
                 dare_drop_(x, d, seeds[i], start=start, inverse=rescale == "inverse", scratch=buffers(x.device))
             else:
                 l1_rescale_(zero_dropped_(x, ms[i]), *norms[i])
-        yield start, stop, _combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
+        yield start, stop, combine(stacked, w, lam, consensus, sign_method, weighted_sign, divisor)
 
 
 def elementwise_chunks(read: Reader, n: int, fn: Callable[[Tensor, list[Tensor]], Tensor], chunk: int = CHUNK) -> Chunks:

@@ -29,7 +29,7 @@ from llm_merging.ops._common import (
     weight_tensor,
 )
 from llm_merging.ops.masks import apply_mask, magnitude_mask, random_mask
-from llm_merging.ops.ties import DIVISORS, SIGN_METHODS, consensus_merge
+from llm_merging.ops.consensus import DIVISORS, SIGN_METHODS, consensus_merge
 
 
 def _mean(ts: Sequence[Tensor]) -> Tensor:

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from llm_merging.core.io import atomic_write_text
+from llm_merging.insight.baselines import dataset_rows, relative_predictions
+from llm_merging.report import plots
+from llm_merging.report.plots import write_png
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +124,6 @@ def analysis_html(doc: dict | None, out_dir: Path, hint: str = "no analysis (run
     """The analysis section's body from an ``analysis.json`` document (plots from its files, else drawn)."""
     if not doc:
         return f'<p class="muted">{hint}</p>'
-    from llm_merging.report import plots
-
     labels = [e["label"] for e in doc["experts"]]
     parts = []
     if doc.get("partial"):
@@ -197,9 +198,6 @@ def _page(title: str, sections: list[str], status_line: str) -> str:
 # --------------------------------------------------------------------------------------------- run report
 def write_html_report(out_dir: str | Path, report: dict) -> Path:
     """Write ``out_dir/report.html`` for a run's ``report`` (the report.json document); return its path."""
-    from llm_merging.report import plots
-    from llm_merging.insight.baselines import dataset_rows, relative_predictions
-
     out_dir = Path(out_dir)
     r = report
     status = r.get("status")
@@ -288,8 +286,6 @@ def write_html_report(out_dir: str | Path, report: dict) -> Path:
 
 def _save_plot(out_dir: Path, name: str, png: bytes | None) -> None:
     if png:
-        from llm_merging.report.plots import write_png
-
         write_png(out_dir / "plots" / f"{name}.png", png)
 
 
@@ -312,8 +308,6 @@ def _analysis_doc(report: dict, out_dir: Path) -> dict | None:
 
 
 def _scores_html(r: dict, out_dir: Path, dataset_rows) -> str:
-    from llm_merging.report import plots
-
     ev = r.get("evaluation")
     if not ev:
         why = "evaluation was not run (--no-eval)" if r.get("status") == "ok" else "evaluation did not run"

@@ -15,7 +15,9 @@ import torch
 
 from llm_merging.core.errors import MergeError
 from llm_merging.core.resources import available_bytes
-from llm_merging.evaluation import primary_score, score_rows, evaluate_dataset
+from llm_merging.evaluation import evaluate_dataset, primary_score, score_rows
+from llm_merging.model.engine import base_param_shapes, compute_device, open_base_reader
+from llm_merging.model.lora import LoraAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +52,6 @@ class InMemoryMerger:
     """
 
     def __init__(self, method, *, memory_fraction: float = 0.4, progress: bool = True) -> None:
-        from llm_merging.model.engine import open_base_reader, base_param_shapes, compute_device
-        from llm_merging.model.lora import LoraAdapter
-
         t0 = time.time()
         method._load_base_model()
         method._load_tokenizer()

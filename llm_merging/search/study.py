@@ -3,13 +3,12 @@
 ``prepare(runner)`` checks everything (methods, space, search data, storage) in preflight, before any
 weight is loaded; ``run(runner)`` loads the base once, runs trials until ``--trials``, the budget (keeping
 time to merge, save and evaluate the best) or an exhausted space stops it, writes ``search/`` and leaves
-``runner.method`` configured with the best values, for the usual merge → save → evaluate.
+``ctx.method`` configured with the best values, for the usual merge → save → evaluate.
 """
 from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import hashlib
 import io
 import json
@@ -25,6 +24,15 @@ from typing import Any, Callable
 
 from llm_merging.core.errors import BudgetExceeded, ConfigError, DataError, MergeError, first_line
 from llm_merging.core.io import atomic_path, atomic_write_text
+from llm_merging.data import GENERATION, MULTIPLE_CHOICE, load_examples
+from llm_merging.evaluation import normalize_batch_size, unique_names
+from llm_merging.lm_eval_tasks import SearchFitness
+from llm_merging.lm_eval_tasks import prepare as prepare_lm_eval
+from llm_merging.merging.factory import configure, instantiate
+from llm_merging.merging.mergekit_names import MERGEKIT_METHODS
+from llm_merging.merging.recipe import recipe_document, write_recipe
+from llm_merging.model import tiny
+from llm_merging.search.candidates import Fitness, InMemoryMerger
 from llm_merging.search.space import SearchSpace, build_space, candidate_values, parse_entry
 
 logger = logging.getLogger(__name__)
@@ -87,9 +95,9 @@ def _storage_kind(url: str) -> str:
 class Search:
     """One search of a run (see the module docstring)."""
 
-    def __init__(self, runner) -> None:
-        self.runner = runner
-        self.cfg: SearchConfig = runner.cfg.search
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx  # the run's pipeline.RunContext
+        self.cfg: SearchConfig = ctx.config.search
         self.methods: dict[str, Any] = {}
         self.base_values: dict[str, dict] = {}
         self.space: SearchSpace | None = None
@@ -97,17 +105,15 @@ class Search:
         self.search_files: list[str] = []
         self.optimistic = False
         self.lm_eval = None  # the prepared lm-eval tasks of --search-lm-eval
-        self.dir = Path(runner.out_dir) / "search"
+        self.dir = Path(ctx.out_dir) / "search"
         self.report: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ preflight (no weights)
     def prepare(self) -> None:
-        from llm_merging.pipeline.runner import apply_config, instantiate
-
-        runner, cfg = self.runner, self.cfg
-        primary = runner.method
-        names = list(dict.fromkeys(cfg.methods or [runner.cfg.method]))
-        if runner.cfg.recipe and (len(names) > 1):
+        ctx, cfg = self.ctx, self.cfg
+        primary = ctx.method
+        names = list(dict.fromkeys(cfg.methods or [ctx.config.method]))
+        if ctx.config.recipe and (len(names) > 1):
             raise ConfigError("--recipe with --search searches the recipe's method only; drop the extra -m methods")
         if cfg.sampler not in SAMPLERS:
             raise ConfigError(f"--search-sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
@@ -121,16 +127,16 @@ class Search:
             raise ConfigError(f"the pruner's first slice must be a fraction in (0, 1), got {cfg.prune_fraction}")
         if cfg.storage:
             _storage_kind(cfg.storage)
-        models = runner.report["models"]
+        models = ctx.report["models"]
         key = _models_key(models)
         for name in names:
             if name == primary.name:
                 method = primary
             else:
                 method = instantiate(name)
-                apply_config(method, dataclasses.replace(runner.cfg, overrides=overrides_for(
-                    runner.cfg, name, method.all_hyperparameters())))
-                method.should_stop = runner.budget.expired
+                configure(method, ctx.config.method_options(overrides_for(
+                    ctx.config, name, method.all_hyperparameters())))
+                method.should_stop = ctx.budget.expired
                 if _models_key(method.preflight()) != key:
                     raise ConfigError(f"-m {' '.join(names)}: method '{name}' merges other models than '{primary.name}'; "
                                       "give the same models to all with --base-model/--models")
@@ -144,7 +150,7 @@ class Search:
             self.methods[name] = method
             self.base_values[name] = copy.deepcopy(method.hparams)
         if len(names) > 1:
-            for key in runner.cfg.overrides:
+            for key in ctx.config.overrides:
                 if "." not in key and not any(key in m.all_hyperparameters() for m in self.methods.values()):
                     raise ConfigError(f"--set {key}: unknown hyperparameter for every method of -m {' '.join(names)}")
         n_experts = len(models["experts"])
@@ -159,10 +165,8 @@ class Search:
                 entries = [(str(k), v) for k, v in section.items()] + entries
                 where = lambda head: f"--search {head} (or recipe {recipe.path}: llm_merging.search)"  # noqa: E731
         specs = {n: {k: p for k, p in m.all_hyperparameters().items()} for n, m in self.methods.items()}
-        fixed = {n: set(overrides_for(runner.cfg, n, specs[n])) for n in names}
+        fixed = {n: set(overrides_for(ctx.config, n, specs[n])) for n in names}
         if recipe is not None and recipe.method in fixed:  # values the recipe sets leave the default space too
-            from llm_merging.merging.mergekit_names import MERGEKIT_METHODS
-
             mk = MERGEKIT_METHODS.get(recipe.mergekit_method or "")
             doc = recipe.document
             named = set((doc.get("parameters") or {}))
@@ -184,28 +188,23 @@ class Search:
             self.report["search_lm_eval"] = {"tasks": list(cfg.lm_eval.tasks), "args": dict(cfg.lm_eval.args)}
 
     def _prepare_data(self) -> None:
-        from llm_merging.model import tiny
-        from llm_merging.data import GENERATION, MULTIPLE_CHOICE, load_examples
-
-        runner, cfg = self.runner, self.cfg
+        ctx, cfg = self.ctx, self.cfg
         if cfg.objective is not None:
             return
         if cfg.lm_eval is not None:  # lm-eval tasks instead of files: checked (and their data loaded) now
-            from llm_merging.lm_eval_tasks import prepare as prepare_lm_eval
-
             if cfg.data:
                 raise ConfigError("--search-lm-eval and --search-data: score the candidates on one of them")
             if cfg.normalize:
                 raise ConfigError("--normalize needs --search-data (no expert baselines on lm-eval tasks)")
             self.lm_eval = prepare_lm_eval(cfg.lm_eval, progress=False)
-            final = runner.cfg.lm_eval if runner.cfg.evaluate else None
+            final = ctx.config.lm_eval if ctx.config.evaluate else None
             overlap = sorted(set(cfg.lm_eval.tasks) & set(final.tasks)) if final is not None else []
             if overlap:
                 self.optimistic = True
                 logger.warning("search tasks %s are also evaluated: the final scores are optimistic", ", ".join(overlap))
             return
         files = cfg.data
-        if not files and runner.cfg.tiny:
+        if not files and ctx.config.tiny:
             files = [f for f in tiny.sample_data_files() if not f.endswith(".csv")]  # the labelled samples
         if not files:
             raise ConfigError("--search needs --search-data FILES: held-out data with labels (kit JSON lines or CSV)")
@@ -222,23 +221,22 @@ class Search:
                                 "or target (generation); search data needs gold answers")
             self.search_rows.append(rows)
             self.search_files.append(path)
-        evaluated = {os.path.realpath(p) for p in runner.datasets} if runner.cfg.evaluate else set()
-        overlap = [p for p in self.search_files if os.path.realpath(p) in evaluated]
-        if overlap:
-            self.optimistic = True
-            logger.warning("search data %s is also evaluated: the final scores are optimistic", ", ".join(overlap))
 
     # ------------------------------------------------------------------ the search phase
     def run(self) -> None:
         import optuna
-        from llm_merging.search.candidates import Fitness, InMemoryMerger
 
-        runner, cfg = self.runner, self.cfg
+        ctx, cfg = self.ctx, self.cfg
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        primary = runner.method
+        primary = ctx.method
         t_start = time.time()
-        runner.report["search"] = self.report  # filled in as the search goes (also when it stops early)
-        merger = InMemoryMerger(primary, progress=runner.cfg.progress)
+        evaluated = {os.path.realpath(p) for p in ctx.datasets} if ctx.config.evaluate else set()
+        overlap = [p for p in self.search_files if os.path.realpath(p) in evaluated]
+        if overlap:  # the evaluation files are known once every phase's preflight ran
+            self.optimistic = self.report["optimistic"] = True
+            logger.warning("search data %s is also evaluated: the final scores are optimistic", ", ".join(overlap))
+        ctx.report["search"] = self.report  # filled in as the search goes (also when it stops early)
+        merger = InMemoryMerger(primary, progress=ctx.config.progress)
         self.merger = merger
         for m in self.methods.values():
             merger.share_with(m)
@@ -246,15 +244,11 @@ class Search:
         self.report["cache"] = dict(zip([str(e.name) for e in merger.experts], merger.cache_kinds))
         fitness = None
         if self.lm_eval is not None:
-            from llm_merging.lm_eval_tasks import SearchFitness
-
-            fitness = SearchFitness(self.lm_eval, batch_size=runner.cfg.batch_size)
+            fitness = SearchFitness(self.lm_eval, batch_size=ctx.config.batch_size)
         elif cfg.objective is None:
-            from llm_merging.evaluation import normalize_batch_size, unique_names
-
             first = [max(1, math.ceil(len(r) * cfg.prune_fraction)) if cfg.prune else len(r) for r in self.search_rows]
             fitness = Fitness(unique_names(self.search_files), self.search_rows, first,
-                              batch_size=normalize_batch_size(runner.cfg.batch_size))
+                              batch_size=normalize_batch_size(ctx.config.batch_size))
             if cfg.normalize:
                 self._baselines(merger, fitness)
         self.fitness = fitness
@@ -270,7 +264,7 @@ class Search:
 
     def _baselines(self, merger, fitness) -> None:
         """Each expert alone (θ₀ + τᵢ) on every search file; the best per file normalises the objective."""
-        method = self.runner.method
+        method = self.ctx.method
         per: dict[str, dict[str, float | None]] = {}
         best = [0.0] * len(fitness.rows)
         saved_first = fitness.first
@@ -278,13 +272,13 @@ class Search:
         try:
             for i, e in enumerate(merger.experts):
                 merger.apply(lambda name, base, tvs, i=i: tvs[i])
-                out = fitness.evaluate(method, remaining=self.runner.budget.remaining)
+                out = fitness.evaluate(method, remaining=self.ctx.budget.remaining)
                 per[str(e.name)] = out["primary"]
                 for f, v in enumerate(out["primary"].values()):
                     if v is not None and v > best[f]:
                         best[f] = v
                 if out["partial"]:
-                    raise BudgetExceeded(f"time budget of {self.runner.cfg.time_budget:g} s ran out while scoring "
+                    raise BudgetExceeded(f"time budget of {self.ctx.config.time_budget:g} s ran out while scoring "
                                          "the experts for --normalize")
         finally:
             fitness.first = saved_first
@@ -303,7 +297,7 @@ class Search:
         from optuna.storages.journal import JournalFileBackend
 
         cfg = self.cfg
-        seed = int(self.runner.method.seed)
+        seed = int(self.ctx.method.seed)
         name = cfg.study_name or "llm_merging-" + hashlib.sha1(
             json.dumps(self.space.describe()).encode()).hexdigest()[:12]
         own = not cfg.storage
@@ -408,16 +402,16 @@ class Search:
     # ------------------------------------------------------------------ budget
     def reserve(self) -> float:
         """Seconds to keep for the final merge, save and evaluation of the best candidate."""
-        runner = self.runner
+        ctx = self.ctx
         merger = self.merger
         est = 1.5 * merger.setup_seconds + 2.0 + (self._mean("merge_seconds") or 0.0)
-        if runner.cfg.save != "none":
+        if ctx.config.save != "none":
             est += sum(p.numel() * p.element_size() for p in merger.model.parameters()) / 150e6 + 2.0
-        if runner.cfg.evaluate and runner.examples:
+        if ctx.config.evaluate and ctx.examples:
             rates = self.fitness.seconds_per_example if self.fitness is not None else {}
             fallback = max(rates.values()) if rates else 0.0
-            cap = runner.cfg.max_examples
-            for rows in runner.examples:
+            cap = ctx.config.max_examples
+            for rows in ctx.examples:
                 rows = rows[:cap] if cap else rows
                 for r in rows:
                     est += 1.3 * rates.get(r["eval_type"], fallback)
@@ -437,7 +431,7 @@ class Search:
         from optuna.trial import TrialState
         from tqdm.auto import tqdm
 
-        cfg, budget = self.cfg, self.runner.budget
+        cfg, budget = self.cfg, self.ctx.budget
         self._seconds: dict[str, list[float]] = {"merge_seconds": [], "eval_seconds": [], "seconds": []}
         seen: dict[str, float] = {}
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -449,7 +443,7 @@ class Search:
         done_here = 0
         duplicates = 0
         errors: list[str] = []
-        bar = tqdm(total=cfg.trials, desc="search", unit="trial", disable=not self.runner.cfg.progress, leave=False)
+        bar = tqdm(total=cfg.trials, desc="search", unit="trial", disable=not self.ctx.config.progress, leave=False)
         stopped = "budget"
         try:
             while True:
@@ -557,14 +551,13 @@ class Search:
         if not complete:
             if self._errors and self.report.get("stopped_because") != "budget":
                 raise ConfigError(f"--search: every candidate failed; first error: {self._errors[0]}")
-            raise BudgetExceeded(f"time budget of {self.runner.cfg.time_budget:g} s left no time for a search trial "
+            raise BudgetExceeded(f"time budget of {self.ctx.config.time_budget:g} s left no time for a search trial "
                                  "and the final merge, save and evaluation")
         best = study.best_trial
         method_name = best.params.get("method", self.space.methods[0])
         params = {k: v for k, v in best.params.items() if k != "method"}
         method = self.configure(method_name, params)
         doc = self._recipe_doc(method)
-        from llm_merging.merging.recipe import write_recipe
 
         write_recipe(self.dir / "best.yml", doc)
         self.report["best"] = {"number": best.number, "value": best.value, "method": method_name, "params": params,
@@ -575,13 +568,11 @@ class Search:
                     ", ".join(f"{k}={_short(v)}" for k, v in params.items()))
 
     def _recipe_doc(self, method) -> dict:
-        from llm_merging.merging.recipe import recipe_document
-
-        runner = self.runner
+        ctx = self.ctx
         recipe = getattr(method, "recipe", None)
         method.recipe = None  # our vocabulary, with the searched values (the recipe document holds the old ones)
         try:
-            return recipe_document(method, runner.report.get("models"), dtype=runner.report.get("dtype"), seed=method.seed)
+            return recipe_document(method, ctx.report.get("models"), dtype=ctx.report.get("dtype"), seed=method.seed)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"--search: the values of method '{method.name}' cannot be written as a recipe "
                               f"({first_line(exc)}); set them without recipe slices/precedence") from None
@@ -696,26 +687,20 @@ def _models_key(models: dict) -> tuple:
     return (models["base"]["path"], tuple(e["path"] for e in models["experts"]))
 
 
-def prepare(runner) -> Search:
-    """Check the search of ``runner`` (its preflight; no weights loaded)."""
-    search = Search(runner)
+def prepare(ctx) -> Search:
+    """Check the search of the run ``ctx`` (a pipeline.RunContext; its preflight: no weights loaded)."""
+    search = Search(ctx)
     search.prepare()
     return search
 
 
-def run(runner, search: Search) -> None:
-    """The search phase: leaves ``runner.method`` configured with the best candidate."""
+def run(ctx, search: Search) -> dict[str, Any]:
+    """The search phase: makes the best candidate the run's method; returns the report section."""
     search.run()
     best = search.best_method
     best.base_model = best.merged_model = None
     best.experts = []
-    runner.method = best
-    runner.report["method"] = best.name
-    runner.out_dir = Path(runner.cfg.output_folder) / str(best.get_name())
-    from llm_merging.core.io import jsonable, check_output_folder
-    from llm_merging.merging.settings import settings_json
-
-    check_output_folder(runner.out_dir)
-    runner.report["hyperparameters"] = jsonable(settings_json(best.hparams))
+    ctx.set_method(best)
     if search.optimistic:
-        runner.report["search"]["note"] = "the search data is also evaluated: the final scores are optimistic"
+        search.report["note"] = "the search data is also evaluated: the final scores are optimistic"
+    return search.report

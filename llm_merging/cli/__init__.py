@@ -1,0 +1,68 @@
+"""The command line: ``llm-merging`` (``python llm_merging/main.py``) runs a merge, ``llm-merging analyze``
+analyses experts. Both share the parser base, the logging set-up and the error-to-exit-status wrapper here."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from llm_merging.core.errors import LLMMergingError
+
+logger = logging.getLogger(__name__)
+
+#: libraries whose INFO chatter hides ours
+NOISY_LOGGERS = ("httpx", "urllib3", "huggingface_hub", "filelock", "absl", "lm_eval", "lm-eval", "matplotlib", "PIL")
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    """``-q/--quiet`` and ``--debug``, shared by every command."""
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+
+
+def setup_logging(quiet: bool, debug: bool, rank: int = 0) -> None:
+    """Logging for a command: INFO (WARNING with ``--quiet``, DEBUG with ``--debug``); processes other than
+    0 only warn, with their rank in front; third-party chatter and progress bars toned down."""
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=level if rank == 0 else max(level, logging.WARNING),
+                        format=("" if rank == 0 else f"[process {rank}] ") + "%(levelname)s %(name)s: %(message)s")
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if quiet or not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:  # transformers is heavy: imported here, when a command runs, not when the CLI is imported
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        if quiet:
+            hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def guarded(work: Callable[[], int], *, debug: bool = False, report: bool = True) -> int:
+    """Run ``work`` and turn what it raises into an exit status: a user error prints one line and returns
+    its status (2, or 3 for a spent budget); an internal error prints one line and returns 1 (with
+    ``--debug`` it raises, for the traceback). ``report=False``: exit statuses only (other processes)."""
+    try:
+        return work()
+    except LLMMergingError as exc:
+        if report:
+            print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
+        logger.debug("internal error", exc_info=True)
+        if debug:
+            raise
+        if report:
+            print(f"error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,102 @@
+"""One run's configuration: `RunConfig`, with typed sections for search, lm-eval tasks, calibration data and
+insight, built by the command line (or by library code) and checked by one `RunConfig.validate`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llm_merging.core.errors import ConfigError
+from llm_merging.data import check_max_examples
+from llm_merging.lm_eval_tasks import LMEvalConfig
+from llm_merging.merging import get_method_class
+from llm_merging.merging.factory import CalibrationConfig, MethodOptions
+from llm_merging.search import SearchConfig
+
+__all__ = ["RunConfig", "SearchConfig", "LMEvalConfig", "CalibrationConfig", "InsightConfig",
+           "SAVE_MODES", "DEFAULT_DATASETS"]
+
+#: what ``--save`` writes: an HF directory, the kit's safetensor.pt, a PEFT adapter by SVD, or nothing
+SAVE_MODES = ("full", "kit", "adapter", "none")
+#: the starter kit's evaluation files, relative to the working directory
+DEFAULT_DATASETS = ["data/validation/cosmos_qa.csv", "data/validation/xsum.csv"]
+DATA_AWARE = "regmean, regmean_plus, fisher, adamerging"
+
+
+@dataclass
+class InsightConfig:
+    """``--analyze`` (task-vector analysis of the experts) and ``--baselines`` (base and experts alone)."""
+
+    analyze: bool = False
+    baselines: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs. The CLI fills it from its flags; library code builds it directly."""
+
+    method: str  # a registered name, "package.module:Class", or "" with a recipe
+    dataset_filepaths: list[str] | None = None
+    eval_types: list[str] | None = None
+    output_folder: str = "output"
+    base_model: str | None = None
+    models: list[str] | None = None
+    overrides: dict[str, str] = field(default_factory=dict)  # --set KEY=VALUE, as text
+    time_budget: float = 3600.0
+    batch_size: str | int = "auto"
+    device: str | None = None
+    dtype: str | None = None
+    max_examples: int | None = None
+    seed: int | None = None  # None: the recipe's, else 0
+    recipe: str | None = None  # a mergekit-style YAML recipe (models, method, hyperparameters)
+    tiny: bool = False
+    evaluate: bool = True
+    save: str = "full"
+    mc_scoring: str | None = None  # None: the method's (exact)
+    adapter_rank: int | None = None  # --save adapter's rank (None: sum of the input ranks)
+    progress: bool = True
+    argv: list[str] = field(default_factory=list)
+    search: SearchConfig | None = None  # --search: the best values on held-out data before the merge
+    lm_eval: LMEvalConfig | None = None  # --lm-eval: lm-evaluation-harness tasks on the merged model
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # data-aware methods' prompts
+    insight: InsightConfig = field(default_factory=InsightConfig)
+
+    def validate(self, processes: int = 1) -> None:
+        """Check the configuration before anything is loaded (one-line ConfigError naming the option).
+        ``processes``: how many processes run it together (``accelerate launch``)."""
+        if not self.time_budget > 0:  # also rejects NaN
+            raise ConfigError(f"--time-budget must be positive, got {self.time_budget}")
+        if self.save not in SAVE_MODES:
+            raise ConfigError(f"--save must be one of {', '.join(SAVE_MODES)}, got {self.save!r}")
+        check_max_examples(self.max_examples, "--max-examples", minimum=1)
+        if processes > 1:
+            for flag, on in (("--search", self.search is not None), ("--baselines", self.insight.baselines),
+                             ("--analyze", self.insight.analyze)):
+                if on:
+                    hint = (" (several GPUs search together as workers sharing --search-storage)"
+                            if flag == "--search" else "")
+                    raise ConfigError(f"{flag} runs in one process, not {processes}: start it with "
+                                      f"python llm_merging/main.py{hint}")
+        if self.recipe and (self.models or self.base_model or self.tiny):
+            raise ConfigError(f"--recipe {self.recipe}: the recipe names the models; drop --base-model/--models/--tiny")
+        if self.lm_eval is not None and not self.evaluate:
+            raise ConfigError("--lm-eval evaluates the merged model: drop --no-eval")
+        if self.insight.baselines and not self.evaluate:
+            raise ConfigError("--baselines evaluates the base and each expert: it cannot be combined with --no-eval")
+
+    def check_calibration(self, method_class: type) -> None:
+        """``--calibration-data`` / ``--calibration-examples`` only with a data-aware method (or one to search)."""
+        if not self.calibration.given:
+            return
+        names = list(self.search.methods or []) if self.search is not None else []
+        classes = [method_class] + [get_method_class(n) for n in names]
+        if not any(c.needs_calibration for c in classes):
+            flag = "--calibration-data" if self.calibration.data else "--calibration-examples"
+            raise ConfigError(f"{flag}: method '{self.method}' does not use calibration data "
+                              f"(data-aware methods: {DATA_AWARE})")
+
+    def method_options(self, overrides: dict[str, str] | None = None) -> MethodOptions:
+        """The settings this run applies to a method instance (``overrides``: its ``--set`` items)."""
+        return MethodOptions(
+            tiny=self.tiny, base_model=self.base_model, models=self.models, device=self.device, dtype=self.dtype,
+            seed=self.seed, progress=self.progress,
+            overrides=dict(self.overrides if overrides is None else overrides),
+            mc_scoring=self.mc_scoring, adapter_rank=self.adapter_rank, calibration=self.calibration)

@@ -1,0 +1,29 @@
+"""``report.html`` next to report.json, written once the run ended, whatever its status."""
+from __future__ import annotations
+
+import logging
+
+from llm_merging.pipeline.context import Phase, RunContext
+from llm_merging.report.html import write_html_report
+
+logger = logging.getLogger(__name__)
+
+
+class HtmlReportPhase(Phase):
+    name = "report"
+    needs_weights = False
+    checks_budget = False  # it only writes the page, in finish
+    timed = False
+
+    def finish(self, ctx: RunContext) -> None:
+        """A failure is logged and never changes the run's exit status."""
+        if not ctx.preflight_ok or not ctx.processes.is_main or not ctx.out_dir.is_dir():
+            return
+        try:
+            path = write_html_report(ctx.out_dir, ctx.report)
+            logger.debug("wrote %s", path)
+        except KeyboardInterrupt:  # the run's status stands; only the page is missing
+            logger.warning("report.html not written: interrupted")
+        except Exception as exc:  # drawing must never fail a run
+            logger.error("cannot write report.html in %s: %s: %s", ctx.out_dir, type(exc).__name__, exc)
+            logger.debug("report.html failure", exc_info=True)

@@ -1,0 +1,55 @@
+"""The save phase: ``recipe.yml`` and the merged model (``--save full|kit|adapter|none``)."""
+from __future__ import annotations
+
+from typing import Any
+
+from llm_merging.core.errors import ConfigError
+from llm_merging.merging.recipe import recipe_document, write_recipe
+from llm_merging.model.save import save_full
+from llm_merging.pipeline.context import Phase, RunContext
+
+
+class SavePhase(Phase):
+    name = "save"
+    section = "saved"
+    checks_budget = False  # a finished merge is always saved, even past the budget
+    processes = "main"
+    needs_weights = False  # it completes a model written while merging, or writes the one in memory
+
+    def check(self, ctx: RunContext) -> None:
+        if ctx.config.save != "adapter":
+            return
+        if not ctx.method.uses_engine():
+            raise ConfigError(f"--save adapter needs an engine-based method; '{ctx.config.method}' overrides merge()")
+        if any(e["kind"] != "lora" for e in ctx.report["models"]["experts"]):
+            raise ConfigError("--save adapter needs LoRA experts only; use --save full for full fine-tunes")
+
+    def run(self, ctx: RunContext) -> dict[str, Any] | None:
+        method, mode = ctx.method, ctx.config.save
+        info = {"method": ctx.config.method, **ctx.report.get("models", {}), "hyperparameters": method.hparams}
+        doc = recipe_document(method, ctx.report.get("models"), dtype=ctx.report.get("dtype"), seed=method.seed)
+        ctx.report["recipe_out"] = str(write_recipe(ctx.out_dir / "recipe.yml", doc))  # reproduces the merge
+        if mode == "none":
+            return None
+        if mode == "kit":
+            method.save_model(str(ctx.out_dir))
+            return {"format": "kit", "path": str(ctx.out_dir / "safetensor.pt")}
+        if mode == "full":
+            tok = method.output_tokenizer  # a recipe's tokenizer_source / chat_template
+            if tok is None:
+                tok = method.tokenizer if method.architecture == "encoder_decoder" else method.input_tokenizer
+            writer = method.stream_writer
+            if writer is not None:  # the weights were written while merging
+                path = writer.finish(tok, info)
+            else:
+                path = save_full(method.base_model, tok, ctx.out_dir / "merged_model", info)
+            saved = {"format": "full", "path": str(path), "written_while_merging": writer is not None}
+            if tok is None and method.tokenizer_note:
+                saved["tokenizer"] = method.tokenizer_note
+            return saved
+        writer = method.delta_sink
+        if writer is None:
+            raise ConfigError("--save adapter: the merge collected no adapter factors")
+        path = writer.save(ctx.out_dir / "adapter", ctx.report["models"]["base"]["id"], info)
+        return {"format": "adapter", "path": str(path), "max_relative_error": round(max(writer.errors.values()), 6),
+                "relative_error_by_module": {m: round(e, 6) for m, e in writer.errors.items()}}
