@@ -14,8 +14,8 @@ a fresh process:
 * ``ours``: ``python llm_merging/main.py --recipe R --no-eval --dtype float16`` (model held in fp16, math in
   float32, as the recipe asks; the merged model is saved);
 * ``mergekit``: ``mergekit-yaml R OUT --lazy-unpickle`` (its CPU defaults), when a mergekit installation is
-  given with ``--mergekit PATH`` (a virtual environment or its ``mergekit-yaml``) or found on PATH or at
-  /work/mkvenv;
+  given with ``--mergekit PATH`` (a virtual environment or its ``mergekit-yaml``) or found on PATH or in
+  the virtual environment named by ``$MERGEKIT_VENV``;
 * ``imports``: the interpreter with torch and transformers imported, for reference.
 
 Per run: peak RSS (``ru_maxrss`` of the child from ``wait4``), wall seconds, user/system CPU seconds and
@@ -31,7 +31,7 @@ and adds the peak GPU memory (``torch.cuda.max_memory_allocated``) of each.
 Usage::
 
     python benchmarks/merge_memory.py                                   # both shapes, all methods
-    python benchmarks/merge_memory.py --shapes large --methods ties --mergekit /work/mkvenv --check
+    python benchmarks/merge_memory.py --shapes large --methods ties --mergekit PATH/TO/VENV --check
     python benchmarks/merge_memory.py --device cuda
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: name -> (vocab, hidden, layers, intermediate)
 SHAPES = {"large": (32000, 1024, 12, 2816), "small": (8192, 1024, 16, 4096)}
 METHODS = ("ties", "dare_ties", "linear", "task_arithmetic")
-DEFAULT_MERGEKIT = "/work/mkvenv"
+DEFAULT_MERGEKIT = os.environ.get("MERGEKIT_VENV", "")  # a virtual environment with mergekit
 WEIGHTS = (0.5, 0.3, 0.2)
 
 
@@ -169,7 +169,7 @@ def recipe(workdir: Path, method: str, n_experts: int) -> dict:
 
 # ------------------------------------------------------------------------------------------- runs
 def find_mergekit(given: str | None) -> str | None:
-    """The ``mergekit-yaml`` executable of ``given`` (a venv or the executable), PATH, or /work/mkvenv."""
+    """The ``mergekit-yaml`` executable of ``given`` (a venv or the executable), PATH, or $MERGEKIT_VENV."""
     for cand in ([given] if given else [shutil.which("mergekit-yaml"), DEFAULT_MERGEKIT]):
         if not cand:
             continue
@@ -248,7 +248,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--mergekit", default=None, help=f"mergekit venv or its mergekit-yaml (default: PATH, {DEFAULT_MERGEKIT})")
+    p.add_argument("--mergekit", default=None, help=f"mergekit venv or its mergekit-yaml (default: PATH, then $MERGEKIT_VENV)")
     p.add_argument("--no-mergekit", action="store_true", help="time ours only")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both tools do the math")
     p.add_argument("--threads", type=int, default=None,
@@ -273,7 +273,7 @@ def main() -> None:
 
     mergekit = None if args.no_mergekit else find_mergekit(args.mergekit)
     if mergekit is None and not args.no_mergekit:
-        print(f"mergekit not found ({args.mergekit or 'PATH, ' + DEFAULT_MERGEKIT}): timing ours only. Install "
+        print(f"mergekit not found ({args.mergekit or 'PATH, $MERGEKIT_VENV'}): timing ours only. Install "
               "mergekit 0.1.5 in its own virtual environment and pass --mergekit PATH.")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -22,7 +22,7 @@ Usage::
     python benchmarks/mergekit_parity.py --hidden 256 --layers 4 --vocab 4096
     python benchmarks/mergekit_parity.py --mergekit /path/to/mergekit-yaml --only ties slerp
 
-mergekit is found on PATH or at /work/mkvenv/bin/mergekit-yaml unless ``--mergekit`` is given; without it
+mergekit is found on PATH or in the virtual environment ``$MERGEKIT_VENV`` unless ``--mergekit`` is given; without it
 the script says so and exits 0. mergekit is never imported here (it runs as a command). Exit status 1 when a
 deterministic recipe FAILs.
 """
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TOLERANCE = 1e-5
-DEFAULT_MERGEKIT = "/work/mkvenv/bin/mergekit-yaml"
+DEFAULT_MERGEKIT = os.path.join(os.environ.get("MERGEKIT_VENV", "/nonexistent"), "bin", "mergekit-yaml")
 TINY_SHAPE = (64, 2, None)  # hidden, layers, vocab (None: the tiny tokenizer's)
 
 
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=TINY_SHAPE[0])
     p.add_argument("--layers", type=int, default=TINY_SHAPE[1])
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tiny tokenizer's)")
-    p.add_argument("--mergekit", default=None, help=f"mergekit-yaml executable (default: on PATH, else {DEFAULT_MERGEKIT})")
+    p.add_argument("--mergekit", default=None, help=f"mergekit-yaml executable (default: on PATH, else $MERGEKIT_VENV/bin/mergekit-yaml)")
     p.add_argument("--workdir", default=os.environ.get("LLM_MERGING_PARITY_DIR", "/tmp/llm_merging_mergekit_parity"))
     p.add_argument("--only", nargs="*", default=None, help="recipe names (substring match)")
     p.add_argument("--seed", type=int, default=1, help="seed of the random methods (both sides)")
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mergekit = find_mergekit(args.mergekit)
     if mergekit is None:
-        print(f"mergekit-yaml not found ({args.mergekit or 'PATH, ' + DEFAULT_MERGEKIT}): skipping the parity check. "
+        print(f"mergekit-yaml not found ({args.mergekit or 'PATH, $MERGEKIT_VENV'}): skipping the parity check. "
               "Install mergekit 0.1.5 in its own virtual environment and pass --mergekit PATH.")
         return 0
     workdir = Path(args.workdir)

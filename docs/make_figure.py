@@ -18,8 +18,9 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from llm_merging import plots, tiny
-    from llm_merging.analysis import analyze_method
+    from llm_merging.report import plots
+    from llm_merging.model import tiny
+    from llm_merging.insight.analysis import analyze_method
     from llm_merging.merging.base import TaskVectorMerge
 
     base = tiny.base_dir("decoder")

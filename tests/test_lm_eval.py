@@ -14,10 +14,10 @@ from llm_merging.main import main
 from llm_merging.model.tiny import SAMPLE_DATA_DIR
 
 # lm-eval's multiple-choice "acc" is argmax of sum log p(continuation tokens | context), unnormalised:
-# our exact kit scoring. The kit's target tokenizer appends EOS to every choice; the README's task YAML
+# our exact kit scoring. The kit's target tokenizer appends EOS to every choice; the evaluation docs' task YAML
 # (used here) adds the EOS token text to each choice so that both score the same tokens.
 def _readme_task_yaml() -> str:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "evaluation.md").read_text(encoding="utf-8")
     block = re.search(r"```yml\n(task: kit_mc\n.*?)```", readme, re.S).group(1)
     block = block.replace("task: kit_mc", "task: {name}")
     return re.sub(r"test: /abs/path/cosmos_qa.json.*", "test: {rows}", block)

@@ -268,15 +268,15 @@ def test_regmean_in_groups_and_without_base_files_equals_one_group(tmp_path, mon
     assert one.groups_gathered == 1
     many = _merged("regmean", dirs, prompts, statistics_memory=1)  # one layer per group
     assert many.groups_gathered == (3 if kind == "full" else 2)  # layers 0, 1 (and the head: full experts)
-    import llm_merging.merging.data_aware as data_aware
-    import llm_merging.model.engine as engine
+    from llm_merging.merging import data_aware
+    from llm_merging.model import engine
 
     # no base files: θ₀ of the parameters a pass already merged comes from the copies kept while merging.
     # Those copies must stay θ₀ while expert after expert is swapped in (they were once handed out to be
     # modified in place: full experts then differed by ~1e-6, LoRA experts by 0.29)
     opened = []
     for module in (engine, data_aware):
-        monkeypatch.setattr(module, "open_base_reader", lambda *a, **k: opened.append(a) and None)
+        monkeypatch.setattr(module, "open_base_reader", lambda *a, **k: opened.append(a))  # None: no reader
     copies = _merged("regmean", dirs, prompts, statistics_memory=1)
     assert opened
     a, b, c = (dict(m.base_model.named_parameters()) for m in (one, many, copies))

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, T5Config
 from llm_merging.model import tiny
 from llm_merging.main import main
 from llm_merging.model.save import StreamingSave
-from llm_merging.pipeline import Runner
+from llm_merging.pipeline.phases import MergePhase
 
 
 def _digests(directory, skip=("README.md",)):
@@ -90,7 +90,7 @@ def test_incomplete_stream_is_refused_and_removed(tmp_path):
 
 def _run(out, args, monkeypatch=None, in_memory=False):
     if in_memory:
-        monkeypatch.setattr(Runner, "_streams_to_disk", lambda self: False)
+        monkeypatch.setattr(MergePhase, "streams_to_disk", lambda self, ctx: False)
     code = main([*args, "--quiet", "--no-eval", "--output_folder", str(out)])
     if in_memory:
         monkeypatch.undo()

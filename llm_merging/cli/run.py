@@ -15,7 +15,7 @@ from llm_merging.lm_eval_tasks import LMEvalConfig, parse_args, parse_tasks
 from llm_merging.merging import all_merge_handlers
 from llm_merging.merging.hparams import parse_overrides
 from llm_merging.model.scoring import SCORINGS
-from llm_merging.pipeline import CalibrationConfig, InsightConfig, RunConfig, Runner, SearchConfig
+from llm_merging.pipeline import SAVE_MODES, CalibrationConfig, InsightConfig, RunConfig, Runner, SearchConfig
 
 
 def build_parser() -> Parser:
@@ -55,7 +55,7 @@ def build_parser() -> Parser:
                    help="task-vector analysis of the experts (norms, cosines, sign conflicts, ...): analysis.json, plots")
     p.add_argument("--baselines", action="store_true",
                    help="also evaluate the base and each expert alone; report normalised scores")
-    p.add_argument("--save", default="full", choices=("full", "kit", "adapter", "none"),
+    p.add_argument("--save", default="full", choices=SAVE_MODES,
                    help="merged model output: HF directory (full), the kit's safetensor.pt (kit), "
                         "a PEFT adapter by SVD (adapter, LoRA inputs), or none")
     p.add_argument("--mc-scoring", dest="mc_scoring", choices=SCORINGS,

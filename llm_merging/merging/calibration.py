@@ -28,7 +28,12 @@ import torch
 from llm_merging.core.errors import ConfigError, DataError
 from llm_merging.core.resources import peak_memory
 from llm_merging.data import read_csv_rows, read_json_rows
-from llm_merging.model.scoring import choice_lists, length_limit, pad_id_of, truncate_left
+from llm_merging.model.scoring import (
+    choice_lists,
+    length_limit,
+    pad_id_of,
+    truncate_left,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -109,14 +109,14 @@ class Runner:
         ctx, cfg = self.context, self.cfg
         cfg.validate(processes=ctx.processes.world)
         if ctx.processes.world > 1:
-            ctx.report["processes"] = {"backend": ctx.processes.backend, "merge": None}
+            ctx.report["processes"] = {"backend": ctx.processes.backend}
         method = ctx.method = build_method(cfg, ctx)
         ctx.report["models"] = method.preflight()
         ctx.out_dir = Path(cfg.output_folder) / str(method.get_name())
-        if ctx.processes.is_main:  # process 0 writes every output
-            check_output_folder(ctx.out_dir)
         for phase in ctx.phases:
             phase.check(ctx)
+        if ctx.processes.is_main:  # process 0 writes every output; nothing is created before the checks passed
+            check_output_folder(ctx.out_dir)
         ctx.preflight_ok = True
         ctx.report["hyperparameters"] = jsonable(settings_json(method.hparams))
         ctx.report["options"] = {"mc_scoring": method.mc_scoring, "adapter_rank": method.adapter_rank}
@@ -189,14 +189,7 @@ class Runner:
 
     def _write_report(self) -> None:
         ctx = self.context
-        merge_load = ctx.method.load_seconds if ctx.method is not None else None
-        phases = {}
-        for k, v in ctx.budget.phases.items():
-            if k == "merge" and merge_load is not None:  # report loading apart from the merge math
-                phases["load"] = round(merge_load, 3)
-                v = max(v - merge_load, 0.0)
-            phases[k] = round(v, 3)
-        self.report["phases_seconds"] = phases
+        self.report["phases_seconds"] = {k: round(v, 3) for k, v in ctx.budget.phases.items()}
         self.report["budget"] = {
             "seconds": self.cfg.time_budget, "elapsed": round(ctx.budget.elapsed(), 3),
             "remaining": round(ctx.budget.remaining(), 3),

@@ -15,7 +15,8 @@ _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#17becf"]
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
+    """A matplotlib figure (inches) on its own Agg canvas: no pyplot, no global backend change."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -24,7 +25,8 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """``fig`` laid out and rendered as PNG bytes."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -65,7 +67,7 @@ def cosine_heatmap(doc: dict) -> bytes | None:
     n = len(labels)
     matrix = [[(v if v is not None else float("nan")) for v in row] for row in overall["cosine"]]
     size = 2.6 + 0.55 * n
-    fig = _figure(size + 1.2, size)
+    fig = figure(size + 1.2, size)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
     ax.set_xticks(range(n))
@@ -79,7 +81,7 @@ def cosine_heatmap(doc: dict) -> bytes | None:
                     color="white" if v is not None and abs(v) > 0.6 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cosine")
     ax.set_title("Task-vector cosine similarity")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _pairs(n: int, limit: int = 6) -> list[tuple[int, int]]:
@@ -93,7 +95,7 @@ def conflict_per_layer(doc: dict) -> bytes | None:
     if not items or n < 2:
         return None
     names = [e["label"] for e in doc["experts"]]
-    fig = _figure(max(6.0, 0.22 * len(labels) + 3) + 3.0, 4.0)
+    fig = figure(max(6.0, 0.22 * len(labels) + 3) + 3.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(labels)))
     dens = doc.get("density") or []
@@ -115,7 +117,7 @@ def conflict_per_layer(doc: dict) -> bytes | None:
     ax.set_ylabel("sign conflict (share of shared nonzero coordinates)")
     ax.set_title("Sign conflict per layer")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def norms_per_layer(doc: dict) -> bytes | None:
@@ -123,7 +125,7 @@ def norms_per_layer(doc: dict) -> bytes | None:
     labels, items = _layer_axis(doc)
     if not items:
         return None
-    fig = _figure(max(6.0, 0.22 * len(labels) + 3), 4.0)
+    fig = figure(max(6.0, 0.22 * len(labels) + 3), 4.0)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(labels)))
     for i, e in enumerate(doc["experts"]):
@@ -134,7 +136,7 @@ def norms_per_layer(doc: dict) -> bytes | None:
     ax.set_ylabel("‖τ‖₂")
     ax.set_title("Task-vector norm per layer")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def effective_rank_per_layer(doc: dict) -> bytes | None:
@@ -142,7 +144,7 @@ def effective_rank_per_layer(doc: dict) -> bytes | None:
     labels, items = _layer_axis(doc)
     if not items or not any(v is not None for it in items for v in it["effective_rank"]):
         return None
-    fig = _figure(max(6.0, 0.22 * len(labels) + 3), 4.0)
+    fig = figure(max(6.0, 0.22 * len(labels) + 3), 4.0)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(labels)))
     for i, e in enumerate(doc["experts"]):
@@ -159,7 +161,7 @@ def effective_rank_per_layer(doc: dict) -> bytes | None:
     ax.set_ylabel("effective rank (dotted: LoRA rank r)")
     ax.set_title("Effective rank of ΔW per layer (Roy & Vetterli)")
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def analysis_figures(doc: dict) -> dict[str, bytes]:
@@ -189,7 +191,7 @@ def scores_figure(rows: dict[str, dict[str, float | None]],
             if m not in models:
                 models.append(m)
     width = 0.8 / max(len(models), 1)
-    fig = _figure(max(5.0, 1.4 * len(datasets) * max(1, len(models)) / 2 + 2) + 1.5, 4.0)
+    fig = figure(max(5.0, 1.4 * len(datasets) * max(1, len(models)) / 2 + 2) + 1.5, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     for k, m in enumerate(models):
         xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(datasets))]
@@ -204,7 +206,7 @@ def scores_figure(rows: dict[str, dict[str, float | None]],
     ax.set_ylabel(metric)
     ax.set_title("Scores: merged vs base vs experts" if len(models) > 1 else "Scores of the merged model")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def phases_figure(phases: dict[str, float], budget: float | None = None) -> bytes | None:
@@ -212,7 +214,7 @@ def phases_figure(phases: dict[str, float], budget: float | None = None) -> byte
     items = [(k, float(v)) for k, v in phases.items() if v is not None]
     if not items:
         return None
-    fig = _figure(6.5, 0.9 + 0.32 * len(items))
+    fig = figure(6.5, 0.9 + 0.32 * len(items))
     ax = fig.add_subplot(1, 1, 1)
     labels = [k for k, _ in items][::-1]
     values = [v for _, v in items][::-1]
@@ -225,4 +227,4 @@ def phases_figure(phases: dict[str, float], budget: float | None = None) -> byte
     ax.set_xlabel("seconds" + (f" (budget {budget:g} s)" if budget else ""))
     ax.set_title("Time per phase")
     ax.set_xlim(0, max(values) * 1.25 if max(values) > 0 else 1)
-    return _png(fig)
+    return png_bytes(fig)

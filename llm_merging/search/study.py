@@ -32,6 +32,7 @@ from llm_merging.merging.factory import configure, instantiate
 from llm_merging.merging.mergekit_names import MERGEKIT_METHODS
 from llm_merging.merging.recipe import recipe_document, write_recipe
 from llm_merging.model import tiny
+from llm_merging.report.plots import figure, png_bytes, write_png
 from llm_merging.search.candidates import Fitness, InMemoryMerger
 from llm_merging.search.space import SearchSpace, build_space, candidate_values, parse_entry
 
@@ -107,6 +108,7 @@ class Search:
         self.lm_eval = None  # the prepared lm-eval tasks of --search-lm-eval
         self.dir = Path(ctx.out_dir) / "search"
         self.report: dict[str, Any] = {}
+        self.merger: InMemoryMerger | None = None  # the base and the experts' task vectors, from run()
 
     # ------------------------------------------------------------------ preflight (no weights)
     def prepare(self) -> None:
@@ -143,7 +145,7 @@ class Search:
             if not method.uses_engine():
                 raise ConfigError(f"--search: method '{name}' has its own merge(); the search merges candidates "
                                   "through merge_tensor (engine methods only)")
-            recipe = getattr(method, "recipe", None)
+            recipe = method.recipe
             if recipe is not None and (recipe.slice_lengths or recipe.tokenizer or recipe.chat_template):
                 raise ConfigError(f"--search with --recipe {recipe.path}: slices and tokenizer settings cannot be searched; "
                                   "use a recipe with 'models:' and no tokenizer")
@@ -155,7 +157,7 @@ class Search:
                     raise ConfigError(f"--set {key}: unknown hyperparameter for every method of -m {' '.join(names)}")
         n_experts = len(models["experts"])
         entries = [parse_entry(e) for e in cfg.entries]
-        recipe = getattr(primary, "recipe", None)
+        recipe = primary.recipe
         where = lambda head: f"--search {head}"  # noqa: E731
         if recipe is not None:
             section = ((recipe.document.get("llm_merging") or {}).get("search"))
@@ -396,7 +398,7 @@ class Search:
         method.hparams = copy.deepcopy(self.base_values[method_name])
         values = candidate_values(self.space, method_name, params, method.hparams)
         method.set_hyperparameters(values)
-        method.check_all_tensors(self.merger.names if getattr(self, "merger", None) else [])
+        method.check_all_tensors(self.merger.names if self.merger is not None else [])
         return method
 
     # ------------------------------------------------------------------ budget
@@ -569,7 +571,7 @@ class Search:
 
     def _recipe_doc(self, method) -> dict:
         ctx = self.ctx
-        recipe = getattr(method, "recipe", None)
+        recipe = method.recipe
         method.recipe = None  # our vocabulary, with the searched values (the recipe document holds the old ones)
         try:
             return recipe_document(method, ctx.report.get("models"), dtype=ctx.report.get("dtype"), seed=method.seed)
@@ -608,7 +610,7 @@ class Search:
 
         trials = study.get_trials(deepcopy=False)
         done = [t for t in trials if t.state == TrialState.COMPLETE]
-        fig = _figure(7, 4)
+        fig = figure(7, 4)
         ax = fig.add_subplot()
         ax.scatter([t.number for t in done], [t.value for t in done], s=14, label="trial")
         pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
@@ -625,7 +627,7 @@ class Search:
         ax.set_xlabel("trial")
         ax.set_ylabel("score / best expert's score" if self.cfg.normalize else "score (mean over search files)")
         ax.legend(loc="lower right")
-        _save(fig, self.dir / "history.png")
+        write_png(self.dir / "history.png", png_bytes(fig))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -638,28 +640,13 @@ class Search:
             self.report["importance"] = None
             return
         self.report["importance"] = {k: round(float(v), 4) for k, v in imp.items()}
-        fig = _figure(7, 1.2 + 0.4 * len(imp))
+        fig = figure(7, 1.2 + 0.4 * len(imp))
         ax = fig.add_subplot()
         keys = list(imp)[::-1]
         ax.barh(keys, [imp[k] for k in keys])
         ax.set_title("which hyperparameters mattered")
         ax.set_xlabel("importance (PED-ANOVA, share of the total)")
-        _save(fig, self.dir / "importance.png")
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)  # no pyplot, no global backend change
-    return fig
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        write_png(self.dir / "importance.png", png_bytes(fig))
 
 
 def _grid_sampler():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 class MergePhase(Phase):
     name = "merge"
-    timed = False  # loading is reported apart from the merge math (report.json phases_seconds load/merge)
+    timed = False  # it records "load" and "merge" (the math) apart
 
     def run(self, ctx: RunContext) -> dict[str, Any] | None:
         method = ctx.method
@@ -27,10 +28,15 @@ class MergePhase(Phase):
             method.delta_sink = AdapterWriter(rank=method.adapter_rank)  # bound to the model by the merge
         if self.streams_to_disk(ctx):
             method.save_while_merging = lambda model: save_while_merging(ctx, model)
-        with ctx.budget.phase("merge"):
+        t0 = time.time()
+        try:
             ctx.processes.together(lambda: merge(ctx))
             if ctx.processes.world > 1:  # every process merged: the same weights everywhere, else rank 0's
                 ctx.report["processes"]["merge"] = procs.same_weights(ctx.processes, method.base_model)
+        finally:  # loading apart from the merge math, also when the merge failed
+            load = method.load_seconds
+            ctx.timed("load", load)
+            ctx.timed("merge", max(time.time() - t0 - load, 0.0))
         return None
 
     def streams_to_disk(self, ctx: RunContext) -> bool:
