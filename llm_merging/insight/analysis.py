@@ -293,11 +293,8 @@ def short_names(names: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------- streaming
 def _expert_rank(expert, name: str, delta: torch.Tensor | None, device, full_rank: bool):
     """(effective rank, LoRA rank or None) of the expert's ΔW for ``name``; None when not computed."""
-    factors = getattr(expert, "factors", None)
-    plain_lora = (factors is not None and name not in getattr(expert, "replacements", {})
-                  and name not in getattr(expert, "_token_params", {}))
-    if plain_lora:
-        pair = factors(name, device)
+    if expert.kind == "lora" and expert.low_rank_only(name):
+        pair = expert.factors(name, device)
         if pair is not None:
             b, a = pair
             return effective_rank(lora_singular_values(b, a)), float(b.shape[1])

@@ -25,7 +25,8 @@ from llm_merging.model import auto_model_class, decoder_functions, encoder_decod
 from llm_merging.model.refs import ModelRef, hf_token
 from llm_merging.model.save import save_state_dict
 from llm_merging.merging import settings
-from llm_merging.merging.hparams import COMMON, Param
+from llm_merging.merging.hparams import COMMON, MODIFIERS, Param
+from llm_merging.ops.lines import lines_scale
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class Merges(object):
         self.seed: int = 0
         self.progress: bool = True
         self.hparams: dict[str, Any] = {k: copy.deepcopy(p.default) for k, p in self.all_hyperparameters().items()}
+        for key in MODIFIERS:  # post-pass modifiers (lines) enter hparams only once set: runs without them are unchanged
+            self.hparams.pop(key, None)
         self.experts: list = []
         self.merge_stats: dict[str, Any] = {}
         self.delta_sink = None  # sees every merged task vector (the runner's adapter writer for --save adapter)
@@ -347,7 +350,11 @@ class Merges(object):
             chunks = self.merge_chunks(name, read, numel, n_models)
         finally:
             self.hparams = raw
-        return None if chunks is None else self._with_hparams(values, iter(chunks))
+        if chunks is None:
+            return None
+        factor = self.lines_factor(name)  # the LiNeS post-pass: a per-tensor scalar, applied chunk by chunk
+        chunks = self._with_hparams(values, iter(chunks))
+        return chunks if factor is None or factor == 1.0 else ((a, b, m * factor) for a, b, m in chunks)
 
     def _with_hparams(self, values: dict[str, Any], chunks):
         while True:
@@ -376,7 +383,11 @@ class Merges(object):
 
     @classmethod
     def all_hyperparameters(cls) -> dict[str, Param]:
-        return dict(cls.hyperparameters)
+        specs = dict(cls.hyperparameters)
+        if cls.uses_engine():  # the engine's post-pass modifiers (hparams.MODIFIERS: lines) apply to every method
+            for key in MODIFIERS:
+                specs.setdefault(key, COMMON[key])
+        return specs
 
     @classmethod
     def get_description(cls) -> str:
@@ -389,6 +400,9 @@ class Merges(object):
         """Set and validate hyperparameters (``from_text``: values are ``--set`` strings)."""
         specs = self.all_hyperparameters()
         for key, value in values.items():
+            if key in MODIFIERS and key not in specs:
+                raise ConfigError(f"hyperparameter '{key}' is a post-pass of the merge engine; method '{self.name}' "
+                                  "merges with its own merge()")
             if key in COMMON and key not in specs:  # run options, accepted through --set as aliases
                 option = COMMON[key]
                 setattr(self, key, option.validate(key, option.parse(key, value) if from_text else value))
@@ -439,9 +453,25 @@ class Merges(object):
         raw = self.hparams
         self.hparams = self.resolve_hparams(name, len(task_vectors))
         try:
-            return self.merge_tensor(name, base, task_vectors)
+            merged = self.merge_tensor(name, base, task_vectors)
         finally:
             self.hparams = raw
+        factor = self.lines_factor(name)  # the LiNeS post-pass (None: not set)
+        return merged if factor is None or factor == 1.0 else merged * factor
+
+    def lines_factor(self, name: str) -> float | None:
+        """The LiNeS post-pass factor λ(l) = α + β·l/(L−1) of tensor ``name`` (block l of the L blocks of its
+        stack, ``settings.Layout.depth``; α outside the blocks, as the reference ``LiNeS_scaling``), or None
+        when ``lines`` is not set. The engine paths (whole tensors, chunks, a search's candidates) multiply
+        the method's merged task vector by it: θ = θ₀ + λ(l)·(θ_merged − θ₀)."""
+        ab = self.hparams.get("lines")
+        if ab is None:
+            return None
+        if self.layout is None:
+            raise ConfigError(f"method '{self.name}': lines needs the model's layer layout (method.layout, "
+                              "a settings.Layout of its parameter names)")
+        depth = self.layout.depth(name)
+        return lines_scale(*(depth or (None, None)), ab[0], ab[1])
 
     def check_all_tensors(self, names) -> int:
         """Preflight: resolve the hyperparameters of every tensor in ``names`` and check them (ranges and

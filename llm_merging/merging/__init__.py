@@ -40,6 +40,7 @@ BUILTIN_METHODS = {
     "tsv_merge": "llm_merging.merging.TsvMerge:TsvMerge",
     "iso_c": "llm_merging.merging.IsoC:IsoC",
     "iso_cts": "llm_merging.merging.IsoCts:IsoCts",
+    "wudi": "llm_merging.merging.Wudi:Wudi",
     "knots_ties": "llm_merging.merging.KnotsTies:KnotsTies",
     "passthrough": "llm_merging.merging.Passthrough:Passthrough",
     "nuslerp": "llm_merging.merging.Nuslerp:Nuslerp",
@@ -54,6 +55,14 @@ BUILTIN_METHODS = {
     "regmean_plus": "llm_merging.merging.RegmeanPlus:RegmeanPlus",
     "fisher": "llm_merging.merging.Fisher:Fisher",
     "adamerging": "llm_merging.merging.AdaMerging:AdaMerging",
+    "lines": "llm_merging.merging.Lines:Lines",
+    "cart": "llm_merging.merging.Cart:Cart",
+    "star": "llm_merging.merging.Star:Star",
+    "pcb_merging": "llm_merging.merging.PcbMerging:PcbMerging",
+    "magmax": "llm_merging.merging.MagMax:MagMax",
+    "consensus_ta": "llm_merging.merging.ConsensusTa:ConsensusTa",
+    "consensus_ties": "llm_merging.merging.ConsensusTies:ConsensusTies",
+    "expo": "llm_merging.merging.Expo:Expo",
 }
 
 

@@ -177,6 +177,62 @@ COMMON: dict[str, Param] = {
     ),
 }
 
+
+@dataclass(frozen=True)
+class LayerScaling(Param):
+    """The LiNeS post-pass ``α,β`` (:data:`LINES`): two finite numbers ≥ 0, or None (off). One value for the
+    whole model (λ already varies with depth): no per-model lists, gradients or filters, and not searched
+    (its kind is not a number)."""
+
+    def describe(self) -> str:
+        return "α,β: two numbers >= 0 | none"
+
+    def parse(self, key: str, text: str) -> Any:
+        text = text.strip()
+        if text.lower() in ("none", "null", ""):
+            return None
+        items = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        if "{" in items or "[" in items:
+            raise ConfigError(f"--set {key}={text}: expected two numbers α,β (one value for the whole model)")
+        return [_lines_number(key, part) for part in items.split(",")]
+
+    def validate(self, key: str, value: Any, n_models: int | None = None) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):  # a recipe's "α,β"
+            value = self.parse(key, value)
+        elif isinstance(value, settings.Gradient):  # a recipe's [α, β] (YAML lists are gradients there)
+            value = list(value.anchors)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"hyperparameter '{key}' takes two numbers α,β, got {value!r}")
+        if len(value) != 2:
+            raise ConfigError(f"hyperparameter '{key}' takes two numbers α,β, got {len(value)} value(s)")
+        out = []
+        for name, v in zip(("α", "β"), value):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"hyperparameter '{key}': {name} must be a finite number, got {v!r}")
+            if v < 0:
+                raise ConfigError(f"hyperparameter '{key}': {name}={v} out of range [0, )")
+            out.append(float(v))
+        return out
+
+
+def _lines_number(key: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--set {key}: expected two numbers α,β, got {text.strip()!r}") from None
+
+
+# Post-pass modifiers of the engine's merged task vectors, accepted by every engine method (the default merge()
+# adds them to its declared hyperparameters): unlike the run options above they change the merged weights, so
+# they are kept in ``hparams`` (report.json, recipe.yml, recipes) once set; they are never searched.
+# lines=α,β: LiNeS (Wang et al., ICLR 2025): θ = θ₀ + λ(l)·(θ_merged − θ₀), λ(l) = α + β·l/(L−1) over the blocks.
+LINES = LayerScaling(None, "LiNeS post-pass: scale each tensor's merged task vector by α + β·l/(L−1) (block l of L; "
+                           "α outside the blocks)", kind=tuple, optional=True)
+COMMON["lines"] = LINES
+MODIFIERS: tuple[str, ...] = ("lines",)
+
 # Frequently used declarations, so that methods share names and ranges.
 WEIGHTS = Param(1.0, "weight of each model (one value, or one per model)", per_model=True)
 SCALE = Param(1.0, "scaling λ of the merged task vector", low=0.0)

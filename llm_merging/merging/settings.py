@@ -277,6 +277,14 @@ class Layout:
             start += length
         return Position(name, 1.0, len(lengths) - 1)
 
+    def depth(self, name: str) -> tuple[int, int] | None:
+        """``(i, L)``: the tensor is in layer i of its stack of L layers (the whole stack, whatever the recipe's
+        slices); None outside the numbered layers. LiNeS scales by this depth (``Merges.lines_factor``)."""
+        found = layer_index(name)
+        if found is None or found[0] not in self.num_layers:
+            return None
+        return found[1], self.num_layers[found[0]]
+
 
 def settings_json(hparams: dict) -> dict:
     """Hyperparameters for report.json: per-tensor settings in recipe (YAML) form."""

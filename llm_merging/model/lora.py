@@ -454,6 +454,13 @@ class LoraAdapter:
         self._check_bound()
         return set(self._by_param) | set(self.replacements) | set(self._token_params)
 
+    def low_rank_only(self, param_name: str) -> bool:
+        """Whether the task vector of ``param_name`` is exactly its LoRA factors' product (no saved full
+        tensor or trained token rows beside them)."""
+        self._check_bound()
+        return (param_name in self._by_param and param_name not in self.replacements
+                and param_name not in self._token_params)
+
     def factors(self, param_name: str, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(B·s, A)`` in float32 in the base weight's orientation, so that ``ΔW_lora == B·s @ A``
         (for a transposed layout: ``(Aᵀ·s, Bᵀ)``; for convolutions the product is ΔW flattened to

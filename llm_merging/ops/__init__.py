@@ -10,9 +10,21 @@ from __future__ import annotations
 
 from llm_merging.ops.adamerging import entropy, task_vector_inner
 from llm_merging.ops.basic import linear, task_arithmetic
+from llm_merging.ops.cart import cart, cart_rank
+from llm_merging.ops.competition import (
+    consensus_mask,
+    consensus_ta,
+    consensus_ties,
+    expo,
+    magmax,
+    pcb,
+    pcb_scores,
+    tall_masks,
+)
 from llm_merging.ops.consensus import consensus_merge, elect_sign
 from llm_merging.ops.fisher import diagonal_fisher, fisher_merge, greedy_log_likelihood
 from llm_merging.ops.geometric_median import geometric_median
+from llm_merging.ops.lines import lines, lines_scale
 from llm_merging.ops.masks import (
     apply_mask,
     breadcrumbs_mask,
@@ -35,8 +47,10 @@ from llm_merging.ops.regmean import reduce_off_diagonal, regmean
 from llm_merging.ops.slerp import lerp, slerp
 from llm_merging.ops.sparsify import breadcrumbs, dare, della, magnitude_prune
 from llm_merging.ops.spherical import karcher, multislerp, nuslerp
+from llm_merging.ops.star import star, star_rank, star_truncate
 from llm_merging.ops.svd import iso_c, iso_cts, knots, low_rank, tsv
 from llm_merging.ops.ties import ties
+from llm_merging.ops.wudi import wudi, wudi_fallback, wudi_gradient, wudi_loss
 from llm_merging.ops._common import derive_seed
 
 __all__ = [
@@ -45,7 +59,12 @@ __all__ = [
     "arcee_fusion_importance",
     "breadcrumbs",
     "breadcrumbs_mask",
+    "cart",
+    "cart_rank",
+    "consensus_mask",
     "consensus_merge",
+    "consensus_ta",
+    "consensus_ties",
     "dare",
     "della",
     "della_keep_probabilities",
@@ -54,6 +73,7 @@ __all__ = [
     "diagonal_fisher",
     "elect_sign",
     "entropy",
+    "expo",
     "fisher_merge",
     "geometric_median",
     "greedy_log_likelihood",
@@ -64,6 +84,9 @@ __all__ = [
     "low_rank",
     "lerp",
     "linear",
+    "lines",
+    "lines_scale",
+    "magmax",
     "magnitude_mask",
     "magnitude_prune",
     "model_stock",
@@ -71,6 +94,8 @@ __all__ = [
     "multislerp",
     "nearswap",
     "nuslerp",
+    "pcb",
+    "pcb_scores",
     "ram",
     "ramplus_tl",
     "random_mask",
@@ -79,8 +104,16 @@ __all__ = [
     "sce",
     "sce_mask",
     "slerp",
+    "star",
+    "star_rank",
+    "star_truncate",
+    "tall_masks",
     "task_arithmetic",
     "task_vector_inner",
     "ties",
     "tsv",
+    "wudi",
+    "wudi_fallback",
+    "wudi_gradient",
+    "wudi_loss",
 ]

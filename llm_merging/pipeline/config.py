@@ -60,13 +60,18 @@ class RunConfig:
     insight: InsightConfig = field(default_factory=InsightConfig)
 
     def validate(self, processes: int = 1) -> None:
-        """Check the configuration before anything is loaded (one-line ConfigError naming the option).
+        """Check the configuration before anything is loaded (one-line ConfigError naming the option); the
+        files, models and tasks it names are checked next, by the method's and each phase's preflight.
         ``processes``: how many processes run it together (``accelerate launch``)."""
         if not self.time_budget > 0:  # also rejects NaN
             raise ConfigError(f"--time-budget must be positive, got {self.time_budget}")
         if self.save not in SAVE_MODES:
             raise ConfigError(f"--save must be one of {', '.join(SAVE_MODES)}, got {self.save!r}")
         check_max_examples(self.max_examples, "--max-examples", minimum=1)
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ConfigError(f"--batch-size must be a positive integer or 'auto', got {self.batch_size!r}")
+        if self.search is not None:
+            self.search.validate()
         if processes > 1:
             for flag, on in (("--search", self.search is not None), ("--baselines", self.insight.baselines),
                              ("--analyze", self.insight.analyze)):

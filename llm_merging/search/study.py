@@ -65,6 +65,21 @@ class SearchConfig:
     #: an lm_eval_tasks.LMEvalConfig: score candidates on lm-eval-harness tasks (--search-lm-eval)
     lm_eval: Any = None
 
+    def validate(self) -> None:
+        """The options on their own (ConfigError naming the flag); files and methods are checked later."""
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"--search-sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.trials is not None and self.trials < 1:
+            raise ConfigError(f"--trials must be at least 1, got {self.trials}")
+        if self.examples is not None and self.examples < 1:
+            raise ConfigError(f"--search-examples must be at least 1, got {self.examples}")
+        if self.grid_points < 2:
+            raise ConfigError(f"--grid-points must be at least 2, got {self.grid_points}")
+        if not 0 < self.prune_fraction < 1:
+            raise ConfigError(f"the pruner's first slice must be a fraction in (0, 1), got {self.prune_fraction}")
+        if self.storage:
+            _storage_kind(self.storage)
+
 
 def overrides_for(cfg, method_name: str, specs: dict) -> dict[str, str]:
     """The ``--set`` items meant for ``method_name`` in a search over several methods (``M.KEY`` items
@@ -117,18 +132,7 @@ class Search:
         names = list(dict.fromkeys(cfg.methods or [ctx.config.method]))
         if ctx.config.recipe and (len(names) > 1):
             raise ConfigError("--recipe with --search searches the recipe's method only; drop the extra -m methods")
-        if cfg.sampler not in SAMPLERS:
-            raise ConfigError(f"--search-sampler must be one of {', '.join(SAMPLERS)}, got {cfg.sampler!r}")
-        if cfg.trials is not None and cfg.trials < 1:
-            raise ConfigError(f"--trials must be at least 1, got {cfg.trials}")
-        if cfg.examples is not None and cfg.examples < 1:
-            raise ConfigError(f"--search-examples must be at least 1, got {cfg.examples}")
-        if cfg.grid_points < 2:
-            raise ConfigError(f"--grid-points must be at least 2, got {cfg.grid_points}")
-        if not 0 < cfg.prune_fraction < 1:
-            raise ConfigError(f"the pruner's first slice must be a fraction in (0, 1), got {cfg.prune_fraction}")
-        if cfg.storage:
-            _storage_kind(cfg.storage)
+        cfg.validate()
         models = ctx.report["models"]
         key = _models_key(models)
         for name in names:

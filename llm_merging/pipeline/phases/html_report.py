@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from llm_merging.pipeline.context import Phase, RunContext
-from llm_merging.report.html import write_html_report
+from llm_merging.report import html
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class HtmlReportPhase(Phase):
         if not ctx.preflight_ok or not ctx.processes.is_main or not ctx.out_dir.is_dir():
             return
         try:
-            path = write_html_report(ctx.out_dir, ctx.report)
+            path = html.write_html_report(ctx.out_dir, ctx.report)
             logger.debug("wrote %s", path)
         except KeyboardInterrupt:  # the run's status stands; only the page is missing
             logger.warning("report.html not written: interrupted")
