@@ -297,6 +297,7 @@ def test_seed_rules():
     assert ops.random_mask((3, 4), 1.0, 1).all()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cpu_and_cuda_bit_identical():
     for seed in SEEDS:

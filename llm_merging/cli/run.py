@@ -89,7 +89,9 @@ def build_parser() -> Parser:
     s.add_argument("--trials", type=int, help="at most N trials (default: until the budget)")
     s.add_argument("--search-sampler", dest="search_sampler", default="tpe", help="tpe (default), cmaes, grid or random")
     s.add_argument("--grid-points", dest="grid_points", type=int, default=3, help="values per range with the grid sampler")
-    s.add_argument("--resume", action="store_true", help="continue the search journalled in OUTPUT/METHOD/search/")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the search journalled in OUTPUT/METHOD/search/; without --search, continue a "
+                        "killed --no-eval --save full merge from its last written tensor")
     s.add_argument("--search-storage", dest="search_storage",
                    help="an Optuna RDB URL or journal:PATH shared by several workers started with the same command")
     s.add_argument("--search-study", dest="search_study", help="study name in the storage (default: from the space)")
@@ -139,7 +141,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
             raise ConfigError(f"-m {' '.join(methods)}: several methods need --search (it picks the best)")
         used = [flag for flag, on in (("--search-data", args.search_data), ("--search-lm-eval", args.search_lm_eval),
                                       ("--trials", args.trials is not None),
-                                      ("--resume", args.resume), ("--search-storage", args.search_storage),
+                                      ("--search-storage", args.search_storage),
                                       ("--normalize", args.normalize)) if on]
         if used:
             raise ConfigError(f"{used[0]} needs --search")
@@ -163,6 +165,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         progress=not args.quiet, argv=["llm-merging", *argv], search=search, lm_eval=lm_eval,
         calibration=CalibrationConfig(data=args.calibration_data, examples=args.calibration_examples),
         insight=InsightConfig(analyze=args.analyze, baselines=args.baselines),
+        resume=args.resume and search is None,
     )
 
 
@@ -206,7 +209,7 @@ def summary(report: dict[str, Any], out_dir: Path) -> str:
 
 def main(argv: list[str]) -> int:
     """Run one merge as the flags ask; the exit status (0 ok, 2 user error, 3 budget spent, 130 interrupted,
-    1 internal error)."""
+    143 stopped by SIGTERM, 1 internal error)."""
     args = build_parser().parse_args(argv)
     rank = launched()[1]  # several processes (accelerate launch): process 0 reports, the others only warn
     setup_logging(args.quiet, args.debug, rank)

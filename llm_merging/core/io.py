@@ -1,45 +1,135 @@
-"""Atomic file writing (every output is written to a temporary name and renamed into place) and JSON."""
+"""Atomic file writing (every output is written to a temporary name and renamed into place) and JSON.
+
+Every temporary name carries its creator's marker (:func:`process_marker`: process id, process start time and
+host), so that a later run can tell the temporaries of a process that is gone from those of a live one
+(:mod:`llm_merging.core.outputs` removes the former): ``.NAME.llmm-PID-START-HOST.RAND.tmp`` next to the
+output ``NAME`` (:func:`temp_path`), ``.NAME.llmm-PID-START-HOST.old`` while a directory is replaced, and
+``llm-merging-KIND.llmm-PID-START-HOST.RAND.tmp`` for scratch directories in ``$TMPDIR``
+(:func:`scratch_dir`).
+"""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from llm_merging.core.errors import ConfigError
 
+#: a temporary next to an output: ``.NAME.MARKER[.RAND].KIND`` (KIND tmp, old or journal)
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.llmm-(?P<pid>\d+)-(?P<start>\d+)-(?P<host>[A-Za-z0-9-]+)"
+                       r"(?:\.(?P<rand>[0-9a-f]{8}))?\.(?P<kind>tmp|old|journal)$")
+#: a scratch directory in $TMPDIR: ``llm-merging-KIND.MARKER.RAND.tmp``
+SCRATCH_NAME = re.compile(r"^llm-merging-(?P<name>[a-z0-9-]+)\.llmm-(?P<pid>\d+)-(?P<start>\d+)-"
+                          r"(?P<host>[A-Za-z0-9-]+)\.(?P<rand>[0-9a-f]{8})\.(?P<kind>tmp)$")
+
+_MARKER: dict[int, str] = {}
+
+
+def process_start(pid: int | None = None) -> float | None:
+    """When process ``pid`` (default: this one) started, in seconds since the epoch; None when unknown
+    (no such process, or psutil cannot tell)."""
+    try:
+        import psutil
+
+        return psutil.Process(os.getpid() if pid is None else pid).create_time()
+    except Exception:  # psutil missing, no such process, access denied
+        return None
+
+
+def host_name() -> str:
+    """This machine's name as it appears in temporary names (letters, digits and dashes)."""
+    return (re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host")[:40]
+
+
+def process_marker() -> str:
+    """``llmm-PID-START-HOST``: this process in a temporary's name (PID, start time in whole seconds, host)."""
+    pid = os.getpid()
+    if pid not in _MARKER:  # per process: a forked child has its own
+        start = process_start()
+        _MARKER[pid] = f"llmm-{pid}-{int(start if start is not None else time.time())}-{host_name()}"
+    return _MARKER[pid]
+
+
+def temp_path(path: str | os.PathLike, kind: str = "tmp") -> Path:
+    """A fresh temporary name next to ``path``: ``.NAME.MARKER.RAND.KIND`` (nothing is created)."""
+    path = Path(path)
+    while True:
+        tmp = path.with_name(f".{path.name}.{process_marker()}.{secrets.token_hex(4)}.{kind}")
+        if not os.path.lexists(tmp):
+            return tmp
+
+
+def scratch_dir(kind: str, parent: str | os.PathLike | None = None) -> Path:
+    """Create a private scratch directory ``llm-merging-KIND.MARKER.RAND.tmp`` in ``parent`` (default
+    ``$TMPDIR``); the caller removes it."""
+    parent = Path(parent or tempfile.gettempdir())
+    while True:
+        path = parent / f"llm-merging-{kind}.{process_marker()}.{secrets.token_hex(4)}.tmp"
+        try:
+            path.mkdir(mode=0o700)
+            return path
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def scratch_directory(kind: str) -> Iterator[str]:
+    """``tempfile.TemporaryDirectory`` with a marked name (:func:`scratch_dir`): yields its path, removes it."""
+    path = scratch_dir(kind)
+    try:
+        yield str(path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def replace_path(tmp: Path, path: Path) -> None:
+    """Rename the finished temporary ``tmp`` onto ``path`` (a directory target is replaced whole: the old
+    one is moved to ``.NAME.MARKER.old`` first and removed after)."""
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(f".{path.name}.{process_marker()}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a directory tree (nothing when it is not there)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+    """Yield a temporary path next to ``path`` (:func:`temp_path`); rename it onto ``path`` only if the
+    block succeeds, else remove it.
 
     Works for files and directories (a directory target is replaced whole).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp_name)
-    tmp = Path(tmp_name)
+    tmp = temp_path(path)
     try:
         yield tmp
-        if path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_path(tmp, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        remove_path(tmp)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -87,7 +177,8 @@ def check_output_folder(path: Path) -> None:
     """Fail early (one line) when the output folder cannot be written."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
+        probe = temp_path(path / "write-test")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
     except OSError as exc:
         raise ConfigError(f"output folder '{path}' is not writable: {exc.strerror or exc}") from None

@@ -23,6 +23,7 @@ float32 (an example whose scaled gradients overflow is run again at a smaller sc
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -34,9 +35,12 @@ from tqdm.auto import tqdm
 from llm_merging.merging import calibration as cal
 from llm_merging import ops
 from llm_merging.core.errors import BudgetExceeded, ConfigError
+from llm_merging.core.io import scratch_dir
 from llm_merging.core.resources import available_bytes
 from llm_merging.merging.data_aware import DataAwareMerge
 from llm_merging.merging.hparams import SCALE, Param
+from llm_merging.model import engine
+from llm_merging.model.refs import hf_token
 from llm_merging.model.scoring import model_device
 
 logger = logging.getLogger(__name__)
@@ -70,6 +74,19 @@ class Fisher(DataAwareMerge):
         w = values.get("weights")
         if isinstance(w, list) and sum(w) <= 0:
             raise ConfigError(f"method '{self.name}': weights {w} must have a positive sum")
+
+    def scratch_space(self) -> list[tuple[str, int, str]]:
+        """The experts' Fisher spilled to ``$TMPDIR``: 4 bytes × touched values × experts (from the configs
+        and the experts' headers, no weights)."""
+        shapes = engine.config_param_shapes(self.base_ref().resolve(hf_token()), self.architecture)
+        experts = self.open_experts(shapes)
+        try:
+            touched = set().union(*(set(e.param_names()) for e in experts))
+        finally:
+            for e in experts:
+                e.close()
+        values = sum(math.prod(shapes[n]) for n in touched if n in shapes)
+        return [(tempfile.gettempdir(), 4 * len(experts) * values, "the experts' Fisher (temporary)")]
 
     # ------------------------------------------------------------------ statistics
     def model_changed(self) -> None:
@@ -115,7 +132,7 @@ class Fisher(DataAwareMerge):
         if need > free:
             raise ConfigError(f"method '{self.name}': the experts' Fisher needs {need / 2**30:.1f} GiB of temporary disk "
                               f"but {tempfile.gettempdir()} has {free / 2**30:.1f} GiB free; set TMPDIR to a larger disk")
-        self._dir = tempfile.mkdtemp(prefix="llm-merging-fisher-")
+        self._dir = str(scratch_dir("fisher"))  # marked: a later run removes it if this process dies
         self.gathered += 1
         chunks = self._chunks()
         if len(chunks) > 1:

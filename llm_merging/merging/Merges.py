@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from llm_merging.core.errors import CheckpointError, ConfigError, ModelNotFoundError, first_line
+from llm_merging.core.io import scratch_directory
 from llm_merging.model import auto_model_class, decoder_functions, encoder_decoder_functions, engine, tokenizer_union
 from llm_merging.model.refs import ModelRef, hf_token
 from llm_merging.model.save import save_state_dict
@@ -107,6 +108,11 @@ class Merges(object):
     # ------------------------------------------------------------------ kit surface
     def get_name(self) -> str | None:
         return self.name
+
+    def scratch_space(self) -> list[tuple[str, int, str]]:
+        """Temporary disk the merge needs besides its outputs, as ``(folder, bytes, what)`` (checked against
+        the free space in preflight, before any weight is loaded); none by default."""
+        return []
 
     def calibration_report(self) -> dict[str, Any]:
         """report.json ``calibration`` of a data-aware method (prompts, passes, seconds); {} otherwise."""
@@ -274,9 +280,9 @@ class Merges(object):
                 delta_sink=self.delta_sink, base_dir=self.base_ref().local_path, should_stop=self.should_stop,
                 tokenizer_plan=plan, merge_chunks=self.merge_chunks_resolved, writer=writer,
             )
-        except BaseException:
+        except BaseException as exc:
             if writer is not None:
-                writer.abort()
+                writer.abort(exc)  # removed; kept for --resume when a signal interrupted it
             raise
         recipe_tok = (self.recipe.tokenizer if self.recipe is not None else None) or {}
         self.vocabulary_report = tokenizer_union.vocabulary_report(plan, self.experts, recipe_tok.get("source"),
@@ -294,8 +300,6 @@ class Merges(object):
         self.output_tokenizer = None
         if recipe is None or (recipe.tokenizer is None and not recipe.chat_template):
             return None
-        import tempfile
-
         token = hf_token()
         base_path = self.base_ref().resolve(token)
         refs = self.model_refs()
@@ -314,7 +318,7 @@ class Merges(object):
         self.output_tokenizer = tok
         if plan is not None:  # evaluation and generation use the output tokenizer (padded as the kit's)
             self.tokenizer = self.input_tokenizer = self.target_tokenizer = None
-            with tempfile.TemporaryDirectory(prefix="llm-merging-tok-") as tmp:
+            with scratch_directory("tok") as tmp:
                 plan.save(tmp)
                 self._tokenizer_path = tmp
                 try:

@@ -109,6 +109,8 @@ class Wudi(TaskVectorMerge):
                     return None  # a full tensor (or a LoRA with a full-tensor part)
                 continue
             b, a = factors
+            if (b.shape[0], a.shape[1]) != ((tv.shape[1], tv.shape[0]) if transposed else tuple(tv.shape)):
+                return None  # e.g. rows re-indexed to an output vocabulary
             cols.append((b if transposed else a.T).to(device=device, dtype=torch.float32))
         if not cols:
             return None

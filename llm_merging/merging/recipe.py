@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_merging.core.errors import ConfigError, first_line
-from llm_merging.core.io import atomic_write_text
+from llm_merging.core.io import atomic_write_text, scratch_directory
 from llm_merging.merging import get_method_class, method_targets, settings
 from llm_merging.merging.mergekit_names import MERGEKIT_METHODS
 
@@ -477,9 +477,7 @@ def _mergekit_document(mk, values: dict, specs: dict, base: dict, experts: list,
                 value = value == "weight_sum"
             theirs[inverse[key]] = value
     doc = _document(mk.name, theirs, {inverse[k]: specs[k] for k in inverse if k in specs}, base, experts, dtype, seed)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:  # read it back: the same method and values, or not mergekit's
+    with scratch_directory("recipe") as tmp:  # read it back: the same method and values, or not mergekit's
         path = Path(tmp) / "recipe.yml"
         path.write_text(dump(doc), encoding="utf-8")
         try:

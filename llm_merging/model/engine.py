@@ -321,7 +321,8 @@ def merge_into(
 
     ``writer`` (a :class:`~llm_merging.model.save.StreamingSave` of ``model``): every merged parameter is
     written there as it is computed (chunk by chunk where chunked) instead of into ``model``, which keeps
-    θ₀: the merged model is never held in memory (``--no-eval --save full``).
+    θ₀: the merged model is never held in memory (``--no-eval --save full``). Tensors ``writer.done(name)``
+    (written by an interrupted merge that ``--resume`` continues) are skipped.
     """
     if not experts:
         raise MergeError(f"method '{label}' has no expert models to merge")
@@ -341,8 +342,12 @@ def merge_into(
     n_values = 0
     n_chunked = 0
     device = None
+    n_resumed = 0
     for name, param in tqdm(params, desc="merge", unit="tensor", disable=not progress, leave=False):
         device = compute_device(param)
+        if writer is not None and writer.done(name):  # written by the interrupted merge this one resumes
+            n_resumed += 1
+            continue
         if should_stop is not None and should_stop():
             raise BudgetExceeded(f"time budget ran out while merging (at parameter '{name}'); nothing was saved")
         if merge_chunks is not None and delta_sink is None:
@@ -393,6 +398,7 @@ def merge_into(
     return {
         "tensors_merged": len(params) + (len(vocab_stats["tensors"]) if vocab_stats else 0),
         "tensors_chunked": n_chunked,
+        **({"tensors_resumed": n_resumed} if n_resumed else {}),
         "values_merged": n_values,
         "seconds": round(time.time() - t0, 3),
         "math_device": str(device) if device is not None else None,

@@ -4,6 +4,7 @@ Every output is written under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -14,7 +15,9 @@ import torch
 
 from llm_merging import ops
 from llm_merging.core.errors import ConfigError
-from llm_merging.core.io import atomic_path, atomic_write_json
+from llm_merging.core.io import TEMP_NAME, atomic_path, atomic_write_json, remove_path, replace_path, temp_path
+from llm_merging.core.outputs import owner_alive
+from llm_merging.model.checkpoint import read_safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +92,49 @@ def save_full(model: torch.nn.Module, tokenizer, output_dir: str | Path, info: d
     return output_dir
 
 
+_ST_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ST_FLOATS = {"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def estimate_saved_bytes(model_dir: str | Path, dtype: torch.dtype | None = None, *,
+                         weights_only: bool = False) -> int:
+    """About the bytes of the model in ``model_dir`` saved with its floating-point tensors in ``dtype``
+    (None: as stored), from its safetensors headers (no weights read), plus its other files (config,
+    tokenizer, ...) unless ``weights_only``. Checkpoints without safetensors count their files' sizes,
+    scaled from the config's dtype."""
+    model_dir = Path(model_dir)
+    files = sorted(f for f in model_dir.iterdir() if f.is_file()) if model_dir.is_dir() else []
+    tensors = [f for f in files if f.suffix == ".safetensors"]
+    out_size = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
+    total = 0
+    for f in files:
+        if f.suffix in _WEIGHT_SUFFIXES or f.name.endswith(".index.json"):
+            if f.suffix == ".safetensors" or tensors or f.name.endswith(".index.json"):
+                continue
+            total += int(f.stat().st_size * (out_size or 2) / _config_size(model_dir))  # .bin and the like
+        elif not weights_only:
+            total += f.stat().st_size
+    for f in tensors:
+        for info in read_safetensors_header(f).values():
+            numel = 1
+            for d in info.get("shape", []):
+                numel *= int(d)
+            stored = _ST_BYTES.get(info.get("dtype"), 4)
+            total += numel * (out_size if out_size and info.get("dtype") in _ST_FLOATS else stored)
+    return total
+
+
+def _config_size(model_dir: Path) -> int:
+    """Bytes per value of the dtype a checkpoint's config names (2 when it names none)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 2
+    return {"float32": 4, "float64": 8}.get(str(config.get("torch_dtype") or config.get("dtype")), 2)
+
+
 class NotStreamable(Exception):
     """The model cannot be written tensor by tensor (:class:`StreamingSave`); save it whole instead."""
 
@@ -108,11 +154,20 @@ class StreamingSave:
 
     ``dtype``: the saved floating-point dtype (a recipe's ``out_dtype``; default the model's). Raises
     :class:`NotStreamable` where that cannot be guaranteed (remote code, weight converters, unsupported
-    dtypes). Written under a temporary name: :meth:`finish` renames it into place, :meth:`abort` removes it.
+    dtypes). Written under a temporary name (``.NAME.MARKER.RAND.tmp``): :meth:`finish` renames it into
+    place, :meth:`abort` removes it.
+
+    ``fingerprint`` (the run's inputs and options, JSON values): a journal ``.NAME.MARKER.RAND.journal`` is
+    kept beside the temporary directory, one fsync'd line per finished tensor (after its bytes are synced);
+    a killed merge can then be continued: ``resume`` (a temporary directory such a merge left, see
+    :func:`find_resumable`) is adopted when its journal has the same fingerprint and shard layout, and the
+    engine skips the tensors it lists (:meth:`done`). Interrupted by a signal (:meth:`abort` with a
+    ``KeyboardInterrupt``), the directory and journal are kept for ``--resume`` (``kept``).
     """
 
     def __init__(self, model: torch.nn.Module, output_dir: str | Path, *, dtype: torch.dtype | None = None,
-                 max_shard_size: str = "5GB") -> None:
+                 max_shard_size: str = "5GB", fingerprint: dict[str, Any] | None = None,
+                 resume: str | Path | None = None) -> None:
         from huggingface_hub import split_torch_state_dict_into_shards
         from transformers.core_model_loading import revert_weight_conversion
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
@@ -120,6 +175,13 @@ class StreamingSave:
         if getattr(model, "is_remote_code", lambda: False)():
             raise NotStreamable("remote-code model")
         self.model, self.dtype = model, dtype
+        self.tmp: Path | None = None
+        self.journal_path: Path | None = None
+        self.kept: Path | None = None  # the directory left for --resume by an interrupted merge
+        self.resumed: set[str] = set()  # tensors an interrupted merge had written (skipped by the engine)
+        self._journal: int | None = None
+        self._finished = False
+        self._fds: list[int] = []
         state = model.state_dict()
         self.ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) & set(state)
         for key in self.ignored:  # as save_pretrained drops them (e.g. Marian's sinusoidal positions)
@@ -148,43 +210,104 @@ class StreamingSave:
         self.split = split_torch_state_dict_into_shards(reverted, filename_pattern="model{suffix}.safetensors",
                                                         max_shard_size=max_shard_size)
         self.output_dir = Path(output_dir)
-        self._ctx = atomic_path(self.output_dir)
-        self.tmp = self._ctx.__enter__()
-        self.tmp.mkdir(parents=True)
         self._where: dict[str, tuple[int, int, int]] = {}  # model name -> (fd, byte offset, bytes)
         self._done: dict[str, int] = {}
-        self._fds: list[int] = []
         inverse = {v: k for k, v in self.saved_name.items()}
+        shards = []  # (file name, header bytes, total bytes, [(model name, data offset, bytes)])
+        for filename, names in self.split.filename_to_tensors.items():
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            names = sorted(names, key=lambda k: (-_ST_ORDER.index(_ST_DTYPES[reverted[k].dtype]), k))
+            for key in names:  # in safetensors' own order: wider dtypes first, then by name
+                ph = reverted[key]
+                size = ph.numel() * ph.element_size()
+                header[key] = {"dtype": _ST_DTYPES[ph.dtype], "shape": list(ph.shape),
+                               "data_offsets": [offset, offset + size]}
+                offset += size
+            raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+            head = len(raw).to_bytes(8, "little") + raw
+            places = [(inverse[k], len(head) + header[k]["data_offsets"][0],
+                       header[k]["data_offsets"][1] - header[k]["data_offsets"][0]) for k in names]
+            shards.append((filename, head, len(head) + offset, places))
+        self.layout = {f: {"bytes": total, "header_sha256": hashlib.sha256(head).hexdigest()}
+                       for f, head, total, _ in shards}
         try:
-            for filename, names in self.split.filename_to_tensors.items():
-                header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-                offset = 0
-                names = sorted(names, key=lambda k: (-_ST_ORDER.index(_ST_DTYPES[reverted[k].dtype]), k))
-                for key in names:  # in safetensors' own order: wider dtypes first, then by name
-                    ph = reverted[key]
-                    size = ph.numel() * ph.element_size()
-                    header[key] = {"dtype": _ST_DTYPES[ph.dtype], "shape": list(ph.shape),
-                                   "data_offsets": [offset, offset + size]}
-                    offset += size
-                raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-                raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-                fd = os.open(self.tmp / filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._fds.append(fd)
-                _pwrite_all(fd, len(raw).to_bytes(8, "little") + raw, 0)
-                os.ftruncate(fd, 8 + len(raw) + offset)
-                for key in names:
-                    start, stop = header[key]["data_offsets"]
-                    self._where[inverse[key]] = (fd, 8 + len(raw) + start, stop - start)
+            if resume is not None:
+                self._adopt(Path(resume), fingerprint, shards)
+            else:
+                self._create(fingerprint, shards)
         except BaseException:
             self.abort()
             raise
 
+    def _create(self, fingerprint, shards) -> None:
+        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_path(self.output_dir)
+        self.tmp.mkdir(parents=True)
+        for filename, head, total, places in shards:
+            fd = os.open(self.tmp / filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            _pwrite_all(fd, head, 0)
+            os.ftruncate(fd, total)
+            for name, offset, nbytes in places:
+                self._where[name] = (fd, offset, nbytes)
+        if fingerprint is not None:
+            self.journal_path = journal_of(self.tmp)
+            self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            line = {"journal": JOURNAL_VERSION, "output": self.output_dir.name, "fingerprint": fingerprint,
+                    "layout": self.layout}
+            os.write(self._journal, (json.dumps(line, sort_keys=True, default=str) + "\n").encode("utf-8"))
+            os.fsync(self._journal)
+
+    def _adopt(self, old_tmp: Path, fingerprint, shards) -> None:
+        """Continue the merge an interrupted run left in ``old_tmp`` (renamed to this run's marker)."""
+        header, done = read_journal(journal_of(old_tmp))
+        where = f"--resume: the interrupted merge in {old_tmp.parent}"
+        if header is None:
+            raise ConfigError(f"{where} has no readable journal; run without --resume to start again")
+        differ = fingerprint_differences(header.get("fingerprint") or {}, fingerprint or {})
+        if differ:
+            raise ConfigError(f"{where} was made with other inputs or options ({', '.join(differ)}); "
+                              "run without --resume to start again")
+        if header.get("layout") != self.layout:
+            raise ConfigError(f"{where} has another shard layout; run without --resume to start again")
+        for filename, head, total, _ in shards:
+            path = old_tmp / filename
+            try:
+                ok = path.stat().st_size == total and path.open("rb").read(len(head)) == head
+            except OSError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"{where}: its shard {filename} is not the one its journal describes; "
+                                  "run without --resume to start again")
+        self.tmp = temp_path(self.output_dir)
+        self.journal_path = journal_of(self.tmp)
+        os.replace(journal_of(old_tmp), self.journal_path)  # this run's marker from now on
+        os.replace(old_tmp, self.tmp)
+        for filename, head, total, places in shards:
+            fd = os.open(self.tmp / filename, os.O_RDWR)
+            self._fds.append(fd)
+            for name, offset, nbytes in places:
+                self._where[name] = (fd, offset, nbytes)
+        self.resumed = {n for n in done if n in self._where}
+        for name in self.resumed:
+            self._done[name] = self._where[name][2]
+        self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
+        logger.info("resuming the merge written in %s: %d of %d tensors are done", self.tmp, len(self.resumed),
+                    len(self._where))
+
     def _out_dtype(self, t: torch.Tensor) -> torch.dtype:
         return self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
 
+    def done(self, name: str) -> bool:
+        """Whether an interrupted run already wrote tensor ``name`` (``--resume``: the engine skips it)."""
+        return self.alias.get(name, name) in self.resumed
+
     def put(self, name: str, start: int, values: torch.Tensor) -> None:
         """Write ``values`` (flat, any dtype: cast to the saved one) as the entries ``start …`` of ``name``
-        (a model parameter or buffer name; tied names resolve to the saved one)."""
+        (a model parameter or buffer name; tied names resolve to the saved one). A tensor's last entries
+        written, it is synced and journalled."""
         if name in self.ignored:
             return  # not saved (save_pretrained drops it too)
         name = self.alias.get(name, name)
@@ -196,11 +319,16 @@ class StreamingSave:
             raise ValueError(f"'{name}': entries {start}…{start + v.numel()} are past its end")
         _pwrite_all(fd, raw, offset + begin)
         self._done[name] = self._done.get(name, 0) + raw.nbytes
+        if self._journal is not None and self._done[name] == nbytes:
+            os.fdatasync(fd)  # the tensor's bytes are on disk before the journal says so
+            os.write(self._journal, (json.dumps({"done": name}) + "\n").encode("utf-8"))
+            os.fsync(self._journal)
 
     def finish(self, tokenizer, info: dict[str, Any] | None = None) -> Path:
         """Write what the merge did not (tensors it left as they are), the index, config, generation config,
         tokenizer and model card; rename the directory into place."""
         try:
+            self._close_journal()  # the rest is quick to redo: a resumed run rewrites it
             for name, t in self.source.items():
                 done = self._done.get(name, 0)
                 if done == 0:
@@ -228,28 +356,114 @@ class StreamingSave:
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(self.tmp))
             (self.tmp / "README.md").write_text(model_card(info or {}), encoding="utf-8")
-            ctx, self._ctx = self._ctx, None
-            ctx.__exit__(None, None, None)
+            replace_path(self.tmp, self.output_dir)
+            self._finished = True
+            self.tmp = None
+            if self.journal_path is not None:
+                remove_path(self.journal_path)
         except BaseException as exc:
             self.abort(exc)
             raise
         return self.output_dir
 
+    def _close_journal(self) -> None:
+        if self._journal is not None:
+            try:
+                os.close(self._journal)
+            except OSError:
+                pass
+            self._journal = None
+
     def abort(self, exc: BaseException | None = None) -> None:
-        """Remove the partly written directory (nothing is left behind)."""
+        """Remove the partly written directory and its journal (nothing is left behind), except after an
+        interrupt (``exc`` a KeyboardInterrupt) when tensors are journalled: then both stay for ``--resume``
+        (``kept``). Idempotent."""
         for fd in self._fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._fds = []
-        ctx, self._ctx = getattr(self, "_ctx", None), None
-        if ctx is not None:
-            err = exc if exc is not None else RuntimeError("aborted")
-            try:
-                ctx.__exit__(type(err), err, None)
-            except BaseException:
-                pass
+        self._close_journal()
+        if self._finished or self.tmp is None:
+            return
+        resumable = self.journal_path is not None and read_journal(self.journal_path)[1]
+        if isinstance(exc, KeyboardInterrupt) and resumable:
+            self.kept, self.tmp = self.tmp, None
+            logger.warning("interrupted: the %d tensors merged so far are kept in %s; the same command with "
+                           "--resume continues the merge", len(resumable), self.kept)
+            return
+        remove_path(self.tmp)
+        if self.journal_path is not None:
+            remove_path(self.journal_path)
+        self.tmp = None
+
+
+#: the format of a streamed merge's journal (its first line says it)
+JOURNAL_VERSION = 1
+
+
+def journal_of(tmp: Path) -> Path:
+    """The journal beside a streamed merge's temporary directory ``.NAME.MARKER.RAND.tmp``."""
+    return tmp.with_name(tmp.name[: -len(".tmp")] + ".journal")
+
+
+def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """A streamed merge's journal: its header (None when missing or unreadable) and the finished tensors
+    (a torn last line, from a kill while it was written, is ignored)."""
+    try:
+        lines = Path(path).read_bytes().split(b"\n")
+    except OSError:
+        return None, []
+    try:
+        header = json.loads(lines[0])
+    except (ValueError, IndexError):
+        return None, []
+    if not isinstance(header, dict) or header.get("journal") != JOURNAL_VERSION:
+        return None, []
+    done = []
+    for raw in lines[1:]:
+        try:
+            done.append(json.loads(raw)["done"])
+        except (ValueError, KeyError, TypeError):
+            break
+    return header, done
+
+
+def find_resumable(folder: Path, name: str) -> list[dict[str, Any]]:
+    """The merges into ``folder/name`` that processes now gone left behind with a journal, most finished
+    tensors first: ``{"path", "journal", "header", "done"}``."""
+    found = []
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        m = TEMP_NAME.match(entry)
+        if m is None or m["kind"] != "tmp" or m["name"] != name or not (Path(folder) / entry).is_dir():
+            continue
+        if owner_alive(int(m["pid"]), int(m["start"]), m["host"]):
+            continue
+        path = Path(folder) / entry
+        header, done = read_journal(journal_of(path))
+        if header is not None:
+            found.append({"path": path, "journal": journal_of(path), "header": header, "done": len(done)})
+    return sorted(found, key=lambda r: -r["done"])
+
+
+def fingerprint_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys (``models.expert 1.files`` style, at most two levels) whose values differ."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out += sub or [key]
+        else:
+            out.append(key)
+    return out
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

@@ -14,13 +14,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from llm_merging.core.errors import ConfigError
+from llm_merging.core.io import temp_path
+from llm_merging.core.outputs import sweep
 from llm_merging.model import auto_model_class
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ def _atomic_dir(target: Path, build) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    sweep(target.parent, recursive=False)  # what a killed build left
+    tmp = temp_path(target)
+    tmp.mkdir()
     try:
         with warnings.catch_warnings():  # library deprecation chatter while building toy models
             warnings.simplefilter("ignore")

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Sequence
 import torch
 
 from llm_merging.core.errors import ConfigError, MergeError, ModelNotFoundError, first_line
+from llm_merging.core.io import scratch_directory
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def _copy_tokenizer(tok):
     """An independent copy (save and reload), so edits never touch a tokenizer loaded for another role."""
     from transformers import AutoTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_directory("tok") as tmp:
         tok.save_pretrained(tmp)
         return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
 

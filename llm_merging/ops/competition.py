@@ -37,11 +37,13 @@ from llm_merging.ops._common import (
     stack_f32,
     weight_list,
 )
-from llm_merging.ops.consensus import DIVISORS, SIGN_METHODS
+from llm_merging.ops.consensus import SIGN_METHODS
 from llm_merging.ops.masks import kth_largest
 from llm_merging.ops.ties import ties
 
 TIE_BREAKS = ("first", "last")
+#: consensus_ties' disjoint merge of the TIES multi-task vector: the sum (None, the reference) or the mean
+CONSENSUS_DIVISORS = (None, "count")
 #: PCB's default clamp of |τ| (fraction clipped at each end, per task): ``pcb-merging.py``'s ``PCB_merge``
 PCB_CLAMP = 1e-4
 
@@ -232,7 +234,7 @@ def consensus_ties(
     reference takes the sign of the whole vector's majority (at such entries no trimmed value survives
     unless the values cancel exactly).
     """
-    check_choice(divisor, "divisor", DIVISORS)
+    check_choice(divisor, "divisor", CONSENSUS_DIVISORS)
     check_choice(sign_method, "sign_method", SIGN_METHODS)
     lam = check_real(scale, "scale")
     mtl = ties(task_vectors, density=density, sign_method=sign_method, divisor=divisor, keep_count=keep_count)

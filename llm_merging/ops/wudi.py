@@ -66,9 +66,10 @@ def wudi_loss(merged: Tensor, task_vectors: Sequence[Tensor]) -> float:
         raise ConfigError(f"merged: shape {tuple(x.shape)} does not match the task vectors {tuple(ts[0].shape)}")
     m, n = x.shape
     total = 0.0
+    x64 = x.to(torch.float64)
     for t, a in zip(ts, coef):
-        e = (x - t).to(torch.float64)
         t64 = t.to(torch.float64)
+        e = x64 - t64
         if m <= n:  # the reference's (out × out) products
             total += a * float(torch.square(e @ t64.T).sum())
         else:  # ‖E τᵀ‖² = ⟨E, E τᵀτ⟩ (in × in)
@@ -164,20 +165,28 @@ class _Quadratic:
         return d if self.q is None else d @ self.q.T
 
 
-def _orthonormal_basis(row_basis: Tensor, ts: list[Tensor]) -> Tensor:
-    """Orthonormal columns spanning ``row_basis``'s; ConfigError unless every τᵢ's rows lie in their span."""
+def _orthonormal_basis(row_basis: Tensor, ts: list[Tensor]) -> Optional[Tensor]:
+    """Orthonormal columns spanning ``row_basis``'s; None unless every τᵢ's rows lie in their span."""
     n = ts[0].shape[1]
     if not isinstance(row_basis, Tensor) or row_basis.dim() != 2 or row_basis.shape[0] != n:
         shape = tuple(row_basis.shape) if isinstance(row_basis, Tensor) else type(row_basis).__name__
         raise ConfigError(f"row_basis: expected a matrix with {n} rows (in × k), got {shape}")
     q, _ = torch.linalg.qr(row_basis.to(device=ts[0].device, dtype=torch.float64))
     q = q.to(torch.float32)
-    for i, t in enumerate(ts):
+    for t in ts:
         residual = float(torch.linalg.matrix_norm(t - (t @ q) @ q.T))
         if residual > 1e-4 * float(torch.linalg.matrix_norm(t)):
-            raise ConfigError(f"row_basis: does not span the rows of task vector {i} (relative residual "
-                              f"{residual / float(torch.linalg.matrix_norm(t)):.2e})")
+            return None
     return q
+
+
+def _adam(param: torch.nn.Parameter, lr: float) -> torch.optim.Adam:
+    """``torch.optim.Adam`` (default betas and ε), its fused kernel where the device has one (the same update,
+    up to rounding; several times faster on CPU)."""
+    try:
+        return torch.optim.Adam([param], lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam([param], lr=lr)
 
 
 def _form(m: int, n: int, count: int, k: Optional[int]) -> str:
@@ -201,11 +210,12 @@ def wudi(
     """WUDI's merged task vector of one linear weight (``out × in`` task vectors τᵢ), times ``scale``.
 
     ``solver="adam"`` (the reference): from X₀ = Σ τᵢ, ``steps`` Adam steps (``torch.optim.Adam`` with learning
-    rate ``lr``, default betas and ε) on :func:`wudi_loss`, in float32 on the inputs' device; ``steps=0``
-    gives Σ τᵢ. ``"closed_form"``: the exact minimiser nearest to Σ τᵢ (module docstring; float64).
+    rate ``lr``, default betas and ε; its fused kernel where there is one) on :func:`wudi_loss`, in float32
+    on the inputs' device; ``steps=0`` gives Σ τᵢ. ``"closed_form"``: the exact minimiser nearest to Σ τᵢ (module docstring; float64).
     Zero task vectors have no term; with none left the result is 0. ``row_basis`` (optional, ``in × k``):
     columns spanning the rows of every τᵢ (for LoRA experts the transposed A factors, concatenated); with
-    k small the steps cost O(out·in·k) instead of O(out·in²), the same steps up to rounding. ``on_step(i)``
+    k small the steps cost O(out·in·k) instead of O(out·in²), the same steps up to rounding (checked: a
+    basis that does not span them is not used). ``on_step(i)``
     is called after every Adam step (e.g. to stop when a time budget is spent). Deterministic.
     """
     check_choice(solver, "solver", WUDI_SOLVERS)
@@ -233,7 +243,7 @@ def wudi(
     quad = _Quadratic(ts, coef, x0, form, q if form == "basis" else None, torch.float32)
     d = torch.nn.Parameter(torch.zeros_like(x0))
     d.grad = torch.empty_like(x0)
-    opt = torch.optim.Adam([d], lr=rate)
+    opt = _adam(d, rate)
     with torch.no_grad():
         for step in range(steps):
             quad.half_gradient(d.data, d.grad).mul_(2.0)

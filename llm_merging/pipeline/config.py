@@ -58,6 +58,7 @@ class RunConfig:
     lm_eval: LMEvalConfig | None = None  # --lm-eval: lm-evaluation-harness tasks on the merged model
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # data-aware methods' prompts
     insight: InsightConfig = field(default_factory=InsightConfig)
+    resume: bool = False  # --resume without --search: continue a killed --no-eval --save full merge
 
     def validate(self, processes: int = 1) -> None:
         """Check the configuration before anything is loaded (one-line ConfigError naming the option); the
@@ -72,6 +73,9 @@ class RunConfig:
             raise ConfigError(f"--batch-size must be a positive integer or 'auto', got {self.batch_size!r}")
         if self.search is not None:
             self.search.validate()
+        elif self.resume and (self.evaluate or self.save != "full"):
+            raise ConfigError("--resume needs --search, or --no-eval --save full (to continue a merge that was "
+                              "written while merging)")
         if processes > 1:
             for flag, on in (("--search", self.search is not None), ("--baselines", self.insight.baselines),
                              ("--analyze", self.insight.analyze)):

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from llm_merging.core.budget import Budget
 from llm_merging.core.errors import BudgetExceeded
 from llm_merging.core.io import check_output_folder, jsonable
+from llm_merging.core.outputs import OutputFolders
 from llm_merging.core.processes import SINGLE, Processes
 from llm_merging.merging.Merges import Merges
 from llm_merging.merging.settings import settings_json
@@ -29,6 +30,7 @@ class RunContext:
     report: dict[str, Any] = field(default_factory=dict)  # becomes report.json
     phases: list["Phase"] = field(default_factory=list)  # the enabled phases of this run, in order
     preflight_ok: bool = False  # every check passed: outputs may be written
+    outputs: OutputFolders = field(default_factory=OutputFolders)  # the output folders this run holds
 
     def check_budget(self, what: str) -> None:
         """BudgetExceeded when the wall-clock budget is spent (on any process)."""
@@ -41,15 +43,21 @@ class RunContext:
         self.report["method"] = method.name
         self.out_dir = Path(self.config.output_folder) / str(method.get_name())
         if self.processes.is_main:  # process 0 writes every output
-            check_output_folder(self.out_dir)
+            self.claim_output_folder()
         self.report["hyperparameters"] = jsonable(settings_json(method.hparams))
+
+    def claim_output_folder(self) -> None:
+        """Make ``out_dir`` this run's (process 0): writable, locked against other runs, stale temporaries
+        of dead runs removed, its files recorded for the manifest (`llm_merging.core.outputs`)."""
+        check_output_folder(self.out_dir)
+        self.outputs.claim(self.out_dir, command=self.config.argv)
 
     def needs_weights_after(self, phase: "Phase") -> bool:
         """Whether a phase after ``phase`` reads the merged model in memory."""
         later = self.phases[self.phases.index(phase) + 1:] if phase in self.phases else []
         return any(p.needs_weights for p in later)
 
-    def timed(self, name: str, seconds: float) -> None:
+    def add_seconds(self, name: str, seconds: float) -> None:
         """Add ``seconds`` to ``name`` in report.json ``phases_seconds``."""
         self.budget.phases[name] = self.budget.phases.get(name, 0.0) + seconds
 
@@ -78,6 +86,16 @@ class Phase:
     def enabled(self, config: RunConfig) -> bool:
         """Whether this run needs the phase."""
         return True
+
+    def expected_outputs(self, ctx: RunContext) -> list[str]:
+        """The outputs the phase writes when it completes, relative to ``ctx.out_dir`` (folders end in
+        ``/``): report.json ``outputs.not_produced`` names those a failed or stopped run did not write."""
+        return []
+
+    def disk_space(self, ctx: RunContext) -> list[tuple[Path, int, str]]:
+        """Preflight: the disk the phase's outputs and temporary spills need, as ``(folder, bytes, what)``;
+        the runner refuses the run (one line) where the free space is short."""
+        return []
 
     def check(self, ctx: RunContext) -> None:
         """Preflight: validate what the phase will need (files, options, tasks); never load weights."""

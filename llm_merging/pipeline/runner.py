@@ -3,7 +3,14 @@ and its models resolved, every phase checked; no weights loaded), then the phase
 then report.json.
 
 Exit statuses: 0 success, 2 a user error (one line on stderr), 3 the budget ran out (finished work is
-kept and the report is marked partial), 130 interrupted (Ctrl-C, same), 1 an internal error.
+kept and the report is marked partial), 130 interrupted (Ctrl-C, same), 143 stopped by SIGTERM (same), 1 an
+internal error.
+
+Run-level concerns live here, whatever the phases: the output folder is claimed at the end of preflight
+(locked against a second run, stale temporaries of dead runs removed, its files recorded), the disk the
+phases declare is checked against the free space, SIGINT/SIGTERM stop the run at its next safe point, a
+full disk is one line, and report.json ``outputs`` says which files this run wrote
+(`llm_merging.core.outputs`).
 """
 from __future__ import annotations
 
@@ -14,10 +21,12 @@ from typing import Any, Sequence
 
 from llm_merging.core import processes as procs
 from llm_merging.core.budget import Budget
-from llm_merging.core.errors import BudgetExceeded, ConfigError, LLMMergingError
-from llm_merging.core.io import atomic_write_json, check_output_folder, jsonable
+from llm_merging.core.errors import BudgetExceeded, ConfigError, LLMMergingError, signal_name
+from llm_merging.core.io import atomic_write_json, jsonable
+from llm_merging.core.outputs import check_space, disk_full, disk_full_message
 from llm_merging.core.processes import Processes
 from llm_merging.core.resources import peak_memory, versions
+from llm_merging.core.signals import graceful_stop, interrupted_by
 from llm_merging.merging.factory import configure, instantiate
 from llm_merging.merging.Merges import Merges
 from llm_merging.merging.recipe import apply_recipe, load_recipe
@@ -116,7 +125,9 @@ class Runner:
         for phase in ctx.phases:
             phase.check(ctx)
         if ctx.processes.is_main:  # process 0 writes every output; nothing is created before the checks passed
-            check_output_folder(ctx.out_dir)
+            ctx.claim_output_folder()  # locked (a second run is refused), stale temporaries removed
+            needs = [need for phase in ctx.phases for need in phase.disk_space(ctx)]
+            ctx.report["disk_space"] = check_space(needs)  # refused before any weight when it does not fit
         ctx.preflight_ok = True
         ctx.report["hyperparameters"] = jsonable(settings_json(method.hparams))
         ctx.report["options"] = {"mc_scoring": method.mc_scoring, "adapter_rank": method.adapter_rank}
@@ -142,6 +153,16 @@ class Runner:
         ctx = self.context
         status = 0
         try:
+            with graceful_stop(ctx.budget):  # SIGINT/SIGTERM: stop at the next safe point
+                status = self._run()
+        finally:
+            ctx.outputs.release()  # this run's temporaries removed (not one kept to resume), the lock dropped
+        return status
+
+    def _run(self) -> int:
+        ctx = self.context
+        status = 0
+        try:
             ctx.processes = procs.start(timeout_s=self.cfg.time_budget + 600)  # SINGLE unless launched as several
             with ctx.budget.phase("preflight"):
                 self._preflight_everywhere()
@@ -149,23 +170,37 @@ class Runner:
                 self._run_phase(phase)
             ctx.report["status"] = "ok"
         except BudgetExceeded as exc:
-            status = self._fail(exc, "partial", exc.exit_code)
-        except KeyboardInterrupt:
-            status = self._fail("interrupted (Ctrl-C); finished work was kept", "partial", 130)
+            signum = interrupted_by(ctx.budget)  # a signal ends the budget early: the loops stop as for it
+            status = self._interrupted(signum) if signum else self._fail(exc, "partial", exc.exit_code)
+        except KeyboardInterrupt as exc:
+            status = self._interrupted(getattr(exc, "signum", None) or interrupted_by(ctx.budget))
         except LLMMergingError as exc:
             status = self._fail(exc, "error", exc.exit_code)
         except Exception as exc:  # an internal bug: still one line, traceback with --debug
-            logger.debug("internal error", exc_info=True)
-            status = self._fail(f"internal error: {type(exc).__name__}: {exc}", "error", 1)
-            ctx.report["internal_error"] = True
-            if logging.getLogger().isEnabledFor(logging.DEBUG):
-                raise
+            if disk_full(exc):  # ENOSPC: the atomic writers removed what they had half-written
+                logger.debug("disk full", exc_info=True)
+                status = self._fail(disk_full_message(exc, ctx.out_dir), "error", 2)
+                ctx.report["disk_full"] = True
+            else:
+                logger.debug("internal error", exc_info=True)
+                status = self._fail(f"internal error: {type(exc).__name__}: {exc}", "error", 1)
+                ctx.report["internal_error"] = True
+                if logging.getLogger().isEnabledFor(logging.DEBUG):
+                    raise
         finally:
             ctx.report["exit_status"] = status
             self._write_report()
             for phase in ctx.phases:
                 phase.finish(ctx)
+            self._write_report(final=True)  # the manifest again: files the phases wrote as they finished
         return status
+
+    def _interrupted(self, signum: int | None) -> int:
+        """SIGINT (Ctrl-C, or a KeyboardInterrupt) → 130, SIGTERM → 143; the report marked interrupted."""
+        name = signal_name(signum) if signum else "SIGINT"
+        self.report["interrupted"] = name
+        what = "Ctrl-C" if name == "SIGINT" else name
+        return self._fail(f"interrupted ({what}); finished work was kept", "partial", 128 + (signum or 2))
 
     def _run_phase(self, phase: Phase) -> None:
         ctx = self.context
@@ -187,20 +222,41 @@ class Runner:
         self.report["error"] = str(exc)
         return code
 
-    def _write_report(self) -> None:
+    def _write_report(self, final: bool = False) -> None:
+        """report.json, with ``outputs``: the manifest of what this run wrote. ``final``: after the phases'
+        ``finish``, rewritten only when they wrote more files."""
         ctx = self.context
-        self.report["phases_seconds"] = {k: round(v, 3) for k, v in ctx.budget.phases.items()}
-        self.report["budget"] = {
-            "seconds": self.cfg.time_budget, "elapsed": round(ctx.budget.elapsed(), 3),
-            "remaining": round(ctx.budget.remaining(), 3),
-        }
-        self.report.update(peak_memory())
-        self.report["versions"] = versions()
-        self.report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if not final:
+            self.report["phases_seconds"] = {k: round(v, 3) for k, v in ctx.budget.phases.items()}
+            self.report["budget"] = {
+                "seconds": self.cfg.time_budget, "elapsed": round(ctx.budget.elapsed(), 3),
+                "remaining": round(ctx.budget.seconds - ctx.budget.elapsed(), 3),
+            }
+            self.report.update(peak_memory())
+            self.report["versions"] = versions()
+            self.report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if not ctx.preflight_ok or not ctx.processes.is_main:
             return
         try:
+            before = self.report.get("outputs")
+            self.report["outputs"] = self._manifest()
+            if final and before is not None and before["written"] == self.report["outputs"]["written"] and \
+                    before.get("resumable") == self.report["outputs"].get("resumable"):
+                self.report["outputs"]["seconds"] = before["seconds"]
+                return
             if ctx.out_dir.is_dir():
                 atomic_write_json(ctx.out_dir / "report.json", jsonable(self.report))
         except OSError as exc:
             logger.error("cannot write report.json in %s: %s", ctx.out_dir, exc)
+
+    def _manifest(self) -> dict[str, Any]:
+        ctx = self.context
+        expected = [p for phase in ctx.phases for p in phase.expected_outputs(ctx)]
+        out = ctx.outputs.manifest(ctx.out_dir, expected)
+        out["folder"] = str(ctx.out_dir)
+        out["removed_temporaries"] = list(ctx.outputs.removed)
+        if ctx.outputs.taken_over:
+            out["locks_taken_over"] = list(ctx.outputs.taken_over)
+        if ctx.outputs.keep:
+            out["resumable"] = sorted(str(p) for p in ctx.outputs.keep if p.exists())
+        return out

@@ -3,13 +3,14 @@ merged model in memory; one ``scores.jsonl`` line for both."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from llm_merging import lm_eval_tasks
 from llm_merging.core.errors import BudgetExceeded, DataError
 from llm_merging.core.io import jsonable
 from llm_merging.data import eval_types_for, load_examples
-from llm_merging.evaluation import EvaluationResult, evaluate_model, write_scores_line
+from llm_merging.evaluation import EvaluationResult, evaluate_model, unique_names, write_scores_line
 from llm_merging.model import tiny
 from llm_merging.pipeline.config import DEFAULT_DATASETS, RunConfig
 from llm_merging.pipeline.context import Phase, RunContext
@@ -44,6 +45,21 @@ class EvaluatePhase(Phase):
         ctx.report["dataset_sizes"] = sizes
         if cfg.lm_eval is not None:
             self.lm_eval = lm_eval_tasks.prepare(cfg.lm_eval, progress=cfg.progress)
+
+    def expected_outputs(self, ctx: RunContext) -> list[str]:
+        out = []
+        for name, rows in zip(unique_names(ctx.datasets), ctx.examples):
+            out.append(f"predictions/{name}.jsonl")
+            if rows and all("id" in r for r in rows):
+                out.append(f"{name}_submission.csv")
+        if self.lm_eval is not None:
+            out.append("lm_eval/results.json")
+        return out + ["scores.jsonl"]
+
+    def disk_space(self, ctx: RunContext) -> list[tuple[Path, int, str]]:
+        rows = sum(len(r) for r in ctx.examples)
+        return [(ctx.out_dir, (1 << 20) + 4096 * rows + ((16 << 20) if self.lm_eval is not None else 0),
+                 "predictions and scores")]
 
     def run(self, ctx: RunContext) -> dict[str, Any] | None:
         with ctx.budget.phase("evaluate"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from llm_merging.pipeline.context import Phase, RunContext
 from llm_merging.report import html
@@ -14,6 +15,12 @@ class HtmlReportPhase(Phase):
     needs_weights = False
     checks_budget = False  # it only writes the page, in finish
     timed = False
+
+    def expected_outputs(self, ctx: RunContext) -> list[str]:
+        return ["report.html"]
+
+    def disk_space(self, ctx: RunContext) -> list[tuple[Path, int, str]]:
+        return [(ctx.out_dir, 8 << 20, "report.html and its plots")]
 
     def finish(self, ctx: RunContext) -> None:
         """A failure is logged and never changes the run's exit status."""

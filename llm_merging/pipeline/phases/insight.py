@@ -2,6 +2,7 @@
 ``--baselines`` (the base and each expert evaluated alone, normalised scores)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from llm_merging.core.errors import BudgetExceeded, ConfigError
@@ -18,6 +19,12 @@ class AnalyzePhase(Phase):
 
     def enabled(self, config: RunConfig) -> bool:
         return config.insight.analyze
+
+    def expected_outputs(self, ctx: RunContext) -> list[str]:
+        return ["analysis.json"]
+
+    def disk_space(self, ctx: RunContext) -> list[tuple[Path, int, str]]:
+        return [(ctx.out_dir, 32 << 20, "analysis.json and plots")]
 
     def run(self, ctx: RunContext) -> dict[str, Any] | None:
         doc = analyze_method(ctx.method, device=ctx.method.torch_device(), progress=ctx.config.progress,
@@ -44,6 +51,14 @@ class BaselinesPhase(Phase):
         if recipe is not None and recipe.tokenizer:
             raise ConfigError(f"--baselines: the recipe {ctx.config.recipe} sets an output tokenizer, so the merged "
                               f"model's vocabulary differs from the experts'; run the baselines without it")
+
+    def expected_outputs(self, ctx: RunContext) -> list[str]:
+        return ["baselines/"]
+
+    def disk_space(self, ctx: RunContext) -> list[tuple[Path, int, str]]:
+        models = 1 + len((ctx.report.get("models") or {}).get("experts") or [])
+        rows = sum(len(r) for r in ctx.examples)
+        return [(ctx.out_dir, models * ((1 << 20) + 4096 * rows), "the baselines' predictions")]
 
     def run(self, ctx: RunContext) -> dict[str, Any] | None:
         return run_baselines(ctx)

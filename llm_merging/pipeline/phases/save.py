@@ -1,12 +1,20 @@
 """The save phase: ``recipe.yml`` and the merged model (``--save full|kit|adapter|none``)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
-from llm_merging.core.errors import ConfigError
+import torch
+
+from llm_merging.core.errors import ConfigError, LLMMergingError
 from llm_merging.merging.recipe import recipe_document, write_recipe
-from llm_merging.model.save import save_full
+from llm_merging.model.checkpoint import read_safetensors_header
+from llm_merging.model.save import estimate_saved_bytes, save_full
 from llm_merging.pipeline.context import Phase, RunContext
+
+#: what each --save mode writes in OUTPUT/METHOD/ besides recipe.yml
+SAVED = {"full": ["merged_model/"], "kit": ["safetensor.pt"], "adapter": ["adapter/"], "none": []}
 
 
 class SavePhase(Phase):
@@ -23,6 +31,24 @@ class SavePhase(Phase):
             raise ConfigError(f"--save adapter needs an engine-based method; '{ctx.config.method}' overrides merge()")
         if any(e["kind"] != "lora" for e in ctx.report["models"]["experts"]):
             raise ConfigError("--save adapter needs LoRA experts only; use --save full for full fine-tunes")
+
+    def expected_outputs(self, ctx: RunContext) -> list[str]:
+        return ["recipe.yml", *SAVED[ctx.config.save]]
+
+    def disk_space(self, ctx: RunContext) -> list[tuple[Path, int, str]]:
+        """The merged model in its saved dtype (from the base checkpoint's headers), or the adapter."""
+        mode, method = ctx.config.save, ctx.method
+        needs = [(ctx.out_dir, 64 << 10, "recipe.yml")]
+        if mode in ("full", "kit"):
+            recipe = method.recipe
+            dtype = getattr(torch, recipe.out_dtype) if recipe is not None and recipe.out_dtype else method.torch_dtype()
+            base = Path(ctx.report["models"]["base"]["path"])
+            what = "the merged model" + (" (merged_model/)" if mode == "full" else " (safetensor.pt)")
+            needs.append((ctx.out_dir, estimate_saved_bytes(base, dtype, weights_only=mode == "kit"), what))
+        elif mode == "adapter":
+            needs.append((ctx.out_dir, adapter_bytes(ctx.report["models"]["experts"], method.adapter_rank),
+                          "the adapter (adapter/)"))
+        return needs
 
     def run(self, ctx: RunContext) -> dict[str, Any] | None:
         method, mode = ctx.method, ctx.config.save
@@ -53,3 +79,29 @@ class SavePhase(Phase):
         path = writer.save(ctx.out_dir / "adapter", ctx.report["models"]["base"]["id"], info)
         return {"format": "adapter", "path": str(path), "max_relative_error": round(max(writer.errors.values()), 6),
                 "relative_error_by_module": {m: round(e, 6) for m, e in writer.errors.items()}}
+
+
+def adapter_bytes(experts: list[dict], rank: int | None) -> int:
+    """About the bytes of ``--save adapter``'s float32 factors: at the default rank (the sum of the input
+    ranks) the inputs' values; at rank ``rank`` the mean values per unit of rank, times ``rank``."""
+    per_rank, total = [], 0
+    for e in experts:
+        path = Path(e["path"])
+        try:
+            values = sum(_numel(info["shape"]) for f in sorted(path.glob("*.safetensors"))
+                         for info in read_safetensors_header(f).values())
+            r = int(json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("r") or 1)
+        except (OSError, ValueError, TypeError, LLMMergingError):
+            continue
+        total += 4 * values
+        per_rank.append(4 * values / max(r, 1))
+    if rank is not None and per_rank:
+        return int(sum(per_rank) / len(per_rank) * rank)
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

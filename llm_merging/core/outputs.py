@@ -1,0 +1,408 @@
+"""One run's hold on its output folders (``OUTPUT/METHOD/``): an advisory lock (one run per folder), the
+removal of temporaries that runs which are gone left behind, the manifest of what this run wrote, and the
+disk space its outputs need.
+
+* **Lock**: ``.llm-merging.lock`` in the folder, held with ``fcntl.flock`` for the whole run and removed at
+  its end; it records the holder (pid, host, start, command). The kernel drops the lock of a process that
+  died, so a dead holder's lock is simply taken over (and said so).
+* **Stale temporaries**: temporaries carry their creator's marker (:func:`llm_merging.core.io.process_marker`);
+  those of a process that is gone (same host; pid not running, or running but started at another time) are
+  removed when a run claims the folder. Nothing else is touched: not a live run's, not another host's, not
+  a file that does not match the exact pattern.
+* **Manifest**: the folder's files are recorded when it is claimed; at the end, every file that is new or
+  changed is this run's (``written``: bytes and sha256), every other one an earlier run's (``earlier``).
+* **Disk space**: `check_space` compares what the outputs need with the free bytes of each file system.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from llm_merging.core.errors import OutputError
+from llm_merging.core.io import SCRATCH_NAME, TEMP_NAME, host_name, process_start, remove_path
+
+try:  # POSIX; elsewhere the folder is not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".llm-merging.lock"
+
+
+# ------------------------------------------------------------------------------------------- owners
+def owner_alive(pid: int, start: int, host: str) -> bool:
+    """Whether the process that made a marked temporary may still run: True for another host (we cannot
+    tell) and for a process with that pid that started within a second of ``start``."""
+    if host != host_name():
+        return True
+    if pid == os.getpid():
+        mine = process_start()
+        return mine is None or abs(int(mine) - start) <= 1
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: running
+        pass
+    started = process_start(pid)
+    if started is None:  # gone between the two calls, or unknown: keep it
+        return _pid_exists(pid)
+    return abs(int(started) - start) <= 1
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _owner(match) -> tuple[int, int, str]:
+    return int(match["pid"]), int(match["start"]), match["host"]
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` (a file or directory name) is one of our marked temporaries."""
+    return TEMP_NAME.match(name) is not None
+
+
+# ------------------------------------------------------------------------------------------- sweep
+def sweep(folder: Path, *, keep: Iterable[Path] = (), own: bool = False, recursive: bool = True,
+          scratch: bool = False) -> list[dict[str, Any]]:
+    """Remove the marked temporaries under ``folder`` whose process is gone (``own``: this process's too)
+    and return what was done, one ``{"path", "pid", "host", "action"}`` per entry. ``keep``: paths left
+    alone (e.g. an interrupted merge to resume). ``scratch``: ``folder`` is ``$TMPDIR`` (only our scratch
+    directories there, not recursively). A ``.NAME.MARKER.old`` (a directory being replaced) is put back as
+    ``NAME`` when ``NAME`` is missing, else removed."""
+    folder = Path(folder)
+    keep = {Path(k).resolve() for k in keep}
+    done: list[dict[str, Any]] = []
+    pattern = SCRATCH_NAME if scratch else TEMP_NAME
+    me = os.getpid()
+    for root, dirs, files in _walk(folder, recursive and not scratch):
+        for name in sorted(dirs + files):
+            m = pattern.match(name)
+            if m is None:
+                continue
+            path = root / name
+            pid, start, host = _owner(m)
+            alive = owner_alive(pid, start, host)
+            mine = alive and pid == me
+            if path.resolve() in keep or (alive and not (own and mine)):
+                dirs[:] = [d for d in dirs if d != name]
+                continue
+            action = "removed"
+            target = root / m["name"] if not scratch else None
+            if m["kind"] == "old" and target is not None and not os.path.lexists(target):
+                try:
+                    os.replace(path, target)
+                    action = "restored"
+                except OSError:
+                    remove_path(path)
+            else:
+                remove_path(path)
+            dirs[:] = [d for d in dirs if d != name]
+            done.append({"path": str(path), "pid": pid, "host": host, "action": action})
+    if done:
+        owners = sorted({d["pid"] for d in done})
+        what = "left by a process that is gone" if not own else "of this run or of processes that are gone"
+        (logger.info if own else logger.warning)("removed %d temporar%s %s (pid %s): %s", len(done), "y" if len(done) == 1 else "ies",
+                       what, ", ".join(map(str, owners)),
+                       ", ".join(f"{d['path']}" + (" (restored)" if d["action"] == "restored" else "") for d in done))
+    return done
+
+
+def _walk(folder: Path, recursive: bool):
+    """(directory, [sub-directory names], [file names]) under ``folder``; the caller prunes the list of
+    sub-directories it must not enter."""
+    if not folder.is_dir():
+        return
+    if not recursive:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        dirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+        yield folder, dirs, [e.name for e in entries if not e.is_dir(follow_symlinks=False)]
+        return
+    for root, dirs, files in os.walk(folder):
+        yield Path(root), dirs, files
+
+
+# ------------------------------------------------------------------------------------------- lock
+@dataclass
+class FolderLock:
+    """The advisory lock of one output folder (see the module docstring)."""
+
+    folder: Path
+    fd: int | None = None
+    taken_over: dict[str, Any] | None = None  # the previous holder's record, when it died holding it
+
+    @property
+    def path(self) -> Path:
+        return self.folder / LOCK_NAME
+
+    def acquire(self, command: list[str] | None = None) -> None:
+        """Take the lock or raise OutputError (one line naming the holder's pid)."""
+        if fcntl is None:  # pragma: no cover
+            return
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise OutputError(f"output folder '{self.folder}': cannot lock {self.path}: "
+                                      f"{exc.strerror or exc}") from None
+                holder = self._holder()
+                who = (f"pid {holder.get('pid')} on {holder.get('host')}" if holder.get("pid") else "another process")
+                since = f", since {holder['since']}" if holder.get("since") else ""
+                raise OutputError(f"output folder '{self.folder}' is in use by another run ({who}{since}); "
+                                  "wait for it to end or choose another --output_folder") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the holder removed the file as it released it: take the new one
+                os.close(fd)
+                continue
+            previous = self._read(fd)
+            if previous.get("pid"):
+                self.taken_over = previous
+                logger.warning("output folder '%s': took over the lock of run pid %s on %s, which is gone",
+                               self.folder, previous.get("pid"), previous.get("host"))
+            record = {"pid": os.getpid(), "host": host_name(), "started": process_start(),
+                      "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": list(command or [])}
+            data = (json.dumps(record) + "\n").encode("utf-8")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+            self.fd = fd
+            return
+        raise OutputError(f"output folder '{self.folder}': cannot take its lock {self.path} (it keeps changing)")
+
+    def _holder(self) -> dict[str, Any]:
+        for _ in range(50):  # a holder that just took the lock writes its record right after
+            try:
+                with open(self.path, encoding="utf-8") as fh:
+                    record = json.loads(fh.read() or "{}")
+                if record.get("pid"):
+                    return record
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.01)
+        return {}
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any]:
+        try:
+            raw = os.pread(fd, 1 << 16, 0)
+            return json.loads(raw.decode("utf-8") or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (removed first: a waiting run then takes a fresh file)."""
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+# ------------------------------------------------------------------------------------------- manifest
+def _files(folder: Path) -> dict[str, os.stat_result]:
+    """Every file under ``folder`` (relative path -> stat), without the lock and our temporaries."""
+    out = {}
+    for root, dirs, files in _walk(folder, True):
+        dirs[:] = [d for d in dirs if not is_temporary(d)]
+        for name in files:
+            if name == LOCK_NAME or is_temporary(name):
+                continue
+            path = root / name
+            try:
+                out[str(path.relative_to(folder))] = path.lstat()
+            except OSError:
+                continue
+    return out
+
+
+def _key(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Claim:
+    folder: Path
+    lock: FolderLock
+    before: dict[str, tuple] = field(default_factory=dict)  # relative path -> stat key, when claimed
+
+
+@dataclass
+class OutputFolders:
+    """The output folders a run holds (its ``OUTPUT/METHOD/``, and the best method's after a search)."""
+
+    claims: dict[Path, Claim] = field(default_factory=dict)
+    keep: set[Path] = field(default_factory=set)  # temporaries to leave (an interrupted merge to resume)
+    removed: list[dict[str, Any]] = field(default_factory=list)  # stale temporaries removed
+    taken_over: list[dict[str, Any]] = field(default_factory=list)  # locks of dead runs taken over
+    _hashes: dict[tuple, str] = field(default_factory=dict)
+
+    def claim(self, folder: Path, command: list[str] | None = None) -> None:
+        """Lock ``folder`` (OutputError when another run holds it), remove the stale temporaries there (and
+        our stale scratch directories in $TMPDIR), record its files. No-op for a folder already held."""
+        folder = Path(folder)
+        if folder.resolve() in {f.resolve() for f in self.claims}:
+            return
+        lock = FolderLock(folder)
+        lock.acquire(command)
+        claim = Claim(folder, lock)
+        self.claims[folder] = claim
+        if lock.taken_over:
+            self.taken_over.append({"folder": str(folder), **{k: lock.taken_over.get(k) for k in ("pid", "host", "since")}})
+        self.removed += sweep(folder, keep=self.keep)
+        if len(self.claims) == 1:
+            self.removed += sweep(Path(tempfile.gettempdir()), scratch=True)
+        claim.before = {rel: _key(st) for rel, st in _files(folder).items()}
+
+    def release(self) -> list[dict[str, Any]]:
+        """This run's own temporaries removed (except ``keep``), every lock dropped; returns what was removed."""
+        removed: list[dict[str, Any]] = []
+        for claim in self.claims.values():
+            removed += sweep(claim.folder, keep=self.keep, own=True)
+        if self.claims:
+            removed += sweep(Path(tempfile.gettempdir()), scratch=True, own=True)
+        for claim in self.claims.values():
+            claim.lock.release()
+        self.claims = {}
+        return removed
+
+    def manifest(self, out_dir: Path, expected: Iterable[str] = ()) -> dict[str, Any]:
+        """``written``: every file under the held folders that is new or changed since they were claimed
+        (path relative to ``out_dir``: bytes, sha256); ``earlier``: every other file there (an earlier
+        run's); ``not_produced``: the ``expected`` outputs (paths relative to ``out_dir``, folders ending
+        in ``/``) this run did not write. report.json itself is always this run's and is not listed."""
+        t0 = time.time()
+        written: dict[str, dict[str, Any]] = {}
+        earlier: list[str] = []
+        for claim in self.claims.values():
+            for rel, st in sorted(_files(claim.folder).items()):
+                path = claim.folder / rel
+                name = os.path.relpath(path, out_dir)
+                if rel == "report.json" and claim.folder.resolve() == Path(out_dir).resolve():
+                    continue  # this run's, always (the manifest is in it)
+                if claim.before.get(rel) == _key(st):
+                    earlier.append(name)
+                    continue
+                key = _key(st)
+                if key not in self._hashes:
+                    try:
+                        self._hashes[key] = sha256_file(path)
+                    except OSError:
+                        continue
+                written[name] = {"bytes": st.st_size, "sha256": self._hashes[key]}
+        missing = []
+        for item in expected:
+            is_dir = str(item).endswith("/")
+            name = os.path.normpath(str(item))
+            prefix = name + "/"
+            if name in written or (is_dir and any(w.startswith(prefix) for w in written)):
+                continue
+            label = prefix if is_dir else name
+            if label not in missing:
+                missing.append(label)
+        out: dict[str, Any] = {"written": written, "not_produced": missing, "earlier": earlier}
+        out["seconds"] = round(time.time() - t0, 3)
+        return out
+
+
+# ------------------------------------------------------------------------------------------- disk space
+def free_bytes(path: Path) -> int:
+    """Free bytes for this user on the file system that holds ``path`` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return int(shutil.disk_usage(path).free)
+
+
+def _device(path: Path) -> tuple[int, Path]:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.stat(path).st_dev, path
+
+
+def size_text(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_space(needs: Iterable[tuple[Path, int, str]]) -> dict[str, Any]:
+    """``needs``: (folder, bytes, what) of every output and temporary spill. Sums them per file system and
+    raises OutputError (one line: the folder, the bytes needed and free) where they do not fit; returns
+    the estimate per folder for report.json."""
+    by_device: dict[int, dict[str, Any]] = {}
+    for folder, nbytes, what in needs:
+        dev, _ = _device(folder)
+        entry = by_device.setdefault(dev, {"folder": Path(folder), "bytes": 0, "what": []})
+        entry["bytes"] += int(nbytes)
+        if nbytes > 0 and what not in entry["what"]:
+            entry["what"].append(what)
+    report = {}
+    for entry in by_device.values():
+        need = max(entry["bytes"], 0)
+        free = free_bytes(entry["folder"])
+        report[str(entry["folder"])] = {"needed_bytes": need, "free_bytes": free, "for": entry["what"]}
+        if need > free:
+            raise OutputError(f"not enough disk space in '{entry['folder']}': {', '.join(entry['what'])} need "
+                              f"{need} bytes ({size_text(need)}) but {free} bytes ({size_text(free)}) are free")
+    return report
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a full disk or quota (ENOSPC, EDQUOT; also as libraries word it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_message(exc: BaseException, folder: Path | None = None) -> str:
+    """One line for a full disk: where, and that nothing half-written was kept."""
+    where = getattr(exc, "filename", None) or folder
+    return (f"no space left on the device{f' writing {where}' if where else ''}: free some space or choose "
+            "another --output_folder (nothing half-written was kept)")
