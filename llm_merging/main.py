@@ -13,16 +13,17 @@ if __package__ in (None, ""):  # run as a script from a source tree: import the 
     else:
         sys.path.insert(0, _root)
 
-from llm_merging.cli import analyze, run  # noqa: E402
-from llm_merging.cli.run import build_parser, list_methods  # noqa: E402,F401  (public: the run parser)
+from llm_merging import cli as commands  # noqa: E402
+from llm_merging.cli.flags import build_parser  # noqa: E402  (public: the run parser, torch-free)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``llm-merging [analyze] ...``: the exit status."""
+    """``llm-merging [analyze] ...``: the exit status. The flags are parsed before the library is loaded."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "analyze":  # `llm-merging analyze --base-model REF --models REF ...`
-        return analyze.main(argv[1:])
-    return run.main(argv)
+        return commands.analyze.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return commands.run.main(argv, args)
 
 
 def cli() -> None:

@@ -397,7 +397,7 @@ def test_cli_full_experts_equal_the_op_on_the_checkpoints(capsys, tmp_path, meth
 
 @pytest.mark.parametrize("method, sets, key", [
     ("pcb_merging", ["ratio=0"], "ratio"),
-    ("pcb_merging", ["clamp=0.5"], "clamp"),
+    ("pcb_merging", ["clamp=0.2"], "clamp"),
     ("pcb_merging", ["weights=1,2,3,4"], "weights"),
     ("magmax", ["scale=-1"], "scale"),
     ("magmax", ["tie_break=middle"], "tie_break"),
@@ -416,6 +416,16 @@ def test_bad_hyperparameters_are_one_line_errors_naming_the_key(capsys, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert f"'{key}'" in err[0] or f"--set {key}=" in err[0], err  # the hyperparameter, or the --set item
+
+
+def test_expo_is_task_arithmetic_with_scale_one_plus_alpha(capsys, tmp_path):
+    args = ["--base-model", str(tiny.base_dir("decoder")), "--models", str(tiny.full_expert_dir("decoder", 0)),
+            "--no-eval", "--quiet"]
+    assert main(["-m", "expo", *args, "--output_folder", str(tmp_path / "a"), "--set", "alpha=0.3"]) == 0
+    assert main(["-m", "task_arithmetic", *args, "--output_folder", str(tmp_path / "b"), "--set", "scale=1.3"]) == 0
+    a = load_file(str(tmp_path / "a" / "expo" / "merged_model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "task_arithmetic" / "merged_model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_expo_takes_exactly_one_expert(capsys, tmp_path):

@@ -33,9 +33,9 @@ def _spawn(args, cwd, delay, progress=None):
     """The CLI in a child process, its steps slowed by ``delay`` s (tests/crash_methods.py)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
                CRASH_DELAY=str(delay), CRASH_PROGRESS=str(progress or Path(cwd) / "progress"))
-    log = open(Path(cwd) / "child.log", "wb")
-    return subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "llm_merging", "main.py"), *args], env=env,
-                            cwd=str(cwd), stdout=log, stderr=subprocess.STDOUT)
+    with open(Path(cwd) / "child.log", "wb") as log:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "llm_merging", "main.py"), *args],
+                                env=env, cwd=str(cwd), stdout=log, stderr=subprocess.STDOUT)
 
 
 def _wait(proc, ready, cwd, timeout=240):
@@ -261,12 +261,12 @@ def small_disk(tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
+                                           capture_output=True, check=False).returncode != 0:
         pytest.skip("needs root and mount (a small tmpfs)")
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 @pytest.mark.parametrize("save", ["full", "kit"])
@@ -321,7 +321,7 @@ def test_lock_is_exclusive_within_and_across_processes(tmp_path):
         code = ("import sys; from pathlib import Path; from llm_merging.core.outputs import FolderLock; "
                 "FolderLock(Path(sys.argv[1])).acquire()")
         other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
-                               text=True)
+                               text=True, check=False)
         assert other.returncode != 0 and f"pid {os.getpid()}" in other.stderr
     finally:
         lock.release()

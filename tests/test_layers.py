@@ -1,9 +1,15 @@
 """The package's layers: imports run only downward, with no cycles, no private names across modules and no
-function-local imports of our own modules. Read from the source (AST), function-local imports included."""
+function-local imports of our own modules. Read from the source (AST), function-local imports included.
+
+Two documented facades load modules on first attribute access (a module ``__getattr__``, not an import
+statement): the package itself (``llm_merging.ops`` ...) and the command line's commands (``llm_merging.cli.run``,
+``cli.analyze``), so that ``import llm_merging`` and ``llm-merging --help`` never load torch."""
 from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -195,3 +201,12 @@ def test_checker_finds_what_it_guards(tmp_path):
     assert cycles(got) == [["llm_merging.ops.b", "llm_merging.ops.c"]]
     assert [(i.source, i.name) for i in got if i.name == "_hidden"] == [("llm_merging.ops.b", "_hidden")]
     assert [(i.source, i.line) for i in got if i.local] == [("llm_merging.ops.c", 2)]
+
+
+def test_the_command_line_answers_without_loading_torch():
+    """``import llm_merging`` and the run parser (``--help``, flag errors) stay light: no torch, no transformers."""
+    code = ("import sys, llm_merging, llm_merging.main as m; m.build_parser().format_help(); "
+            "heavy = [n for n in ('torch', 'transformers', 'numpy') if n in sys.modules]; print(heavy); "
+            "sys.exit(1 if heavy else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

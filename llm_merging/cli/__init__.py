@@ -1,8 +1,12 @@
 """The command line: ``llm-merging`` (``python llm_merging/main.py``) runs a merge, ``llm-merging analyze``
-analyses experts. Both share the parser base, the logging set-up and the error-to-exit-status wrapper here."""
+analyses experts. Both share the parser base, the logging set-up and the error-to-exit-status wrapper here.
+
+The commands (`run`, `analyze`) load the library (torch, transformers) when they are first used, through the
+same lazy attribute access as the package itself, so that ``--help`` and flag errors answer at once."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -66,3 +70,10 @@ def guarded(work: Callable[[], int], *, debug: bool = False, report: bool = True
         if report:
             print(f"error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def __getattr__(name: str):
+    """``cli.run`` and ``cli.analyze`` are imported on first use (they load torch)."""
+    if name in ("run", "analyze"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+import psutil
+
 from llm_merging.core.errors import OutputError
 from llm_merging.core.io import SCRATCH_NAME, TEMP_NAME, host_name, process_start, remove_path
 
@@ -43,31 +45,20 @@ LOCK_NAME = ".llm-merging.lock"
 # ------------------------------------------------------------------------------------------- owners
 def owner_alive(pid: int, start: int, host: str) -> bool:
     """Whether the process that made a marked temporary may still run: True for another host (we cannot
-    tell) and for a process with that pid that started within a second of ``start``."""
+    tell) and for a running process (not a zombie) with that pid that started within a second of ``start``."""
     if host != host_name():
         return True
     if pid == os.getpid():
         mine = process_start()
         return mine is None or abs(int(mine) - start) <= 1
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped: gone
+            return False
+        return abs(int(process.create_time()) - start) <= 1
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:  # another user's process: running
-        pass
-    started = process_start(pid)
-    if started is None:  # gone between the two calls, or unknown: keep it
-        return _pid_exists(pid)
-    return abs(int(started) - start) <= 1
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    except Exception:  # access denied and the like: it runs, and it may be the owner
         return True
 
 
@@ -294,10 +285,8 @@ class OutputFolders:
     def release(self) -> list[dict[str, Any]]:
         """This run's own temporaries removed (except ``keep``), every lock dropped; returns what was removed."""
         removed: list[dict[str, Any]] = []
-        for claim in self.claims.values():
+        for claim in self.claims.values():  # (scratch directories in $TMPDIR are removed by their users)
             removed += sweep(claim.folder, keep=self.keep, own=True)
-        if self.claims:
-            removed += sweep(Path(tempfile.gettempdir()), scratch=True, own=True)
         for claim in self.claims.values():
             claim.lock.release()
         self.claims = {}

@@ -18,7 +18,8 @@ class PcbMerging(TaskVectorMerge):
         "weights": WEIGHTS,  # the reference's per-task λ ("lams")
         "scale": SCALE,
         "clamp": Param(PCB_CLAMP, "fraction of each task vector's smallest and largest magnitudes clipped before "
-                                  "scoring, in [0, 0.5) (the reference's 1e-4)", low=0.0, high=0.5, high_open=True),
+                                  "scoring, in [0, 0.1] (the reference's 1e-4; its NLP scripts' 0.01)", low=0.0,
+                       high=0.1),
     }
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:

@@ -13,12 +13,12 @@ from typing import Any, Sequence
 
 import torch
 
+from llm_merging.core.choices import SCORINGS
 from llm_merging.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
-SCORINGS = ("exact", "starter_kit")  # multiple-choice scoring rules (the --mc-scoring choices)
 
 
 def check_scoring(scoring: str) -> str:

@@ -166,15 +166,15 @@ class _Quadratic:
 
 
 def _orthonormal_basis(row_basis: Tensor, ts: list[Tensor]) -> Optional[Tensor]:
-    """Orthonormal columns spanning ``row_basis``'s; None unless every τᵢ's rows lie in their span."""
+    """Orthonormal columns (float64) spanning ``row_basis``'s; None unless every τᵢ's rows lie in their span."""
     n = ts[0].shape[1]
     if not isinstance(row_basis, Tensor) or row_basis.dim() != 2 or row_basis.shape[0] != n:
         shape = tuple(row_basis.shape) if isinstance(row_basis, Tensor) else type(row_basis).__name__
         raise ConfigError(f"row_basis: expected a matrix with {n} rows (in × k), got {shape}")
     q, _ = torch.linalg.qr(row_basis.to(device=ts[0].device, dtype=torch.float64))
-    q = q.to(torch.float32)
+    q32 = q.to(torch.float32)
     for t in ts:
-        residual = float(torch.linalg.matrix_norm(t - (t @ q) @ q.T))
+        residual = float(torch.linalg.matrix_norm(t - (t @ q32) @ q32.T))
         if residual > 1e-4 * float(torch.linalg.matrix_norm(t)):
             return None
     return q

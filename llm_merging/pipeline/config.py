@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llm_merging.core.choices import SAVE_MODES
 from llm_merging.core.errors import ConfigError
 from llm_merging.data import check_max_examples
 from llm_merging.lm_eval_tasks import LMEvalConfig
@@ -14,8 +15,6 @@ from llm_merging.search import SearchConfig
 __all__ = ["RunConfig", "SearchConfig", "LMEvalConfig", "CalibrationConfig", "InsightConfig",
            "SAVE_MODES", "DEFAULT_DATASETS"]
 
-#: what ``--save`` writes: an HF directory, the kit's safetensor.pt, a PEFT adapter by SVD, or nothing
-SAVE_MODES = ("full", "kit", "adapter", "none")
 #: the starter kit's evaluation files, relative to the working directory
 DEFAULT_DATASETS = ["data/validation/cosmos_qa.csv", "data/validation/xsum.csv"]
 DATA_AWARE = "regmean, regmean_plus, fisher, adamerging"

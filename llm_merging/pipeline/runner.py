@@ -239,10 +239,15 @@ class Runner:
             return
         try:
             before = self.report.get("outputs")
-            self.report["outputs"] = self._manifest()
-            if final and before is not None and before["written"] == self.report["outputs"]["written"] and \
-                    before.get("resumable") == self.report["outputs"].get("resumable"):
-                self.report["outputs"]["seconds"] = before["seconds"]
+            try:
+                self.report["outputs"] = self._manifest()
+            except Exception as exc:  # the manifest must never cost the report
+                logger.error("cannot list this run's outputs in %s: %s: %s", ctx.out_dir, type(exc).__name__, exc)
+                self.report["outputs"] = {"error": f"{type(exc).__name__}: {exc}"}
+            now = self.report["outputs"]
+            if final and before is not None and before.get("written") == now.get("written") and \
+                    before.get("resumable") == now.get("resumable"):
+                self.report["outputs"] = before
                 return
             if ctx.out_dir.is_dir():
                 atomic_write_json(ctx.out_dir / "report.json", jsonable(self.report))
@@ -257,6 +262,7 @@ class Runner:
         out["removed_temporaries"] = list(ctx.outputs.removed)
         if ctx.outputs.taken_over:
             out["locks_taken_over"] = list(ctx.outputs.taken_over)
-        if ctx.outputs.keep:
-            out["resumable"] = sorted(str(p) for p in ctx.outputs.keep if p.exists())
+        kept = sorted(str(p) for p in ctx.outputs.keep if p.exists())
+        if kept:  # an interrupted merge left for --resume
+            out["resumable"] = kept
         return out

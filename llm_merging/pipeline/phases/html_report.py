@@ -20,7 +20,7 @@ class HtmlReportPhase(Phase):
         return ["report.html"]
 
     def disk_space(self, ctx: RunContext) -> list[tuple[Path, int, str]]:
-        return [(ctx.out_dir, 8 << 20, "report.html and its plots")]
+        return [(ctx.out_dir, 2 << 20, "report.html and its plots")]
 
     def finish(self, ctx: RunContext) -> None:
         """A failure is logged and never changes the run's exit status."""
