@@ -73,6 +73,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+from llm_merging.core.budget import Budget
+from llm_merging.core.errors import first_line
+
 logger = logging.getLogger("device_check")
 
 #: model shapes: Llama-2-7B's, and a tiny one for the CPU form (vocab None: the tokenizer's)
@@ -114,20 +117,6 @@ class Skip(Exception):
 
 
 # ------------------------------------------------------------------------------------------- helpers
-class Deadline:
-    """The ``--budget``: seconds left, for evaluate_dataset and the engine's ``should_stop``."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.start = time.monotonic()
-
-    def remaining(self) -> float:
-        return self.seconds - (time.monotonic() - self.start)
-
-    def spent(self) -> bool:
-        return self.remaining() <= 0
-
-
 class Peaks:
     """Peak host memory (RSS of this process, sampled every 20 ms) and peak GPU memory over a block."""
 
@@ -176,12 +165,6 @@ def free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def first_line(exc: BaseException) -> str:
-    from llm_merging.core.errors import first_line as line
-
-    return line(exc)
 
 
 def dir_gib(path: Path) -> float:
@@ -284,7 +267,7 @@ def write_lora(out: Path, base: Path, shapes: dict[str, tuple], layers: int, see
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def build_models(root: Path, shape: str, device: str, deadline: Deadline, progress: bool) -> dict:
+def build_models(root: Path, shape: str, device: str, deadline: Budget, progress: bool) -> dict:
     """Write the base, its full fine-tune and two LoRA experts, and their subset twins, under ``root``."""
     from tqdm.auto import tqdm
 
@@ -303,7 +286,7 @@ def build_models(root: Path, shape: str, device: str, deadline: Deadline, progre
     sub = {k: ShardedWriter(root / "subset" / k, len(sub_groups)) for k in ("base", "full-0", "full-1")}
     gen_device = device if device.startswith("cuda") else "cpu"
     for group in tqdm(groups, desc="write models", unit="shard", disable=not progress):
-        if deadline.spent():
+        if deadline.expired():
             raise BudgetExceeded("the budget ran out while writing the models")
         out: dict[str, dict[str, torch.Tensor]] = {"base": {}, "full-0": {}, "full-1": {}}
         subset = all(in_subset(n) for n, _ in group)
@@ -417,7 +400,7 @@ def compare(device_side: dict[str, torch.Tensor], cpu_side: dict[str, torch.Tens
 class Check:
     """The run: options, where the models are, the results document, written after every step."""
 
-    def __init__(self, args, work: Path, deadline: Deadline) -> None:
+    def __init__(self, args, work: Path, deadline: Budget) -> None:
         self.args, self.work, self.deadline = args, work, deadline
         self.device = args.device
         self.progress = not args.quiet
@@ -442,7 +425,7 @@ class Check:
             try:
                 if step in self.args.skip:
                     raise Skip("--skip")
-                if self.deadline.spent():
+                if self.deadline.expired():
                     raise Skip(f"budget spent (--budget {self.args.budget:g})")
                 logger.info("step %s ...", step)
                 entry.update(getattr(self, f"step_{step}")() or {})
@@ -525,7 +508,7 @@ class Check:
             t0 = time.perf_counter()
             method = make_method(name, self.path("base", subset), [self.path(e, subset) for e in experts], self.device,
                                  overrides, progress=self.progress)
-            method.should_stop = self.deadline.spent
+            method.should_stop = self.deadline.expired
             method.merge()
             sync(self.device)
             seconds = time.perf_counter() - t0
@@ -540,7 +523,7 @@ class Check:
         self.need("models")
         results = {}
         for label, spec in MERGES.items():
-            if self.deadline.spent():
+            if self.deadline.expired():
                 results[label] = {"status": "skipped", "reason": f"budget spent (--budget {self.args.budget:g})"}
                 continue
             self.last_merged = None
@@ -701,14 +684,14 @@ class Check:
                     "max_abs_score_diff": max(diffs) if diffs else None,
                     "generated_ids_same": f"{sum(ids_same)}/{len(ids_same)}" if ids_same else None,
                     "full_validation": {"file": str(full[name]), "rows": n_full,
-                                        "projected_s": round(n_full / rate, 1) if rate else None}}
+                                        "projected_s": round(n_full / rate, 3) if rate else None}}
                 logger.info("%s: auto %s ex/s, batch 1 %s ex/s", name, rate, sides["batch_1"]["examples_per_s"])
         finally:
             method = fast = slow = None  # the model's last references
             free_device_memory()
         projected = [r["full_validation"]["projected_s"] for r in results.values()]
         return {"data": source, "max_gen_len": gen_len, "datasets": results,
-                "projected_full_validation_s": round(sum(projected), 1) if None not in projected else None,
+                "projected_full_validation_s": round(sum(projected), 3) if None not in projected else None,
                 **({"status": "partial"} if any(r["auto"]["partial"] or r["batch_1"]["partial"]
                                                  for r in results.values()) else {})}
 
@@ -767,7 +750,7 @@ class Check:
         with Peaks(self.device) as disk_peaks:
             t0 = time.perf_counter()
             method = make_method(name, base, paths, self.device, values)
-            method.should_stop = self.deadline.spent
+            method.should_stop = self.deadline.expired
             try:
                 method.merge()
             except BudgetExceeded as exc:  # keep the in-memory figures
@@ -954,9 +937,9 @@ def parse_args(argv):
                    help="seconds; steps that would start later are skipped (default 420: a running step may overrun "
                         "it by its last piece, so the whole check stays under 8 minutes)")
     p.add_argument("--out", type=Path, default=Path("device_check.json"), help="the results (default ./device_check.json)")
-    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "starter_kit"),
-                   help="the kit's cosmos_qa.json, xsum.json and validation/*.csv (default ../shared/data/starter_kit "
-                        "from the repository root; else the package's sample data)")
+    p.add_argument("--data-dir", default=str(REPO / "data"),
+                   help="the kit's cosmos_qa.json, xsum.json and validation/*.csv (default: data/ in the repository, "
+                        "the starter kit's layout; else the package's sample data)")
     p.add_argument("--eval-rows", type=int, default=None, help=f"rows per file timed in the evaluation ({sizes('eval_rows')})")
     p.add_argument("--search-rows", type=int, default=None, help=f"rows per file scoring the search trial ({sizes('search_rows')})")
     p.add_argument("--processes", type=int, default=1, help="also compare N GPU processes against one")
@@ -1014,7 +997,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="device-check-", dir=args.work_dir))
     previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
-    check = Check(args, work, Deadline(args.budget))
+    check = Check(args, work, Budget(args.budget, start=time.time()))
     try:
         status = check.run()
     finally:

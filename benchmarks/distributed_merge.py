@@ -81,7 +81,7 @@ def open_method(args):
     method = instantiate(args.method)
     cfg = RunConfig(method=args.method, base_model=args.base, models=args.models, device=args.device,
                     dtype=args.dtype if args.shape != "tiny" else None, progress=False)
-    configure(method, cfg.method_options())
+    configure(method, cfg.method_options(method.name, method.all_hyperparameters()))
     method.preflight()
     return method
 

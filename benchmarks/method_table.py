@@ -42,7 +42,7 @@ from search_benchmark import WORDS, accuracies, rows, train_expert, write_jsonl 
 from llm_merging.merging import get_method_class, method_targets  # noqa: E402
 from llm_merging.model import tiny  # noqa: E402
 
-#: the data-free methods of issue #26 (skipped with a note when not registered)
+#: the newer data-free methods (skipped with a note when not registered)
 METHODS = ["pcb_merging", "magmax", "consensus_ta", "consensus_ties", "expo", "lines", "cart", "star", "wudi"]
 #: the baselines every table shows first (the time table: TIES)
 BASELINES = ["task_arithmetic", "ties_merge"]

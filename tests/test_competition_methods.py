@@ -173,6 +173,21 @@ def test_pcb_zero_and_constant_task_vectors_give_zero_not_nan():
     assert torch.equal(ops.pcb([torch.ones(1)]), torch.zeros(1))
 
 
+def test_empty_tensors_give_empty_zeros():
+    """An empty tensor (numel 0) gives zeros of its shape, as every op; PCB's quantiles and min-max would raise."""
+    for shape in ((0,), (0, 5), (3, 0)):
+        empty = [torch.zeros(shape, dtype=torch.float16) for _ in range(3)]
+        for f in (lambda t: ops.pcb(t, ratio=0.1), lambda t: ops.pcb(t, weights=[1.0, 2.0, 0.5], scale=2.0),
+                  lambda t: ops.magmax(t), lambda t: ops.consensus_ta(t), lambda t: ops.consensus_ties(t),
+                  lambda t: ops.expo(t[0])):
+            out = f(empty)
+            assert out.shape == shape and out.dtype == torch.float32, shape
+        clamped, scores = ops.pcb_scores(empty)
+        assert clamped.shape == scores.shape == (3, 0)
+    with pytest.raises(ConfigError, match="ratio"):  # the values are still checked
+        ops.pcb([torch.zeros(0)] * 2, ratio=0.0)
+
+
 def test_pcb_ties_in_magnitudes():
     """Integer-valued task vectors (many equal |τ|): the clamps and quantiles are values, so ties change
     nothing between us and the reference."""

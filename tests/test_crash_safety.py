@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ import pytest
 from conftest import REPO_ROOT
 
 from llm_merging.core import outputs
+from llm_merging.core.budget import Budget
 from llm_merging.core.io import atomic_path, host_name, process_marker, process_start
 from llm_merging.core.outputs import LOCK_NAME, FolderLock, sweep
 from llm_merging.main import main
+from llm_merging.merging.Merges import Merges
 from llm_merging.model import tiny
 from llm_merging.pipeline import RunConfig, Runner
 
@@ -226,10 +229,63 @@ def test_interrupted_streamed_merge_is_kept_for_resume(tmp_path, reference):
         if proc.poll() is None:
             _kill(proc)
     report = _report(run_dir)
-    assert report["interrupted"] == "SIGTERM" and report["resumable"]["tensors_done"] >= 2
-    assert sorted(Path(p).suffix for p in report["outputs"]["resumable"]) == [".journal", ".tmp"]
+    assert report["interrupted"] == "SIGTERM" and "resumable" not in report
+    [kept] = report["outputs"]["resumable"]
+    assert kept["tensors_done"] >= 2 and kept["stopped_by"] == "SIGTERM"
+    assert Path(kept["path"]).suffix == ".tmp" and Path(kept["journal"]).suffix == ".journal"
+    assert kept["continue_with"] == "the same command with --resume"
     assert LOCK_NAME not in _hidden(run_dir)
     assert main([*args, "--resume"]) == 0
+    assert _digests(run_dir / "merged_model") == reference["full"] and _hidden(run_dir) == []
+
+
+# ------------------------------------------------------------------------------------------- budget, other hosts
+class _StopAfter(Budget):
+    """A budget that runs out after ``calls`` questions (one before the merge phase, then one per tensor)."""
+
+    def __init__(self, calls):
+        super().__init__(3600, start=time.time())
+        self.calls = calls
+
+    def remaining(self):
+        self.calls -= 1
+        return -1.0 if self.calls < 0 else super().remaining()
+
+
+def _to_other_host(path: Path) -> Path:
+    """``path`` (a temporary of this process) renamed as if a process on the host 'elsewhere' had made it."""
+    other = path.with_name(path.name.replace(f"-{host_name()}.", "-elsewhere."))
+    assert other != path
+    os.replace(path, other)
+    return other
+
+
+def test_budget_stop_keeps_the_streamed_merge_and_resume_takes_another_hosts(tmp_path, caplog, reference):
+    out = tmp_path / "out"
+    run_dir = out / "SlowTies"
+    cfg = RunConfig(method="crash_methods:SlowTies", base_model=BASE[1], models=FULL, evaluate=False,
+                    output_folder=str(out), progress=False)
+    assert Runner(cfg, budget=_StopAfter(5)).run() == 3
+    report = _report(run_dir)
+    assert report["status"] == "partial" and "kept in" in report["error"] and "--resume" in report["error"]
+    assert "resumable" not in report
+    [kept] = report["outputs"]["resumable"]  # kept, not removed, by a budget stop
+    assert kept["stopped_by"] == "budget" and 1 <= kept["tensors_done"] < kept["tensors_total"]
+    assert kept["continue_with"] == "the same command with a larger --time-budget and --resume"
+    assert Path(kept["path"]).is_dir() and Path(kept["journal"]).is_file() and LOCK_NAME not in _hidden(run_dir)
+    # as if a run on another host (or in a container whose host name changed) had left it
+    tmp, journal = _to_other_host(Path(kept["path"])), _to_other_host(Path(kept["journal"]))
+    args = [*_merge_args(FULL), "--output_folder", str(out)]
+    caplog.clear()
+    assert main(args) == 0  # without --resume: left alone, and named in the log and the report
+    skipped = _report(run_dir)["outputs"]["skipped_temporaries"]
+    assert sorted(d["path"] for d in skipped) == sorted([str(journal), str(tmp)])
+    assert all(d["host"] == "elsewhere" and d["resumable"] for d in skipped)
+    assert str(tmp) in caplog.text and "on elsewhere" in caplog.text
+    assert main([*args, "--resume"]) == 0  # this run holds the lock: another host's merge is continued
+    report = _report(run_dir)
+    assert report["resumed"]["host"] == "elsewhere" and report["resumed"]["tensors_done"] == kept["tensors_done"]
+    assert report["merge_stats"]["tensors_resumed"] == kept["tensors_done"]
     assert _digests(run_dir / "merged_model") == reference["full"] and _hidden(run_dir) == []
 
 
@@ -326,6 +382,75 @@ def test_lock_is_exclusive_within_and_across_processes(tmp_path):
     finally:
         lock.release()
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_file_system_without_locks_runs_unlocked(tmp_path, caplog, monkeypatch):
+    real = outputs.fcntl
+
+    def flock(fd, operation):  # what NFS without a lock manager answers
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(outputs, "fcntl", types.SimpleNamespace(LOCK_EX=real.LOCK_EX, LOCK_NB=real.LOCK_NB, flock=flock))
+    out = tmp_path / "out"
+    assert main(["-m", "ties_merge", "--tiny", "--no-eval", "--save", "none", "--quiet", "--output_folder", str(out)]) == 0
+    run_dir = out / "ties_merge"
+    report = _report(run_dir)
+    assert report["status"] == "ok" and report["outputs"]["lock"] == "unsupported"
+    assert report["outputs"]["unlocked"][0]["why"].startswith("ENOLCK")
+    warned = [r for r in caplog.records if "cannot lock" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    assert not (run_dir / LOCK_NAME).exists() and _hidden(run_dir) == []
+
+
+def test_search_holds_every_searched_methods_folder_before_searching(tmp_path, capsys, monkeypatch):
+    def no_weights(self):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(Merges, "_load_base_model", no_weights)
+    out = tmp_path / "out"
+    (out / "task_arithmetic").mkdir(parents=True)
+    other = FolderLock(out / "task_arithmetic")  # another run holds the second method's folder
+    other.acquire(["another run"])
+    try:
+        assert main(["-m", "ties_merge", "task_arithmetic", "--search", "--tiny", "--quiet",
+                     "--output_folder", str(out)]) == 2
+        err = _err(capsys)
+        assert len(err) == 1 and "task_arithmetic" in err[0] and f"pid {os.getpid()}" in err[0], err
+        assert not (out / "ties_merge").exists()  # the first method's folder: created, then removed again
+    finally:
+        other.release()
+
+
+def test_a_refused_run_leaves_the_folder_as_it_found_it(tmp_path, caplog, monkeypatch):
+    run_dir = tmp_path / "out" / "ties_merge"
+    run_dir.mkdir(parents=True)
+    merge_dir = run_dir / f".merged_model.llmm-{_dead_pid()}-1700000000-{host_name()}.0123abcd.tmp"
+    merge_dir.mkdir()
+    (merge_dir / "model.safetensors").write_bytes(b"\0" * 4096)
+    journal = merge_dir.with_suffix(".journal")
+    journal.write_text(json.dumps({"journal": 1}) + "\n")
+    dead = _dead_pid()
+    (run_dir / LOCK_NAME).write_text(json.dumps({"pid": dead, "host": host_name()}) + "\n")
+
+    def state():
+        return {str(p.relative_to(run_dir)): p.read_bytes() if p.is_file() else None for p in run_dir.rglob("*")}
+
+    before = state()
+    freed = outputs.OutputFolders().freeable(run_dir)  # what the sweep would free counts as free space
+    assert freed[0][0] == run_dir and freed[0][1] <= -4096
+    assert all(f != run_dir for f, _, _ in outputs.OutputFolders(resuming=True).freeable(run_dir))  # --resume keeps it
+    monkeypatch.setattr(outputs, "free_bytes", lambda path: 1000)
+    args = ["-m", "ties_merge", "--tiny", "--no-eval", "--quiet", "--output_folder", str(tmp_path / "out")]
+    assert main(args) == 2  # refused after it held the lock: nothing removed, the lock file as it was
+    assert state() == before
+    monkeypatch.undo()
+    caplog.clear()
+    assert main([*args, "--save", "none"]) == 0  # not resuming: the killed merge is removed, and said so by name
+    report = _report(run_dir)["outputs"]
+    assert sorted(r["path"] for r in report["removed_temporaries"]) == sorted([str(journal), str(merge_dir)])
+    assert [t["pid"] for t in report["locks_taken_over"]] == [dead]
+    assert f"removed the interrupted merge {merge_dir}" in caplog.text and "does not resume" in caplog.text
+    assert _hidden(run_dir) == []
 
 
 # ------------------------------------------------------------------------------------------- temporaries

@@ -179,6 +179,51 @@ def test_lines_method_equals_reference_merging_variant(n, alpha, beta):
         torch.testing.assert_close(f64(got), want[name], rtol=1e-6, atol=1e-6)
 
 
+def test_lines_method_is_task_arithmetic_with_the_post_pass_on(monkeypatch):
+    """``lines`` scales once: its merge_tensor is Σ wᵢτᵢ and the engine's post-pass (the one λ(l)) scales it, so it
+    equals task_arithmetic with ``lines=1/T,β`` bit for bit, whole and in chunks; per-tensor α is resolved."""
+    monkeypatch.setattr(streaming, "BLOCK", 256)
+    names = LLAMA_NAMES
+    lines = _method(Lines, names, 3, weights=[0.7, 0.3, 0.5], beta=0.8)
+    ta = _method(TaskArithmetic, names, 3, weights=[0.7, 0.3, 0.5], lines=[1 / 3, 0.8])
+    for k, name in enumerate(names):
+        tvs = [rand((5, 7), 100 * k + i) for i in range(3)]
+        got = lines.merge_resolved(name, torch.zeros(5, 7), tvs)
+        assert torch.equal(got, ta.merge_resolved(name, torch.zeros(5, 7), tvs)), name
+        assert torch.equal(lines.merge_tensor(name, torch.zeros(5, 7), tvs),  # unscaled: Σ wᵢτᵢ
+                           ops.task_arithmetic(tvs, weights=[0.7, 0.3, 0.5]))
+    name = "model.layers.7.mlp.down_proj.weight"
+    tvs = [rand((40, 51), i) for i in range(3)]
+    fb, ft = torch.zeros(40 * 51), [t.reshape(-1) for t in tvs]
+
+    def read(s, e):
+        return fb[s:e], [t[s:e] for t in ft]
+
+    read.chunk = 512
+    out = torch.empty(40 * 51)
+    for s, e, merged in lines.merge_chunks_resolved(name, read, 40 * 51, 3):
+        out[s:e] = merged
+    assert torch.equal(out.view(40, 51), lines.merge_resolved(name, torch.zeros(40, 51), tvs))
+    graded = Lines()
+    graded.list_models = ["m0", "m1"]
+    graded.layout = settings.Layout(names)
+    graded.set_hyperparameters({"alpha": "{gradient: [0.1, 0.5]}", "beta": "1"}, from_text=True)
+    alpha = graded.resolve_hparams(name, 2)["alpha"]
+    assert 0.1 < alpha < 0.5
+    torch.testing.assert_close(graded.merge_resolved(name, torch.zeros(40, 51), tvs[:2]),
+                               (tvs[0] + tvs[1]) * (alpha + 7 / 11), rtol=1e-6, atol=1e-7)
+
+
+def test_lines_method_refuses_the_lines_modifier():
+    """``--set lines=`` on ``-m lines`` would scale a second time: refused, naming the key and what to set."""
+    m = instantiate("lines")
+    assert "lines" not in m.all_hyperparameters() and "lines" not in m.hparams
+    with pytest.raises(ConfigError, match="'lines'.*alpha and beta"):
+        m.set_hyperparameters({"lines": "0.5,1"}, from_text=True)
+    with pytest.raises(ConfigError, match="'lines'"):
+        m.set_hyperparameters({"lines": [0.5, 1.0]})
+
+
 def test_lines_method_zero_task_vectors():
     names = LLAMA_NAMES
     m = _method(Lines, names, 2)
@@ -452,6 +497,7 @@ def test_lines_in_a_recipe_and_recipe_yml_round_trip(capsys, tmp_path):
     (["-m", "star", "--set", "eta=abc"], "eta"),
     (["-m", "lines", "--set", "beta=-1"], "beta"),
     (["-m", "lines", "--set", "weights=1,2,3"], "weights"),
+    (["-m", "lines", "--set", "lines=0.5,1"], "lines"),
     (["-m", "ties_merge", "--set", "lines=0.5"], "lines"),
     (["-m", "ties_merge", "--set", "lines=1,2,3"], "lines"),
     (["-m", "ties_merge", "--set", "lines=a,b"], "lines"),

@@ -110,3 +110,10 @@ def test_the_runner_names_no_phase():
     text = open(f"{REPO_ROOT}/llm_merging/pipeline/runner.py", encoding="utf-8").read()
     for name in ("search", "merge", "save", "evaluate", "analyze", "baselines"):
         assert f'"{name}"' not in text and f"'{name}'" not in text, name
+
+
+def test_the_data_aware_list_names_every_method_that_reads_calibration_data():
+    from llm_merging.core.choices import DATA_AWARE_METHODS
+    from llm_merging.merging import BUILTIN_METHODS, get_method_class
+
+    assert set(DATA_AWARE_METHODS) == {n for n in BUILTIN_METHODS if get_method_class(n).needs_calibration}

@@ -3,7 +3,7 @@ and a mistyped flag answer at once, before the library is loaded."""
 from __future__ import annotations
 
 from llm_merging.cli import Parser, add_output_flags
-from llm_merging.core.choices import DTYPES, SAVE_MODES, SCORINGS
+from llm_merging.core.choices import DATA_AWARE_METHODS, DTYPES, SAVE_MODES, SCORINGS
 from llm_merging.data import EVAL_TYPES
 
 
@@ -35,7 +35,7 @@ def build_parser() -> Parser:
     p.add_argument("--dtype", choices=DTYPES, help="model dtype (default auto)")
     p.add_argument("--max-examples", dest="max_examples", type=int, help="evaluate only the first N examples of each file")
     p.add_argument("--calibration-data", dest="calibration_data", nargs="+", metavar="FILE",
-                   help="unlabeled prompts for data-aware methods (regmean, regmean_plus, fisher, adamerging): kit JSON "
+                   help=f"unlabeled prompts for data-aware methods ({', '.join(DATA_AWARE_METHODS)}): kit JSON "
                         "lines / CSV ('input', and 'answer_choices' for adamerging; never labels) or .txt lines; I=FILE gives expert I its own prompts")
     p.add_argument("--calibration-examples", dest="calibration_examples", type=int, metavar="N",
                    help="at most N calibration prompts per expert (default 256)")

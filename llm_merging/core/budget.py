@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import Iterator
 
 from llm_merging.core.errors import Interrupted
+from llm_merging.core.io import process_start
 
-try:  # the budget starts at process start, not when this module is imported
-    import psutil
-
-    _PROCESS_START = psutil.Process(os.getpid()).create_time()
-except Exception:  # pragma: no cover - psutil missing or restricted
-    _PROCESS_START = time.time()
+#: when this process started (the budget counts from it), else when this module was imported
+_PROCESS_START = process_start() or time.time()
 
 
 class Budget:
@@ -38,7 +34,7 @@ class Budget:
 
     def remaining(self) -> float:
         """Seconds left (negative once exceeded; at most 0 once a signal asked the run to stop)."""
-        left = self.seconds - self.elapsed()
+        left = self.left()
         return min(left, 0.0) if self.interrupted is not None else left
 
     def expired(self) -> bool:

@@ -4,11 +4,19 @@ disk space its outputs need.
 
 * **Lock**: ``.llm-merging.lock`` in the folder, held with ``fcntl.flock`` for the whole run and removed at
   its end; it records the holder (pid, host, start, command). The kernel drops the lock of a process that
-  died, so a dead holder's lock is simply taken over (and said so).
+  died, so a dead holder's lock is simply taken over (and said so). A file system without locks (ENOLCK,
+  EOPNOTSUPP, ENOSYS, EINVAL: some NFS and Lustre mounts) gets one warning and the run goes on unlocked.
+  On NFS the lock may hold only on the host that took it (it depends on the mount).
 * **Stale temporaries**: temporaries carry their creator's marker (:func:`llm_merging.core.io.process_marker`);
   those of a process that is gone (same host; pid not running, or running but started at another time) are
-  removed when a run claims the folder. Nothing else is touched: not a live run's, not another host's, not
-  a file that does not match the exact pattern.
+  removed when a run claims the folder. Nothing else is touched: not a live run's, not another host's
+  (named in the log and in ``skipped``), not a file that does not match the exact pattern, and, when the
+  run resumes, not an interrupted merge (a ``.tmp`` directory with its ``.journal``) that ``--resume`` could
+  continue. Removing such a merge is said by name.
+* **Order**: :meth:`OutputFolders.lock` takes the folder first (it creates the folder, when missing, and the
+  lock file, nothing else); :meth:`OutputFolders.claim` then removes the stale temporaries and records the
+  folder's files. A run refused in between leaves nothing: the lock file and the folders it created (when
+  still empty) are removed as it releases them.
 * **Manifest**: the folder's files are recorded when it is claimed; at the end, every file that is new or
   changed is this run's (``written``: bytes and sha256), every other one an earlier run's (``earlier``).
 * **Disk space**: `check_space` compares what the outputs need with the free bytes of each file system.
@@ -30,7 +38,8 @@ from typing import Any, Iterable
 import psutil
 
 from llm_merging.core.errors import OutputError
-from llm_merging.core.io import SCRATCH_NAME, TEMP_NAME, host_name, process_start, remove_path
+from llm_merging.core.io import (SCRATCH_NAME, TEMP_NAME, check_output_folder, host_name, process_start,
+                                 remove_path)
 
 try:  # POSIX; elsewhere the folder is not locked
     import fcntl
@@ -40,6 +49,8 @@ except ImportError:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".llm-merging.lock"
+#: flock errors of a file system that does not lock (some NFS and Lustre mounts): the run goes on unlocked
+NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
 
 
 # ------------------------------------------------------------------------------------------- owners
@@ -73,32 +84,57 @@ def is_temporary(name: str) -> bool:
 
 # ------------------------------------------------------------------------------------------- sweep
 def sweep(folder: Path, *, keep: Iterable[Path] = (), own: bool = False, recursive: bool = True,
-          scratch: bool = False) -> list[dict[str, Any]]:
+          scratch: bool = False, resuming: bool = False, dry_run: bool = False,
+          skipped: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Remove the marked temporaries under ``folder`` whose process is gone (``own``: this process's too)
-    and return what was done, one ``{"path", "pid", "host", "action"}`` per entry. ``keep``: paths left
-    alone (e.g. an interrupted merge to resume). ``scratch``: ``folder`` is ``$TMPDIR`` (only our scratch
-    directories there, not recursively). A ``.NAME.MARKER.old`` (a directory being replaced) is put back as
-    ``NAME`` when ``NAME`` is missing, else removed."""
+    and return what was done, one ``{"path", "pid", "host", "action"}`` per entry (``"resumable": True``
+    for an interrupted merge: a ``.tmp`` directory with its ``.journal``). ``keep``: paths left alone (e.g.
+    an interrupted merge to resume). ``resuming``: every interrupted merge is left alone too. ``scratch``:
+    ``folder`` is ``$TMPDIR`` (only our scratch directories there, not recursively). A
+    ``.NAME.MARKER.old`` (a directory being replaced) is put back as ``NAME`` when ``NAME`` is missing, else
+    removed. ``dry_run``: nothing is touched; the entries say what would be removed and its ``bytes``.
+    ``skipped``: receives ``{"path", "pid", "host", "reason"}`` for each temporary of another process left
+    alone (another host's, a live process's, one kept for --resume), ``keep`` not included."""
     folder = Path(folder)
     keep = {Path(k).resolve() for k in keep}
     done: list[dict[str, Any]] = []
     pattern = SCRATCH_NAME if scratch else TEMP_NAME
-    me = os.getpid()
+    me, here = os.getpid(), host_name()
     for root, dirs, files in _walk(folder, recursive and not scratch):
-        for name in sorted(dirs + files):
+        names = sorted(dirs + files)
+        journalled = set() if scratch else _journalled(root, names)
+        for name in names:
             m = pattern.match(name)
             if m is None:
                 continue
             path = root / name
             pid, start, host = _owner(m)
             alive = owner_alive(pid, start, host)
-            mine = alive and pid == me
-            if path.resolve() in keep or (alive and not (own and mine)):
+            mine = alive and pid == me and host == here
+            resumable = name in journalled
+            kept = path.resolve() in keep
+            if kept or (alive and not (own and mine)) or (resuming and resumable):
                 dirs[:] = [d for d in dirs if d != name]
+                if skipped is not None and not kept and not mine:
+                    reason = ("kept for --resume" if not alive else
+                              "made on another host, where this host cannot tell whether its process runs"
+                              if host != here else "its process still runs")
+                    skipped.append({"path": str(path), "pid": pid, "host": host, "reason": reason,
+                                    **({"resumable": True} if resumable else {})})
+                continue
+            dirs[:] = [d for d in dirs if d != name]
+            entry: dict[str, Any] = {"path": str(path), "pid": pid, "host": host}
+            if resumable:
+                entry["resumable"] = True
+            target = root / m["name"] if not scratch else None
+            restore = m["kind"] == "old" and target is not None and not os.path.lexists(target)
+            if dry_run:
+                entry.update(action="would restore" if restore else "would remove",
+                             bytes=0 if restore else disk_usage(path))
+                done.append(entry)
                 continue
             action = "removed"
-            target = root / m["name"] if not scratch else None
-            if m["kind"] == "old" and target is not None and not os.path.lexists(target):
+            if restore:
                 try:
                     os.replace(path, target)
                     action = "restored"
@@ -106,15 +142,49 @@ def sweep(folder: Path, *, keep: Iterable[Path] = (), own: bool = False, recursi
                     remove_path(path)
             else:
                 remove_path(path)
-            dirs[:] = [d for d in dirs if d != name]
-            done.append({"path": str(path), "pid": pid, "host": host, "action": action})
-    if done:
+            done.append({**entry, "action": action})
+    if done and not dry_run:
         owners = sorted({d["pid"] for d in done})
         what = "left by a process that is gone" if not own else "of this run or of processes that are gone"
-        (logger.info if own else logger.warning)("removed %d temporar%s %s (pid %s): %s", len(done), "y" if len(done) == 1 else "ies",
-                       what, ", ".join(map(str, owners)),
-                       ", ".join(f"{d['path']}" + (" (restored)" if d["action"] == "restored" else "") for d in done))
+        (logger.info if own else logger.warning)(
+            "removed %d temporar%s %s (pid %s): %s", len(done), "y" if len(done) == 1 else "ies", what,
+            ", ".join(map(str, owners)),
+            ", ".join(f"{d['path']}" + (" (restored)" if d["action"] == "restored" else "") for d in done))
+        for d in done:
+            if d.get("resumable") and d["path"].endswith(".tmp"):
+                logger.warning("removed the interrupted merge %s (pid %s on %s) and its journal, which --resume "
+                               "could have continued: this run does not resume", d["path"], d["pid"], d["host"])
     return done
+
+
+def _journalled(root: Path, names: list[str]) -> set[str]:
+    """The interrupted merges among ``names``: each ``.tmp`` directory that has its ``.journal``, and that
+    journal (``llm_merging.model.save.journal_of``)."""
+    out = set()
+    for name in names:
+        m = TEMP_NAME.match(name)
+        if m is not None and m["kind"] == "journal":
+            tmp = name[: -len(".journal")] + ".tmp"
+            if (root / tmp).is_dir():
+                out |= {name, tmp}
+    return out
+
+
+def disk_usage(path: Path) -> int:
+    """The bytes a file or directory tree takes on disk (allocated blocks; 0 when it is gone)."""
+    total = 0
+    try:
+        if not Path(path).is_dir() or Path(path).is_symlink():
+            return Path(path).lstat().st_blocks * 512
+        for root, _, files in os.walk(path):
+            for name in files:
+                try:
+                    total += (Path(root) / name).lstat().st_blocks * 512
+                except OSError:
+                    continue
+    except OSError:
+        return total
+    return total
 
 
 def _walk(folder: Path, recursive: bool):
@@ -142,22 +212,41 @@ class FolderLock:
     folder: Path
     fd: int | None = None
     taken_over: dict[str, Any] | None = None  # the previous holder's record, when it died holding it
+    unsupported: str | None = None  # why the file system cannot lock (the run goes on unlocked)
+    found: bytes | None = None  # the lock file's content before this run took it (None: this run created it)
 
     @property
     def path(self) -> Path:
         return self.folder / LOCK_NAME
 
     def acquire(self, command: list[str] | None = None) -> None:
-        """Take the lock or raise OutputError (one line naming the holder's pid)."""
+        """Take the lock or raise OutputError (one line naming the holder's pid). On a file system that
+        cannot lock (`NO_LOCKS`), ``unsupported`` says why and the folder is not locked (the caller warns)."""
         if fcntl is None:  # pragma: no cover
+            self.unsupported = "no fcntl on this platform"
             return
         for _ in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                created = True
+            except FileExistsError:
+                try:
+                    fd = os.open(self.path, os.O_RDWR)
+                except FileNotFoundError:  # its holder removed it meanwhile: again
+                    continue
+                created = False
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 os.close(fd)
+                if exc.errno in NO_LOCKS:
+                    if created:
+                        _unlink(self.path)
+                    self.unsupported = f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror or exc}"
+                    return
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    if created:
+                        _unlink(self.path)
                     raise OutputError(f"output folder '{self.folder}': cannot lock {self.path}: "
                                       f"{exc.strerror or exc}") from None
                 holder = self._holder()
@@ -172,11 +261,18 @@ class FolderLock:
             if not same:  # the holder removed the file as it released it: take the new one
                 os.close(fd)
                 continue
+            try:
+                self.found = None if created else os.pread(fd, 1 << 16, 0)
+            except OSError:
+                self.found = b""
             previous = self._read(fd)
             if previous.get("pid"):
                 self.taken_over = previous
-                logger.warning("output folder '%s': took over the lock of run pid %s on %s, which is gone",
-                               self.folder, previous.get("pid"), previous.get("host"))
+                elsewhere = previous.get("host") not in (None, host_name())
+                logger.warning("output folder '%s': took over the lock of run pid %s on %s, which is gone%s",
+                               self.folder, previous.get("pid"), previous.get("host"),
+                               " (or runs on a host whose locks this one does not see, as on some NFS mounts)"
+                               if elsewhere else "")
             record = {"pid": os.getpid(), "host": host_name(), "started": process_start(),
                       "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": list(command or [])}
             data = (json.dumps(record) + "\n").encode("utf-8")
@@ -207,16 +303,29 @@ class FolderLock:
         except (OSError, ValueError):
             return {}
 
-    def release(self) -> None:
-        """Remove the lock file and drop the lock (removed first: a waiting run then takes a fresh file)."""
+    def release(self, restore: bool = False) -> None:
+        """Remove the lock file and drop the lock (removed first: a waiting run then takes a fresh file).
+        ``restore``: leave the lock file as this run found it instead (removed when this run created it,
+        else its earlier content put back, e.g. a dead holder's record)."""
         if self.fd is None:
             return
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        if restore and self.found is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, self.found, 0)
+            except OSError:
+                _unlink(self.path)
+        else:
+            _unlink(self.path)
         os.close(self.fd)
         self.fd = None
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -252,43 +361,112 @@ def sha256_file(path: Path) -> str:
 class Claim:
     folder: Path
     lock: FolderLock
-    before: dict[str, tuple] = field(default_factory=dict)  # relative path -> stat key, when claimed
+    created: list[Path] = field(default_factory=list)  # folders this run created for it, deepest first
+    before: dict[str, tuple] | None = None  # relative path -> stat key, once claimed (None: only locked)
 
 
 @dataclass
 class OutputFolders:
-    """The output folders a run holds (its ``OUTPUT/METHOD/``, and the best method's after a search)."""
+    """The output folders a run holds (its ``OUTPUT/METHOD/``; with a search, every searched method's)."""
 
     claims: dict[Path, Claim] = field(default_factory=dict)
     keep: set[Path] = field(default_factory=set)  # temporaries to leave (an interrupted merge to resume)
+    resuming: bool = False  # the run resumes: no interrupted merge is removed
     removed: list[dict[str, Any]] = field(default_factory=list)  # stale temporaries removed
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # other processes' temporaries left alone
     taken_over: list[dict[str, Any]] = field(default_factory=list)  # locks of dead runs taken over
+    unlocked: list[dict[str, Any]] = field(default_factory=list)  # folders whose file system cannot lock
+    resumable: list[dict[str, Any]] = field(default_factory=list)  # merges this run kept for --resume
     _hashes: dict[tuple, str] = field(default_factory=dict)
 
-    def claim(self, folder: Path, command: list[str] | None = None) -> None:
-        """Lock ``folder`` (OutputError when another run holds it), remove the stale temporaries there (and
-        our stale scratch directories in $TMPDIR), record its files. No-op for a folder already held."""
+    def _held(self, folder: Path) -> Claim | None:
+        folder = Path(folder).resolve()
+        return next((c for f, c in self.claims.items() if f.resolve() == folder), None)
+
+    def holds(self, folder: Path) -> bool:
+        """Whether this run holds ``folder``: locked by it (or on a file system without locks, taken)."""
+        return self._held(folder) is not None
+
+    def lock(self, folder: Path, command: list[str] | None = None) -> None:
+        """Take ``folder`` for this run: create it when missing (ConfigError when it cannot be written) and
+        lock it (OutputError when another run holds it). Nothing else is created or removed. No-op for a
+        folder already held."""
         folder = Path(folder)
-        if folder.resolve() in {f.resolve() for f in self.claims}:
+        if self.holds(folder):
             return
+        created, parent = [], folder.absolute()
+        while not parent.exists() and parent != parent.parent:
+            created.append(parent)
+            parent = parent.parent
         lock = FolderLock(folder)
-        lock.acquire(command)
-        claim = Claim(folder, lock)
-        self.claims[folder] = claim
+        try:
+            check_output_folder(folder)  # created (with its parents), and writable
+            lock.acquire(command)
+        except BaseException:
+            _remove_empty(created)
+            raise
+        self.claims[folder] = Claim(folder, lock, created)
         if lock.taken_over:
             self.taken_over.append({"folder": str(folder), **{k: lock.taken_over.get(k) for k in ("pid", "host", "since")}})
-        self.removed += sweep(folder, keep=self.keep)
-        if len(self.claims) == 1:
+        if lock.unsupported:
+            if not self.unlocked:  # one warning per run
+                logger.warning("output folder '%s': its file system cannot lock files (%s); going on without a "
+                               "lock: make sure no other run uses this folder", folder, lock.unsupported)
+            self.unlocked.append({"folder": str(folder), "why": lock.unsupported})
+
+    def freeable(self, folder: Path) -> list[tuple[Path, int, str]]:
+        """What :meth:`claim` will free by removing stale temporaries (under ``folder`` and, for a first
+        claim, in $TMPDIR), as ``(folder, -bytes, what)`` for `check_space`; nothing is touched."""
+        out = []
+        gone = sweep(folder, keep=self.keep, resuming=self.resuming, dry_run=True)
+        if gone:
+            out.append((Path(folder), -sum(d["bytes"] for d in gone), "freed by removing stale temporaries"))
+        if not any(c.before is not None for c in self.claims.values()):
+            tmp = Path(tempfile.gettempdir())
+            scratch = sweep(tmp, scratch=True, dry_run=True)
+            if scratch:
+                out.append((tmp, -sum(d["bytes"] for d in scratch), "freed by removing stale scratch directories"))
+        return out
+
+    def claim(self, folder: Path, command: list[str] | None = None) -> None:
+        """Make ``folder`` this run's: locked (:meth:`lock`, when not yet), the stale temporaries there (and
+        our stale scratch directories in $TMPDIR, on the first claim) removed, its files recorded for the
+        manifest. No-op for a folder already claimed."""
+        self.lock(folder, command)
+        claim = self._held(folder)
+        if claim.before is not None:
+            return
+        first = not any(c.before is not None for c in self.claims.values())
+        skipped: list[dict[str, Any]] = []
+        self.removed += sweep(claim.folder, keep=self.keep, resuming=self.resuming, skipped=skipped)
+        if first:
             self.removed += sweep(Path(tempfile.gettempdir()), scratch=True)
-        claim.before = {rel: _key(st) for rel, st in _files(folder).items()}
+        if skipped:
+            logger.warning("output folder '%s': left alone %d temporar%s of other processes: %s", claim.folder,
+                           len(skipped), "y" if len(skipped) == 1 else "ies",
+                           "; ".join(f"{d['path']} (pid {d['pid']} on {d['host']}: {d['reason']}"
+                                     + (", an interrupted merge that --resume can continue" if d.get("resumable")
+                                        and d["reason"] != "kept for --resume" else "") + ")" for d in skipped))
+            self.skipped += skipped
+        claim.before = {rel: _key(st) for rel, st in _files(claim.folder).items()}
+
+    def keep_for_resume(self, path: Path, journal: Path, **info: Any) -> None:
+        """Leave the interrupted merge ``path`` and its ``journal`` for ``--resume`` (report.json
+        ``outputs.resumable`` lists it with ``info``)."""
+        self.keep |= {Path(path), Path(journal)}
+        if not any(r["path"] == str(path) for r in self.resumable):
+            self.resumable.append({"path": str(path), "journal": str(journal), **info})
 
     def release(self) -> list[dict[str, Any]]:
-        """This run's own temporaries removed (except ``keep``), every lock dropped; returns what was removed."""
+        """This run's own temporaries removed (except ``keep``), every lock dropped (the lock file removed;
+        in a folder only locked, never claimed, put back as it was found), the folders this run created and
+        left empty removed; returns what was removed."""
         removed: list[dict[str, Any]] = []
         for claim in self.claims.values():  # (scratch directories in $TMPDIR are removed by their users)
-            removed += sweep(claim.folder, keep=self.keep, own=True)
-        for claim in self.claims.values():
-            claim.lock.release()
+            removed += sweep(claim.folder, keep=self.keep, own=True, resuming=self.resuming)
+        for claim in self.claims.values():  # a folder only locked (a refused run's) is left as it was found
+            claim.lock.release(restore=claim.before is None)
+            _remove_empty(claim.created)
         self.claims = {}
         return removed
 
@@ -301,6 +479,8 @@ class OutputFolders:
         written: dict[str, dict[str, Any]] = {}
         earlier: list[str] = []
         for claim in self.claims.values():
+            if claim.before is None:  # only locked (a searched method that did not win): not this run's output
+                continue
             for rel, st in sorted(_files(claim.folder).items()):
                 path = claim.folder / rel
                 name = os.path.relpath(path, out_dir)
@@ -329,6 +509,15 @@ class OutputFolders:
         out: dict[str, Any] = {"written": written, "not_produced": missing, "earlier": earlier}
         out["seconds"] = round(time.time() - t0, 3)
         return out
+
+
+def _remove_empty(folders: Iterable[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 # ------------------------------------------------------------------------------------------- disk space

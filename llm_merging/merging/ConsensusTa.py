@@ -6,12 +6,7 @@ import torch
 
 from llm_merging import ops
 from llm_merging.merging.base import TaskVectorMerge
-from llm_merging.merging.hparams import SCALE, Param
-
-CONSENSUS_K = Param(2, "keep the entries at least k experts' TALL masks mark (0: no pruning; 1: drop catastrophic "
-                       "weights; 2: also selfish ones; the reference's prun_thre_k)", kind=int, low=0)
-TALL_LAMBDA = Param(0.6, "λᵢ of the TALL masks |τᵢ| > λᵢ·|τ_MTL − τᵢ| (the paper picks λᵢ in [0.2, 0.6] on "
-                         "validation data; 0.6, FusionBench's default, data-free)", per_model=True, low=0.0)
+from llm_merging.merging.hparams import CONSENSUS_K, SCALE, TALL_LAMBDA
 
 
 class ConsensusTa(TaskVectorMerge):

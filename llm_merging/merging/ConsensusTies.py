@@ -6,9 +6,16 @@ import torch
 
 from llm_merging import ops
 from llm_merging.merging.base import TaskVectorMerge
-from llm_merging.merging.ConsensusTa import CONSENSUS_K, TALL_LAMBDA
-from llm_merging.merging.hparams import CONSENSUS, DENSITY, SCALE, Param
-from llm_merging.merging.TiesMerge import KEEP_COUNT
+from llm_merging.merging.hparams import (
+    CONSENSUS,
+    CONSENSUS_K,
+    DENSITY,
+    KEEP_COUNT,
+    SCALE,
+    TALL_DIVISOR,
+    TALL_LAMBDA,
+    consensus_kwargs,
+)
 
 
 class ConsensusTies(TaskVectorMerge):
@@ -20,9 +27,7 @@ class ConsensusTies(TaskVectorMerge):
         "density": DENSITY,
         "scale": SCALE,
         "sign_method": CONSENSUS["sign_method"],
-        "divisor": Param("none", "TIES disjoint merge: the sum of the agreeing entries (none, the reference's "
-                                 "dis-sum) or their mean (count, the TIES paper's)", kind=str,
-                         choices=("none", "count")),
+        "divisor": TALL_DIVISOR,
         "keep_count": KEEP_COUNT,
     }
 
@@ -30,6 +35,5 @@ class ConsensusTies(TaskVectorMerge):
         h = self.hparams
         return ops.consensus_ties(
             task_vectors, k=h["k"], tall_lambda=h["tall_lambda"], density=h["density"], scale=h["scale"],
-            sign_method=h["sign_method"], divisor=None if h["divisor"] == "none" else h["divisor"],
-            keep_count=h["keep_count"],
+            keep_count=h["keep_count"], **consensus_kwargs(h),
         )

@@ -6,7 +6,7 @@ import torch
 from llm_merging import ops
 from llm_merging.merging.base import TaskVectorMerge
 from llm_merging.merging.hparams import Param
-from llm_merging.ops.competition import TIE_BREAKS
+from llm_merging.ops.magmax import TIE_BREAKS
 
 
 class MagMax(TaskVectorMerge):

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -34,6 +34,15 @@ logger = logging.getLogger(__name__)
 ARCHITECTURES = ("decoder", "encoder_decoder")
 
 
+class DeltaSink(Protocol):
+    """``Merges.delta_sink``: sees every merged task vector (the runner's ``model.save.AdapterWriter`` for
+    ``--save adapter``). ``bind`` gives it the model and the experts before the merge runs."""
+
+    def bind(self, model: torch.nn.Module, experts: list) -> Any: ...
+
+    def __call__(self, name: str, delta: torch.Tensor) -> None: ...
+
+
 class Merges(object):
     """Base class of merge methods (starter-kit surface plus hyperparameters and the engine hook)."""
 
@@ -45,6 +54,9 @@ class Merges(object):
     expert_count: ClassVar[tuple[int, int | None]] = (1, None)
     #: data-aware methods read unlabeled prompts (``calibration_files``) before merging
     needs_calibration: ClassVar[bool] = False
+    #: post-pass modifiers (``hparams.MODIFIERS``) that the method is itself, each with the hyperparameters
+    #: that set it instead: not among its hyperparameters, refused through ``--set`` (``lines``: alpha, beta)
+    builtin_modifiers: ClassVar[dict[str, str]] = {}
 
     # What the pipeline reads and sets on a method (declared here so that it never probes for them):
     #   set before preflight: ``should_stop`` (budget spent?), ``tokenizer_optional`` (``--no-eval``),
@@ -86,7 +98,7 @@ class Merges(object):
             self.hparams.pop(key, None)
         self.experts: list = []
         self.merge_stats: dict[str, Any] = {}
-        self.delta_sink = None  # sees every merged task vector (the runner's adapter writer for --save adapter)
+        self.delta_sink: DeltaSink | None = None  # the runner's adapter writer for --save adapter
         # the runner's --no-eval --save full hook: model -> a StreamingSave the engine writes into, or None
         self.save_while_merging = None
         self.stream_writer = None
@@ -267,7 +279,7 @@ class Merges(object):
         t0 = time.time()
         self.experts = self.open_experts(engine.base_param_shapes(self.base_model))
         self.load_seconds += time.time() - t0
-        if hasattr(self.delta_sink, "bind"):  # e.g. the adapter writer: it needs the model and experts
+        if self.delta_sink is not None:  # the adapter writer needs the model and experts
             self.delta_sink.bind(self.base_model, self.experts)
         self.layout = settings.Layout([n for n, _ in self.base_model.named_parameters()],
                                       self.slice_lengths)
@@ -352,11 +364,12 @@ class Merges(object):
         raw, self.hparams = self.hparams, values
         try:
             chunks = self.merge_chunks(name, read, numel, n_models)
+            # the LiNeS post-pass: a per-tensor scalar, applied chunk by chunk
+            factor = None if chunks is None else self.lines_factor(name, n_models)
         finally:
             self.hparams = raw
         if chunks is None:
             return None
-        factor = self.lines_factor(name)  # the LiNeS post-pass: a per-tensor scalar, applied chunk by chunk
         chunks = self._with_hparams(values, iter(chunks))
         return chunks if factor is None or factor == 1.0 else ((a, b, m * factor) for a, b, m in chunks)
 
@@ -390,7 +403,8 @@ class Merges(object):
         specs = dict(cls.hyperparameters)
         if cls.uses_engine():  # the engine's post-pass modifiers (hparams.MODIFIERS: lines) apply to every method
             for key in MODIFIERS:
-                specs.setdefault(key, COMMON[key])
+                if key not in cls.builtin_modifiers:
+                    specs.setdefault(key, COMMON[key])
         return specs
 
     @classmethod
@@ -404,6 +418,9 @@ class Merges(object):
         """Set and validate hyperparameters (``from_text``: values are ``--set`` strings)."""
         specs = self.all_hyperparameters()
         for key, value in values.items():
+            if key in self.builtin_modifiers:
+                raise ConfigError(f"hyperparameter '{key}': method '{self.name}' applies it by itself; set "
+                                  f"{self.builtin_modifiers[key]} instead")
             if key in MODIFIERS and key not in specs:
                 raise ConfigError(f"hyperparameter '{key}' is a post-pass of the merge engine; method '{self.name}' "
                                   "merges with its own merge()")
@@ -458,17 +475,24 @@ class Merges(object):
         self.hparams = self.resolve_hparams(name, len(task_vectors))
         try:
             merged = self.merge_tensor(name, base, task_vectors)
+            factor = self.lines_factor(name, len(task_vectors))  # the LiNeS post-pass (None: off)
         finally:
             self.hparams = raw
-        factor = self.lines_factor(name)  # the LiNeS post-pass (None: not set)
         return merged if factor is None or factor == 1.0 else merged * factor
 
-    def lines_factor(self, name: str) -> float | None:
+    def lines_coefficients(self, n_models: int) -> tuple[float, float] | None:
+        """(α, β) of the LiNeS post-pass from this tensor's resolved ``self.hparams``, or None when it is off:
+        the ``lines`` modifier by default (``Lines``: its own alpha and beta)."""
+        ab = self.hparams.get("lines")
+        return None if ab is None else (ab[0], ab[1])
+
+    def lines_factor(self, name: str, n_models: int) -> float | None:
         """The LiNeS post-pass factor λ(l) = α + β·l/(L−1) of tensor ``name`` (block l of the L blocks of its
         stack, ``settings.Layout.depth``; α outside the blocks, as the reference ``LiNeS_scaling``), or None
-        when ``lines`` is not set. The engine paths (whole tensors, chunks, a search's candidates) multiply
-        the method's merged task vector by it: θ = θ₀ + λ(l)·(θ_merged − θ₀)."""
-        ab = self.hparams.get("lines")
+        when the post-pass is off (:meth:`lines_coefficients`); ``self.hparams`` holds the tensor's resolved
+        values. The engine paths (whole tensors, chunks, a search's candidates) multiply the method's merged
+        task vector by it: θ = θ₀ + λ(l)·(θ_merged − θ₀)."""
+        ab = self.lines_coefficients(n_models)
         if ab is None:
             return None
         if self.layout is None:

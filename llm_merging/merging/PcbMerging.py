@@ -6,7 +6,7 @@ import torch
 from llm_merging import ops
 from llm_merging.merging.base import TaskVectorMerge
 from llm_merging.merging.hparams import SCALE, WEIGHTS, Param
-from llm_merging.ops.competition import PCB_CLAMP
+from llm_merging.ops.pcb import PCB_CLAMP
 
 
 class PcbMerging(TaskVectorMerge):

@@ -81,7 +81,7 @@ class Regmean(DataAwareMerge):
         cost: dict[Any, int] = {}
         for pname, mname in self._linear.items():
             m = modules[mname]
-            n_in = m.weight.shape[0] if type(m).__name__ == "Conv1D" else m.weight.shape[1]
+            n_in = m.weight.shape[0] if cal.is_conv1d(m) else m.weight.shape[1]
             cost[_unit(pname)] = cost.get(_unit(pname), 0) + n_in * n_in * 4 * n
         budget = self._statistics_budget()
         groups: list[_Group] = []
@@ -162,7 +162,7 @@ class Regmean(DataAwareMerge):
         module = self.base_model.get_submodule(self._linear[name])
         grams = self._grams(name)
         out = ops.regmean(task_vectors, grams, alpha=h["alpha"], weights=h["weights"],
-                          transposed=type(module).__name__ == "Conv1D")
+                          transposed=cal.is_conv1d(module))
         group = self._groups[self._group_of[name]]
         if name == group.names[-1] and (self.sequential or len(self._groups) > 1):
             self._stats = None  # this group is done: free its matrices before the next one is gathered

@@ -33,13 +33,8 @@ class Star(TaskVectorMerge):
         """``(B·s, A)`` of each expert whose task vector of ``name`` is exactly its LoRA product (else None for
         it): STAR takes their SVD from the factors (the reference's low-rank SVD for LoRA, exact here). Only
         for matrices inside the numbered layers (vocabulary tensors may be re-indexed by a recipe tokenizer)."""
-        if task_vectors[0].dim() != 2 or settings.layer_index(name) is None or len(self.experts) != len(task_vectors):
+        tv = task_vectors[0]
+        if tv.dim() != 2 or settings.layer_index(name) is None or len(self.experts) != len(task_vectors):
             return None
-        out = []
-        for expert, tv in zip(self.experts, task_vectors):
-            exact = getattr(expert, "low_rank_only", None)
-            pair = expert.factors(name, tv.device) if getattr(expert, "kind", None) == "lora" and exact and exact(name) else None
-            if pair is not None and (pair[0].shape[0], pair[1].shape[1]) != tuple(tv.shape):
-                pair = None
-            out.append(pair)
+        out = self.exact_factors(name, tv.device, tv.shape)
         return out if any(p is not None for p in out) else None

@@ -4,12 +4,9 @@ from __future__ import annotations
 import torch
 
 from llm_merging import ops
-from llm_merging.merging.hparams import CONSENSUS, DENSITY, SCALE, WEIGHTS, Param, consensus_kwargs
+from llm_merging.merging.hparams import CONSENSUS, DENSITY, KEEP_COUNT, SCALE, WEIGHTS, consensus_kwargs
 from llm_merging.merging.base import TaskVectorMerge
 from llm_merging.ops.streaming import reader_chunk, ties_chunks
-
-KEEP_COUNT = Param("round", "entries kept per task vector: round(density·n) (ours) or floor: int(density·n) (mergekit, PEFT)",
-                   kind=str, choices=("round", "floor"))
 
 
 class TiesMerge(TaskVectorMerge):

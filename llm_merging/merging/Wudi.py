@@ -61,7 +61,7 @@ class Wudi(TaskVectorMerge):
         tvs = [t.to(device=device, dtype=torch.float32) for t in task_vectors]
         if transposed:
             tvs = [t.T for t in tvs]
-        basis = self._row_basis(name, tvs, transposed, device)
+        basis = self._row_basis(name, base.shape, tvs, transposed, device)
         t0 = time.time()
         merged = ops.wudi(tvs, int(h["steps"]), float(h["lr"]), solver=h["solver"], scale=h["scale"],
                           row_basis=basis, on_step=lambda step: self._check_budget(name, step))
@@ -91,26 +91,23 @@ class Wudi(TaskVectorMerge):
             return False
         if self._dense is None or self._dense[0] != id(model):
             names = [n for n, _ in model.named_parameters()]
-            self._dense = (id(model), {n: type(model.get_submodule(mod)).__name__ == "Conv1D"
+            self._dense = (id(model), {n: cal.is_conv1d(model.get_submodule(mod))
                                        for n, mod in cal.linear_weights(model, names).items()})
         return self._dense[1].get(name)
 
-    def _row_basis(self, name: str, tvs: list[torch.Tensor], transposed: bool, device) -> torch.Tensor | None:
+    def _row_basis(self, name: str, shape, tvs: list[torch.Tensor], transposed: bool, device) -> torch.Tensor | None:
         """Columns spanning the rows of every task vector when each comes from LoRA factors alone (the A
-        factors, transposed), else None. Only worth it when their total rank is below the input size."""
+        factors, transposed; ``shape``: the stored weight's, factors of another shape do not count), else None.
+        Only worth it when their total rank is below the input size."""
         if len(self.experts) != len(tvs):
             return None
         cols = []
-        for expert, tv in zip(self.experts, tvs):
-            low_rank_only = getattr(expert, "low_rank_only", None)
-            factors = expert.factors(name, device) if callable(low_rank_only) and low_rank_only(name) else None
+        for factors, tv in zip(self.exact_factors(name, device, shape), tvs):
             if factors is None:
                 if bool(torch.any(tv != 0)):
-                    return None  # a full tensor (or a LoRA with a full-tensor part)
+                    return None  # a full tensor, a LoRA with a full-tensor part, or re-indexed rows
                 continue
             b, a = factors
-            if (b.shape[0], a.shape[1]) != ((tv.shape[1], tv.shape[0]) if transposed else tuple(tv.shape)):
-                return None  # e.g. rows re-indexed to an output vocabulary
             cols.append((b if transposed else a.T).to(device=device, dtype=torch.float32))
         if not cols:
             return None

@@ -17,6 +17,8 @@ import re
 import zlib
 from typing import ClassVar
 
+import torch
+
 from llm_merging.core.errors import ConfigError
 from llm_merging.merging.Merges import Merges
 from llm_merging.ops.streaming import elementwise_chunks, reader_chunk
@@ -76,6 +78,19 @@ class TaskVectorMerge(Merges):
                                   chunk=reader_chunk(read))
 
     merge_chunks.elementwise_form = True
+
+    def exact_factors(self, name: str, device, shape) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per expert of ``self.experts``: its LoRA factors ``(B·s, A)`` of parameter ``name`` on ``device`` when its
+        task vector there is exactly their product, of ``shape`` (the base tensor's); else None for it (a full
+        expert, a parameter the adapter does not touch or also saves whole, factors of another shape, e.g. rows
+        re-indexed to an output vocabulary). Methods take an SVD or a row basis from them instead of the dense ΔW."""
+        out = []
+        for expert in self.experts:
+            pair = expert.factors(name, device) if expert.kind == "lora" and expert.low_rank_only(name) else None
+            if pair is not None and (pair[0].shape[0], pair[1].shape[1]) != tuple(shape):
+                pair = None
+            out.append(pair)
+        return out
 
     def tensor_seed(self, name: str) -> int:
         """The seed of random methods for parameter ``name`` (from ``--seed``)."""

@@ -291,9 +291,15 @@ class StopForward(Exception):
     """Raised by a hook once every module of interest has run (the rest of the forward pass is skipped)."""
 
 
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a dense layer whose weight W is stored as (in, out), the transpose of
+    ``nn.Linear``'s (matched by type name, so that transformers' class is never imported for the check)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def is_linear(module: torch.nn.Module) -> bool:
     """A dense layer y = x Wᵀ (+ b): ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2; W stored as (in, out))."""
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)
 
 
 def linear_weights(model: torch.nn.Module, names: Iterable[str]) -> dict[str, str]:

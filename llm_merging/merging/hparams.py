@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from llm_merging.core.errors import ConfigError
@@ -249,10 +249,26 @@ CONSENSUS: dict[str, Param] = {
 }
 
 
+#: entries kept per task vector by the top-k trims (ties_merge, magnitude_prune, breadcrumbs, consensus_ties)
+KEEP_COUNT = Param("round", "entries kept per task vector: round(density·n) (ours) or floor: int(density·n) (mergekit, PEFT)",
+                   kind=str, choices=("round", "floor"))
+
+# Consensus Merging with TALL masks (consensus_ta, consensus_ties).
+CONSENSUS_K = Param(2, "keep the entries at least k experts' TALL masks mark (0: no pruning; 1: drop catastrophic "
+                       "weights; 2: also selfish ones; the reference's prun_thre_k)", kind=int, low=0)
+TALL_LAMBDA = Param(0.6, "λᵢ of the TALL masks |τᵢ| > λᵢ·|τ_MTL − τᵢ| (the paper picks λᵢ in [0.2, 0.6] on "
+                         "validation data; 0.6, FusionBench's default, data-free)", per_model=True, low=0.0)
+#: consensus_ties' TIES divisor: the reference's disjoint sum by default (``dis-sum``), unlike ties_merge's mean
+TALL_DIVISOR = replace(CONSENSUS["divisor"], default="none", choices=("none", "count"),
+                       help="TIES disjoint merge: the sum of the agreeing entries (none, the reference's dis-sum) "
+                            "or their mean (count, the TIES paper's)")
+
+
 def consensus_kwargs(hparams: dict) -> dict:
-    """The CONSENSUS options of ``hparams`` as keyword arguments of the ``ops`` functions."""
-    out = {key: hparams[key] for key in CONSENSUS}
-    if out["divisor"] == "none":
+    """The CONSENSUS options a method declares (all of them, or a part, as consensus_ties) in ``hparams``, as
+    keyword arguments of the ``ops`` functions (divisor ``"none"`` → None)."""
+    out = {key: hparams[key] for key in CONSENSUS if key in hparams}
+    if out.get("divisor") == "none":
         out["divisor"] = None
     return out
 

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from llm_merging import ops
-from llm_merging.core.errors import ConfigError
-from llm_merging.core.io import TEMP_NAME, atomic_path, atomic_write_json, remove_path, replace_path, temp_path
+from llm_merging.core.errors import BudgetExceeded, ConfigError, LLMMergingError
+from llm_merging.core.io import (TEMP_NAME, atomic_path, atomic_write_json, host_name, remove_path, replace_path,
+                                 temp_path)
 from llm_merging.core.outputs import owner_alive
 from llm_merging.model.checkpoint import read_safetensors_header
 
@@ -117,12 +118,39 @@ def estimate_saved_bytes(model_dir: str | Path, dtype: torch.dtype | None = None
         elif not weights_only:
             total += f.stat().st_size
     for f in tensors:
-        for info in read_safetensors_header(f).values():
-            numel = 1
-            for d in info.get("shape", []):
-                numel *= int(d)
-            stored = _ST_BYTES.get(info.get("dtype"), 4)
-            total += numel * (out_size if out_size and info.get("dtype") in _ST_FLOATS else stored)
+        for st_dtype, numel in header_values(f).items():
+            total += numel * (out_size if out_size and st_dtype in _ST_FLOATS else _ST_BYTES.get(st_dtype, 4))
+    return total
+
+
+def header_values(path: str | Path) -> dict[str, int]:
+    """The values a safetensors file holds per safetensors dtype (``{"BF16": n, ...}``), from its header
+    (no weights read)."""
+    out: dict[str, int] = {}
+    for info in read_safetensors_header(path).values():
+        numel = 1
+        for d in info.get("shape", []):
+            numel *= int(d)
+        out[info.get("dtype")] = out.get(info.get("dtype"), 0) + numel
+    return out
+
+
+def adapter_bytes(experts: list[dict], rank: int | None) -> int:
+    """About the bytes of ``--save adapter``'s float32 factors (:class:`AdapterWriter`), from the input
+    adapters' headers (``experts``: their ``path``): at the default rank (the sum of the input ranks) the
+    inputs' values; at rank ``rank`` the mean values per unit of rank, times ``rank``."""
+    per_rank, total = [], 0
+    for e in experts:
+        path = Path(e["path"])
+        try:
+            values = sum(sum(header_values(f).values()) for f in sorted(path.glob("*.safetensors")))
+            r = int(json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("r") or 1)
+        except (OSError, ValueError, TypeError, LLMMergingError):
+            continue
+        total += 4 * values
+        per_rank.append(4 * values / max(r, 1))
+    if rank is not None and per_rank:
+        return int(sum(per_rank) / len(per_rank) * rank)
     return total
 
 
@@ -161,8 +189,9 @@ class StreamingSave:
     kept beside the temporary directory, one fsync'd line per finished tensor (after its bytes are synced);
     a killed merge can then be continued: ``resume`` (a temporary directory such a merge left, see
     :func:`find_resumable`) is adopted when its journal has the same fingerprint and shard layout, and the
-    engine skips the tensors it lists (:meth:`done`). Interrupted by a signal (:meth:`abort` with a
-    ``KeyboardInterrupt``), the directory and journal are kept for ``--resume`` (``kept``).
+    engine skips the tensors it lists (:meth:`done`). Interrupted by a signal or stopped by the budget
+    (:meth:`abort` with a ``KeyboardInterrupt`` or a ``BudgetExceeded``), the directory and journal are kept
+    for ``--resume`` (``kept``).
     """
 
     def __init__(self, model: torch.nn.Module, output_dir: str | Path, *, dtype: torch.dtype | None = None,
@@ -178,6 +207,7 @@ class StreamingSave:
         self.tmp: Path | None = None
         self.journal_path: Path | None = None
         self.kept: Path | None = None  # the directory left for --resume by an interrupted merge
+        self.kept_on: str | None = None  # why: "interrupt" (a signal, Ctrl-C) or "budget"
         self.resumed: set[str] = set()  # tensors an interrupted merge had written (skipped by the engine)
         self._journal: int | None = None
         self._finished = False
@@ -376,8 +406,8 @@ class StreamingSave:
 
     def abort(self, exc: BaseException | None = None) -> None:
         """Remove the partly written directory and its journal (nothing is left behind), except after an
-        interrupt (``exc`` a KeyboardInterrupt) when tensors are journalled: then both stay for ``--resume``
-        (``kept``). Idempotent."""
+        interrupt or a budget stop (``exc`` a KeyboardInterrupt or a BudgetExceeded) when tensors are
+        journalled: then both stay for ``--resume`` (``kept``). Idempotent."""
         for fd in self._fds:
             try:
                 os.close(fd)
@@ -388,10 +418,14 @@ class StreamingSave:
         if self._finished or self.tmp is None:
             return
         resumable = self.journal_path is not None and read_journal(self.journal_path)[1]
-        if isinstance(exc, KeyboardInterrupt) and resumable:
+        if isinstance(exc, (KeyboardInterrupt, BudgetExceeded)) and resumable:
             self.kept, self.tmp = self.tmp, None
-            logger.warning("interrupted: the %d tensors merged so far are kept in %s; the same command with "
-                           "--resume continues the merge", len(resumable), self.kept)
+            self.kept_on = "budget" if isinstance(exc, BudgetExceeded) else "interrupt"
+            how = ("the same command with a larger --time-budget and --resume" if isinstance(exc, BudgetExceeded)
+                   else "the same command with --resume")
+            logger.warning("%s: the %d tensors merged so far are kept in %s; %s continues the merge",
+                           "budget spent" if isinstance(exc, BudgetExceeded) else "interrupted", len(resumable),
+                           self.kept, how)
             return
         remove_path(self.tmp)
         if self.journal_path is not None:
@@ -430,9 +464,12 @@ def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
     return header, done
 
 
-def find_resumable(folder: Path, name: str) -> list[dict[str, Any]]:
-    """The merges into ``folder/name`` that processes now gone left behind with a journal, most finished
-    tensors first: ``{"path", "journal", "header", "done"}``."""
+def find_resumable(folder: Path, name: str, *, any_host: bool = False) -> list[dict[str, Any]]:
+    """The merges into ``folder/name`` that a stopped run left behind with a journal, most finished tensors
+    first: ``{"path", "journal", "header", "done", "pid", "host", "live"}``. ``live``: its process may still
+    run, so it must not be continued: a running process of this host, or (unless ``any_host``) any process of
+    another host, which this one cannot see. ``any_host`` only once this run holds the folder's lock, which
+    no live run of ours lets go of (on NFS, as far as the lock reaches other hosts)."""
     found = []
     try:
         entries = sorted(os.listdir(folder))
@@ -442,12 +479,14 @@ def find_resumable(folder: Path, name: str) -> list[dict[str, Any]]:
         m = TEMP_NAME.match(entry)
         if m is None or m["kind"] != "tmp" or m["name"] != name or not (Path(folder) / entry).is_dir():
             continue
-        if owner_alive(int(m["pid"]), int(m["start"]), m["host"]):
-            continue
         path = Path(folder) / entry
         header, done = read_journal(journal_of(path))
-        if header is not None:
-            found.append({"path": path, "journal": journal_of(path), "header": header, "done": len(done)})
+        if header is None:
+            continue
+        pid, start, host = int(m["pid"]), int(m["start"]), m["host"]
+        live = owner_alive(pid, start, host) and not (any_host and host != host_name())
+        found.append({"path": path, "journal": journal_of(path), "header": header, "done": len(done),
+                      "pid": pid, "host": host, "live": live})
     return sorted(found, key=lambda r: -r["done"])
 
 

@@ -9,22 +9,13 @@ Per-model hyperparameters accept a number or one number per model; bad values ra
 from __future__ import annotations
 
 from llm_merging.ops.adamerging import entropy, task_vector_inner
-from llm_merging.ops.basic import linear, task_arithmetic
+from llm_merging.ops.basic import expo, linear, task_arithmetic
 from llm_merging.ops.cart import cart, cart_rank
-from llm_merging.ops.competition import (
-    consensus_mask,
-    consensus_ta,
-    consensus_ties,
-    expo,
-    magmax,
-    pcb,
-    pcb_scores,
-    tall_masks,
-)
 from llm_merging.ops.consensus import consensus_merge, elect_sign
 from llm_merging.ops.fisher import diagonal_fisher, fisher_merge, greedy_log_likelihood
 from llm_merging.ops.geometric_median import geometric_median
 from llm_merging.ops.lines import lines, lines_scale
+from llm_merging.ops.magmax import magmax
 from llm_merging.ops.masks import (
     apply_mask,
     breadcrumbs_mask,
@@ -43,12 +34,14 @@ from llm_merging.ops.mergekit_methods import (
     sce_mask,
 )
 from llm_merging.ops.model_stock import model_stock, model_stock_ratio
+from llm_merging.ops.pcb import pcb, pcb_scores
 from llm_merging.ops.regmean import reduce_off_diagonal, regmean
 from llm_merging.ops.slerp import lerp, slerp
 from llm_merging.ops.sparsify import breadcrumbs, dare, della, magnitude_prune
 from llm_merging.ops.spherical import karcher, multislerp, nuslerp
 from llm_merging.ops.star import star, star_rank, star_truncate
 from llm_merging.ops.svd import iso_c, iso_cts, knots, low_rank, tsv
+from llm_merging.ops.tall import consensus_mask, consensus_ta, consensus_ties, tall_masks
 from llm_merging.ops.ties import ties
 from llm_merging.ops.wudi import wudi, wudi_fallback, wudi_gradient, wudi_loss
 from llm_merging.ops._common import derive_seed

@@ -1,4 +1,4 @@
-"""Weighted averaging and task arithmetic."""
+"""Weighted averaging, task arithmetic and ExPO's extrapolation (task arithmetic of one expert)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -7,7 +7,15 @@ from torch import Tensor
 
 from llm_merging.core.errors import ConfigError
 
-from llm_merging.ops._common import PerModel, check_real, check_tensors, weight_list, weighted_sum_f32
+from llm_merging.ops._common import (
+    PerModel,
+    check_range,
+    check_real,
+    check_tensors,
+    f32,
+    weight_list,
+    weighted_sum_f32,
+)
 
 
 def linear(tensors: Sequence[Tensor], weights: Optional[PerModel] = None, normalize: bool = True) -> Tensor:
@@ -40,3 +48,14 @@ def task_arithmetic(
     w = weight_list(weights, len(ts))
     lam = check_real(scale, "scale")
     return weighted_sum_f32(ts, w).mul_(lam)
+
+
+def expo(task_vector: Tensor, alpha: float = 0.3) -> Tensor:
+    """ExPO (Zheng et al. 2024, "Weak-to-Strong Extrapolation Expedites Alignment", arXiv:2404.16792):
+    θ = θ_aligned + α(θ_aligned − θ_sft), i.e. the merged task vector ``(1 + α) · τ`` with τ = θ_aligned −
+    θ_sft: task arithmetic of the one expert with λ = 1 + α. α > 0 (default 0.3, the reference README's
+    "0.3 or 0.5 is usually good"). Reference read: ``chujiezheng/LLM-Extrapolation`` @ 04e04f5
+    (``code/extrapolate.py``)."""
+    (t,) = check_tensors([task_vector], "task_vector")
+    a = check_range(alpha, "alpha", 0.0, float("inf"), low_open=True)
+    return f32(t).mul(1.0 + a)

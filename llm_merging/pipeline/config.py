@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llm_merging.core.choices import SAVE_MODES
+from llm_merging.core.choices import DATA_AWARE_METHODS, SAVE_MODES
 from llm_merging.core.errors import ConfigError
 from llm_merging.data import check_max_examples
 from llm_merging.lm_eval_tasks import LMEvalConfig
@@ -17,7 +17,6 @@ __all__ = ["RunConfig", "SearchConfig", "LMEvalConfig", "CalibrationConfig", "In
 
 #: the starter kit's evaluation files, relative to the working directory
 DEFAULT_DATASETS = ["data/validation/cosmos_qa.csv", "data/validation/xsum.csv"]
-DATA_AWARE = "regmean, regmean_plus, fisher, adamerging"
 
 
 @dataclass
@@ -99,12 +98,29 @@ class RunConfig:
         if not any(c.needs_calibration for c in classes):
             flag = "--calibration-data" if self.calibration.data else "--calibration-examples"
             raise ConfigError(f"{flag}: method '{self.method}' does not use calibration data "
-                              f"(data-aware methods: {DATA_AWARE})")
+                              f"(data-aware methods: {', '.join(DATA_AWARE_METHODS)})")
 
-    def method_options(self, overrides: dict[str, str] | None = None) -> MethodOptions:
-        """The settings this run applies to a method instance (``overrides``: its ``--set`` items)."""
+    def overrides_for(self, method_name: str, specs: dict) -> dict[str, str]:
+        """The ``--set`` items meant for ``method_name`` (its hyperparameters ``specs``): with a search over
+        several methods, ``M.KEY`` items for M only and a plain key for every method that declares it."""
+        if self.search is None:
+            return dict(self.overrides)
+        methods = self.search.methods or [self.method]
+        out = {}
+        for key, value in self.overrides.items():
+            method, dot, name = key.partition(".")
+            if dot:
+                if method not in methods:
+                    raise ConfigError(f"--set {key}: method '{method}' is not one of -m {' '.join(methods)}")
+                if method == method_name:
+                    out[name] = value
+            elif key in specs or len(methods) == 1:
+                out[key] = value
+        return out
+
+    def method_options(self, method_name: str, specs: dict) -> MethodOptions:
+        """The settings this run applies to an instance of ``method_name`` (hyperparameters ``specs``)."""
         return MethodOptions(
             tiny=self.tiny, base_model=self.base_model, models=self.models, device=self.device, dtype=self.dtype,
-            seed=self.seed, progress=self.progress,
-            overrides=dict(self.overrides if overrides is None else overrides),
+            seed=self.seed, progress=self.progress, overrides=self.overrides_for(method_name, specs),
             mc_scoring=self.mc_scoring, adapter_rank=self.adapter_rank, calibration=self.calibration)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from llm_merging.core.budget import Budget
 from llm_merging.core.errors import BudgetExceeded
-from llm_merging.core.io import check_output_folder, jsonable
+from llm_merging.core.io import jsonable
 from llm_merging.core.outputs import OutputFolders
 from llm_merging.core.processes import SINGLE, Processes
 from llm_merging.merging.Merges import Merges
@@ -42,14 +42,26 @@ class RunContext:
         self.method = method
         self.report["method"] = method.name
         self.out_dir = Path(self.config.output_folder) / str(method.get_name())
-        if self.processes.is_main:  # process 0 writes every output
+        if self.processes.is_main:  # process 0 writes every output (a searched method's folder is held already)
             self.claim_output_folder()
         self.report["hyperparameters"] = jsonable(settings_json(method.hparams))
 
+    def method_folder(self, method: Merges) -> Path:
+        """The output folder ``OUTPUT/METHOD/`` of ``method``."""
+        return Path(self.config.output_folder) / str(method.get_name())
+
+    def hold_output_folder(self, folder: Path | None = None) -> None:
+        """Take ``folder`` (default ``out_dir``) for this run (process 0): created when missing, writable,
+        locked against other runs (OutputError naming the holder). Nothing else is written or removed: a
+        run refused later leaves nothing (`llm_merging.core.outputs`)."""
+        cfg = self.config
+        self.outputs.resuming = bool(cfg.resume or (cfg.search is not None and cfg.search.resume))
+        self.outputs.lock(self.out_dir if folder is None else Path(folder), command=cfg.argv)
+
     def claim_output_folder(self) -> None:
-        """Make ``out_dir`` this run's (process 0): writable, locked against other runs, stale temporaries
-        of dead runs removed, its files recorded for the manifest (`llm_merging.core.outputs`)."""
-        check_output_folder(self.out_dir)
+        """Make ``out_dir`` this run's (process 0): held (`hold_output_folder`), stale temporaries of dead
+        runs removed, its files recorded for the manifest (`llm_merging.core.outputs`)."""
+        self.hold_output_folder()
         self.outputs.claim(self.out_dir, command=self.config.argv)
 
     def needs_weights_after(self, phase: "Phase") -> bool:

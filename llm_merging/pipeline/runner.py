@@ -34,7 +34,6 @@ from llm_merging.merging.settings import settings_json
 from llm_merging.pipeline.config import RunConfig
 from llm_merging.pipeline.context import Phase, RunContext
 from llm_merging.pipeline.phases import default_phases
-from llm_merging.search import overrides_for
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +52,7 @@ def build_method(config: RunConfig, ctx: RunContext) -> Merges:
     method = instantiate(config.method)
     if recipe is not None:
         apply_recipe(method, recipe)
-    overrides = None
-    if config.search is not None:  # --set items of a search over several methods: this method's only
-        overrides = overrides_for(config, method.name, method.all_hyperparameters())
-    configure(method, config.method_options(overrides))
+    configure(method, config.method_options(method.name, method.all_hyperparameters()))
     if ctx.processes.world > 1:  # one device per process
         method.device = ctx.processes.device_for(config.device or method.device)
     if recipe is not None and method.hparams != method.recipe_hparams and (
@@ -122,12 +118,19 @@ class Runner:
         method = ctx.method = build_method(cfg, ctx)
         ctx.report["models"] = method.preflight()
         ctx.out_dir = Path(cfg.output_folder) / str(method.get_name())
+        # Process 0 writes every output. It takes the folder first (a second run is refused), so that the
+        # checks (--resume's search for an interrupted merge) see a folder no live run of ours uses. Until
+        # every check passed, the lock file (and the folder, when missing) is all that is created; a refused
+        # run removes both as it ends.
+        if ctx.processes.is_main:
+            ctx.hold_output_folder()
         for phase in ctx.phases:
             phase.check(ctx)
-        if ctx.processes.is_main:  # process 0 writes every output; nothing is created before the checks passed
-            ctx.claim_output_folder()  # locked (a second run is refused), stale temporaries removed
+        if ctx.processes.is_main:
             needs = [need for phase in ctx.phases for need in phase.disk_space(ctx)]
+            needs += ctx.outputs.freeable(ctx.out_dir)  # what removing stale temporaries will free
             ctx.report["disk_space"] = check_space(needs)  # refused before any weight when it does not fit
+            ctx.claim_output_folder()  # stale temporaries removed (never one --resume continues), files recorded
         ctx.preflight_ok = True
         ctx.report["hyperparameters"] = jsonable(settings_json(method.hparams))
         ctx.report["options"] = {"mc_scoring": method.mc_scoring, "adapter_rank": method.adapter_rank}
@@ -230,7 +233,7 @@ class Runner:
             self.report["phases_seconds"] = {k: round(v, 3) for k, v in ctx.budget.phases.items()}
             self.report["budget"] = {
                 "seconds": self.cfg.time_budget, "elapsed": round(ctx.budget.elapsed(), 3),
-                "remaining": round(ctx.budget.seconds - ctx.budget.elapsed(), 3),
+                "remaining": round(ctx.budget.left(), 3),
             }
             self.report.update(peak_memory())
             self.report["versions"] = versions()
@@ -259,10 +262,15 @@ class Runner:
         expected = [p for phase in ctx.phases for p in phase.expected_outputs(ctx)]
         out = ctx.outputs.manifest(ctx.out_dir, expected)
         out["folder"] = str(ctx.out_dir)
+        out["lock"] = "unsupported" if ctx.outputs.unlocked else "held"
+        if ctx.outputs.unlocked:
+            out["unlocked"] = list(ctx.outputs.unlocked)
         out["removed_temporaries"] = list(ctx.outputs.removed)
+        if ctx.outputs.skipped:
+            out["skipped_temporaries"] = list(ctx.outputs.skipped)
         if ctx.outputs.taken_over:
             out["locks_taken_over"] = list(ctx.outputs.taken_over)
-        kept = sorted(str(p) for p in ctx.outputs.keep if p.exists())
-        if kept:  # an interrupted merge left for --resume
+        kept = [r for r in ctx.outputs.resumable if Path(r["path"]).exists()]
+        if kept:  # a merge this run stopped, left for --resume
             out["resumable"] = kept
         return out

@@ -4,6 +4,6 @@
 memory, :mod:`.study` runs the Optuna study and writes ``OUTPUT/METHOD/search/``.
 """
 from llm_merging.search.space import SearchSpace, build_space
-from llm_merging.search.study import SearchConfig, overrides_for, prepare, run
+from llm_merging.search.study import SearchConfig, prepare, run
 
-__all__ = ["SearchConfig", "SearchSpace", "build_space", "overrides_for", "prepare", "run"]
+__all__ = ["SearchConfig", "SearchSpace", "build_space", "prepare", "run"]

@@ -121,7 +121,7 @@ class InMemoryMerger:
         """Give ``method`` the loaded model, tokenizers and experts (so it can merge and evaluate here)."""
         src = self.method
         for attr in ("base_model", "tokenizer", "input_tokenizer", "target_tokenizer", "architecture"):
-            setattr(method, attr, getattr(src, attr, None))
+            setattr(method, attr, getattr(src, attr))  # all declared by Merges.__init__
         method.merged_model = self.model
         method.experts = self.experts
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llm_merging.core.errors import BudgetExceeded, ConfigError, DataError, MergeError, first_line
-from llm_merging.core.io import atomic_path, atomic_write_text
+from llm_merging.core.io import atomic_write_text
 from llm_merging.data import GENERATION, MULTIPLE_CHOICE, load_examples
 from llm_merging.evaluation import normalize_batch_size, unique_names
 from llm_merging.lm_eval_tasks import SearchFitness
@@ -81,24 +81,6 @@ class SearchConfig:
             _storage_kind(self.storage)
 
 
-def overrides_for(cfg, method_name: str, specs: dict) -> dict[str, str]:
-    """The ``--set`` items meant for ``method_name`` in a search over several methods (``M.KEY`` items
-    for M only; a plain key for every method that declares it)."""
-    search = cfg.search
-    methods = search.methods if search is not None and search.methods else [cfg.method]
-    out = {}
-    for key, value in cfg.overrides.items():
-        method, dot, name = key.partition(".")
-        if dot:
-            if method not in methods:
-                raise ConfigError(f"--set {key}: method '{method}' is not one of -m {' '.join(methods)}")
-            if method == method_name:
-                out[name] = value
-        elif key in specs or len(methods) == 1:
-            out[key] = value
-    return out
-
-
 def _storage_kind(url: str) -> str:
     if url.startswith("journal:"):
         return "journal"
@@ -140,8 +122,7 @@ class Search:
                 method = primary
             else:
                 method = instantiate(name)
-                configure(method, ctx.config.method_options(overrides_for(
-                    ctx.config, name, method.all_hyperparameters())))
+                configure(method, ctx.config.method_options(name, method.all_hyperparameters()))
                 method.should_stop = ctx.budget.expired
                 if _models_key(method.preflight()) != key:
                     raise ConfigError(f"-m {' '.join(names)}: method '{name}' merges other models than '{primary.name}'; "
@@ -171,7 +152,7 @@ class Search:
                 entries = [(str(k), v) for k, v in section.items()] + entries
                 where = lambda head: f"--search {head} (or recipe {recipe.path}: llm_merging.search)"  # noqa: E731
         specs = {n: {k: p for k, p in m.all_hyperparameters().items()} for n, m in self.methods.items()}
-        fixed = {n: set(overrides_for(ctx.config, n, specs[n])) for n in names}
+        fixed = {n: set(ctx.config.overrides_for(n, specs[n])) for n in names}
         if recipe is not None and recipe.method in fixed:  # values the recipe sets leave the default space too
             mk = MERGEKIT_METHODS.get(recipe.mergekit_method or "")
             doc = recipe.document

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from llm_merging.core import processes as procs
-from llm_merging.core.errors import ConfigError, LLMMergingError
+from llm_merging.core.errors import BudgetExceeded, ConfigError, LLMMergingError
 from llm_merging.core.io import jsonable
 from llm_merging.core.resources import versions
 from llm_merging.merging.calibration import overlapping_files
@@ -35,31 +35,40 @@ class MergePhase(Phase):
 
     def check(self, ctx: RunContext) -> None:
         """A merge written while merging is journalled with the run's fingerprint; ``--resume`` finds the
-        merge a killed run left in the output folder and refuses (one line) when its inputs or options
-        differ."""
+        merge a stopped run left in the output folder (the runner holds the folder's lock by now, so another
+        host's merge is taken too) and refuses (one line) when its inputs or options differ."""
         cfg = ctx.config
         self.fingerprint = self.resume = self.writer = None
         if not self.streams_to_disk(ctx):
             if cfg.resume and cfg.search is None:
-                raise ConfigError(f"--resume continues a merge written while merging (--no-eval --save full, one "
-                                  f"process, an engine method without calibration data); method "
-                                  f"'{ctx.method.name}' is merged in memory, so there is nothing to resume")
+                raise ConfigError(f"--resume continues a merge written while merging (--save full, no evaluation "
+                                  f"or --baselines, one process, an engine method without calibration data); "
+                                  f"method '{ctx.method.name}' is merged in memory, so there is nothing to resume")
             return
         self.fingerprint = merge_fingerprint(ctx)
         if not cfg.resume:
             return
-        found = find_resumable(ctx.out_dir, "merged_model")
+        found = find_resumable(ctx.out_dir, "merged_model", any_host=ctx.outputs.holds(ctx.out_dir))
+        live = [r for r in found if r["live"]]
+        if live:  # not ours to continue: named (the sweep leaves them alone and lists them too)
+            logger.warning("--resume: %s", "; ".join(
+                f"skipped {r['path']} (pid {r['pid']} on {r['host']}, {r['done']} tensors): its process may still "
+                "run" for r in live))
+        found = [r for r in found if not r["live"]]
         if not found:
-            logger.warning("--resume: no interrupted merge in %s; merging from the start", ctx.out_dir)
+            logger.warning("--resume: no interrupted merge in %s%s; merging from the start", ctx.out_dir,
+                           " that this run may continue" if live else "")
             return
-        last = found[0]
-        differ = fingerprint_differences(last["header"].get("fingerprint") or {}, self.fingerprint)
-        if differ:
+        same = [r for r in found if not fingerprint_differences(r["header"].get("fingerprint") or {}, self.fingerprint)]
+        if not same:
+            differ = fingerprint_differences(found[0]["header"].get("fingerprint") or {}, self.fingerprint)
             raise ConfigError(f"--resume: the interrupted merge in {ctx.out_dir} was made with other inputs or "
                               f"options ({', '.join(differ[:4])}); run without --resume to start again")
+        last = same[0]
         self.resume = last["path"]
         ctx.outputs.keep |= {last["path"], last["journal"]}  # not a stale temporary: this run continues it
-        ctx.report["resumed"] = {"from": str(last["path"]), "tensors_done": last["done"]}
+        ctx.report["resumed"] = {"from": str(last["path"]), "tensors_done": last["done"], "pid": last["pid"],
+                                 "host": last["host"]}
 
     def disk_space(self, ctx: RunContext) -> list[tuple[Path, int, str]]:
         """The method's temporary spills (e.g. Fisher's); less what a resumed merge has written already."""
@@ -85,6 +94,14 @@ class MergePhase(Phase):
             ctx.processes.together(lambda: merge(ctx))
             if ctx.processes.world > 1:  # every process merged: the same weights everywhere, else rank 0's
                 ctx.report["processes"]["merge"] = procs.same_weights(ctx.processes, method.base_model)
+        except BudgetExceeded as exc:
+            kept = self.writer.kept if self.writer is not None else None
+            if kept is None:
+                raise
+            text = str(exc).removesuffix("; nothing was saved")
+            raise BudgetExceeded(f"{text}; the {len(read_journal(journal_of(kept))[1])} tensors merged so far are "
+                                 f"kept in {kept}: the same command with a larger --time-budget and --resume "
+                                 "continues the merge") from None
         finally:  # loading apart from the merge math, also when the merge failed
             load = method.load_seconds
             ctx.add_seconds("load", load)
@@ -104,10 +121,14 @@ class MergePhase(Phase):
         if writer is not None:
             writer.abort()  # a model written while merging but never finished: removed (no-op once saved)
         kept = self.writer.kept if self.writer is not None else None
-        if kept is not None:  # interrupted by a signal: the tensors written so far stay for --resume
-            ctx.outputs.keep |= {kept, journal_of(kept)}
-            ctx.report["resumable"] = {"path": str(kept), "tensors_done": len(read_journal(journal_of(kept))[1]),
-                                       "continue_with": "the same command with --resume"}
+        if kept is not None:  # interrupted or stopped by the budget: the tensors written stay for --resume
+            budget = self.writer.kept_on == "budget"
+            ctx.outputs.keep_for_resume(
+                kept, journal_of(kept), tensors_done=len(read_journal(journal_of(kept))[1]),
+                tensors_total=len(self.writer.source),
+                stopped_by="budget" if budget else ctx.report.get("interrupted") or "SIGINT",
+                continue_with="the same command with a larger --time-budget and --resume" if budget
+                else "the same command with --resume")
 
 
 def merge(ctx: RunContext) -> None:

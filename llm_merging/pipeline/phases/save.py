@@ -1,16 +1,14 @@
 """The save phase: ``recipe.yml`` and the merged model (``--save full|kit|adapter|none``)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llm_merging.core.errors import ConfigError, LLMMergingError
+from llm_merging.core.errors import ConfigError
 from llm_merging.merging.recipe import recipe_document, write_recipe
-from llm_merging.model.checkpoint import read_safetensors_header
-from llm_merging.model.save import estimate_saved_bytes, save_full
+from llm_merging.model.save import adapter_bytes, estimate_saved_bytes, save_full
 from llm_merging.pipeline.context import Phase, RunContext
 
 #: what each --save mode writes in OUTPUT/METHOD/ besides recipe.yml
@@ -80,28 +78,3 @@ class SavePhase(Phase):
         return {"format": "adapter", "path": str(path), "max_relative_error": round(max(writer.errors.values()), 6),
                 "relative_error_by_module": {m: round(e, 6) for m, e in writer.errors.items()}}
 
-
-def adapter_bytes(experts: list[dict], rank: int | None) -> int:
-    """About the bytes of ``--save adapter``'s float32 factors: at the default rank (the sum of the input
-    ranks) the inputs' values; at rank ``rank`` the mean values per unit of rank, times ``rank``."""
-    per_rank, total = [], 0
-    for e in experts:
-        path = Path(e["path"])
-        try:
-            values = sum(_numel(info["shape"]) for f in sorted(path.glob("*.safetensors"))
-                         for info in read_safetensors_header(f).values())
-            r = int(json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("r") or 1)
-        except (OSError, ValueError, TypeError, LLMMergingError):
-            continue
-        total += 4 * values
-        per_rank.append(4 * values / max(r, 1))
-    if rank is not None and per_rank:
-        return int(sum(per_rank) / len(per_rank) * rank)
-    return total
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -21,8 +21,12 @@ class SearchPhase(Phase):
         return config.search is not None
 
     def check(self, ctx: RunContext) -> None:
-        """Space, methods, search data and storage checked before any weight is loaded."""
+        """Space, methods, search data and storage checked before any weight is loaded; the output folder of
+        every searched method held (process 0), so that the best one's is not refused after the search."""
         self.search = search.prepare(ctx)
+        if ctx.processes.is_main:
+            for method in self.search.methods.values():
+                ctx.hold_output_folder(ctx.method_folder(method))
 
     def expected_outputs(self, ctx: RunContext) -> list[str]:
         where = os.path.relpath(self.search.dir, ctx.out_dir) if self.search is not None else "search"
