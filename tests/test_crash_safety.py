@@ -1,6 +1,8 @@
 """Crash safety: real processes killed with SIGKILL during a merge, a save and a search trial (the next run
-cleans up, a resumed merge equals the uninterrupted one byte for byte), a full disk, two runs into one
-output folder, SIGTERM/SIGINT during evaluation, stale temporaries and the manifest of what a run wrote."""
+cleans up, a resumed merge equals the uninterrupted one byte for byte), a budget stop (kept for --resume) and
+another host's merge, a full disk, two runs into one output folder (and a search's folders), a file system
+without locks, a refused run, SIGTERM/SIGINT during evaluation, stale temporaries and the manifest of what a
+run wrote."""
 import errno
 import hashlib
 import json

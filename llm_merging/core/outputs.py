@@ -384,15 +384,16 @@ class OutputFolders:
         return next((c for f, c in self.claims.items() if f.resolve() == folder), None)
 
     def holds(self, folder: Path) -> bool:
-        """Whether this run holds ``folder``: locked by it (or on a file system without locks, taken)."""
-        return self._held(folder) is not None
+        """Whether this run holds the lock of ``folder`` (False on a file system that cannot lock)."""
+        claim = self._held(folder)
+        return claim is not None and claim.lock.fd is not None
 
     def lock(self, folder: Path, command: list[str] | None = None) -> None:
         """Take ``folder`` for this run: create it when missing (ConfigError when it cannot be written) and
         lock it (OutputError when another run holds it). Nothing else is created or removed. No-op for a
         folder already held."""
         folder = Path(folder)
-        if self.holds(folder):
+        if self._held(folder) is not None:
             return
         created, parent = [], folder.absolute()
         while not parent.exists() and parent != parent.parent:
@@ -445,8 +446,9 @@ class OutputFolders:
             logger.warning("output folder '%s': left alone %d temporar%s of other processes: %s", claim.folder,
                            len(skipped), "y" if len(skipped) == 1 else "ies",
                            "; ".join(f"{d['path']} (pid {d['pid']} on {d['host']}: {d['reason']}"
-                                     + (", an interrupted merge that --resume can continue" if d.get("resumable")
-                                        and d["reason"] != "kept for --resume" else "") + ")" for d in skipped))
+                                     + ("; an interrupted merge: --resume continues it, once no run on that host "
+                                        "uses this folder" if d.get("resumable") and d["path"].endswith(".tmp") and d["host"] != host_name()
+                                        else "") + ")" for d in skipped))
             self.skipped += skipped
         claim.before = {rel: _key(st) for rel, st in _files(claim.folder).items()}
 
@@ -463,7 +465,8 @@ class OutputFolders:
         left empty removed; returns what was removed."""
         removed: list[dict[str, Any]] = []
         for claim in self.claims.values():  # (scratch directories in $TMPDIR are removed by their users)
-            removed += sweep(claim.folder, keep=self.keep, own=True, resuming=self.resuming)
+            if claim.before is not None:  # a folder only locked holds nothing of this run's: untouched
+                removed += sweep(claim.folder, keep=self.keep, own=True, resuming=self.resuming)
         for claim in self.claims.values():  # a folder only locked (a refused run's) is left as it was found
             claim.lock.release(restore=claim.before is None)
             _remove_empty(claim.created)

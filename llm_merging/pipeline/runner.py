@@ -6,9 +6,9 @@ Exit statuses: 0 success, 2 a user error (one line on stderr), 3 the budget ran 
 kept and the report is marked partial), 130 interrupted (Ctrl-C, same), 143 stopped by SIGTERM (same), 1 an
 internal error.
 
-Run-level concerns live here, whatever the phases: the output folder is claimed at the end of preflight
-(locked against a second run, stale temporaries of dead runs removed, its files recorded), the disk the
-phases declare is checked against the free space, SIGINT/SIGTERM stop the run at its next safe point, a
+Run-level concerns live here, whatever the phases: the output folder is locked against a second run before
+the phases' checks and claimed once they passed (stale temporaries of dead runs removed, its files
+recorded) after the disk the phases declare is checked against the free space, SIGINT/SIGTERM stop the run at its next safe point, a
 full disk is one line, and report.json ``outputs`` says which files this run wrote
 (`llm_merging.core.outputs`).
 """
