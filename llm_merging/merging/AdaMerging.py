@@ -33,9 +33,9 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from llm_merging.merging import calibration as cal
 from llm_merging import ops
 from llm_merging.core.errors import BudgetExceeded, ConfigError
+from llm_merging.merging import calibration as cal
 from llm_merging.merging.data_aware import DataAwareMerge
 from llm_merging.merging.hparams import SCALE, WEIGHTS, Param
 from llm_merging.merging.settings import layer_index

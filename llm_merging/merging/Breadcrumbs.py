@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from llm_merging import ops
-from llm_merging.merging.hparams import KEEP_COUNT, SCALE, WEIGHTS, Param, consensus_kwargs
 from llm_merging.merging.base import TaskVectorMerge
-from llm_merging.merging.TaskArithmetic import LINEAR_DIVISOR, divide_by_weight_sum
+from llm_merging.merging.hparams import KEEP_COUNT, LINEAR_DIVISOR, SCALE, WEIGHTS, Param, consensus_kwargs
+from llm_merging.ops.basic import divide_by_weight_sum
 
 
 class Breadcrumbs(TaskVectorMerge):

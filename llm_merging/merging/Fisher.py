@@ -32,11 +32,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from llm_merging.merging import calibration as cal
 from llm_merging import ops
 from llm_merging.core.errors import BudgetExceeded, ConfigError
 from llm_merging.core.io import scratch_dir
 from llm_merging.core.resources import available_bytes
+from llm_merging.merging import calibration as cal
 from llm_merging.merging.data_aware import DataAwareMerge
 from llm_merging.merging.hparams import SCALE, Param
 from llm_merging.model import engine

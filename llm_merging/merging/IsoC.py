@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from llm_merging import ops
-from llm_merging.merging.hparams import SCALE
 from llm_merging.merging.base import TaskVectorMerge
+from llm_merging.merging.hparams import SCALE
 
 
 class IsoC(TaskVectorMerge):

@@ -5,6 +5,7 @@ import torch
 
 from llm_merging import ops
 from llm_merging.core.errors import ConfigError
+from llm_merging.merging.base import TaskVectorMerge
 from llm_merging.merging.hparams import (
     CONSENSUS,
     DENSITY,
@@ -13,7 +14,6 @@ from llm_merging.merging.hparams import (
     Param,
     consensus_kwargs,
 )
-from llm_merging.merging.base import TaskVectorMerge
 
 
 class KnotsTies(TaskVectorMerge):

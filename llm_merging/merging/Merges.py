@@ -22,11 +22,11 @@ import torch
 
 from llm_merging.core.errors import CheckpointError, ConfigError, ModelNotFoundError, first_line
 from llm_merging.core.io import scratch_directory
+from llm_merging.merging import settings
+from llm_merging.merging.hparams import COMMON, MODIFIERS, Param
 from llm_merging.model import auto_model_class, decoder_functions, encoder_decoder_functions, engine, tokenizer_union
 from llm_merging.model.refs import ModelRef, hf_token
 from llm_merging.model.save import save_state_dict
-from llm_merging.merging import settings
-from llm_merging.merging.hparams import COMMON, MODIFIERS, Param
 from llm_merging.ops.lines import lines_scale
 
 logger = logging.getLogger(__name__)

@@ -18,15 +18,15 @@ from typing import Any
 import torch
 
 from llm_merging.core.errors import BudgetExceeded, CheckpointError, ConfigError
+from llm_merging.merging import settings
+from llm_merging.merging.base import TaskVectorMerge
+from llm_merging.merging.hparams import Param
+from llm_merging.merging.Merges import Merges
 from llm_merging.model import auto_model_class
 from llm_merging.model.checkpoint import FullExpert
 from llm_merging.model.engine import check_base_files, config_param_shapes
 from llm_merging.model.lora import LoraAdapter
 from llm_merging.model.refs import ModelRef, hf_token
-from llm_merging.merging import settings
-from llm_merging.merging.base import TaskVectorMerge
-from llm_merging.merging.Merges import Merges
-from llm_merging.merging.hparams import Param
 
 logger = logging.getLogger(__name__)
 

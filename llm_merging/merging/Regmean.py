@@ -18,12 +18,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from llm_merging.merging import calibration as cal
 from llm_merging import ops
 from llm_merging.core.errors import BudgetExceeded, ConfigError
+from llm_merging.merging import calibration as cal
 from llm_merging.merging.data_aware import DataAwareMerge
 from llm_merging.merging.hparams import Param
 from llm_merging.merging.settings import layer_index
+from llm_merging.model import is_conv1d
 from llm_merging.model.scoring import model_device
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Regmean(DataAwareMerge):
         cost: dict[Any, int] = {}
         for pname, mname in self._linear.items():
             m = modules[mname]
-            n_in = m.weight.shape[0] if cal.is_conv1d(m) else m.weight.shape[1]
+            n_in = m.weight.shape[0] if is_conv1d(m) else m.weight.shape[1]
             cost[_unit(pname)] = cost.get(_unit(pname), 0) + n_in * n_in * 4 * n
         budget = self._statistics_budget()
         groups: list[_Group] = []
@@ -162,7 +163,7 @@ class Regmean(DataAwareMerge):
         module = self.base_model.get_submodule(self._linear[name])
         grams = self._grams(name)
         out = ops.regmean(task_vectors, grams, alpha=h["alpha"], weights=h["weights"],
-                          transposed=cal.is_conv1d(module))
+                          transposed=is_conv1d(module))
         group = self._groups[self._group_of[name]]
         if name == group.names[-1] and (self.sequential or len(self._groups) > 1):
             self._stats = None  # this group is done: free its matrices before the next one is gathered

@@ -4,20 +4,9 @@ from __future__ import annotations
 import torch
 
 from llm_merging import ops
-from llm_merging.merging.hparams import SCALE, WEIGHTS, Param
 from llm_merging.merging.base import TaskVectorMerge
-
-# mergekit ``normalize`` for its linear (no consensus) variants: divide the weighted sum by the sum of all the
-# weights (left as is where that sum is below 1e-8, as mergekit). The TIES variants override this with the
-# consensus divisor.
-LINEAR_DIVISOR = Param("none", "divide the weighted sum by the sum of the weights (weight_sum: mergekit normalize: true) "
-                               "or not (none)", kind=str, choices=("none", "weight_sum"))
-
-
-def divide_by_weight_sum(merged, weights):
-    """``merged / Σ wᵢ`` (mergekit's normalize without consensus; unchanged where |Σ wᵢ| < 1e-8)."""
-    total = float(sum(weights))
-    return merged if abs(total) < 1e-8 else merged / total
+from llm_merging.merging.hparams import LINEAR_DIVISOR, SCALE, WEIGHTS
+from llm_merging.ops.basic import divide_by_weight_sum
 
 
 class TaskArithmetic(TaskVectorMerge):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from llm_merging import ops
-from llm_merging.merging.hparams import CONSENSUS, DENSITY, KEEP_COUNT, SCALE, WEIGHTS, consensus_kwargs
 from llm_merging.merging.base import TaskVectorMerge
+from llm_merging.merging.hparams import CONSENSUS, DENSITY, KEEP_COUNT, SCALE, WEIGHTS, consensus_kwargs
 from llm_merging.ops.streaming import reader_chunk, ties_chunks
 
 

@@ -20,6 +20,7 @@ from llm_merging.core.errors import BudgetExceeded
 from llm_merging.merging import calibration as cal
 from llm_merging.merging.base import TaskVectorMerge
 from llm_merging.merging.hparams import SCALE, Param
+from llm_merging.model import is_conv1d
 from llm_merging.ops.wudi import DEFAULT_LR, DEFAULT_STEPS, WUDI_FALLBACKS, WUDI_SOLVERS
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class Wudi(TaskVectorMerge):
             return False
         if self._dense is None or self._dense[0] != id(model):
             names = [n for n, _ in model.named_parameters()]
-            self._dense = (id(model), {n: cal.is_conv1d(model.get_submodule(mod))
+            self._dense = (id(model), {n: is_conv1d(model.get_submodule(mod))
                                        for n, mod in cal.linear_weights(model, names).items()})
         return self._dense[1].get(name)
 

@@ -28,6 +28,7 @@ import torch
 from llm_merging.core.errors import ConfigError, DataError
 from llm_merging.core.resources import peak_memory
 from llm_merging.data import read_csv_rows, read_json_rows
+from llm_merging.model import is_conv1d
 from llm_merging.model.scoring import (
     choice_lists,
     length_limit,
@@ -289,12 +290,6 @@ def expert_weights(model: torch.nn.Module, expert, names: Iterable[str] | None,
 
 class StopForward(Exception):
     """Raised by a hook once every module of interest has run (the rest of the forward pass is skipped)."""
-
-
-def is_conv1d(module: torch.nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2): a dense layer whose weight W is stored as (in, out), the transpose of
-    ``nn.Linear``'s (matched by type name, so that transformers' class is never imported for the check)."""
-    return type(module).__name__ == "Conv1D"
 
 
 def is_linear(module: torch.nn.Module) -> bool:

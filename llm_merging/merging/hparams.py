@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from llm_merging.core.errors import ConfigError
-from llm_merging.model.scoring import SCORINGS
 from llm_merging.merging import settings
+from llm_merging.model.scoring import SCORINGS
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -282,3 +282,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         out[key.strip()] = value
     return out
+
+
+# mergekit ``normalize`` for its linear (no consensus) variants: divide the weighted sum by the sum of all the
+# weights (left as is where that sum is below 1e-8, as mergekit). The TIES variants override this with the
+# consensus divisor.
+LINEAR_DIVISOR = Param("none", "divide the weighted sum by the sum of the weights (weight_sum: mergekit normalize: true) "
+                               "or not (none)", kind=str, choices=("none", "weight_sum"))

@@ -6,3 +6,9 @@ def auto_model_class(architecture: str):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     return AutoModelForSeq2SeqLM if architecture == "encoder_decoder" else AutoModelForCausalLM
+
+
+def is_conv1d(module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a dense layer whose weight W is stored as (in, out), the transpose of
+    ``nn.Linear``'s (matched by type name, so that transformers' class is never imported for the check)."""
+    return type(module).__name__ == "Conv1D"

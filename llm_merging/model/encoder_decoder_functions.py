@@ -19,20 +19,20 @@ import torch
 
 from llm_merging.core.errors import ConfigError
 from llm_merging.model.scoring import (
-    check_scoring,
     as_id_list,
-    split_choice_scores,
     as_texts,
     cache_kwarg,
     cache_rows,
+    check_scoring,
     choice_lists,
-    encode_prompts,
     continuation_scores,
+    encode_prompts,
     first_token_scores,
     greedy_generation_config,
     model_device,
     pad_id_of,
     pad_sequences,
+    split_choice_scores,
     trim_generated,
 )
 

@@ -25,11 +25,11 @@ import torch
 from llm_merging.core.errors import AdapterError, first_line
 from llm_merging.model.checkpoint import (
     EMBED_CANDIDATES,
-    shape_str,
-    name_summary,
     load_torch_file,
     match_names,
+    name_summary,
     open_safetensors,
+    shape_str,
 )
 from llm_merging.model.refs import ADAPTER_CONFIG, is_adapter_dir  # noqa: F401 (re-exported)
 

@@ -15,9 +15,9 @@ import torch
 
 from llm_merging import ops
 from llm_merging.core.errors import BudgetExceeded, ConfigError, LLMMergingError
-from llm_merging.core.io import (TEMP_NAME, atomic_path, atomic_write_json, host_name, remove_path, replace_path,
-                                 temp_path)
+from llm_merging.core.io import TEMP_NAME, atomic_path, atomic_write_json, host_name, remove_path, replace_path, temp_path
 from llm_merging.core.outputs import owner_alive
+from llm_merging.model import is_conv1d
 from llm_merging.model.checkpoint import read_safetensors_header
 
 logger = logging.getLogger(__name__)
@@ -557,7 +557,7 @@ class AdapterWriter:
             if torch.count_nonzero(delta):
                 self.skipped.append(name)
             return
-        conv1d = type(module).__name__ == "Conv1D"
+        conv1d = is_conv1d(module)
         if self.fan_in_fan_out is None:
             self.fan_in_fan_out = conv1d
         elif self.fan_in_fan_out != conv1d:

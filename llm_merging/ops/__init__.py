@@ -8,8 +8,9 @@ Per-model hyperparameters accept a number or one number per model; bad values ra
 """
 from __future__ import annotations
 
+from llm_merging.ops._common import derive_seed
 from llm_merging.ops.adamerging import entropy, task_vector_inner
-from llm_merging.ops.basic import expo, linear, task_arithmetic
+from llm_merging.ops.basic import divide_by_weight_sum, expo, linear, task_arithmetic
 from llm_merging.ops.cart import cart, cart_rank
 from llm_merging.ops.consensus import consensus_merge, elect_sign
 from llm_merging.ops.fisher import diagonal_fisher, fisher_merge, greedy_log_likelihood
@@ -44,7 +45,6 @@ from llm_merging.ops.svd import iso_c, iso_cts, knots, low_rank, tsv
 from llm_merging.ops.tall import consensus_mask, consensus_ta, consensus_ties, tall_masks
 from llm_merging.ops.ties import ties
 from llm_merging.ops.wudi import wudi, wudi_fallback, wudi_gradient, wudi_loss
-from llm_merging.ops._common import derive_seed
 
 __all__ = [
     "apply_mask",
@@ -66,6 +66,7 @@ __all__ = [
     "diagonal_fisher",
     "elect_sign",
     "entropy",
+    "divide_by_weight_sum",
     "expo",
     "fisher_merge",
     "geometric_median",

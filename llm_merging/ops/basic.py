@@ -6,7 +6,6 @@ from typing import Optional, Sequence
 from torch import Tensor
 
 from llm_merging.core.errors import ConfigError
-
 from llm_merging.ops._common import (
     PerModel,
     check_range,
@@ -59,3 +58,9 @@ def expo(task_vector: Tensor, alpha: float = 0.3) -> Tensor:
     (t,) = check_tensors([task_vector], "task_vector")
     a = check_range(alpha, "alpha", 0.0, float("inf"), low_open=True)
     return f32(t).mul(1.0 + a)
+
+
+def divide_by_weight_sum(merged: Tensor, weights: Sequence[float]) -> Tensor:
+    """``merged / Σ wᵢ`` (mergekit's normalize without consensus; unchanged where |Σ wᵢ| < 1e-8)."""
+    total = float(sum(weights))
+    return merged if abs(total) < 1e-8 else merged / total

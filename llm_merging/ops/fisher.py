@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from llm_merging.core.errors import ConfigError
-
 from llm_merging.ops._common import PerModel, check_choice, check_range, check_tensors, per_model
 
 

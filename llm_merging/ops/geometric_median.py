@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from llm_merging.core.errors import ConfigError
-
 from llm_merging.ops._common import PerModel, check_range, check_tensors, norm64, stack_f32, weight_list
 
 

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from llm_merging.core.errors import ConfigError
-
 from llm_merging.ops._common import check_real, f32
 
 

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from llm_merging.core.errors import ConfigError
-
 from llm_merging.ops._common import (
     COUNTER_CHUNK_CPU,
     COUNTER_CHUNK_DEVICE,

@@ -10,7 +10,6 @@ from torch import Tensor
 
 from llm_merging.ops._common import check_tensors, dot64, stack_f32
 
-
 _MK_NORM_EPS = 1e-6  # mergekit's clamp of the pairwise norm product
 _MK_SINGULAR = 1e-6  # mergekit: |1 + (N-1)c| below this keeps the base (t = 0)
 

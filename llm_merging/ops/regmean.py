@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from llm_merging.core.errors import ConfigError
-
 from llm_merging.ops._common import PerModel, check_real, check_tensors, weight_list
 
 

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from llm_merging.core.errors import ConfigError, MergeError
-
 from llm_merging.ops._common import (
     PerModel,
     check_pair,

@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from llm_merging.core.errors import ConfigError
-
 from llm_merging.ops._common import check_range, check_real, check_tensors, f32, stack_f32
 
 

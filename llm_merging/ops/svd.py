@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from llm_merging.core.errors import ConfigError
-
 from llm_merging.ops._common import (
     PerModel,
     check_choice,
@@ -28,8 +27,8 @@ from llm_merging.ops._common import (
     weight_list,
     weight_tensor,
 )
-from llm_merging.ops.masks import apply_mask, magnitude_mask, random_mask
 from llm_merging.ops.consensus import DIVISORS, SIGN_METHODS, consensus_merge
+from llm_merging.ops.masks import apply_mask, magnitude_mask, random_mask
 
 
 def _mean(ts: Sequence[Tensor]) -> Tensor:
