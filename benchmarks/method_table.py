@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 
 from merge_memory import build  # noqa: E402
-from search_benchmark import WORDS, accuracies, rows, train_expert, write_jsonl  # noqa: E402
+from search_benchmark import WORDS, accuracies, expert_dirs, rows, write_jsonl  # noqa: E402
 
 from llm_merging.merging import get_method_class, method_targets  # noqa: E402
 from llm_merging.model import tiny  # noqa: E402
@@ -78,13 +78,8 @@ def quality(args, methods: list[str]) -> list[tuple[str, str, list[str]]]:
     """Rows (label, score text, command) of the quality table."""
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    experts, test = [], []
+    experts, test = expert_dirs(work, args.steps), []
     for i, task in enumerate(WORDS):
-        path = work / f"expert-{task}"
-        if not (path / "adapter_config.json").is_file():
-            print(f"training the {task} expert ({args.steps} steps) ...", flush=True)
-            print(f"  {train_expert(task, path, args.steps, seed=i):.1f} s", flush=True)
-        experts.append(str(path))
         f = work / f"{task}_test.json"
         write_jsonl(f, rows(task, args.test, 200 + i))  # the same test rows as search_benchmark.py
         test.append(str(f))

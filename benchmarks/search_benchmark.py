@@ -98,6 +98,18 @@ def train_expert(task: str, out: Path, steps: int, seed: int) -> float:
     return time.time() - t0
 
 
+def expert_dirs(work: Path, steps: int) -> list[str]:
+    """One LoRA expert per task of WORDS under ``work`` (trained once, reused by later runs)."""
+    out = []
+    for i, task in enumerate(WORDS):
+        path = work / f"expert-{task}"
+        if not (path / "adapter_config.json").is_file():
+            print(f"training the {task} expert ({steps} steps) ...", flush=True)
+            print(f"  {train_expert(task, path, steps, seed=i):.1f} s", flush=True)
+        out.append(str(path))
+    return out
+
+
 def cli(args: list[str], budget: float) -> tuple[dict, float, list[str]]:
     cmd = [sys.executable, str(REPO / "llm_merging" / "main.py"), *args, "-q", "--time-budget", str(budget)]
     t0 = time.time()
@@ -128,13 +140,8 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    experts, dev, test = [], [], []
+    experts, dev, test = expert_dirs(work, args.steps), [], []
     for i, task in enumerate(WORDS):
-        path = work / f"expert-{task}"
-        if not (path / "adapter_config.json").is_file():
-            print(f"training the {task} expert ({args.steps} steps) ...", flush=True)
-            print(f"  {train_expert(task, path, args.steps, seed=i):.1f} s", flush=True)
-        experts.append(str(path))
         for split, n, seed, bucket in (("dev", args.dev, 100 + i, dev), ("test", args.test, 200 + i, test)):
             f = work / f"{task}_{split}.json"
             write_jsonl(f, rows(task, n, seed))
