@@ -1,6 +1,7 @@
 """Command line: ``python llm_merging/main.py -m METHOD [options]`` (also ``python -m llm_merging.main`` and
-the ``llm-merging`` console script); ``llm-merging analyze ...`` analyses experts without merging.
-The starter kit's entry point; the commands live in `llm_merging.cli`."""
+the ``llm-merging`` console script); ``llm-merging COMMAND ...`` runs one of the other commands
+(`llm_merging.cli.COMMANDS`: ``analyze``, ...). The starter kit's entry point; the commands live in
+`llm_merging.cli`."""
 from __future__ import annotations
 
 import os
@@ -18,10 +19,10 @@ from llm_merging.cli.flags import build_parser  # noqa: E402  (public: the run p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``llm-merging [analyze] ...``: the exit status. The flags are parsed before the library is loaded."""
+    """``llm-merging [COMMAND] ...``: the exit status. The flags are parsed before the library is loaded."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "analyze":  # `llm-merging analyze --base-model REF --models REF ...`
-        return commands.analyze.main(argv[1:])
+    if argv and argv[0] in commands.COMMANDS:  # e.g. `llm-merging analyze --base-model REF --models REF ...`
+        return getattr(commands, commands.COMMANDS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     return commands.run.main(argv, args)
 

@@ -16,6 +16,10 @@ from llm_merging.core.errors import LLMMergingError
 
 logger = logging.getLogger(__name__)
 
+#: ``llm-merging NAME ...`` -> the module of `llm_merging.cli` whose ``main(argv) -> int`` runs it (loaded on
+#: first use); anything else is a merge run (``cli.run``)
+COMMANDS = {"analyze": "analyze"}
+
 #: libraries whose INFO chatter hides ours
 NOISY_LOGGERS = ("httpx", "urllib3", "huggingface_hub", "filelock", "absl", "lm_eval", "lm-eval", "matplotlib", "PIL")
 
@@ -73,7 +77,7 @@ def guarded(work: Callable[[], int], *, debug: bool = False, report: bool = True
 
 
 def __getattr__(name: str):
-    """``cli.run`` and ``cli.analyze`` are imported on first use (they load torch)."""
-    if name in ("run", "analyze"):
+    """``cli.run`` and the command modules (`COMMANDS`) are imported on first use (they load torch)."""
+    if name == "run" or name in COMMANDS.values():
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
