@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: name -> (vocab, hidden, layers, intermediate)
 SHAPES = {"large": (32000, 1024, 12, 2816), "small": (8192, 1024, 16, 4096)}
-METHODS = ("ties", "dare_ties", "linear", "task_arithmetic")
+METHODS = ("ties", "dare_ties", "linear", "task_arithmetic", "linear_no_base")
 DEFAULT_MERGEKIT = os.environ.get("MERGEKIT_VENV", "")  # a virtual environment with mergekit
 WEIGHTS = (0.5, 0.3, 0.2)
 
@@ -162,6 +162,9 @@ def recipe(workdir: Path, method: str, n_experts: int) -> dict:
         doc["models"] = [{"model": e, "parameters": {"weight": w}} for e, w in zip(experts, weights)]
     elif method == "linear":  # the soup of the base and the experts (mergekit counts base_model as a model)
         doc["models"] = [{"model": e, "parameters": {"weight": 1.0}} for e in [doc["base_model"], *experts]]
+    elif method == "linear_no_base":  # the soup of the experts alone: no base_model, the first is the template
+        doc = {"merge_method": "linear", "dtype": "float32", "out_dtype": "float16",
+               "models": [{"model": e, "parameters": {"weight": w}} for e, w in zip(experts, weights)]}
     else:
         doc["models"] = [{"model": e, "parameters": {"weight": w}} for e, w in zip(experts, weights)]
     return doc

@@ -5,8 +5,9 @@ vectors share a per-tensor common direction with random signs (so cosines, sign 
 ratios, negative ones included, are non-trivial) and one PEFT LoRA adapter; the default shape reuses the
 tiny offline base and LoRA expert of ``llm_merging.model.tiny`` (hidden 64, 2 layers). Then writes one recipe per
 case — every deterministic mergekit method we map (linear, task_arithmetic, ties, breadcrumbs,
-breadcrumbs_ties, slerp, model_stock) and the recipe features (per-layer gradients, filter lists, per-model
-parameters, slices, a ``BASE+LORA`` model) — runs ``mergekit-yaml RECIPE OUT`` and
+breadcrumbs_ties, slerp, model_stock), the recipe features (per-layer gradients, filter lists, per-model
+parameters, slices, a ``BASE+LORA`` model) and merges without a ``base_model`` (linear, karcher, nuslerp,
+multislerp, passthrough: the first model is the template) — runs ``mergekit-yaml RECIPE OUT`` and
 ``python llm_merging/main.py --recipe RECIPE --output_folder OUT --no-eval`` on it, each in a fresh process,
 and prints per recipe the largest relative difference over tensors,
 ``max_tensors ‖ours − theirs‖∞ / max(‖theirs‖∞, 1e-12)``, with PASS/FAIL against 1e-5.
@@ -255,6 +256,35 @@ def recipes(m: dict, layers: int) -> dict[str, tuple[dict, bool]]:
     add("ties_lora", {"merge_method": "ties", "base_model": b,
                       "models": [{"model": e1, "parameters": {"weight": 0.6, "density": 0.45}},
                                  {"model": f"{b}+{lora}", "parameters": {"weight": 0.8, "density": 0.3}}]})
+    # Merges without a base model (the first model is the output's template; the models' own weights merge).
+    add("linear_no_base_gradient_filter", {
+        "merge_method": "linear",
+        "models": three([{"weight": [{"filter": "mlp", "value": grad}, {"value": 0.7}]}, {"weight": filt},
+                         {"weight": 0.25}])})
+    add("linear_no_base_unnormalized", {"merge_method": "linear", "parameters": {"normalize": False},
+                                        "models": three([{"weight": 0.5}, {"weight": [0.1, 0.4]}, {"weight": 0.3}])})
+    add("karcher_no_base", {"merge_method": "karcher", "models": [{"model": e} for e in (e0, e1, e2)]})
+    add("karcher_no_base_iterations", {"merge_method": "karcher", "parameters": {"max_iter": 3, "tol": 1e-7},
+                                       "models": [{"model": e} for e in (e1, e2)]})
+    add("nuslerp_no_base", {"merge_method": "nuslerp",
+                            "models": [{"model": e0, "parameters": {"weight": 0.3}},
+                                       {"model": e1, "parameters": {"weight": [0.9, 0.2]}}]})
+    add("nuslerp_no_base_rows", {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False},
+                                 "models": [{"model": e2, "parameters": {"weight": 0.6}},
+                                            {"model": e0, "parameters": {"weight": filt}}]})
+    add("nuslerp_no_base_columns", {"merge_method": "nuslerp",
+                                    "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+                                    "models": [{"model": e1, "parameters": {"weight": 0.45}},
+                                               {"model": e2, "parameters": {"weight": 0.55}}]})
+    add("multislerp_no_base", {"merge_method": "multislerp",
+                               "models": three([{"weight": 1.0}, {"weight": grad}, {"weight": filt}])})
+    add("multislerp_no_base_unnormalized", {"merge_method": "multislerp", "parameters": {"normalize_weights": False},
+                                            "models": three([{"weight": 0.3}, {"weight": 0.5}, {"weight": 0.4}])})
+    if layers >= 2:
+        add("passthrough_no_base_slices", {
+            "merge_method": "passthrough",
+            "slices": [{"sources": [{"model": e0, "layer_range": [0, half]}]},
+                       {"sources": [{"model": e1, "layer_range": [half, layers]}]}]})
     # Random methods: statistical comparison only.
     rnd = three([{"weight": 0.7, "density": 0.5}, {"weight": 0.5, "density": 0.6}, {"weight": 0.4, "density": 0.4}])
     add("dare_linear", {"merge_method": "dare_linear", "base_model": b, "models": rnd}, False)
@@ -262,6 +292,33 @@ def recipes(m: dict, layers: int) -> dict[str, tuple[dict, bool]]:
     add("della", {"merge_method": "della", "base_model": b, "parameters": {"epsilon": 0.1}, "models": rnd}, False)
     add("della_linear", {"merge_method": "della_linear", "base_model": b, "parameters": {"epsilon": 0.1, "lambda": 0.9},
                          "models": rnd}, False)
+    return out
+
+
+def chained_recipes(m: dict, layers: int) -> dict[str, tuple[list[dict], bool]]:
+    """Chained merges (mergekit-multi's multi-document recipes): name -> (documents, deterministic). Each
+    named merge is read by a later one by its name; the document without a name is the final merge."""
+    b, (e0, e1, e2), lora = m["base"], m["experts"], m["lora"]
+    grad = [0.2, 0.9, 0.5]
+    out: dict[str, tuple[list[dict], bool]] = {}
+    # a merge of two experts, then TIES of it with a third, then SLERP between the two merges (written final first)
+    out["chain_ta_ties_slerp"] = ([
+        {"merge_method": "slerp", "base_model": "soup", "parameters": {"t": [0.2, 0.7]},
+         "models": [{"model": "soup"}, {"model": "trimmed"}], "dtype": "float32"},
+        {"name": "soup", "merge_method": "task_arithmetic", "base_model": b, "dtype": "float32",
+         "models": [{"model": e0, "parameters": {"weight": 0.6}}, {"model": e1, "parameters": {"weight": 0.4}}]},
+        {"name": "trimmed", "merge_method": "ties", "base_model": b, "dtype": "float32",
+         "models": [{"model": "soup", "parameters": {"weight": 0.5, "density": 0.7}},
+                    {"model": e2, "parameters": {"weight": 0.5, "density": grad}}]},
+    ], True)
+    # a soup without a base model, then a LoRA applied to it (NAME+LORA) merged over it as the base; all named
+    out["chain_lora_on_a_merge"] = ([
+        {"name": "mix", "merge_method": "linear", "dtype": "float32",
+         "models": [{"model": e1, "parameters": {"weight": 0.3}}, {"model": e2, "parameters": {"weight": 0.7}}]},
+        {"name": "top", "merge_method": "task_arithmetic", "base_model": "mix", "dtype": "float32",
+         "models": [{"model": f"mix+{lora}", "parameters": {"weight": 0.8}},
+                    {"model": e0, "parameters": {"weight": 0.5}}]},
+    ], True)
     return out
 
 
@@ -360,24 +417,33 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], 0
     print(f"mergekit: {mergekit}\n")
     print(f"{'recipe':44s} {'method':18s} {'max rel diff':>13s}  result   (worst tensor)")
-    for name, (doc, deterministic) in recipes(models, args.layers).items():
+    for name, (doc, deterministic) in {**recipes(models, args.layers), **chained_recipes(models, args.layers)}.items():
         if args.only and not any(o in name for o in args.only):
             continue
         d = runs / name
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         recipe = d / "recipe.yml"
-        recipe.write_text(yaml.safe_dump({**doc, **({} if deterministic else {"llm_merging": {"seed": args.seed}})},
-                                         sort_keys=False))
+        if isinstance(doc, list):  # a chained recipe: one YAML document per merge, through mergekit-multi
+            recipe.write_text(yaml.safe_dump_all(doc, sort_keys=False))
+            command = [str(Path(mergekit).with_name("mergekit-multi")), str(recipe), "--intermediate-dir",
+                       str((d / "mk_intermediates").resolve()), "--out-path", str((d / "mergekit").resolve())]
+        else:
+            recipe.write_text(yaml.safe_dump({**doc, **({} if deterministic else {"llm_merging": {"seed": args.seed}})},
+                                             sort_keys=False))
+            command = [mergekit, str(recipe), str(d / "mergekit")]
         try:
-            t_mk = _run([mergekit, str(recipe), str(d / "mergekit"), "--lora-merge-cache", str(d / "lora_cache"),
+            t_mk = _run([*command, "--lora-merge-cache", str(d / "lora_cache"),
                          "--random-seed", str(args.seed), "--quiet"], d / "mergekit.log")
             t_ours = _run([sys.executable, str(ROOT / "llm_merging" / "main.py"), "--recipe", str(recipe),
                            "--output_folder", str(d / "ours"), "--no-eval", "--seed", str(args.seed)], d / "ours.log", env)
             merged = list((d / "ours").glob("*/merged_model"))
             if len(merged) != 1:
                 raise RuntimeError(f"expected one merged_model under {d / 'ours'}, found {merged}")
-            ours, theirs = _load(merged[0]), _load(d / "mergekit")
+            theirs_dir = d / "mergekit"
+            if isinstance(doc, list) and all("name" in x for x in doc):  # mergekit-multi: every named merge in -I
+                theirs_dir = d / "mk_intermediates" / doc[-1]["name"]  # (our chains list their final merge last)
+            ours, theirs = _load(merged[0]), _load(theirs_dir)
             method = merged[0].parent.name
         except RuntimeError as exc:
             failed += deterministic

@@ -337,12 +337,16 @@ def _one_line(exc_info):
     return msg
 
 
-def test_dora_rejected(tmp_path):
-    make_adapter(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), tmp_path / "dora",
-                 merge=False)
+def test_unsupported_variant_rejected(tmp_path):
+    # DoRA is read exactly (tests/test_lora_variants.py); variants whose merge is not read are refused
+    make_adapter(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "qa", merge=False)
+    cfgf = tmp_path / "qa" / "adapter_config.json"
+    cfg = json.loads(cfgf.read_text())
+    cfg["use_qalora"] = True
+    cfgf.write_text(json.dumps(cfg))
     with pytest.raises(AdapterError) as e:
-        LoraAdapter.load(tmp_path / "dora")
-    assert "DoRA" in _one_line(e) and "dora" in str(e.value)
+        LoraAdapter.load(tmp_path / "qa")
+    assert "QALoRA" in _one_line(e) and "qa" in str(e.value)
 
 
 def test_dora_tensor_without_flag_rejected(tmp_path):

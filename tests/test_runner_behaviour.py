@@ -144,4 +144,5 @@ def test_run_options_and_their_set_aliases(tmp_path):
     out = tmp_path / "out"
     assert main(["-m", "ties_merge", "--tiny", "--quiet", "--no-eval", "--save", "none", "--mc-scoring", "starter_kit",
                  "--output_folder", str(out)]) == 0
-    assert _report(out / "ties_merge" / "report.json")["options"] == {"mc_scoring": "starter_kit", "adapter_rank": None}
+    assert _report(out / "ties_merge" / "report.json")["options"] == {"mc_scoring": "starter_kit", "adapter_rank": None,
+                                                                      "adapter_energy": None, "adapter_max_rank": None}

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 #: ``llm-merging NAME ...`` -> the module of `llm_merging.cli` whose ``main(argv) -> int`` runs it (loaded on
 #: first use); anything else is a merge run (``cli.run``)
-COMMANDS = {"analyze": "analyze"}
+COMMANDS = {"analyze": "analyze", "extract-lora": "extract", "tokensurgeon": "tokensurgeon", "moe": "moe"}
 
 #: libraries whose INFO chatter hides ours
 NOISY_LOGGERS = ("httpx", "urllib3", "huggingface_hub", "filelock", "absl", "lm_eval", "lm-eval", "matplotlib", "PIL")

@@ -22,7 +22,9 @@ def build_parser() -> Parser:
     p.add_argument("--eval_types", nargs="+", default=None, choices=EVAL_TYPES,
                    help="eval type per dataset file (default: from each row)")
     p.add_argument("--output_folder", default="output", help="outputs go to OUTPUT_FOLDER/METHOD/ (default: output)")
-    p.add_argument("--base-model", dest="base_model", help="base model: local directory or hub id[@revision]")
+    p.add_argument("--base-model", dest="base_model",
+                   help="base model: local directory or hub id[@revision]; without it, --models are merged without "
+                        "a base (linear, karcher, nuslerp, multislerp, passthrough: the first model is the template)")
     p.add_argument("--models", nargs="+", help="expert models/adapters: local directories or hub ids[@revision]")
     p.add_argument("--set", dest="overrides", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                    help="hyperparameters, e.g. --set density=0.3 weights=0.7,0.3")
@@ -46,13 +48,23 @@ def build_parser() -> Parser:
                    help="also evaluate the base and each expert alone; report normalised scores")
     p.add_argument("--save", default="full", choices=SAVE_MODES,
                    help="merged model output: HF directory (full), the kit's safetensor.pt (kit), "
-                        "a PEFT adapter by SVD (adapter, LoRA inputs), or none")
+                        "a PEFT adapter by SVD of the merged ΔW (adapter; LoRA or full experts), or none")
     p.add_argument("--mc-scoring", dest="mc_scoring", choices=SCORINGS,
                    help="multiple-choice scoring: exact log p(choice|prompt) (default), or the starter kit's, which "
                         "skips the first answer token (alias: --set mc_scoring=...)")
     p.add_argument("--adapter-rank", dest="adapter_rank", type=int,
-                   help="rank of --save adapter (default: the sum of the input ranks, exact for linear merges; "
+                   help="rank of --save adapter (default, LoRA experts only: the sum of the input ranks, exact for "
+                        "linear merges; full fine-tunes and DoRA need this or --adapter-energy; "
                         "alias: --set adapter_rank=...)")
+    p.add_argument("--adapter-energy", dest="adapter_energy", type=float, metavar="E",
+                   help="--save adapter: per module, the smallest rank keeping fraction E in (0, 1] of ΔW's squared "
+                        "Frobenius norm (instead of --adapter-rank; alias: --set adapter_energy=...)")
+    p.add_argument("--adapter-max-rank", dest="adapter_max_rank", type=int, metavar="N",
+                   help="--save adapter: no module's rank above N (caps --adapter-energy and the default rank; "
+                        "alias: --set adapter_max_rank=...)")
+    p.add_argument("--save-intermediates", dest="save_intermediates", action="store_true",
+                   help="a chained recipe (several merges, each with a name): also save each merge made before the "
+                        "final one, as OUTPUT_FOLDER/METHOD/NAME/merged_model/")
     p.add_argument("--tiny", action="store_true", help="offline smoke run with tiny twin models and sample data")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="merge and save only")
     e = p.add_argument_group("lm-evaluation-harness tasks (pip install -e \".[lm-eval]\")")

@@ -80,10 +80,11 @@ def config_from_args(args: argparse.Namespace, argv: list[str]) -> RunConfig:
         time_budget=args.time_budget, batch_size=batch_size(args.batch_size), device=args.device,
         dtype=args.dtype, max_examples=args.max_examples, seed=args.seed, tiny=args.tiny,
         evaluate=args.evaluate, save=args.save, mc_scoring=args.mc_scoring, adapter_rank=args.adapter_rank,
+        adapter_energy=args.adapter_energy, adapter_max_rank=args.adapter_max_rank,
         progress=not args.quiet, argv=["llm-merging", *argv], search=search, lm_eval=lm_eval,
         calibration=CalibrationConfig(data=args.calibration_data, examples=args.calibration_examples),
         insight=InsightConfig(analyze=args.analyze, baselines=args.baselines),
-        resume=args.resume and search is None,
+        resume=args.resume and search is None, save_intermediates=args.save_intermediates,
     )
 
 

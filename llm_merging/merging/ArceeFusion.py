@@ -11,6 +11,7 @@ class ArceeFusion(TaskVectorMerge):
     """Arcee Fusion (mergekit): keep the base except where the expert's change is an importance outlier; 1 expert."""
 
     expert_count = (1, 1)
+    needs_base_because = "it keeps the base except where the model's change from it stands out"
 
     hyperparameters: dict = {}
 

@@ -11,6 +11,8 @@ from llm_merging.merging.hparams import WEIGHTS, Param
 class GeometricMedian(TaskVectorMerge):
     """Geometric median of the task vectors per tensor (Weiszfeld iterations)."""
 
+    base_optional = True  # the median is translation-equivariant: without a base, the median of the models
+
     hyperparameters = {
         "weights": WEIGHTS,
         "eps": Param(1e-6, "stop when the relative change is below eps", low=0.0, low_open=True),

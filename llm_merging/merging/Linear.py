@@ -13,6 +13,7 @@ class Linear(TaskVectorMerge):
     """Weighted average Σ wᵢθᵢ / Σ wᵢ of the expert models (model soup)."""
 
     elementwise = True
+    base_optional = True  # θ_T + Σwᵢ(θᵢ − θ_T)/Σwᵢ = Σwᵢθᵢ/Σwᵢ for any template θ_T (the first model)
 
     hyperparameters = {
         "weights": WEIGHTS,
@@ -25,7 +26,8 @@ class Linear(TaskVectorMerge):
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         # θᵢ = θ₀ + τᵢ, so Σwᵢθᵢ/Σwᵢ = θ₀ + Σwᵢτᵢ/Σwᵢ: averaging the task vectors is exact. Unnormalised,
-        # Σwᵢθᵢ = θ₀ + Σwᵢτᵢ + (Σwᵢ − 1)·θ₀ (as mergekit's linear with normalize: false).
+        # Σwᵢθᵢ = θ₀ + Σwᵢτᵢ + (Σwᵢ − 1)·θ₀ (as mergekit's linear with normalize: false). Both hold for any
+        # θ₀, so a merge without a base (θ₀ the first model, one of the averaged models) is exact too.
         w, normalize = self.hparams["weights"], self.hparams["normalize"]
         out = ops.linear(task_vectors, weights=w, normalize=normalize)
         if not normalize:

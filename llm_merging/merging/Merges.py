@@ -57,6 +57,12 @@ class Merges(object):
     #: post-pass modifiers (``hparams.MODIFIERS``) that the method is itself, each with the hyperparameters
     #: that set it instead: not among its hyperparameters, refused through ``--set`` (``lines``: alpha, beta)
     builtin_modifiers: ClassVar[dict[str, str]] = {}
+    #: the method's definition needs no base model (model soups, Karcher mean, NuSLERP, Multi-SLERP,
+    #: passthrough): a run without one (``base_free``) merges the models' own weights, the first model
+    #: serving as the template (config, tokenizer, architecture, tensors no model changes)
+    base_optional: ClassVar[bool] = False
+    #: why the method needs a base model (the end of the one-line error of a run without one)
+    needs_base_because: ClassVar[str] = "it merges task vectors (model − base)"
 
     # What the pipeline reads and sets on a method (declared here so that it never probes for them):
     #   set before preflight: ``should_stop`` (budget spent?), ``tokenizer_optional`` (``--no-eval``),
@@ -104,6 +110,8 @@ class Merges(object):
         self.stream_writer = None
         self.mc_scoring = "exact"  # run option (--mc-scoring; --set mc_scoring= is an alias)
         self.adapter_rank: int | None = None  # run option (--adapter-rank; --set adapter_rank= is an alias)
+        self.adapter_energy: float | None = None  # run option (--adapter-energy; alias --set adapter_energy=)
+        self.adapter_max_rank: int | None = None  # run option (--adapter-max-rank; alias --set adapter_max_rank=)
         self.should_stop = None  # set by the runner: True once the wall-clock budget is spent
         self.load_seconds = 0.0
         self.layout = None  # depth and slice of each tensor (settings.Layout), set in preflight and merge
@@ -111,6 +119,8 @@ class Merges(object):
         self.tokenizer_optional = False  # set by the runner for --no-eval: a base without tokenizer still merges
         self.tokenizer_note: str | None = None  # why no tokenizer was loaded (then none is saved)
         self.recipe = None  # the merging.recipe.Recipe this method was built from (--recipe), if any
+        # no base model given: the first of list_models is base_model_name, the template (base_optional methods)
+        self.base_free = False
         self.recipe_hparams: dict[str, Any] | None = None  # hyperparameters as the recipe set them
         self.output_tokenizer = None  # a recipe's output tokenizer (tokenizer_source / chat_template)
         self.vocabulary_report: dict[str, Any] | None = None  # output vocabulary, or vocabulary mismatches
@@ -282,7 +292,7 @@ class Merges(object):
         if self.delta_sink is not None:  # the adapter writer needs the model and experts
             self.delta_sink.bind(self.base_model, self.experts)
         self.layout = settings.Layout([n for n, _ in self.base_model.named_parameters()],
-                                      self.slice_lengths)
+                                      self.slice_lengths, engine.tensor_aliases(self.base_model))
         writer = None
         if self.save_while_merging is not None and plan is None and self.delta_sink is None:
             writer = self.save_while_merging(self.base_model)  # None where the model must be saved whole
@@ -559,6 +569,21 @@ class Merges(object):
             self._base_ref, self._base_ref_key = ref, key
         return self._base_ref
 
+    def check_base_free(self) -> None:
+        """A run without a base model (``base_free``): the method must be ``base_optional``, the template
+        (``base_model_name``) the first of the models, and every model a full model (no LoRA adapter)."""
+        if not type(self).base_optional:
+            raise ConfigError(f"merge method '{self.name}' needs a base model (--base-model, or base_model in a "
+                              f"recipe): {self.needs_base_because}")
+        refs = self.model_refs()
+        if not refs or (refs[0].id, refs[0].revision) != (self.base_ref().id, self.base_ref().revision):
+            raise ConfigError(f"method '{self.name}': a merge without a base model uses its first model as the "
+                              f"template, but base_model_name is '{self.base_model_name}'")
+        for ref in refs:
+            if self.expert_is_adapter(ref):
+                raise ConfigError(f"model '{ref}' is a LoRA adapter, a change to its base model: a merge without a "
+                                  "base model takes full models; give the base (--base-model, or base_model in a recipe)")
+
     def open_experts(self, shapes: dict[str, tuple]) -> list:
         """This method's experts opened lazily (``engine.open_experts``) and bound to ``shapes``."""
         models = [(ref, self.expert_is_adapter(ref)) for ref in self.model_refs()]
@@ -575,6 +600,8 @@ class Merges(object):
     def preflight(self) -> dict[str, Any]:
         """Resolve every reference and check it before any weights are loaded; return what was found."""
         token = hf_token()
+        if self.base_free:
+            self.check_base_free()
         base = self.base_ref()
         base_path = base.resolve(token)
         if not (base_path / "config.json").is_file():
@@ -595,8 +622,11 @@ class Merges(object):
         kinds = self._check_compatibility(base_path)
         for record, kind in zip(experts, kinds or []):
             record["kind"] = kind  # what the opened expert says it is (lora, full, or the base itself)
-        return {"base": {"id": base.id, "revision": base.revision, "resolved_revision": _snapshot_commit(base_path),
-                         "path": str(base_path)}, "experts": experts}
+        base_info = {"id": base.id, "revision": base.revision, "resolved_revision": _snapshot_commit(base_path),
+                     "path": str(base_path)}
+        if self.base_free:  # no base model: the first model is the template of the output
+            base_info["template"] = True
+        return {"base": base_info, "experts": experts}
 
     def _match_architecture(self, base: ModelRef, base_path: Path) -> None:
         """Engine methods follow the base model (decoder or encoder-decoder); classes with their own

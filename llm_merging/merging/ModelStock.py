@@ -12,6 +12,7 @@ class ModelStock(TaskVectorMerge):
     """Model Stock (Jang et al. 2024): θ₀ + t·mean(τᵢ), t = N·cosθ / (1 + (N−1)·cosθ)."""
 
     expert_count = (2, None)
+    needs_base_because = "it moves the models' average towards the base by the angle between their task vectors"
 
     hyperparameters = {
         "filter_wise": Param(False, "one ratio per output row instead of per tensor", kind=bool),

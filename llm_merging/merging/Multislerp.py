@@ -11,6 +11,8 @@ from llm_merging.merging.hparams import WEIGHTS, Param
 class Multislerp(TaskVectorMerge):
     """Multi-SLERP (mergekit): weighted mean direction of the task vectors, scaled to their weighted mean norm."""
 
+    base_optional = True  # without a base (mergekit too): the models' weights themselves on the hypersphere
+
     hyperparameters = {
         "weights": WEIGHTS,
         "normalize_weights": Param(True, "divide the weights by their sum", kind=bool),
@@ -19,4 +21,8 @@ class Multislerp(TaskVectorMerge):
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         h = self.hparams
+        if self.base_free:  # θ = multislerp(θ₁ … θₙ), returned as θ − θ_template
+            models = [base + tv for tv in task_vectors]
+            return ops.multislerp(models, h["weights"], normalize_weights=h["normalize_weights"],
+                                  eps=h["eps"]).sub_(base)
         return ops.multislerp(task_vectors, h["weights"], normalize_weights=h["normalize_weights"], eps=h["eps"])

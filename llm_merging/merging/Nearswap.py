@@ -13,6 +13,7 @@ class Nearswap(TaskVectorMerge):
     """NearSwap (mergekit): the expert's value within t of the base, else a step of t towards it; 1 expert."""
 
     expert_count = (1, 1)
+    needs_base_because = "it moves the base towards the model where the two are near"
 
     hyperparameters = {"t": Param(None, "similarity threshold (required, e.g. 0.0001)", low=0.0)}
 

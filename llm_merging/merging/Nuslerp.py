@@ -12,6 +12,7 @@ class Nuslerp(TaskVectorMerge):
     """NuSLERP (mergekit): spherical interpolation of two task vectors, t from the weights, per tensor or per row."""
 
     expert_count = (2, 2)
+    base_optional = True  # without a base (mergekit too): the two models' weights are interpolated directly
 
     hyperparameters = {
         "weights": WEIGHTS,
@@ -21,5 +22,8 @@ class Nuslerp(TaskVectorMerge):
 
     def merge_tensor(self, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
         h = self.hparams
-        merged = ops.nuslerp(task_vectors, h["weights"], row_wise=h["nuslerp_row_wise"], flatten=h["nuslerp_flatten"])
-        return merged
+        if self.base_free:  # the weights themselves: θ = nuslerp(θ₁, θ₂), returned as θ − θ_template
+            models = [base + tv for tv in task_vectors]
+            return ops.nuslerp(models, h["weights"], row_wise=h["nuslerp_row_wise"],
+                               flatten=h["nuslerp_flatten"]).sub_(base)
+        return ops.nuslerp(task_vectors, h["weights"], row_wise=h["nuslerp_row_wise"], flatten=h["nuslerp_flatten"])

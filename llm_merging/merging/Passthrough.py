@@ -44,6 +44,7 @@ class Passthrough(TaskVectorMerge):
     """Passthrough: copy one model's tensors (with slices: stack layer ranges of several models)."""
 
     expert_count = (1, 1)  # without recipe slices; a recipe's slices name their own models
+    base_optional = True  # the config and tokenizer are the base model's, else the first model's
 
     hyperparameters = {
         "scale": Param(None, "multiply every copied tensor by this factor (unset: exact copy)", optional=True),

@@ -12,6 +12,7 @@ class Slerp(TaskVectorMerge):
     """SLERP of two experts: on their task vectors (default) or on their full weights."""
 
     expert_count = (2, 2)
+    needs_base_because = "it interpolates task vectors (model − base), or from the base (t = 0) to one model (mergekit)"
 
     hyperparameters = {
         "t": Param(0.5, "interpolation factor: 0 gives the first model, 1 the second", low=0.0, high=1.0),

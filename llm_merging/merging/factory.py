@@ -41,6 +41,8 @@ class MethodOptions:
     overrides: dict[str, str] = field(default_factory=dict)  # --set KEY=VALUE, as text
     mc_scoring: str | None = None
     adapter_rank: int | None = None
+    adapter_energy: float | None = None
+    adapter_max_rank: int | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
 
@@ -97,6 +99,16 @@ def configure(method: Merges, options: MethodOptions) -> None:
         method.list_models = list(options.models)
         if method.uses_engine():  # the engine takes adapters and full models alike: detect each
             method.is_peft = None
+        optional = getattr(method, "base_optional", False)
+        if not options.base_model and not options.tiny and (optional or method.uses_engine()):
+            # --models without --base-model: a merge without a base, the first model the template
+            if not optional:
+                reason = getattr(method, "needs_base_because", "it merges task vectors (model − base)")
+                raise ConfigError(f"merge method '{method.name}' needs a base model (--base-model): {reason}")
+            method.base_free = True
+            method.base_model_name = str(options.models[0])
+            method.base_model_revision_id = None
+            method.is_peft = None
     if options.device:
         method.device = check_device(options.device)
     elif method.device is not None and str(method.device) != "auto":
@@ -122,6 +134,6 @@ def configure(method: Merges, options: MethodOptions) -> None:
         if cal.examples is not None:
             method.calibration_examples = cal.examples
     method.set_hyperparameters(options.overrides, from_text=True)  # also takes mc_scoring / adapter_rank aliases
-    for key in ("mc_scoring", "adapter_rank"):
+    for key in ("mc_scoring", "adapter_rank", "adapter_energy", "adapter_max_rank"):
         if getattr(options, key) is not None:
             setattr(method, key, COMMON[key].validate(key, getattr(options, key)))

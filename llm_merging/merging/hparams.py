@@ -164,8 +164,8 @@ def per_model(value: Any, n_models: int) -> list:
     return [value] * n_models
 
 
-# Run options (evaluation and output), not merge hyperparameters: --mc-scoring and --adapter-rank, and
-# `--set mc_scoring=` / `--set adapter_rank=` as aliases; they live on the method as attributes.
+# Run options (evaluation and output), not merge hyperparameters: --mc-scoring, --adapter-rank, --adapter-energy
+# and --adapter-max-rank, with `--set KEY=` as aliases; they live on the method as attributes.
 COMMON: dict[str, Param] = {
     "mc_scoring": Param(
         "exact", "multiple-choice scoring: exact log p(choice|prompt), or the starter kit's (skips the first choice token)",
@@ -174,6 +174,13 @@ COMMON: dict[str, Param] = {
     "adapter_rank": Param(
         None, "rank of the adapter written by --save adapter (default: sum of the input ranks; exact for linear merges)",
         kind=int, low=1, optional=True,
+    ),
+    "adapter_energy": Param(
+        None, "--save adapter: per module the smallest rank keeping this fraction of ΔW's squared Frobenius norm",
+        kind=float, low=0.0, low_open=True, high=1.0, optional=True,
+    ),
+    "adapter_max_rank": Param(
+        None, "--save adapter: the largest rank of any module", kind=int, low=1, optional=True,
     ),
 }
 

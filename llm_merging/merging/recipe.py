@@ -56,6 +56,9 @@ class Recipe:
     chat_template: str | None = None
     seed: int | None = None
     document: dict[str, Any] = field(default_factory=dict)  # the YAML as read
+    base_free: bool = False  # no base_model: base_model is the first model, the template (models[0])
+    name: str | None = None  # its ``name`` in a chained recipe (llm_merging.merging.chain)
+    chain: list[dict[str, Any]] | None = None  # a chain's final merge: the documents of the merges before it
 
 
 def _err(path: str, where: str, text: str) -> ConfigError:
@@ -109,8 +112,13 @@ def _model_ref(path: str, where: str, value: Any, base: str | None) -> tuple[str
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and check a recipe (before any weight is loaded); every error names the file and the key."""
-    path = str(path)
-    doc = _check_keys(path, "", read_yaml(path), TOP_KEYS)
+    return parse_recipe(read_yaml(path), str(path))
+
+
+def parse_recipe(doc: Any, path: str) -> Recipe:
+    """Check one recipe document already read; ``path`` names it in every error (a file, or one document
+    of a chained recipe). Model references are kept as written (nothing is resolved)."""
+    doc = _check_keys(path, "", doc, TOP_KEYS)
     name = doc.get("merge_method")
     if not isinstance(name, str) or not name:
         raise _err(path, "merge_method", "missing (e.g. merge_method: ties)")
@@ -145,6 +153,19 @@ def load_recipe(path: str | Path) -> Recipe:
                                            "one recipe merges over one base")
         if bases:
             base = bases[0]
+    base_free = base is None  # the first model is the template (config, tokenizer, tensors no model changes)
+    if base_free:
+        cls = get_method_class(method)
+        if (mk is not None and mk.needs_base) or not getattr(cls, "base_optional", False):
+            raise _err(path, "base_model", f"missing: merge method '{name}' needs a base_model: "
+                                           f"{getattr(cls, 'needs_base_because', 'it merges task vectors (model − base)')}")
+        named = [m.get("model") if isinstance(m, dict) else m for m in doc.get("models") or []]
+        named += [src.get("model") for sl in doc.get("slices") or [] if isinstance(sl, dict)
+                  for src in sl.get("sources") or [] if isinstance(src, dict)]
+        lora = next((m for m in named if isinstance(m, str) and "+" in m), None)
+        if lora is not None:
+            raise _err(path, "base_model", f"missing: '{lora}' is a LoRA adapter on a base model, and a merge "
+                                           "without a base_model takes full models; set base_model")
 
     # Gather settings by level, in mergekit's names: global, per model (by reference), per slice.
     global_params = _params(path, "parameters", doc.get("parameters"))
@@ -223,12 +244,8 @@ def load_recipe(path: str | Path) -> Recipe:
                 slice_params[k] = {**slice_params[k], **per_source.pop(key)}
                 passthrough_slices.append((key, lr))
             refs = list(dict.fromkeys(key for key, _ in passthrough_slices))
-    if base is None:
-        if mk is not None and mk.needs_base:
-            raise _err(path, "base_model", f"merge method '{name}' needs a base_model")
-        if method != "passthrough":
-            raise _err(path, "base_model", "missing: the engine merges experts into a base model")
-        base = refs[0]  # passthrough: config and tokenizer of the first model
+    if base_free:
+        base = refs[0]  # the template: config and tokenizer of the first model, as mergekit's
     if method == "passthrough" and "models" in doc:
         if len(refs) != 1:
             raise _err(path, "models", f"passthrough copies exactly one model, got {len(refs)}; use slices to stack layers")
@@ -243,7 +260,7 @@ def load_recipe(path: str | Path) -> Recipe:
                        slice_lengths, slices)
 
     experts = [r for r in refs if r != "__base__" or (mk is not None and mk.base_as_model)]
-    if mk is not None and mk.base_as_model and base is not None:
+    if mk is not None and mk.base_as_model and not base_free:
         # mergekit adds the base as an input when it is not listed, and puts it first (slerp: t = 0 is the base)
         experts = ["__base__", *(r for r in experts if r != "__base__")]
     hparams = _our_settings(path, method, mk, experts, global_params, model_params, slice_params, source_params)
@@ -285,7 +302,7 @@ def _finish(path, doc, name, mk, method, base, models, hparams, slice_lengths, s
         path=path, method=method, mergekit_method=name if mk is not None else None, base_model=base,
         models=models, hparams=hparams, slice_lengths=slice_lengths, slices=slices,
         dtype=dtypes["dtype"], out_dtype=dtypes["out_dtype"], tokenizer=tok, chat_template=chat, seed=seed,
-        document=doc,
+        document=doc, base_free=doc.get("base_model") is None and bool(models) and models[0] == base,
     )
 
 
@@ -392,6 +409,7 @@ def apply_recipe(method, recipe: Recipe) -> None:
     """Give ``method`` the recipe's models, hyperparameters, slices and output options."""
     method.base_model_name = recipe.base_model
     method.base_model_revision_id = None
+    method.base_free = recipe.base_free
     method.list_models = list(recipe.models)
     if method.uses_engine():
         method.is_peft = None  # detect each expert's kind
@@ -404,10 +422,10 @@ def apply_recipe(method, recipe: Recipe) -> None:
 
 
 # ------------------------------------------------------------------ writing recipe.yml
-def recipe_document(method, models_info: dict | None, *, dtype: str | None, seed: int) -> dict:
-    """The recipe that reproduces a run: the recipe it came from (hub models pinned to the revisions used),
-    or, for a CLI run, every hyperparameter in mergekit's vocabulary when the run is exactly a mergekit
-    merge (checked by reading it back), else in ours."""
+def recipe_document(method, models_info: dict | None, *, dtype: str | None, seed: int) -> dict | list[dict]:
+    """The recipe that reproduces a run: the recipe it came from (hub models pinned to the revisions used;
+    a chained recipe's final merge: every document of the chain), or, for a CLI run, every hyperparameter in
+    mergekit's vocabulary when the run is exactly a mergekit merge (checked by reading it back), else in ours."""
     recipe = method.recipe
     models_info = models_info or {}
     # recipe_hparams is None only where ``recipe`` was set without apply_recipe: nothing to compare with
@@ -418,13 +436,14 @@ def recipe_document(method, models_info: dict | None, *, dtype: str | None, seed
         if changed:  # refused in preflight (runner); never expected here
             logger.warning("recipe.yml: the run's values differ from recipe %s, which has slices or a tokenizer "
                            "setting; the recipe is written as read", recipe.path)
-        doc = _pin_document(recipe.document, models_info)
-        doc["llm_merging"] = {**(doc.get("llm_merging") or {}), "seed": seed}
-        if dtype:
-            doc["dtype"] = dtype  # the dtype the run used (--dtype may override the recipe's)
+        doc = reproducing_document(recipe.document, models_info, dtype=dtype, seed=seed)
+        if recipe.chain is not None:  # a chain's final merge: recipe.yml holds every merge of the chain
+            return [*recipe.chain, {"name": recipe.name, **doc} if recipe.name is not None else doc]
         return doc
     experts = models_info.get("experts") or [{"id": r.id, "revision": r.revision} for r in method.model_refs()]
     base = models_info.get("base") or {"id": method.base_ref().id, "revision": method.base_ref().revision}
+    if getattr(method, "base_free", False):
+        base = None  # a merge without a base model: the template is the first of the models
     specs = method.all_hyperparameters()
     ours = {k: v for k, v in method.hparams.items() if k in specs}
     for mk in MERGEKIT_METHODS.values():
@@ -437,6 +456,16 @@ def recipe_document(method, models_info: dict | None, *, dtype: str | None, seed
     return _with_recipe_outputs(doc, recipe)
 
 
+def reproducing_document(document: dict, models_info: dict | None, *, dtype: str | None, seed: int) -> dict:
+    """A recipe document as a run used it: hub models pinned to the revisions used (``models_info``: the
+    ``report.json`` ``models`` of the run), the seed and the dtype of the run."""
+    doc = _pin_document(document, models_info or {})
+    doc["llm_merging"] = {**(doc.get("llm_merging") or {}), "seed": seed}
+    if dtype:
+        doc["dtype"] = dtype  # the dtype the run used (--dtype may override the recipe's)
+    return doc
+
+
 def _with_recipe_outputs(doc: dict, recipe: Recipe | None) -> dict:
     """A rebuilt document keeps the recipe's output dtype."""
     if recipe is not None and recipe.out_dtype:
@@ -444,8 +473,10 @@ def _with_recipe_outputs(doc: dict, recipe: Recipe | None) -> dict:
     return doc
 
 
-def _document(name: str, values: dict, specs: dict, base: dict, experts: list, dtype, seed) -> dict:
-    doc: dict[str, Any] = {"merge_method": name, "base_model": _pinned(base)}
+def _document(name: str, values: dict, specs: dict, base: dict | None, experts: list, dtype, seed) -> dict:
+    doc: dict[str, Any] = {"merge_method": name}
+    if base is not None:
+        doc["base_model"] = _pinned(base)
     global_params: dict[str, Any] = {}
     per_model: list[dict[str, Any]] = [{} for _ in experts]
     for key, value in values.items():
@@ -530,7 +561,8 @@ def _pinned(info: dict) -> str:
     return f"{info['id']}@{rev}" if rev and not Path(str(info["id"])).exists() else str(info["id"])
 
 
-def dump(doc: dict) -> str:
+def dump(doc: dict | list[dict]) -> str:
+    """YAML text of a recipe document, or of several (a chained recipe: one YAML document each)."""
     import yaml
 
     class Dumper(yaml.SafeDumper):
@@ -541,9 +573,11 @@ def dump(doc: dict) -> str:
         return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
     Dumper.add_representer(list, represent_list)
+    if isinstance(doc, list):
+        return yaml.dump_all(doc, Dumper=Dumper, sort_keys=False, allow_unicode=True, explicit_start=True)
     return yaml.dump(doc, Dumper=Dumper, sort_keys=False, allow_unicode=True)
 
 
-def write_recipe(path: Path, doc: dict) -> Path:
+def write_recipe(path: Path, doc: dict | list[dict]) -> Path:
     atomic_write_text(path, dump(doc))
     return path

@@ -65,11 +65,14 @@ class Chain:
 
 @dataclass(frozen=True)
 class Position:
-    """Where a tensor sits: its name, depth ``t`` and output slice index."""
+    """Where a tensor sits: its name, depth ``t`` and output slice index; ``aliases``: its other names
+    (a fused expert tensor's part also matches its parameter's in-memory name, a renamed tensor its name on
+    disk), which filters match too."""
 
     name: str
     t: float = 0.0
     slice: int = 0
+    aliases: tuple = ()
 
 
 def evaluate(setting: Any, pos: Position) -> Any:
@@ -87,7 +90,7 @@ def evaluate(setting: Any, pos: Position) -> Any:
         return (1 - frac) * values[i0] + frac * values[i1]
     if isinstance(setting, Filtered):
         for flt, value in setting.entries:
-            if flt is None or flt == "*" or (pos.name and flt in pos.name):
+            if flt is None or flt == "*" or (pos.name and flt in pos.name) or any(flt in a for a in pos.aliases):
                 return evaluate(value, pos)
         return None
     if isinstance(setting, Sliced):
@@ -248,7 +251,9 @@ class Layout:
     ``decoder.block``) is laid out on its own.
     """
 
-    def __init__(self, names: Sequence[str], slices: Sequence[int] | None = None) -> None:
+    def __init__(self, names: Sequence[str], slices: Sequence[int] | None = None,
+                 aliases: Mapping[str, tuple] | None = None) -> None:
+        self.aliases = dict(aliases or {})  # tensor name -> its other names (Position.aliases)
         counts: dict[str, int] = {}
         for n in names:
             found = layer_index(n)
@@ -266,16 +271,16 @@ class Layout:
             # embeddings come before the layers (first slice), everything else after them (last slice)
             n_slices = len(self.slices) if self.slices else 1
             first = any(k in name for k in ("embed", "wte", "wpe", "shared", "tok_embeddings", "word_embeddings"))
-            return Position(name, 0.0, 0 if first else n_slices - 1)
+            return Position(name, 0.0, 0 if first else n_slices - 1, self.aliases.get(name, ()))
         prefix, i = found
         lengths = self.slices or [self.num_layers[prefix]]
         start = 0
         for s, length in enumerate(lengths):
             if i < start + length:
                 offset = i - start
-                return Position(name, offset / (length - 1) if length > 1 else 1.0, s)
+                return Position(name, offset / (length - 1) if length > 1 else 1.0, s, self.aliases.get(name, ()))
             start += length
-        return Position(name, 1.0, len(lengths) - 1)
+        return Position(name, 1.0, len(lengths) - 1, self.aliases.get(name, ()))
 
     def depth(self, name: str) -> tuple[int, int] | None:
         """``(i, L)``: the tensor is in layer i of its stack of L layers (the whole stack, whatever the recipe's

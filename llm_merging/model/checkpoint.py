@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
+import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -219,6 +222,163 @@ EMBED_CANDIDATES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight
 
 
 # --------------------------------------------------------------------------------------------------------
+# on-disk names of fused parameters (mixture-of-experts checkpoints)
+# --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Part:
+    """One tensor as a checkpoint stores it (``name``, ``shape``), held by an in-memory parameter at its flat
+    entries ``start … start + numel − 1`` (``start`` −1: not a contiguous range of the parameter)."""
+
+    name: str
+    start: int
+    shape: tuple
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class _Probe(torch.Tensor):
+    """A meta tensor whose ``contiguous()`` is itself: transformers' reverse weight conversions then leave
+    views of the parameter (offset, strides) instead of copies."""
+
+    def contiguous(self, *args, **kwargs):  # noqa: D102
+        return self
+
+
+def saved_tensors(model: torch.nn.Module, as_loaded: bool = True) -> list[tuple[str, Part]] | None:
+    """Every tensor transformers' ``save_pretrained`` writes for the state dict of ``model``, in the order
+    it hands them to the sharding, as ``(state dict name, Part)``: the part of that entry the saved tensor
+    holds (see `saved_layout`). Computed from transformers' own reverse weight conversion run on meta
+    tensors (no values); None when that conversion cannot be traced.
+
+    ``as_loaded``: as ``save_pretrained`` writes this very model, i.e. reverting the conversions its
+    ``from_pretrained`` applied (a model loaded from a checkpoint with fused experts is saved fused);
+    False: the conversions of its architecture (the per-expert layout of the Hub checkpoints)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    roots: dict[int, str] = {}
+    probes: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple] = {}
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        root = torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+        probe = root.as_subclass(_Probe)
+        roots[id(root)] = roots[id(probe)] = name
+        probes[name] = probe
+        shapes[name] = tuple(t.shape)
+    hidden = not as_loaded and "_weight_conversions" in vars(model)
+    loaded = vars(model).pop("_weight_conversions", None) if hidden else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reverted = revert_weight_conversion(model, dict(probes))
+    except Exception as exc:  # a conversion that needs real values
+        logger.debug("weight conversions of %s cannot be traced: %s", type(model).__name__, first_line(exc))
+        return None
+    finally:
+        if hidden:
+            model._weight_conversions = loaded
+    out: list[tuple[str, Part]] = []
+    for key, t in reverted.items():
+        owner = roots.get(id(t))
+        base = getattr(t, "_base", None)
+        if owner is None and base is not None:
+            owner = roots.get(id(base))
+        if owner is None:
+            return None  # a new tensor: not a view of one state dict entry
+        if tuple(t.shape) == shapes[owner] and t.storage_offset() == 0 and t.is_contiguous():
+            out.append((owner, Part(key, 0, shapes[owner])))
+            continue
+        expected, contiguous = 1, True
+        for size, stride in reversed(list(zip(t.shape, t.stride()))):
+            if size != 1 and stride != expected:
+                contiguous = False
+            expected *= size
+        out.append((owner, Part(key, int(t.storage_offset()) if contiguous else -1, tuple(t.shape))))
+    return out
+
+
+def saved_layout(model: torch.nn.Module, as_loaded: bool = False) -> dict[str, list[Part]] | None:
+    """How transformers' ``save_pretrained`` writes the parameters of ``model`` whose saved form is not the
+    parameter itself under its own name: ``{parameter (state dict) name: [Part, ...]}``, in order of
+    ``start`` (every part ``start`` −1 when they do not tile the parameter).
+
+    Transformers 5 holds the experts of a mixture-of-experts layer fused (e.g. Mixtral's
+    ``mlp.experts.gate_up_proj`` of shape (E, 2I, H)) and converts them on load from, and on save back to,
+    one tensor per expert and projection as the Hub checkpoints name them
+    (``block_sparse_moe.experts.3.w1.weight``); other parameters may only be renamed (Mixtral's router
+    ``block_sparse_moe.gate.weight``). See `saved_tensors` (``as_loaded``: default False, the layout of the
+    architecture whatever layout ``model`` was loaded from); None when the conversion cannot be traced."""
+    saved = saved_tensors(model, as_loaded)
+    if saved is None:
+        return None
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+    parts: dict[str, list[Part]] = {}
+    for owner, part in saved:
+        parts.setdefault(owner, []).append(part)
+    out: dict[str, list[Part]] = {}
+    for owner, ps in parts.items():
+        if len(ps) == 1 and ps[0].name == owner and ps[0].start == 0:
+            continue  # saved as it is
+        ps.sort(key=lambda p: p.start)
+        end = 0
+        for p in ps:  # the parts must tile the parameter
+            if p.start != end:
+                break
+            end += p.numel
+        if end != math.prod(shapes[owner]):
+            ps = [Part(q.name, -1, q.shape) for q in ps]
+        out[owner] = ps
+    return out
+
+
+_LAYOUT_CACHE: dict[str, tuple[dict[str, list[Part]], dict[str, tuple]]] = {}
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")
+
+
+def config_saved_layout(model_dir: str | os.PathLike) -> tuple[dict[str, list[Part]], dict[str, tuple]]:
+    """`saved_layout` of the model a checkpoint directory's ``config.json`` describes (built on the meta
+    device: no weights), and the shapes of those parameters; ``({}, {})`` when its model type has no weight
+    conversions or the config cannot be read."""
+    model_dir = Path(model_dir)
+    cfg = model_dir / "config.json" if model_dir.is_dir() else model_dir.parent / "config.json"
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}, {}
+    if not isinstance(data, dict):
+        return {}, {}
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    archs = [a for a in data.get("architectures") or [] if isinstance(a, str)]
+    model_type = data.get("model_type")
+    if not any(get_checkpoint_conversion_mapping(n) is not None for n in [*archs, model_type] if n):
+        return {}, {}
+    key = json.dumps({k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_KEYS}, sort_keys=True,
+                     default=str) + "|" + ",".join(archs)
+    if key not in _LAYOUT_CACHE:
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        layout, shapes = None, {}
+        try:
+            config = AutoConfig.from_pretrained(str(cfg.parent))
+            cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = cls._from_config(config) if cls is not None else AutoModelForCausalLM.from_config(config)
+            layout = saved_layout(model)
+            if layout:
+                shapes = {n: tuple(t.shape) for n, t in model.state_dict().items() if n in layout}
+        except Exception as exc:  # an architecture transformers cannot build: names are matched as they are
+            logger.debug("no weight conversions for %s: %s", cfg, first_line(exc))
+        _LAYOUT_CACHE[key] = (layout or {}, shapes)
+    return _LAYOUT_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------------------
 # CheckpointReader
 # --------------------------------------------------------------------------------------------------------
 class CheckpointReader:
@@ -345,6 +505,10 @@ class CheckpointReader:
             raise CheckpointError(f"broken index for {self.path}: tensor '{key}' is not in shard {file}")
         return sd[key]
 
+    def bin_tensor(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` of a ``.bin`` checkpoint as loaded (a view into the mmap-ed file: do not modify)."""
+        return self._bin_tensor(key)
+
     def shape(self, key: str) -> tuple:
         if key not in self._shapes:
             self._shapes[key] = tuple(self._bin_tensor(key).shape)
@@ -458,6 +622,9 @@ class FullExpert:
         self.vocab_reindexed = False
         self._bound = False
         self._tie = self._ties_embeddings()
+        # a fused parameter the checkpoint stores in parts (see `saved_layout`): its in-memory name -> parts
+        self._virtual: dict[str, list[Part]] = {}
+        self._virtual_shapes: dict[str, tuple] = {}
 
     def _ties_embeddings(self) -> bool:
         cfg = self.path / "config.json" if self.path.is_dir() else self.path.parent / "config.json"
@@ -474,7 +641,7 @@ class FullExpert:
 
     def bind(self, base_param_shapes: dict[str, tuple]) -> None:
         shapes = {k: tuple(int(s) for s in v) for k, v in base_param_shapes.items()}
-        keys = self.reader.keys()
+        keys = self._translate(self.reader.keys(), shapes)
         m = match_names(keys, shapes)
         if not m:
             raise CheckpointError(
@@ -484,13 +651,13 @@ class FullExpert:
         mapping: dict[str, str] = {}
         vocab: dict[str, tuple[int, int]] = {}
         for key, base_name in m.items():
-            es, bs = self.reader.shape(key), shapes[base_name]
+            es, bs = self._shape(key), shapes[base_name]
             if es != bs:
                 if (len(es) == len(bs) >= 1 and es[1:] == bs[1:] and is_vocab_param(base_name)):
                     vocab[base_name] = (bs[0], es[0])
                 else:
                     raise CheckpointError(
-                        f"expert {self.name}: tensor '{key}' in {self.reader.file_of(key)} has shape "
+                        f"expert {self.name}: tensor '{key}' in {self._file(key)} has shape "
                         f"{shape_str(es)} but base parameter '{base_name}' has shape {shape_str(bs)}"
                     )
             mapping[base_name] = key
@@ -500,9 +667,9 @@ class FullExpert:
             if n == "lm_head.weight" or n.endswith(".lm_head.weight"):
                 emb = next((k for suf in EMBED_CANDIDATES for k in keys if k == suf or k.endswith("." + suf)),
                            None)
-                if emb is not None and self._tie and self.reader.shape(emb)[1:] == shapes[n][1:]:
+                if emb is not None and self._tie and self._shape(emb)[1:] == shapes[n][1:]:
                     mapping[n] = emb
-                    es = self.reader.shape(emb)
+                    es = self._shape(emb)
                     if es != shapes[n]:
                         vocab[n] = (shapes[n][0], es[0])
                     missing.remove(n)
@@ -512,7 +679,7 @@ class FullExpert:
         self.mapping = mapping
         self.vocab_mismatch = vocab
         used = set(mapping.values())
-        self.unmatched_keys = [k for k in keys if k not in used]
+        self.unmatched_keys = [p.name for k in keys if k not in used for p in self._virtual.get(k, [Part(k, 0, ())])]
         self.missing_params = missing
         real_unmatched = [k for k in self.unmatched_keys if not k.endswith(_BUFFER_SUFFIXES)]
         if real_unmatched:
@@ -552,7 +719,7 @@ class FullExpert:
         key = self.mapping.get(param_name)
         if key is None:
             return None
-        t = self.reader.get(key, device=base.device, dtype=torch.float32)
+        t = self._get(key, device=base.device, dtype=torch.float32)
         if param_name in self.vocab_mismatch:
             out = base.detach().to(dtype=torch.float32, copy=True)
             n = min(out.shape[0], t.shape[0])
@@ -573,7 +740,7 @@ class FullExpert:
         key = self.mapping.get(param_name)
         if key is None:
             return None
-        return self.reader.get(key, device=device, dtype=dtype)
+        return self._get(key, device=device, dtype=dtype)
 
     def delta(self, param_name: str, base: torch.Tensor) -> torch.Tensor | None:
         """Task vector ``expert - base`` in float32 on ``base.device`` (None if the expert lacks it).
@@ -584,7 +751,7 @@ class FullExpert:
         key = self.mapping.get(param_name)
         if key is None:
             return None
-        t = self.reader.get(key, device=base.device, dtype=torch.float32)
+        t = self._get(key, device=base.device, dtype=torch.float32)
         b = base.detach()
         if param_name in self.vocab_mismatch:
             out = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
@@ -603,16 +770,121 @@ class FullExpert:
         a format that reads parts of a tensor (plain safetensors)."""
         self._check_bound()
         key = self.mapping.get(param_name)
-        return key is not None and param_name not in self.vocab_mismatch and self.reader.range_readable(key)
+        return key is not None and param_name not in self.vocab_mismatch and self._readable(key)
 
     def read_range(self, param_name: str, start: int, stop: int) -> torch.Tensor:
         """The flat entries ``start … stop − 1`` of the expert's tensor for ``param_name`` as stored (1-D)."""
         self._check_bound()
-        return self.reader.get_range(self.mapping[param_name], start, stop)
+        return self._range(self.mapping[param_name], start, stop)
 
-    def factors(self, param_name: str, device=None) -> None:
-        """Full fine-tunes have no low-rank factors."""
-        return None
+    def part(self, param_name: str, start: int, stop: int, device=None) -> torch.Tensor | None:
+        """The flat entries ``start … stop − 1`` of the expert's tensor for ``param_name`` in float32 on
+        ``device`` (None if absent), from any checkpoint format: a slice of a fused parameter reads only
+        the tensors that hold it."""
+        self._check_bound()
+        key = self.mapping.get(param_name)
+        if key is None:
+            return None
+        if param_name in self.vocab_mismatch:
+            raise CheckpointError(f"expert {self.name}: parameter '{param_name}' has another vocabulary size; "
+                                  "it cannot be read in parts")
+        pieces = []
+        for name, a, b in self._spans(key, start, stop):
+            if self.reader.range_readable(name):
+                t = self.reader.get_range(name, a, b)
+            elif self.reader.format == "bin":
+                t = self.reader.bin_tensor(name).reshape(-1)[a:b]  # a slice of the mmap-ed file
+            else:
+                t = self.reader.get(name).reshape(-1)[a:b]
+            pieces.append(_move(t, device, torch.float32))
+        if not pieces:
+            return torch.empty(0, dtype=torch.float32, device=device)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    # -- checkpoint keys, the parts of a fused parameter included ------------------------------------------
+    def _translate(self, keys: list[str], shapes: dict[str, tuple]) -> list[str]:
+        """``keys`` with the tensors that make one fused parameter of the expert's architecture (its
+        experts stored one tensor per expert and projection, or a renamed tensor: `saved_layout`) replaced
+        by that parameter's in-memory name. Checkpoints that store the parameters as they are held in
+        memory are left as they are."""
+        self._virtual, self._virtual_shapes = {}, {}
+        if all(k in shapes for k in keys):
+            return keys
+        layout, full_shapes = config_saved_layout(self.path)
+        if not layout:
+            return keys
+        owner = {p.name: param for param, parts in layout.items() for p in parts}
+        present = set(keys)
+        groups: dict[str, list[str]] = {}
+        for k in keys:
+            if k not in shapes and k in owner and owner[k] not in present:
+                groups.setdefault(owner[k], []).append(k)
+        consumed: set[str] = set()
+        for param in groups:
+            parts = layout[param]
+            missing = [p.name for p in parts if p.name not in present]
+            if missing:
+                raise CheckpointError(
+                    f"expert {self.name}: checkpoint {self.path} has {len(parts) - len(missing)} of the "
+                    f"{len(parts)} tensors that make parameter '{param}' (missing e.g. '{missing[0]}')")
+            if any(p.start < 0 for p in parts):
+                raise CheckpointError(
+                    f"expert {self.name}: tensors such as '{parts[0].name}' in {self.path} are converted into "
+                    f"'{param}' by more than a split or a rename; this checkpoint layout is not supported")
+            for p in parts:
+                got = self.reader.shape(p.name)
+                if tuple(got) != tuple(p.shape):
+                    raise CheckpointError(
+                        f"expert {self.name}: tensor '{p.name}' in {self.reader.file_of(p.name)} has shape "
+                        f"{shape_str(got)} but its place in parameter '{param}' has shape {shape_str(p.shape)}")
+            self._virtual[param] = parts
+            self._virtual_shapes[param] = tuple(full_shapes[param])
+            consumed.update(p.name for p in parts)
+        if self._virtual:
+            logger.info("expert %s: %d tensors read as the %d fused or renamed parameters they make", self.name,
+                        len(consumed), len(self._virtual))
+        return [k for k in keys if k not in consumed] + list(self._virtual)
+
+    def _spans(self, key: str, start: int, stop: int) -> list[tuple[str, int, int]]:
+        """``(checkpoint tensor, first, stop)`` ranges that hold the flat entries ``start … stop − 1`` of
+        ``key`` (a checkpoint tensor, or a fused parameter stored in parts)."""
+        parts = self._virtual.get(key)
+        if parts is None:
+            return [(key, start, stop)]
+        out = []
+        for p in parts:
+            a, b = max(start, p.start), min(stop, p.start + p.numel)
+            if a < b:
+                out.append((p.name, a - p.start, b - p.start))
+        return out
+
+    def _shape(self, key: str) -> tuple:
+        return self._virtual_shapes[key] if key in self._virtual else self.reader.shape(key)
+
+    def _file(self, key: str) -> Path:
+        parts = self._virtual.get(key)
+        return self.reader.file_of(parts[0].name if parts else key)
+
+    def _get(self, key: str, device=None, dtype=None) -> torch.Tensor:
+        parts = self._virtual.get(key)
+        if parts is None:
+            return self.reader.get(key, device=device, dtype=dtype)
+        out = None
+        for p in parts:
+            t = self.reader.get(p.name, device=device, dtype=dtype).reshape(-1)
+            if out is None:
+                out = torch.empty(math.prod(self._virtual_shapes[key]), dtype=t.dtype, device=t.device)
+            out[p.start:p.start + p.numel].copy_(t)
+            del t
+        return out.view(self._virtual_shapes[key])
+
+    def _readable(self, key: str) -> bool:
+        return all(self.reader.range_readable(p.name) for p in self._virtual.get(key, [Part(key, 0, ())]))
+
+    def _range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        spans = self._spans(key, start, stop) or [(self._virtual[key][0].name, 0, 0)]
+        pieces = [self.reader.get_range(name, a, b) for name, a, b in spans]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def close(self) -> None:
         self.reader.close()

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from llm_merging.core.errors import BudgetExceeded, CheckpointError, LLMMergingError, MergeError, first_line
 from llm_merging.model import auto_model_class
-from llm_merging.model.checkpoint import FullExpert, is_vocab_param, read_safetensors_header
+from llm_merging.model.checkpoint import FullExpert, Part, is_vocab_param, read_safetensors_header, saved_layout
 from llm_merging.model.lora import LoraAdapter
 from llm_merging.model.refs import hf_token
 
@@ -242,13 +242,93 @@ class RangeReader:
         return self._read(start, stop)
 
 
+# --------------------------------------------------------------------------------------------------------
+# fused mixture-of-experts parameters: merged part by part
+# --------------------------------------------------------------------------------------------------------
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _expert_count(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in _EXPERT_COUNT_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
+def merge_parts(model: torch.nn.Module) -> dict[str, list[Part]]:
+    """The parameters of ``model`` that the engine merges part by part, each part as its own tensor: the
+    fused expert tensors of a mixture-of-experts layer (transformers 5 holds e.g. Mixtral's experts as
+    ``mlp.experts.gate_up_proj`` of shape (E, 2I, H)) split into the matrices a checkpoint stores, under
+    their on-disk names (``block_sparse_moe.experts.3.w1.weight``, ``mlp.experts.3.up_proj.weight``: see
+    `checkpoint.saved_layout`). Fused expert tensors that transformers also saves fused (gpt-oss) are split
+    per expert along their first dimension, named ``….experts.E.NAME``. Every method then sees what it
+    would see on the unfused checkpoint: one matrix per expert and projection (per-tensor statistics,
+    SVDs, seeds and recipe filters included)."""
+    layout = saved_layout(model) or {}
+    out = {n: ps for n, ps in layout.items() if len(ps) > 1 and all(p.start >= 0 for p in ps)}
+    count = _expert_count(model)
+    if count:
+        for name, p in model.named_parameters():
+            module, _, leaf = name.rpartition(".")
+            if name in layout or not module.endswith("experts") or p.dim() < 2 or p.shape[0] != count:
+                continue
+            step = p[0].numel()
+            out[name] = [Part(f"{module}.{e}.{leaf}", e * step, tuple(p.shape[1:])) for e in range(count)]
+    return out
+
+
+def tensor_aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Other names of the tensors the engine hands a method (recipe filters match any of them): a part of a
+    fused parameter (`merge_parts`) is also its parameter's in-memory name; a parameter saved under another
+    name (Mixtral's router ``mlp.gate.weight``, saved ``block_sparse_moe.gate.weight``) also that name."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, parts in (saved_layout(model) or {}).items():
+        if len(parts) == 1 and parts[0].name != name:
+            out[name] = (parts[0].name,)
+    for name, parts in merge_parts(model).items():
+        for p in parts:
+            out[p.name] = (name,)
+    return out
+
+
+class PartReader:
+    """A :class:`RangeReader` seen on one part of its parameter (entries ``start … start + numel − 1``), as
+    if that part were the whole tensor."""
+
+    def __init__(self, reader: "RangeReader", start: int, numel: int) -> None:
+        self.reader, self.start, self.numel = reader, start, numel
+        self.chunk = reader.chunk
+
+    def single_pass(self) -> None:
+        self.reader.single_pass()
+
+    def base(self, start: int, stop: int) -> torch.Tensor:
+        return self.reader.base(self.start + start, self.start + stop)
+
+    def take_base(self, start: int, stop: int) -> torch.Tensor:
+        return self.reader.take_base(self.start + start, self.start + stop)
+
+    def __call__(self, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.reader(self.start + start, self.start + stop)
+
+
 ChunksFn = Callable[[str, RangeReader, int, int], Any]
 
 
-def _merge_chunked(name: str, param: torch.Tensor, chunks, reader: RangeReader, writer=None) -> torch.Tensor | None:
+def _merge_chunked(name: str, param: torch.Tensor, chunks, reader, writer=None, out=None, offset: int = 0,
+                   numel: int | None = None) -> torch.Tensor | None:
     """θ₀ + merged, chunk by chunk, into a new tensor of the parameter's dtype on its device; or, with a
-    ``writer`` (:class:`~llm_merging.model.save.StreamingSave`), each chunk written out as it comes (None)."""
-    out = None if writer is not None else torch.empty(param.numel(), dtype=param.dtype, device=param.device)
+    ``writer`` (:class:`~llm_merging.model.save.StreamingSave`), each chunk written out as it comes (None).
+    ``offset`` / ``numel``: the chunks are those of one part of the parameter (``reader`` a
+    :class:`PartReader` of it), written at entries ``offset …`` of ``out`` (or of the saved tensor)."""
+    numel = param.numel() if numel is None else numel
+    if out is None and writer is None:
+        out = torch.empty(param.numel(), dtype=param.dtype, device=param.device)
     done = 0
     for start, stop, merged in chunks:
         if start != done or merged.numel() != stop - start:
@@ -258,12 +338,86 @@ def _merge_chunked(name: str, param: torch.Tensor, chunks, reader: RangeReader, 
         if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
             raise MergeError(f"merge produced NaN or Inf in parameter '{name}'")
         if writer is not None:
-            writer.put(name, start, result.to(param.dtype))  # rounded as param.data would hold it
+            writer.put(name, offset + start, result.to(param.dtype))  # rounded as param.data would hold it
         else:
-            out[start:stop].copy_(result)
+            out[offset + start:offset + stop].copy_(result)
         done = stop
-    if done != param.numel():
-        raise MergeError(f"chunked merge of parameter '{name}' stopped at entry {done} of {param.numel()}")
+    if done != numel:
+        raise MergeError(f"chunked merge of parameter '{name}' stopped at entry {done} of {numel}")
+    return None if out is None else out.view(param.shape)
+
+
+def _merge_parts_chunked(name: str, param: torch.Tensor, parts: list[Part], reader: "RangeReader",
+                         merge_chunks: "ChunksFn", n_models: int, writer=None):
+    """A fused parameter merged part by part in chunks (each part as its own tensor, under its own name);
+    None where the method has no chunked form."""
+    out = None if writer is not None else torch.empty(param.numel(), dtype=param.dtype, device=param.device)
+    for i, part in enumerate(parts):
+        sub = PartReader(reader, part.start, part.numel)
+        chunks = merge_chunks(part.name, sub, part.numel, n_models)
+        if chunks is None:
+            if i:
+                raise MergeError(f"merge of parameter '{name}': part '{part.name}' has no chunked form but the "
+                                 "parts before it had")
+            return None
+        _merge_chunked(name, param, chunks, sub, writer, out, part.start, part.numel)
+    return out.view(param.shape) if out is not None else param
+
+
+def _merge_parts_whole(name: str, param: torch.Tensor, parts: list[Part], experts: Sequence[Expert], base_reader,
+                       device: torch.device, merge_tensor: TensorFn, delta_sink, writer):
+    """A fused parameter merged part by part, each part whole (``merge_tensor(part name, θ₀, τs)`` with the
+    part's own shape). Full fine-tunes and the base checkpoint are read one part at a time; other experts
+    (LoRA adapters) give their task vector of the whole parameter once. Returns the merged parameter
+    (None with a ``writer``)."""
+    numel = param.numel()
+    out = None if writer is not None else torch.empty(numel, dtype=param.dtype, device=param.device)
+    merged_all = torch.empty(numel, dtype=torch.float32, device=device) if delta_sink is not None else None
+    whole: dict[int, torch.Tensor] = {}
+    base_whole = None
+
+    def full_base() -> torch.Tensor:
+        nonlocal base_whole
+        if base_whole is None:
+            base_whole = _base_value(base_reader, name, param, device)
+        return base_whole
+
+    from_files = base_reader is not None and name in base_reader.mapping
+    for part in parts:
+        a, b = part.start, part.start + part.numel
+        if from_files:
+            base = base_reader.part(name, a, b, device=device)
+        else:
+            base = param.detach().reshape(-1)[a:b].to(device=device, dtype=torch.float32, copy=True)
+        base = base.view(part.shape)
+        task_vectors = []
+        for i, expert in enumerate(experts):
+            if getattr(expert, "kind", None) == "base" or name not in expert.param_names():
+                task_vectors.append(torch.zeros_like(base))
+            elif callable(getattr(expert, "part", None)):
+                task_vectors.append(expert.part(name, a, b, device=device).view(part.shape).sub_(base))
+            else:
+                if i not in whole:
+                    tv = expert.delta(name, full_base())
+                    whole[i] = (torch.zeros_like(full_base()) if tv is None
+                                else tv.to(device=device, dtype=torch.float32)).reshape(-1)
+                task_vectors.append(whole[i][a:b].view(part.shape))
+        merged = merge_tensor(part.name, base, task_vectors)
+        if merged.shape != base.shape:
+            raise MergeError(f"merge of '{part.name}' (part of parameter '{name}') returned shape "
+                             f"{tuple(merged.shape)}, expected {tuple(base.shape)}")
+        if merged_all is not None:
+            merged_all[a:b].copy_(merged.reshape(-1))
+        result = base.add_(merged).reshape(-1)
+        if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
+            raise MergeError(f"merge produced NaN or Inf in parameter '{name}'")
+        if writer is not None:
+            writer.put(name, a, result.to(dtype=param.dtype))
+        else:
+            out[a:b].copy_(result)
+        del base, task_vectors, merged, result
+    if delta_sink is not None:
+        delta_sink(name, merged_all.view(param.shape))
     return None if out is None else out.view(param.shape)
 
 
@@ -337,10 +491,12 @@ def merge_into(
     vocab_names = {n for n, _ in vocab_params(model, tokenizer_plan.source_rows[0])} if reindex else set()
     params = [(n, p) for n, p in model.named_parameters() if n in touched and n not in vocab_names]
     base_reader = open_base_reader(base_dir, model) if base_dir is not None else None
+    parts_of = merge_parts(model)  # fused expert tensors: merged as the per-expert matrices they hold
     tune_allocator()
     t0 = time.time()
     n_values = 0
     n_chunked = 0
+    n_parted = 0
     device = None
     n_resumed = 0
     for name, param in tqdm(params, desc="merge", unit="tensor", disable=not progress, leave=False):
@@ -350,17 +506,32 @@ def merge_into(
             continue
         if should_stop is not None and should_stop():
             raise BudgetExceeded(f"time budget ran out while merging (at parameter '{name}'); nothing was saved")
+        parts = parts_of.get(name)
         if merge_chunks is not None and delta_sink is None:
             reader = RangeReader.open(name, param, experts, base_reader, device)
-            chunks = None if reader is None else merge_chunks(name, reader, param.numel(), len(experts))
+            if reader is not None and parts:
+                chunk_out = _merge_parts_chunked(name, param, parts, reader, merge_chunks, len(experts), writer)
+                chunks = None if chunk_out is None else True
+            else:
+                chunks = None if reader is None else merge_chunks(name, reader, param.numel(), len(experts))
+                chunk_out = None if chunks is None else _merge_chunked(name, param, chunks, reader, writer)
             if chunks is not None:
-                chunk_out = _merge_chunked(name, param, chunks, reader, writer)
                 if writer is None:
                     _store(param, chunk_out)
                 n_values += param.numel()
                 n_chunked += 1
+                n_parted += bool(parts)
                 del chunk_out, chunks, reader
                 continue
+        if parts:
+            part_out = _merge_parts_whole(name, param, parts, experts, base_reader, device, merge_tensor,
+                                          delta_sink, writer)
+            if writer is None:
+                _store(param, part_out)
+            n_values += param.numel()
+            n_parted += 1
+            del part_out
+            continue
         if base_reader is not None and name in base_reader.mapping:
             # θ₀ as stored: the loaded copy may be rounded to a narrower dtype (e.g. bf16 from fp16 files),
             # and that rounding error would otherwise enter every task vector.
@@ -398,6 +569,7 @@ def merge_into(
     return {
         "tensors_merged": len(params) + (len(vocab_stats["tensors"]) if vocab_stats else 0),
         "tensors_chunked": n_chunked,
+        **({"tensors_merged_per_expert": n_parted} if n_parted else {}),
         **({"tensors_resumed": n_resumed} if n_resumed else {}),
         "values_merged": n_values,
         "seconds": round(time.time() - t0, 3),

@@ -8,11 +8,32 @@ layers stored as (in, out) (GPT-2's Conv1D, ``fan_in_fan_out``) and for embeddin
 the factors (``modules_to_save``, a classification head, an embedding's ``base_layer``) replace the base
 tensor, so their task vector is ``saved - base``; ``trainable_token_indices`` replace single rows.
 
+Two variants are read exactly as PEFT's ``merge_and_unload`` applies them:
+
+* **LoRA on bare parameters** (``target_parameters``, PEFT's ``ParamWrapper``), e.g. the fused expert tensors of
+  transformers' mixture-of-experts blocks (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``) and a router
+  weight. A 2-D parameter gets ``ΔW = s·B·A``. A 3-D parameter of E experts has ``A`` of shape (E·r, in) (rows
+  expert by expert) and ``B`` of shape (out, r·E) (columns rank-major: column ``j·E + e`` is expert e's j-th);
+  expert e's ``ΔW_e = s·B_e·A_e`` is stored as (out, in) for parameters laid out (E, out, in) and transposed for
+  layouts (E, in, out) (gpt-oss); when both fit (square experts) the module's other parameters decide. Several
+  parameters of one module nest their wrappers: the module's first targeted parameter (in its
+  ``named_parameters`` order) is the innermost, saved under ``<module>.base_layer…``. ``r`` / ``lora_alpha``
+  patterns match the parameter's full name.
+* **DoRA** (``use_dora``, saved ``<module>.lora_magnitude_vector``): with V = W + s·B·A in (out, in) orientation,
+  the merged weight is ``m ⊙ V / ‖V‖`` with the norm over each output row (over everything but the output
+  channel for convolutions; per embedding dimension for embeddings), so ``ΔW = m ⊙ V/‖V‖ − W`` depends on the
+  base weight.
+
+Neither is a product of one (out, r) and one (r, in) matrix: `LoraAdapter.factors` returns None for them and
+`LoraAdapter.low_rank_only` False, so methods and writers treat them as full task vectors. Other variants, and
+layouts that cannot be read exactly, are refused with one line.
+
 `LoraAdapter` follows the expert protocol shared with `llm_merging.model.checkpoint.FullExpert`:
 ``name``, ``bind(shapes)``, ``param_names()``, ``delta(param_name, base)``.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -42,11 +63,12 @@ _PREFIX = "base_model.model."
 _LORA_RE = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
 _EMB_RE = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?$")
 _TOKENS_RE = re.compile(r"^(?P<mod>.+)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$")
+_MAG_RE = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.[^.]+)*$")
 _LORA_MARK_RE = re.compile(r"(^|\.)lora_[A-Za-z_]*(\.|$)")
+_BASE_LAYER = ".base_layer"
 
 # LoRA variants whose merged weight is not base + s·B·A (or that cannot be merged at all)
 _VARIANT_FIELDS = {
-    "use_dora": "DoRA (use_dora=true)",
     "lora_bias": "lora_bias=true",
     "use_qalora": "QALoRA (use_qalora=true)",
     "velora_config": "VeLoRA (velora_config)",
@@ -55,7 +77,6 @@ _VARIANT_FIELDS = {
     "use_bdlora": "BD-LoRA (use_bdlora)",
     "arrow_config": "Arrow routing (arrow_config)",
     "kasa_config": "KaSA (kasa_config)",
-    "target_parameters": "LoRA on bare parameters (target_parameters)",
     "layer_replication": "layer_replication",
 }
 # initialisations that modify the base weights: the saved factors are relative to a different base
@@ -88,10 +109,20 @@ def _strip_adapter_name(name: str) -> str:
     return ".".join(out)
 
 
-class _Lora:
-    """The LoRA factors of one module."""
+def unwrap_module_name(name: str) -> tuple[str, int]:
+    """``(module, depth)``: a saved module name without PEFT's nested ``.base_layer`` segments, and how many
+    there were (``mlp.experts.base_layer`` -> ``("mlp.experts", 1)``)."""
+    depth = 0
+    while name.endswith(_BASE_LAYER):
+        name, depth = name[: -len(_BASE_LAYER)], depth + 1
+    return name, depth
 
-    __slots__ = ("module", "a_key", "b_key", "embedding", "r", "alpha", "scale", "transpose", "param")
+
+class _Lora:
+    """The LoRA factors of one module (or, for ``target_parameters``, of one wrapped parameter)."""
+
+    __slots__ = ("module", "a_key", "b_key", "embedding", "r", "alpha", "scale", "transpose", "param",
+                 "unwrapped", "depth", "magnitude", "wrapped", "experts", "swap", "ranked")
 
     def __init__(self, module: str):
         self.module = module
@@ -103,6 +134,12 @@ class _Lora:
         self.scale = 1.0
         self.transpose = False
         self.param: str | None = None
+        self.unwrapped, self.depth = unwrap_module_name(module)
+        self.magnitude: str | None = None  # DoRA: saved key of the magnitude vector
+        self.wrapped = False  # LoRA on a bare parameter (PEFT ParamWrapper)
+        self.experts = 1  # ParamWrapper: experts of a 3-D parameter (1 for 2-D)
+        self.swap = True  # 3-D ParamWrapper: expert ΔW stored (out, in) (else (in, out))
+        self.ranked = False  # r / alpha / scale resolved
 
 
 class LoraAdapter:
@@ -201,11 +238,7 @@ class LoraAdapter:
 
     def _parse_keys(self) -> None:
         cfg = self.config
-        r0 = int(cfg.get("r", 8))
-        alpha0 = float(cfg.get("lora_alpha", 8))
-        rank_pattern = cfg.get("rank_pattern") or {}
-        alpha_pattern = cfg.get("alpha_pattern") or {}
-        rslora = bool(cfg.get("use_rslora", False))
+        dora = bool(cfg.get("use_dora", False))
         for key in self._shapes:
             k = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
             m = _LORA_RE.match(k)
@@ -228,10 +261,15 @@ class LoraAdapter:
             if m:
                 self._tokens[m["mod"]] = key
                 continue
-            if "lora_magnitude_vector" in k:
-                raise AdapterError(
-                    f"adapter {self.name}: DoRA tensor '{key}' in {self.weights_file} is not supported"
-                )
+            m = _MAG_RE.match(k)
+            if m:
+                if not dora:
+                    raise AdapterError(
+                        f"adapter {self.name}: DoRA tensor '{key}' in {self.weights_file} but use_dora is not set "
+                        f"in {self.path / ADAPTER_CONFIG}"
+                    )
+                self._loras.setdefault(m["mod"], _Lora(m["mod"])).magnitude = key
+                continue
             if _LORA_MARK_RE.search(k):
                 raise AdapterError(
                     f"adapter {self.name}: unsupported adapter tensor '{key}' in {self.weights_file}"
@@ -243,23 +281,60 @@ class LoraAdapter:
                 raise AdapterError(
                     f"adapter {self.name}: module '{mod}' has no lora_{missing} tensor in {self.weights_file}"
                 )
+            if dora and lo.magnitude is None:
+                raise AdapterError(
+                    f"adapter {self.name}: module '{mod}' has no DoRA magnitude vector (lora_magnitude_vector) in "
+                    f"{self.weights_file} although use_dora is set"
+                )
             a_shape, b_shape = self._shapes[lo.a_key], self._shapes[lo.b_key]
             if len(a_shape) < 2 or len(b_shape) < 2:
                 raise AdapterError(
                     f"adapter {self.name}: module '{mod}' has malformed factors A{shape_str(a_shape)}, "
                     f"B{shape_str(b_shape)} in {self.weights_file}"
                 )
-            rank_a = a_shape[0]
-            rank_b = b_shape[1]
-            r = int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), mod), r0))
-            alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), mod), alpha0))
-            if rank_a != rank_b or rank_a != r:
-                raise AdapterError(
-                    f"adapter {self.name}: module '{mod}' has factors A{shape_str(a_shape)}, B{shape_str(b_shape)} "
-                    f"but the config gives rank r={r} ({self.path / ADAPTER_CONFIG})"
-                )
-            lo.r, lo.alpha = r, alpha
-            lo.scale = alpha / math.sqrt(r) if rslora else alpha / r
+            if lo.depth == 0 and not self._may_wrap(lo.unwrapped):
+                self._set_rank(lo, mod, 1)  # target_parameters: checked in bind, once the experts are known
+
+    def _target_parameters(self) -> list[str]:
+        return [str(t) for t in (self.config.get("target_parameters") or [])]
+
+    def _may_wrap(self, module: str) -> bool:
+        """Whether a ``target_parameters`` entry can name a parameter of ``module`` (PEFT's rule: the
+        parameter's full name is the entry or ends with ``.<entry>``)."""
+        for t in self._target_parameters():
+            t_mod = t.rpartition(".")[0]
+            if not t_mod or module == t_mod or module.endswith("." + t_mod):
+                return True
+        return False
+
+    def _wrapped_candidates(self, module: str) -> list[str]:
+        """Full names ``<module>.<param>`` that ``target_parameters`` targets (PEFT's matching)."""
+        out = []
+        for t in self._target_parameters():
+            name = f"{module}.{t.rpartition('.')[2]}"
+            if (name == t or name.endswith("." + t)) and name not in out:
+                out.append(name)
+        return out
+
+    def _set_rank(self, lo: _Lora, pattern_name: str, experts: int) -> None:
+        """r, lora_alpha and the scale of ``lo`` from the config (patterns matched against ``pattern_name``);
+        checks that the factors hold ``experts`` × r ranks."""
+        cfg = self.config
+        rank_pattern = cfg.get("rank_pattern") or {}
+        alpha_pattern = cfg.get("alpha_pattern") or {}
+        r = int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), pattern_name), int(cfg.get("r", 8))))
+        alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), pattern_name),
+                                        float(cfg.get("lora_alpha", 8))))
+        a_shape, b_shape = self._shapes[lo.a_key], self._shapes[lo.b_key]
+        rank_a, rank_b = a_shape[0], b_shape[1]
+        if rank_a != rank_b or rank_a != r * experts:
+            per = f" × {experts} experts" if experts > 1 else ""
+            raise AdapterError(
+                f"adapter {self.name}: module '{lo.module}' has factors A{shape_str(a_shape)}, B{shape_str(b_shape)} "
+                f"but the config gives rank r={r}{per} ({self.path / ADAPTER_CONFIG})"
+            )
+        lo.r, lo.alpha, lo.ranked = r, alpha, True
+        lo.scale = alpha / math.sqrt(r) if bool(cfg.get("use_rslora", False)) else alpha / r
 
     # ---------------------------------------------------------------------------------------------------
     # reading
@@ -276,8 +351,9 @@ class LoraAdapter:
 
     def module_names(self) -> list[str]:
         """Names of the modules carrying LoRA factors, as in the base model that trained the adapter
-        (``base_model.model.`` and adapter names stripped), e.g. ``model.layers.0.self_attn.q_proj``."""
-        return list(self._loras)
+        (``base_model.model.`` and adapter names stripped), e.g. ``model.layers.0.self_attn.q_proj``; a module
+        whose bare parameters carry LoRAs (``target_parameters``) is listed once."""
+        return list(dict.fromkeys(lo.unwrapped for lo in self._loras.values()))
 
     # ---------------------------------------------------------------------------------------------------
     # binding to a base model
@@ -290,9 +366,17 @@ class LoraAdapter:
         parameter are listed in ``unused_tensors`` and logged (an error for bias tensors).
         """
         shapes = {k: tuple(int(s) for s in v) for k, v in base_param_shapes.items()}
-        lora_src = {f"{mod}.weight": mod for mod in self._loras}
+        for lo in self._loras.values():
+            lo.param, lo.wrapped, lo.experts, lo.swap, lo.transpose = None, False, 1, True, False
+        groups: dict[str, list[_Lora]] = {}  # module without nested ".base_layer" -> its LoRAs
+        for lo in self._loras.values():
+            groups.setdefault(lo.unwrapped, []).append(lo)
+        candidates = {m: self._wrapped_candidates(m) for m in groups if self._may_wrap(m)}
+        lora_src = {f"{mod}.weight": mod for mod, lo in self._loras.items() if lo.depth == 0}
         token_src = {f"{mod}.weight": mod for mod in self._tokens}
-        src = list(lora_src) + list(self._full) + [s for s in token_src if s not in lora_src]
+        wrap_src = [c for cs in candidates.values() for c in cs]
+        src = list(lora_src) + [c for c in wrap_src if c not in lora_src] + list(self._full)
+        src += [s for s in token_src if s not in lora_src]
         mapping = match_names(src, shapes)
         if not mapping:
             raise AdapterError(
@@ -300,6 +384,11 @@ class LoraAdapter:
                 f"e.g. {name_summary(self.module_names() or list(self._full), 3)}; base parameters e.g. "
                 f"{name_summary(list(shapes), 3)})"
             )
+        wrapped = self._bind_wrapped(groups, candidates, mapping, shapes)
+        lora_src = {s: mod for s, mod in lora_src.items() if self._loras[mod].unwrapped not in wrapped}
+        for mod in lora_src.values():
+            if not self._loras[mod].ranked:
+                self._set_rank(self._loras[mod], mod, 1)
         for s, mod in lora_src.items():
             if s not in mapping and (mod == "lm_head" or mod.endswith(".lm_head")):
                 tied = self._tied_embedding(mod, shapes)
@@ -365,6 +454,7 @@ class LoraAdapter:
         by_param: dict[str, list[_Lora]] = {}
         for lo in self._loras.values():
             by_param.setdefault(lo.param, []).append(lo)
+        self._check_dora(by_param, replacements, token_params, shapes)
         self._by_param = by_param
         self._bound = True
 
@@ -373,7 +463,120 @@ class LoraAdapter:
         if ".base_layer." not in k:
             return None
         mod = _strip_adapter_name(k.rsplit(".base_layer.", 1)[0])
-        return mod if mod in self._loras and self._loras[mod].param is not None else None
+        lo = self._loras.get(mod)
+        return mod if lo is not None and lo.param is not None and not lo.wrapped else None
+
+    def _bind_wrapped(self, groups: dict, candidates: dict, mapping: dict, shapes: dict) -> list[str]:
+        """Bind the LoRAs on bare parameters (``target_parameters``); returns the modules that hold them.
+
+        PEFT wraps a module's targeted parameters in the order of its ``named_parameters`` (the base's
+        order here), each wrapper around the previous one, so the first is the innermost (deepest
+        ``.base_layer``). Shapes confirm the assignment; when the order does not fit, the one assignment
+        that does is taken."""
+        order = {n: i for i, n in enumerate(shapes)}
+        wrapped: list[str] = []
+        for module, los in groups.items():
+            targeted = sorted((c for c in candidates.get(module, ()) if c in mapping), key=lambda c: order[mapping[c]])
+            if not targeted and all(lo.depth == 0 for lo in los):
+                continue  # an ordinary LoRA module
+            wrapped.append(module)
+            depths = sorted(lo.depth for lo in los)
+            if depths != list(range(len(targeted))):
+                found = name_summary([mapping[c] for c in targeted], 3) if targeted else "none"
+                raise AdapterError(
+                    f"adapter {self.name}: module '{module}' has {len(los)} LoRA(s) on bare parameters but "
+                    f"target_parameters names {len(targeted)} of its base parameters (found: {found}; wrong base "
+                    "model?)"
+                )
+            by_depth = sorted(los, key=lambda lo: -lo.depth)  # innermost first
+            fits = [[self._wrapper_layouts(lo, shapes[mapping[c]]) for c in targeted] for lo in by_depth]
+            perms = [p for p in itertools.permutations(range(len(targeted)))
+                     if all(fits[i][j] for i, j in enumerate(p))]
+            identity = tuple(range(len(targeted)))
+            if identity in perms or len(perms) == 1:
+                perm = identity if identity in perms else perms[0]
+            else:
+                i = next(i for i in range(len(targeted)) if not fits[i][i])
+                lo, c = by_depth[i], targeted[i]
+                raise AdapterError(
+                    f"adapter {self.name}: LoRA on parameter '{c}' has factors A{shape_str(self._shapes[lo.a_key])}, "
+                    f"B{shape_str(self._shapes[lo.b_key])} that do not fit base parameter '{mapping[c]}' "
+                    f"{shape_str(shapes[mapping[c]])}"
+                )
+            for i, j in enumerate(perm):
+                lo, c = by_depth[i], targeted[j]
+                shape = shapes[mapping[c]]
+                lo.param, lo.wrapped = mapping[c], True
+                lo.experts = shape[0] if len(shape) == 3 else 1
+                layouts = fits[i][j]
+                lo.swap = next(iter(layouts)) if len(layouts) == 1 else None
+                self._set_rank(lo, c, lo.experts)
+                if lo.magnitude is not None:
+                    raise AdapterError(
+                        f"adapter {self.name}: DoRA on the bare parameter '{c}' in {self.weights_file} is not "
+                        "supported"
+                    )
+        self._resolve_expert_layouts([lo for m in wrapped for lo in groups[m]])
+        return wrapped
+
+    def _wrapper_layouts(self, lo: _Lora, shape: tuple) -> set[bool]:
+        """How LoRA factors ``lo`` fit a parameter of ``shape`` under PEFT's ParamWrapper: for a 3-D
+        parameter of several experts, the layouts that fit (True: experts stored (out, in), False: (in, out));
+        ``{True}`` when the factors fit otherwise; empty when they do not fit."""
+        a, b = self._shapes[lo.a_key], self._shapes[lo.b_key]
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1] or len(shape) not in (2, 3):
+            return set()
+        experts = shape[0] if len(shape) == 3 else 1
+        if a[0] % experts:
+            return set()
+        if experts == 1:  # PEFT merges s·B·A as one (out, in) matrix
+            return {True} if (b[0], a[1]) == tuple(shape[-2:]) else set()
+        out = set()
+        if (b[0], a[1]) == (shape[1], shape[2]):
+            out.add(True)
+        if (a[1], b[0]) == (shape[1], shape[2]):
+            out.add(False)
+        return out
+
+    def _resolve_expert_layouts(self, los: list[_Lora]) -> None:
+        """Square experts fit both layouts: take the one the module's other parameters show (one
+        transformers module class has one layout), else the one every other expert parameter shows."""
+        known = [lo for lo in los if lo.swap is not None]
+        for lo in los:
+            if lo.swap is not None:
+                continue
+            siblings = {k.swap for k in known if k.unwrapped == lo.unwrapped}
+            seen = siblings or {k.swap for k in known if k.experts > 1}
+            if len(seen) != 1:
+                raise AdapterError(
+                    f"adapter {self.name}: cannot tell whether base parameter '{lo.param}' stores its experts as "
+                    "(experts, out, in) or (experts, in, out): its experts are square and no other LoRA parameter "
+                    "of the adapter shows the layout"
+                )
+            lo.swap = next(iter(seen))
+
+    def _check_dora(self, by_param: dict, replacements: dict, token_params: dict, shapes: dict) -> None:
+        """A DoRA module must be the only LoRA on its parameter (its ΔW depends on the weight it is merged
+        into; a saved ``base_layer`` weight is that weight) and its magnitude vector must have one entry per
+        output feature."""
+        for param, los in by_param.items():
+            dora = [lo for lo in los if lo.magnitude is not None]
+            if not dora:
+                continue
+            lo = dora[0]
+            if len(los) > 1 or param in token_params:
+                raise AdapterError(
+                    f"adapter {self.name}: DoRA module '{lo.module}' shares base parameter '{param}' with another "
+                    "LoRA or trainable tokens, which is not supported"
+                )
+            shape = shapes[param]
+            out = shape[1] if lo.transpose else shape[0]
+            mag = self._shapes[lo.magnitude]  # (out,); (1, out, 1, …) for convolutions
+            if math.prod(mag) != out or sum(d != 1 for d in mag) > 1:
+                raise AdapterError(
+                    f"adapter {self.name}: DoRA magnitude '{lo.magnitude}' {shape_str(mag)} does not fit base "
+                    f"parameter '{param}' {shape_str(shape)} ({out} output features)"
+                )
 
     def _tied_embedding(self, mod: str, shapes: dict) -> str | None:
         """The input embedding a LoRA on an absent (tied) output head merges into, as PEFT does."""
@@ -456,19 +659,30 @@ class LoraAdapter:
 
     def low_rank_only(self, param_name: str) -> bool:
         """Whether the task vector of ``param_name`` is exactly its LoRA factors' product (no saved full
-        tensor or trained token rows beside them)."""
+        tensor or trained token rows beside them; not DoRA, not a LoRA on a bare parameter)."""
         self._check_bound()
         return (param_name in self._by_param and param_name not in self.replacements
-                and param_name not in self._token_params)
+                and param_name not in self._token_params and self._plain(param_name))
+
+    def _plain(self, param_name: str) -> bool:
+        """Whether every LoRA on ``param_name`` is a plain s·B·A of one module (no DoRA, no ParamWrapper)."""
+        return all(lo.magnitude is None and not lo.wrapped for lo in self._by_param.get(param_name, ()))
+
+    def is_variant(self, param_name: str) -> bool:
+        """Whether ``param_name`` carries a DoRA module or a LoRA on a bare parameter: its task vector is
+        only available whole, through `delta`."""
+        self._check_bound()
+        return param_name in self._by_param and not self._plain(param_name)
 
     def factors(self, param_name: str, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(B·s, A)`` in float32 in the base weight's orientation, so that ``ΔW_lora == B·s @ A``
         (for a transposed layout: ``(Aᵀ·s, Bᵀ)``; for convolutions the product is ΔW flattened to
-        ``(out, -1)``). None when the parameter has no LoRA factors. Only the low-rank part: a parameter in
+        ``(out, -1)``). None when the parameter has no LoRA factors, and for DoRA modules and LoRAs on bare
+        parameters (``target_parameters``), whose ΔW is no such product. Only the low-rank part: a parameter in
         ``replacements`` also has a full-tensor term in `delta`."""
         self._check_bound()
         los = self._by_param.get(param_name)
-        if not los:
+        if not los or not self._plain(param_name):
             return None
         pairs = []
         for lo in los:
@@ -485,8 +699,24 @@ class LoraAdapter:
         return torch.cat([p[0] for p in pairs], dim=1), torch.cat([p[1] for p in pairs], dim=0)
 
     def _lora_delta(self, lo: _Lora, base: torch.Tensor) -> torch.Tensor:
+        return self._product(lo, base) if lo.magnitude is None else self._dora_delta(lo, base)
+
+    def _product(self, lo: _Lora, base: torch.Tensor) -> torch.Tensor:
+        """s·B·A of ``lo`` in the layout of ``base`` (float32 on its device)."""
         dev = base.device
         a, b = self._get(lo.a_key, dev), self._get(lo.b_key, dev)
+        if lo.wrapped and lo.experts > 1:
+            # PEFT ParamWrapper: A (E·r, in) is expert-major, B (out, r·E) rank-major
+            e = lo.experts
+            a3 = a.reshape(e, -1, a.shape[1])
+            b3 = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)
+            if lo.swap:
+                d = torch.bmm(b3, a3)  # (E, out, in)
+            else:  # (E, in, out), computed in that layout (no transposed copy of an expert stack)
+                d = torch.bmm(a3.transpose(1, 2), b3.transpose(1, 2))
+            return d.mul_(lo.scale)
+        if lo.wrapped:
+            return (b @ a).reshape(base.shape).mul_(lo.scale)
         if a.dim() > 2:
             d = (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(base.shape)
         elif lo.transpose:
@@ -494,6 +724,20 @@ class LoraAdapter:
         else:
             d = b @ a
         return d.mul_(lo.scale)
+
+    def _dora_delta(self, lo: _Lora, base: torch.Tensor) -> torch.Tensor:
+        """DoRA: m ⊙ V/‖V‖ − W with V = W + s·B·A, the norm over each output feature (PEFT's merge)."""
+        w = base.detach().float()
+        v = self._product(lo, base).add_(w)
+        m = self._get(lo.magnitude, base.device).reshape(-1)
+        if v.dim() == 2:
+            dim = 0 if lo.transpose else 1  # stored (in, out): Conv1D / fan_in_fan_out, embeddings
+            norm = torch.linalg.norm(v, dim=dim, keepdim=True)
+            m = m.view(1, -1) if lo.transpose else m.view(-1, 1)
+        else:  # convolution: over everything but the output channel
+            norm = v.norm(p=2, dim=tuple(range(1, v.dim())), keepdim=True)
+            m = m.view((-1,) + (1,) * (v.dim() - 1))
+        return v.mul_(m / norm).sub_(w)
 
     def delta(self, param_name: str, base: torch.Tensor) -> torch.Tensor | None:
         """The exact task vector for ``param_name`` in float32 on ``base.device``; None when untouched."""
@@ -511,7 +755,10 @@ class LoraAdapter:
             rows = self._get(tkey, base.device) - base.detach().index_select(0, index).float()
             out.index_copy_(0, index, rows)
         for lo in self._by_param.get(param_name, ()):
-            d = self._lora_delta(lo, base)
+            if lo.magnitude is not None and out is not None:  # DoRA onto the saved weight that replaces the base
+                d = self._dora_delta(lo, base.detach().float() + out)
+            else:
+                d = self._lora_delta(lo, base)
             out = d if out is None else out.add_(d)
         return out
 

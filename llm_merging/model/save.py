@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from llm_merging import ops
-from llm_merging.core.errors import BudgetExceeded, ConfigError, LLMMergingError
+from llm_merging.core.errors import BudgetExceeded, ConfigError, LLMMergingError, OutputError
 from llm_merging.core.io import TEMP_NAME, atomic_path, atomic_write_json, host_name, remove_path, replace_path, temp_path
-from llm_merging.core.outputs import owner_alive
+from llm_merging.core.outputs import disk_full, disk_full_message, owner_alive
 from llm_merging.model import is_conv1d
-from llm_merging.model.checkpoint import read_safetensors_header
+from llm_merging.model.checkpoint import read_safetensors_header, saved_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ def model_card(info: dict[str, Any]) -> str:
              "## Recipe", "", f"- method: `{info.get('method')}`"]
     base = info.get("base") or {}
     lines.append(f"- base model: `{base.get('id')}`" + (f" @ `{base['revision']}`" if base.get("revision") else ""))
+    if base.get("template"):  # merged without a base model: the first model is the template
+        lines[-1] += " (no base model: the template, i.e. config, tokenizer and unchanged tensors)"
     lines.append("- models:")
     for e in info.get("experts", []):
         lines.append(f"  - `{e.get('id')}`" + (f" @ `{e['revision']}`" if e.get("revision") else "") + f" ({e.get('kind')})")
@@ -181,9 +183,10 @@ class StreamingSave:
     its ``dtype`` and ``architectures``, generation config, tokenizer, model card) and the same bytes.
 
     ``dtype``: the saved floating-point dtype (a recipe's ``out_dtype``; default the model's). Raises
-    :class:`NotStreamable` where that cannot be guaranteed (remote code, weight converters, unsupported
-    dtypes). Written under a temporary name (``.NAME.MARKER.RAND.tmp``): :meth:`finish` renames it into
-    place, :meth:`abort` removes it.
+    :class:`NotStreamable` where that cannot be guaranteed (remote code, weight conversions other than
+    renames and splits, unsupported dtypes); fused expert tensors are written as the per-expert tensors
+    ``save_pretrained`` writes. Written under a temporary name (``.NAME.MARKER.RAND.tmp``): :meth:`finish`
+    renames it into place, :meth:`abort` removes it.
 
     ``fingerprint`` (the run's inputs and options, JSON values): a journal ``.NAME.MARKER.RAND.journal`` is
     kept beside the temporary directory, one fsync'd line per finished tensor (after its bytes are synced);
@@ -198,7 +201,6 @@ class StreamingSave:
                  max_shard_size: str = "5GB", fingerprint: dict[str, Any] | None = None,
                  resume: str | Path | None = None) -> None:
         from huggingface_hub import split_torch_state_dict_into_shards
-        from transformers.core_model_loading import revert_weight_conversion
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         if getattr(model, "is_remote_code", lambda: False)():
@@ -229,20 +231,32 @@ class StreamingSave:
             if out not in _ST_DTYPES:
                 raise NotStreamable(f"dtype {out} of '{n}'")
             placeholders[n] = torch.empty(t.shape, dtype=out, device="meta")
-        ids = {id(v): n for n, v in placeholders.items()}
-        try:
-            reverted = revert_weight_conversion(model, dict(placeholders))
-        except Exception as exc:  # a conversion that needs real values: save whole
-            raise NotStreamable(f"weight conversions on save ({type(exc).__name__})") from None
-        if len(reverted) != len(placeholders) or any(id(v) not in ids for v in reverted.values()):
-            raise NotStreamable("weight conversions on save")  # converters build new tensors: save whole
-        self.saved_name = {ids[id(v)]: k for k, v in reverted.items()}
+        saved = saved_tensors(model)  # transformers' reverse weight conversions: renames, fused experts split
+        if saved is None:
+            raise NotStreamable("weight conversions on save")  # a conversion that needs real values: save whole
+        reverted: dict[str, torch.Tensor] = {}
+        inverse: dict[str, tuple[str, int]] = {}  # saved name -> (model name, its first entry there)
+        for n, p in saved:  # in the order save_pretrained shards them
+            if n not in placeholders:
+                continue  # tied or ignored
+            if p.start < 0:
+                raise NotStreamable(f"weight conversions on save of '{n}'")
+            reverted[p.name] = torch.empty(p.shape, dtype=placeholders[n].dtype, device="meta")
+            inverse[p.name] = (n, p.start)
+        held: dict[str, int] = {}  # entries of each model tensor its saved tensors hold: all of them, once
+        for k, (n, _) in inverse.items():
+            held[n] = held.get(n, 0) + reverted[k].numel()
+        if held != {n: ph.numel() for n, ph in placeholders.items()}:
+            raise NotStreamable("weight conversions on save")
+        self.saved_name: dict[str, list[str]] = {}  # model name -> the saved tensors it is written as
+        for k, (m, _) in inverse.items():
+            self.saved_name.setdefault(m, []).append(k)
         self.split = split_torch_state_dict_into_shards(reverted, filename_pattern="model{suffix}.safetensors",
                                                         max_shard_size=max_shard_size)
         self.output_dir = Path(output_dir)
-        self._where: dict[str, tuple[int, int, int]] = {}  # model name -> (fd, byte offset, bytes)
+        # model name -> [(fd, byte offset, bytes, first entry)]: one place per saved tensor it is written as
+        self._where: dict[str, list[tuple[int, int, int, int]]] = {}
         self._done: dict[str, int] = {}
-        inverse = {v: k for k, v in self.saved_name.items()}
         shards = []  # (file name, header bytes, total bytes, [(model name, data offset, bytes)])
         for filename, names in self.split.filename_to_tensors.items():
             header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -257,7 +271,7 @@ class StreamingSave:
             raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
             raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
             head = len(raw).to_bytes(8, "little") + raw
-            places = [(inverse[k], len(head) + header[k]["data_offsets"][0],
+            places = [(*inverse[k], len(head) + header[k]["data_offsets"][0],
                        header[k]["data_offsets"][1] - header[k]["data_offsets"][0]) for k in names]
             shards.append((filename, head, len(head) + offset, places))
         self.layout = {f: {"bytes": total, "header_sha256": hashlib.sha256(head).hexdigest()}
@@ -280,8 +294,8 @@ class StreamingSave:
             self._fds.append(fd)
             _pwrite_all(fd, head, 0)
             os.ftruncate(fd, total)
-            for name, offset, nbytes in places:
-                self._where[name] = (fd, offset, nbytes)
+            for name, first, offset, nbytes in places:
+                self._where.setdefault(name, []).append((fd, offset, nbytes, first))
         if fingerprint is not None:
             self.journal_path = journal_of(self.tmp)
             self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
@@ -318,17 +332,21 @@ class StreamingSave:
         for filename, head, total, places in shards:
             fd = os.open(self.tmp / filename, os.O_RDWR)
             self._fds.append(fd)
-            for name, offset, nbytes in places:
-                self._where[name] = (fd, offset, nbytes)
+            for name, first, offset, nbytes in places:
+                self._where.setdefault(name, []).append((fd, offset, nbytes, first))
         self.resumed = {n for n in done if n in self._where}
         for name in self.resumed:
-            self._done[name] = self._where[name][2]
+            self._done[name] = self._bytes(name)
         self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
         logger.info("resuming the merge written in %s: %d of %d tensors are done", self.tmp, len(self.resumed),
                     len(self._where))
 
     def _out_dtype(self, t: torch.Tensor) -> torch.dtype:
         return self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
+
+    def _bytes(self, name: str) -> int:
+        """The bytes model tensor ``name`` takes in the shards (over the saved tensors it is written as)."""
+        return sum(w[2] for w in self._where[name])
 
     def done(self, name: str) -> bool:
         """Whether an interrupted run already wrote tensor ``name`` (``--resume``: the engine skips it)."""
@@ -341,16 +359,19 @@ class StreamingSave:
         if name in self.ignored:
             return  # not saved (save_pretrained drops it too)
         name = self.alias.get(name, name)
-        fd, offset, nbytes = self._where[name]
         v = values.detach().reshape(-1).to(device="cpu", dtype=self._out_dtype(self.source[name]))
         raw = v.contiguous().view(torch.uint8).numpy()
-        begin = start * v.element_size()
-        if begin + raw.nbytes > nbytes:
+        size = v.element_size()
+        if (start + v.numel()) * size > self._bytes(name):
             raise ValueError(f"'{name}': entries {start}…{start + v.numel()} are past its end")
-        _pwrite_all(fd, raw, offset + begin)
+        for fd, offset, nbytes, first in self._where[name]:  # each saved tensor the range overlaps
+            a, b = max(start, first), min(start + v.numel(), first + nbytes // size)
+            if a < b:
+                _pwrite_all(fd, raw[(a - start) * size:(b - start) * size], offset + (a - first) * size)
         self._done[name] = self._done.get(name, 0) + raw.nbytes
-        if self._journal is not None and self._done[name] == nbytes:
-            os.fdatasync(fd)  # the tensor's bytes are on disk before the journal says so
+        if self._journal is not None and self._done[name] == self._bytes(name):
+            for fd in {w[0] for w in self._where[name]}:
+                os.fdatasync(fd)  # the tensor's bytes are on disk before the journal says so
             os.write(self._journal, (json.dumps({"done": name}) + "\n").encode("utf-8"))
             os.fsync(self._journal)
 
@@ -366,8 +387,8 @@ class StreamingSave:
                     step = max(1, (64 << 20) // max(1, flat.element_size()))
                     for s in range(0, flat.numel(), step):  # in pieces: no whole-tensor copy for a dtype cast
                         self.put(name, s, flat[s:s + step])
-                elif done != self._where[name][2]:
-                    raise ValueError(f"'{name}': {done} of {self._where[name][2]} bytes were written")
+                elif done != self._bytes(name):
+                    raise ValueError(f"'{name}': {done} of {self._bytes(name)} bytes were written")
             for fd in self._fds:
                 os.close(fd)
             self._fds = []
@@ -519,86 +540,353 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.device.type)
 
 
-class AdapterWriter:
-    """Collect merged ΔW per LoRA-targeted parameter as truncated SVD factors, then write a PEFT adapter.
+#: the per-module report written next to an adapter by :class:`AdapterWriter`
+EXTRACT_REPORT = "extract_report.json"
+#: how :class:`AdapterWriter` carries changed input embeddings and output heads
+EMBEDDING_MODES = ("keep", "low-rank")
 
-    Rank per module: ``rank`` when given, else the sum of the input adapters' ranks for that module,
-    capped at the matrix size. That is exact for methods that combine the ΔWᵢ linearly (rank(Σ wᵢΔWᵢ) ≤ Σ rᵢ);
-    trimming methods (TIES, DARE, ...) make ΔW full rank, so the truncation error of every module is
-    kept in ``errors`` (and reported), with a warning above 1 %.
+
+def _dense(module) -> bool:
+    """A layer PEFT LoRA targets with ``lora_A`` / ``lora_B``: ``nn.Linear`` or transformers' ``Conv1D``."""
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)
+
+
+def _positive_int(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _balanced(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``p q`` rescaled so that column j of ``p`` and row j of ``q`` have the same norm (√σⱼ for SVD
+    factors): the product is unchanged and both factors keep the same range (kinder to half precision)."""
+    scale = torch.sqrt(p.norm(dim=0) / q.norm(dim=1).clamp_min(1e-30))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (p / scale).contiguous(), (q * scale[:, None]).contiguous()
+
+
+def _distinct(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors that share no storage (a tied weight is saved under each of its names, as
+    PEFT's ``modules_to_save`` loads one per module)."""
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu")
+        key = t.untyped_storage().data_ptr()
+        out[name] = t.clone(memory_format=torch.contiguous_format) if key in seen or not t.is_contiguous() else t
+        seen.add(key)
+    return out
+
+
+def adapter_card(info: dict[str, Any], report: dict[str, Any], base_model_name: str) -> str:
+    """README of a written adapter: PEFT front matter, the recipe (:func:`model_card`) and the extraction
+    summary (rank rule, ranks, errors, what is kept exactly)."""
+    totals, rule = report["totals"], report["rule"]
+    recipe = model_card(info).split("---", 2)[-1].lstrip("\n")
+    lines = ["---", f"base_model: {base_model_name}", "library_name: peft", "tags:", "- lora", "- llm_merging",
+             "---", "", recipe, "## Adapter", "",
+             f"- rank rule: {rule['rule']}",
+             f"- LoRA modules: {totals['lora_modules']} (rank {totals['rank_min']}–{totals['rank_max']}, "
+             f"most common {totals['rank']})",
+             f"- relative Frobenius error of ΔW: {totals['relative_error']:.3g} overall, "
+             f"{totals['max_relative_error']:.3g} at worst (`{totals['worst_module']}`)",
+             f"- kept exactly (modules_to_save): {', '.join(f'`{m}`' for m in report['modules_to_save']) or 'none'}",
+             f"- changed biases (PEFT bias=\"all\"): {totals['biases']}",
+             "", f"Per-module ranks and errors: `{EXTRACT_REPORT}`.", ""]
+    return "\n".join(lines)
+
+
+class AdapterWriter:
+    """Collect the merged ΔW of every parameter (``__call__``, the engine's ``delta_sink``) and write a PEFT
+    LoRA adapter that reproduces base + ΔW (:meth:`save`). Also the writer of ``llm-merging extract-lora``.
+
+    Per changed tensor:
+
+    * a matrix of a ``Linear`` / ``Conv1D`` layer: LoRA factors (``lora_A`` / ``lora_B``) of rank ``rank``
+      (capped at the matrix's min(out, in)) or of the smallest rank keeping fraction ``energy`` of
+      ‖ΔW‖_F² (at most ``max_rank``), from :func:`llm_merging.ops.extract_low_rank`; with neither, and
+      only LoRA experts, the sum of the input adapters' ranks for that module (capped at ``max_rank``):
+      exact for methods that combine the ΔWᵢ linearly; a layer no input adapter factors is kept exactly.
+      Different ranks go to ``rank_pattern`` / ``alpha_pattern`` (alpha = rank: scale 1);
+    * the input embedding and output head: kept exactly (``embeddings="keep"``) or as LoRA factors
+      (``"low-rank"``: ``lora_embedding_A`` / ``lora_embedding_B`` for ``nn.Embedding``); tied weights
+      are written for every module that shares them;
+    * the bias of a ``Linear`` / ``Conv1D`` layer: the new bias itself under PEFT's ``bias="all"``
+      (``<layer>.base_layer.bias`` for a LoRA layer, ``<layer>.bias`` otherwise), which PEFT loads into the
+      layer exactly;
+    * anything else (norm weights and biases, other parameters): the whole owning module in PEFT's
+      ``modules_to_save`` with all its tensors (saved as ``<module>.<tensor>``, as PEFT saves them);
+    * a tensor of 3 or more dimensions (fused MoE experts, convolutions): ConfigError (no PEFT LoRA layer
+      holds it).
+
+    ``errors``: the relative Frobenius error ‖ΔW − BA‖/‖ΔW‖ of every LoRA module; :meth:`report` adds the
+    ranks, the modules kept exactly and the totals (also written as ``extract_report.json``), with a warning
+    above 1 %. ``svd``: the :func:`~llm_merging.ops.low_rank` method (``auto``: randomized when the rank is
+    far below the size). Factors are saved in ``dtype`` (float32 by default; the errors include its
+    rounding); kept tensors keep their own dtype.
     """
 
-    def __init__(self, rank: int | None = None, svd: str = "auto") -> None:
-        self.rank = rank
-        self.svd = svd  # ops.low_rank method: auto (randomized when the rank is far below the size) | full
+    def __init__(self, rank: int | None = None, energy: float | None = None, max_rank: int | None = None,
+                 svd: str = "auto", *, embeddings: str = "keep", dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> None:
+        self.rank = _positive_int(rank, "adapter rank")
+        self.max_rank = _positive_int(max_rank, "adapter max rank")
+        if energy is not None:
+            if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < float(energy) <= 1.0:
+                raise ConfigError(f"adapter energy: {energy!r} is outside (0, 1]")
+            energy = float(energy)
+        if self.rank is not None and energy is not None:
+            raise ConfigError("adapter rank and adapter energy: give one of them, not both")
+        if self.rank is not None and self.max_rank is not None:
+            raise ConfigError("adapter max rank: applies with an energy or the summed input ranks, not with a fixed rank")
+        if svd not in ("auto", "full", "randomized"):
+            raise ConfigError(f"adapter svd: {svd!r} is not one of 'auto', 'full', 'randomized'")
+        if embeddings not in EMBEDDING_MODES:
+            raise ConfigError(f"embeddings: {embeddings!r} is not one of {', '.join(EMBEDDING_MODES)}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(f"adapter dtype: {dtype!r} is not float32, bfloat16 or float16")
+        self.energy, self.svd, self.embeddings, self.dtype, self.seed = energy, svd, embeddings, dtype, int(seed)
+        self.label = "--save adapter"  # how error messages name the caller, and what they suggest instead
+        self.fallback = "use --save full"
         self.model = None
         self.experts: list = []
         self.modules: dict = {}
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.errors: dict[str, float] = {}  # relative Frobenius error of the truncation, per module
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> PEFT (B, A), float32 CPU
+        self.errors: dict[str, float] = {}  # relative Frobenius error of the truncation, per LoRA module
+        self.ranks: dict[str, int] = {}
+        self.embedding_modules: set[str] = set()  # LoRA modules that are nn.Embedding (lora_embedding_A/B)
+        self.kept: dict[str, torch.Tensor | None] = {}  # changed tensor of a kept module -> value (None: the model's)
+        self.keep_modules: dict[str, None] = {}  # modules_to_save, in order
+        self.biases: dict[str, torch.Tensor | None] = {}  # changed dense-layer bias -> value (None: the model's)
         self.skipped: list[str] = []
         self.fan_in_fan_out: bool | None = None
+        self._shape: dict[str, tuple[int, int]] = {}
+        self._sq_norm: dict[str, float] = {}
+        self._aliases: dict[str, list[str]] = {}
+        self._vocab_modules: set[str] = set()
+        self._read = None
 
-    def bind(self, model: torch.nn.Module, experts: list) -> "AdapterWriter":
-        """Attach the model being merged and its experts (all LoRA adapters) before the merge runs."""
-        for e in experts:
-            if e.kind != "lora":
-                raise ConfigError(f"--save adapter needs LoRA experts; '{getattr(e, 'name', e)}' is not a LoRA adapter")
-        self.model, self.experts, self.modules = model, experts, dict(model.named_modules())
+    # ------------------------------------------------------------------------------------------------
+    def bind(self, model: torch.nn.Module, experts: list, read=None) -> "AdapterWriter":
+        """Attach the model being merged (its module types; on the meta device for an extraction) and the
+        experts, before the merge runs. ``read(name)`` (optional): the base value of a tensor, for the
+        unchanged tensors of a kept module when the model holds no values (meta device)."""
+        if self.rank is None and self.energy is None:
+            full = [e for e in experts if getattr(e, "kind", None) == "full"]
+            if full:
+                raise ConfigError(f"{self.label}: '{getattr(full[0], 'name', full[0])}' is a full fine-tune; choose "
+                                  "the adapter's rank with --adapter-rank R or --adapter-energy E")
+        self.model, self.experts, self._read = model, list(experts), read
+        self.modules = dict(model.named_modules())
+        groups: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(name)
+        self._aliases = {n: names for names in groups.values() for n in names}
+        self._vocab_modules = set()
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            try:
+                module = getattr(model, getter)()
+            except (AttributeError, NotImplementedError):
+                module = None
+            if module is not None:
+                self._vocab_modules |= {n for n, m in self.modules.items() if m is module}
         return self
 
-    def __call__(self, name: str, delta: torch.Tensor) -> None:
-        module_name, _, leaf = name.rpartition(".")
-        module = self.modules.get(module_name)
-        input_ranks = []  # rank of each adapter that has LoRA factors for this parameter (factors read once)
-        if leaf == "weight" and delta.dim() == 2:
-            input_ranks = [f[1].shape[0] for f in (e.factors(name) for e in self.experts) if f is not None]
-        if not input_ranks:
-            if torch.count_nonzero(delta):
-                self.skipped.append(name)
+    def _input_ranks(self, name: str) -> list[int]:
+        out = []
+        for e in self.experts:
+            if getattr(e, "kind", None) == "lora":
+                f = e.factors(name)
+                if f is not None:
+                    out.append(int(f[1].shape[0]))
+        return out
+
+    def __call__(self, name: str, delta: torch.Tensor, value: torch.Tensor | None = None) -> None:
+        """Take the merged ΔW of parameter ``name`` (its shape; any device). ``value`` (optional): the new
+        tensor itself (base + ΔW, as it is to be saved), used for what is kept exactly; without it the
+        model's tensor is read when the adapter is saved (the engine has merged it by then)."""
+        if self.model is None:
+            raise RuntimeError("AdapterWriter.bind(model, experts) must come first")
+        if not bool(torch.count_nonzero(delta)):
             return
-        conv1d = is_conv1d(module)
-        if self.fan_in_fan_out is None:
-            self.fan_in_fan_out = conv1d
-        elif self.fan_in_fan_out != conv1d:
-            raise ConfigError("--save adapter: the targets mix Linear and Conv1D layers, which one PEFT adapter cannot hold")
-        mat = delta.t() if conv1d else delta  # PEFT factors are (out, r) @ (r, in)
-        r = min(self.rank or sum(input_ranks), *mat.shape)
-        b, a, self.errors[module_name] = ops.low_rank(mat, r, method=self.svd)  # randomized when r << size
-        self.factors[module_name] = (b.cpu(), a.cpu())
+        if delta.dim() >= 3:
+            raise ConfigError(f"{self.label}: parameter '{name}' is a {delta.dim()}-D tensor {tuple(delta.shape)} "
+                              f"(fused experts or a convolution) that a PEFT LoRA adapter cannot hold; {self.fallback}")
+        aliases = self._aliases.get(name, [name])
+        owners = []
+        for alias in aliases:
+            module_name, _, leaf = alias.rpartition(".")
+            module = self.modules.get(module_name)
+            if not module_name or module is None:
+                raise ConfigError(f"{self.label}: parameter '{alias}' belongs to no submodule, which a PEFT adapter "
+                                  f"cannot carry; {self.fallback}")
+            owners.append((alias, module_name, leaf, module))
+        kept_value = None if value is None else value.detach().to("cpu")
+        _, module_name, leaf, module = owners[0]
+        if leaf == "bias" and delta.dim() == 1 and all(_dense(o[3]) for o in owners):
+            for alias, *_ in owners:
+                self.biases[alias] = kept_value
+            return
+        low_rank = delta.dim() == 2 and leaf == "weight" and all(
+            _dense(o[3]) or isinstance(o[3], torch.nn.Embedding) for o in owners)
+        rank = self.rank
+        if low_rank and self.rank is None and self.energy is None:  # only LoRA experts: their summed rank
+            inputs = self._input_ranks(name)
+            low_rank = bool(inputs)
+            rank = sum(inputs) if inputs else None
+            if rank is not None and self.max_rank is not None:
+                rank = min(rank, self.max_rank)
+        elif low_rank and self.embeddings == "keep":
+            low_rank = not any(o[1] in self._vocab_modules or isinstance(o[3], torch.nn.Embedding) for o in owners)
+        if not low_rank:
+            for alias, mod, _, _ in owners:
+                self.keep_modules.setdefault(mod)
+                self.kept[alias] = kept_value
+            return
+        if rank is not None:
+            b, a, err, r = ops.extract_low_rank(delta, rank=min(rank, *delta.shape), method=self.svd, seed=self.seed)
+        else:
+            b, a, err, r = ops.extract_low_rank(delta, energy=self.energy, max_rank=self.max_rank, method=self.svd,
+                                                seed=self.seed)
+        p, q = _balanced(b, a)  # delta ≈ p @ q in the parameter's own layout
+        sq = float(torch.linalg.matrix_norm(delta.float())) ** 2
+        if self.dtype != torch.float32:  # the error of the factors as saved
+            p, q = p.to(self.dtype), q.to(self.dtype)
+            err = float(torch.linalg.matrix_norm(delta.float() - p.float() @ q.float())) / sq ** 0.5
+        p, q = p.cpu(), q.cpu()
+        for alias, mod, _, module in owners:
+            transposed = isinstance(module, torch.nn.Embedding) or is_conv1d(module)  # stored (in, out)
+            self.factors[mod] = (q.t().contiguous(), p.t().contiguous()) if transposed else (p, q)
+            if isinstance(module, torch.nn.Embedding):
+                self.embedding_modules.add(mod)
+            elif self.fan_in_fan_out is None or is_conv1d(module):
+                self.fan_in_fan_out = is_conv1d(module)
+            self.errors[mod], self.ranks[mod], self._sq_norm[mod] = err, r, sq
+            b_, a_ = self.factors[mod]
+            self._shape[mod] = (int(b_.shape[0]), int(a_.shape[1]))
+
+    # ------------------------------------------------------------------------------------------------
+    def _kept_modules(self) -> list[str]:
+        """The modules to save whole: outermost only; none may hold a LoRA layer."""
+        mods = list(self.keep_modules)
+        outer = [m for m in mods if not any(m != o and m.startswith(o + ".") for o in mods)]
+        for m in outer:
+            inner = next((t for t in self.factors if t == m or t.startswith(m + ".")), None)
+            if inner is not None:
+                raise ConfigError(f"{self.label}: module '{m}' must be saved whole (a changed tensor of it is not a "
+                                  f"LoRA matrix) but it contains the LoRA layer '{inner}'; {self.fallback}")
+        return outer
+
+    def _tensor(self, name: str, recorded: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        value = recorded.get(name)
+        if value is not None:
+            return value
+        module_name, _, leaf = name.rpartition(".")
+        t = self.modules[module_name].state_dict(keep_vars=True).get(leaf) if module_name in self.modules else None
+        if t is not None and t.device.type != "meta":
+            return t.detach().to("cpu")
+        if self._read is not None:
+            return self._read(name)
+        raise ConfigError(f"{self.label}: no value for tensor '{name}'")
+
+    def report(self) -> dict[str, Any]:
+        """Per-module rank and relative error, the modules kept exactly and the totals (JSON values)."""
+        if self.rank is not None:
+            rule = f"rank {self.rank} (capped at each matrix's size)"
+        elif self.energy is not None:
+            rule = (f"energy {self.energy:g}: the smallest rank keeping this fraction of ‖ΔW‖_F²"
+                    + (f", at most {self.max_rank}" if self.max_rank else ""))
+        else:
+            rule = "sum of the input adapters' ranks" + (f", at most {self.max_rank}" if self.max_rank else "")
+        modules = {m: {"kind": "lora_embedding" if m in self.embedding_modules else "lora",
+                       "shape": list(self._shape[m]), "rank": self.ranks[m],
+                       "relative_error": self.errors[m]} for m in sorted(self.factors)}
+        ranks = list(self.ranks.values())
+        total_sq = sum(self._sq_norm.values())
+        err_sq = sum(self.errors[m] ** 2 * self._sq_norm[m] for m in self.factors)
+        worst = max(self.errors, key=self.errors.get) if self.errors else None
+        kept = [m for m in self.keep_modules]
+        return {
+            "rule": {"rule": rule, "rank": self.rank, "energy": self.energy, "max_rank": self.max_rank,
+                     "svd": self.svd, "embeddings": self.embeddings},
+            "modules": modules,
+            "modules_to_save": kept,
+            "kept_tensors": sorted(self.kept),
+            "biases": sorted(self.biases),
+            "totals": {
+                "lora_modules": len(self.factors), "modules_to_save": len(kept), "biases": len(self.biases),
+                "rank": max(set(ranks), key=ranks.count) if ranks else 0,
+                "rank_min": min(ranks, default=0), "rank_max": max(ranks, default=0),
+                "relative_error": (err_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0,
+                "max_relative_error": self.errors[worst] if worst else 0.0, "worst_module": worst,
+                "lora_parameters": sum(r * sum(self._shape[m]) for m, r in self.ranks.items()),
+            },
+        }
 
     def save(self, output_dir: str | Path, base_model_name: str, info: dict[str, Any] | None = None) -> Path:
+        """Write the adapter directory atomically (``adapter_model.safetensors``, ``adapter_config.json``,
+        ``extract_report.json``, README model card); a full disk raises OutputError and leaves nothing."""
         if not self.factors:
-            raise ConfigError("--save adapter: no LoRA-targeted parameter was merged")
-        if self.skipped:
-            logger.warning("--save adapter: %d merged tensors are not LoRA targets and are not in the adapter: %s",
-                           len(self.skipped), ", ".join(self.skipped[:5]))
-        worst = max(self.errors, key=self.errors.get)
+            if self.kept or self.biases:
+                raise ConfigError(f"{self.label}: no weight matrix changed (only "
+                                  f"{', '.join(sorted(self.kept) + sorted(self.biases))[:200]}), and a PEFT LoRA "
+                                  f"adapter needs at least one LoRA layer; {self.fallback}")
+            raise ConfigError(f"{self.label}: no parameter differs from the base model; there is no adapter to write")
+        kept_modules = self._kept_modules()
+        report = self.report()
+        worst = report["totals"]["worst_module"]
         if self.errors[worst] > 0.01:
-            logger.warning("--save adapter: the rank-limited adapter differs from the merged model by up to %.1f%% "
-                           "(relative Frobenius error, %s); raise --set adapter_rank or use --save full "
-                           "(trimming methods such as TIES or DARE make ΔW full rank)", 100 * self.errors[worst], worst)
-        ranks = {m: a.shape[0] for m, (b, a) in self.factors.items()}
-        r = max(set(ranks.values()), key=list(ranks.values()).count)
-        pattern = {m: k for m, k in ranks.items() if k != r}
-        task = "SEQ_2_SEQ_LM" if getattr(self.model.config, "is_encoder_decoder", False) else "CAUSAL_LM"
+            logger.warning("%s: the rank-limited adapter differs from %s by up to %.1f%% (relative Frobenius error, "
+                           "%s); raise the rank or energy, or %s", self.label,
+                           "the fine-tune" if self.label == "extract-lora" else "the merged model",
+                           100 * self.errors[worst], worst,
+                           self.fallback + " (trimming methods such as TIES or DARE make ΔW full rank)"
+                           if self.label == "--save adapter" else self.fallback)
+        ranks = report["totals"]["rank"]
+        pattern = {m: k for m, k in sorted(self.ranks.items()) if k != ranks}
+        names = list(self.modules)
+        mts = []
+        for m in kept_modules:  # PEFT wraps every module whose name ends with an entry (plain string match)
+            clash = any(n != m and n.endswith(m) for n in names)
+            mts.append(f"base_model.model.{m}" if clash else m)
+        task = "SEQ_2_SEQ_LM" if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False) else "CAUSAL_LM"
         config = {
             "peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_model_name,
-            "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+            "r": ranks, "lora_alpha": ranks, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
             "target_modules": sorted(self.factors), "fan_in_fan_out": bool(self.fan_in_fan_out),
-            "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
-            "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
+            "lora_dropout": 0.0, "bias": "all" if self.biases else "none", "use_rslora": False, "use_dora": False,
+            "modules_to_save": mts or None, "inference_mode": True, "init_lora_weights": True,
         }
-        tensors = {}
+        tensors: dict[str, torch.Tensor] = {}
         for m, (b, a) in self.factors.items():
-            tensors[f"base_model.model.{m}.lora_A.weight"] = a
-            tensors[f"base_model.model.{m}.lora_B.weight"] = b
+            if m in self.embedding_modules:
+                tensors[f"base_model.model.{m}.lora_embedding_A"] = a
+                tensors[f"base_model.model.{m}.lora_embedding_B"] = b
+            else:
+                tensors[f"base_model.model.{m}.lora_A.weight"] = a
+                tensors[f"base_model.model.{m}.lora_B.weight"] = b
+        for m in kept_modules:
+            for leaf in self.modules[m].state_dict(keep_vars=True):
+                tensors[f"base_model.model.{m}.{leaf}"] = self._tensor(f"{m}.{leaf}", self.kept)
+        for name in self.biases:
+            mod = name.rpartition(".")[0]
+            if any(mod == k or mod.startswith(k + ".") for k in kept_modules):
+                continue  # saved with its module
+            key = f"{mod}.base_layer.bias" if mod in self.factors else name
+            tensors[f"base_model.model.{key}"] = self._tensor(name, self.biases)
         output_dir = Path(output_dir)
-        with atomic_path(output_dir) as tmp:
-            tmp.mkdir(parents=True)
-            from safetensors.torch import save_file
+        from safetensors.torch import save_file
 
-            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-            atomic_write_json(tmp / "adapter_config.json", config)
-            (tmp / "README.md").write_text(model_card(info or {}), encoding="utf-8")
+        try:
+            with atomic_path(output_dir) as tmp:
+                tmp.mkdir(parents=True)
+                save_file(_distinct(tensors), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+                atomic_write_json(tmp / "adapter_config.json", config)
+                atomic_write_json(tmp / EXTRACT_REPORT, report)
+                (tmp / "README.md").write_text(adapter_card(info or {}, report, base_model_name), encoding="utf-8")
+        except OSError as exc:
+            if disk_full(exc):
+                raise OutputError(disk_full_message(exc, output_dir)) from None
+            raise
         return output_dir

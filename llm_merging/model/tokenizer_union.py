@@ -302,11 +302,13 @@ class TokenizerPlan:
 # --------------------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------------------
-def _has_tokenizer(path: Path) -> bool:
+def has_tokenizer(path: Path) -> bool:
+    """Whether the directory ``path`` holds tokenizer files (`TOKENIZER_FILES`)."""
     return any((path / f).is_file() for f in TOKENIZER_FILES)
 
 
-def _load_tokenizer(path: Path, label: str):
+def load_tokenizer(path: Path, label: str):
+    """``AutoTokenizer`` of the local directory ``path``; a `ModelNotFoundError` naming ``label`` when it fails."""
     from transformers import AutoTokenizer
 
     try:
@@ -390,9 +392,9 @@ def _resolve_dir(ref, label: str) -> Path:
 def _load_models(base_dir, model_dirs) -> list[_Model]:
     base_path = _resolve_dir(base_dir, "base model")
     base_label = f"base model {base_dir}"
-    if not _has_tokenizer(base_path):
+    if not has_tokenizer(base_path):
         raise ModelNotFoundError(f"base model {base_dir} has no tokenizer (looked for {', '.join(TOKENIZER_FILES)})")
-    base_tok = _load_tokenizer(base_path, base_label)
+    base_tok = load_tokenizer(base_path, base_label)
     base_rows = _config_vocab_size(base_path)
     if base_rows is not None:
         base_tok = _strip_tokenizer(base_tok, base_rows, base_label)
@@ -404,8 +406,8 @@ def _load_models(base_dir, model_dirs) -> list[_Model]:
         path = _resolve_dir(ref, "model")
         is_adapter = (path / ADAPTER_CONFIG).is_file()
         rows = _config_vocab_size(path)
-        if _has_tokenizer(path):
-            tok = _load_tokenizer(path, label)
+        if has_tokenizer(path):
+            tok = load_tokenizer(path, label)
             if rows is None:
                 rows = len(tok.get_vocab())
             out.append(_Model(label, path, tok, path, rows))
@@ -565,7 +567,7 @@ def _resolve_chat_template(chat_template: str, models: list[_Model]) -> str | No
         k = _find_model(models, chat_template)
         path = models[k].tokenizer_path if k is not None else Path(chat_template).expanduser()
         if k is not None or path.is_dir():
-            tok = models[k].tokenizer if k is not None else _load_tokenizer(path, f"chat template model {chat_template}")
+            tok = models[k].tokenizer if k is not None else load_tokenizer(path, f"chat template model {chat_template}")
             t = _chat_template_of(tok)
             if not t:
                 raise ConfigError(f"chat_template: {chat_template} has no chat template")
@@ -620,9 +622,9 @@ def build_tokenizer(
             label = f"tokenizer source {source}"
             if not path.is_dir():
                 raise ConfigError(f"tokenizer source {source!r} is not 'union', 'base' or an existing directory")
-            if not _has_tokenizer(path):
+            if not has_tokenizer(path):
                 raise ModelNotFoundError(f"tokenizer source {source} has no tokenizer")
-        out = _load_tokenizer(path, label)  # as saved (not stripped), as mergekit loads it
+        out = load_tokenizer(path, label)  # as saved (not stripped), as mergekit loads it
 
     if tokens:
         have = out.get_vocab()
@@ -669,7 +671,7 @@ def tokenizer_with_chat_template(base_dir, model_dirs: Sequence, chat_template: 
     if not isinstance(chat_template, str) or not chat_template:
         raise ConfigError(f"chat_template must be a non-empty string, got {chat_template!r}")
     models = _load_models(base_dir, list(model_dirs))
-    tok = _copy_tokenizer(_load_tokenizer(models[0].path, models[0].label))
+    tok = _copy_tokenizer(load_tokenizer(models[0].path, models[0].label))
     tok.chat_template = _resolve_chat_template(chat_template, models)
     return tok
 

@@ -41,7 +41,7 @@ from llm_merging.ops.slerp import lerp, slerp
 from llm_merging.ops.sparsify import breadcrumbs, dare, della, magnitude_prune
 from llm_merging.ops.spherical import karcher, multislerp, nuslerp
 from llm_merging.ops.star import star, star_rank, star_truncate
-from llm_merging.ops.svd import iso_c, iso_cts, knots, low_rank, tsv
+from llm_merging.ops.svd import extract_low_rank, iso_c, iso_cts, knots, low_rank, tsv
 from llm_merging.ops.tall import consensus_mask, consensus_ta, consensus_ties, tall_masks
 from llm_merging.ops.ties import ties
 from llm_merging.ops.wudi import wudi, wudi_fallback, wudi_gradient, wudi_loss
@@ -76,6 +76,7 @@ __all__ = [
     "karcher",
     "knots",
     "low_rank",
+    "extract_low_rank",
     "lerp",
     "linear",
     "lines",

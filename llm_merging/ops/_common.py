@@ -16,6 +16,14 @@ PerModel = Union[float, Sequence[float]]
 _MASK64 = (1 << 64) - 1
 
 
+def per_matrix(fn, tensors: Sequence[Tensor], *args, **kwargs) -> Tensor:
+    """``fn(tensors, *args, **kwargs)`` on each matrix of 3-D inputs, stacked: a stack of matrices (E, m, n),
+    such as the fused experts of a mixture-of-experts layer, merged as E matrices of its own, each with its
+    own spectrum (not as one flattened tensor)."""
+    ts = list(tensors)
+    return torch.stack([fn([t[e] for t in ts], *args, **kwargs) for e in range(ts[0].shape[0])])
+
+
 def check_tensors(tensors: Sequence[Tensor], name: str = "task_vectors", min_count: int = 1) -> list[Tensor]:
     """Return ``tensors`` as a list after checking count, type, shape and device."""
     if isinstance(tensors, Tensor):

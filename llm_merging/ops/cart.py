@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from llm_merging.ops._common import check_choice, check_range, check_real, check_tensors, stack_f32
+from llm_merging.ops._common import check_choice, check_range, check_real, check_tensors, per_matrix, stack_f32
 
 RANK_BY = ("count", "energy")
 
@@ -49,7 +49,8 @@ def cart(task_vectors: Sequence[Tensor], rank_ratio: float = 0.12, scale: float 
          low_rank: bool = True, rank_by: str = "count") -> Tensor:
     """CART's merged task vector ``mean(τ) + λ · Σᵢ SVD_k(τᵢ − mean(τ))`` (see the module docstring).
 
-    ``low_rank=False`` or a tensor that is not 2-D: ``mean(τ)`` (the reference's untruncated tensors). One
+    ``low_rank=False`` or a tensor that is not 2-D: ``mean(τ)`` (the reference's untruncated tensors); a 3-D
+    tensor is a stack of matrices (fused MoE experts), merged matrix by matrix. One
     expert gives τ back; two experts give their mean for any rank (τ̄₂ = −τ̄₁, so the truncations cancel).
     SVDs in float32 on the inputs' device.
     """
@@ -57,6 +58,8 @@ def cart(task_vectors: Sequence[Tensor], rank_ratio: float = 0.12, scale: float 
     lam = check_real(scale, "scale")
     check_range(rank_ratio, "rank_ratio", 0.0, 1.0)
     check_choice(rank_by, "rank_by", RANK_BY)
+    if low_rank and ts[0].dim() == 3:  # a stack of matrices (fused MoE experts): each on its own
+        return per_matrix(cart, ts, rank_ratio, scale, low_rank=True, rank_by=rank_by)
     stacked = stack_f32(ts)
     mean = stacked.mean(dim=0)
     if not low_rank or mean.dim() != 2 or rank_ratio in (0.0, 1.0):

@@ -7,8 +7,9 @@ norm is unchanged, and the truncated matrices are averaged (equal weights 1/T, t
 Conventions of the reference, kept here: ``eta`` is a percentage (the reference's ``--eta 40``); the kept rank
 is ``r = searchsorted(cumsum(σ), Σσ · η / 100) + 1`` (the smallest r whose Σ_{j<r} σⱼ reaches η % of Σ σ,
 at least 1, at most all of them); the kept values become ``σⱼ · Σσ / Σ_{j<r} σⱼ``. The reference merges LoRA
-updates, which are all matrices; other tensors (1-D norms and biases, ≥ 3-D) have no spectrum and are
-averaged as they are, and a zero matrix stays zero (the reference would divide 0 by 0 there).
+updates, which are all matrices; a 3-D tensor is a stack of matrices (the fused experts of a
+mixture-of-experts layer) merged matrix by matrix; other tensors (1-D norms and biases, ≥ 4-D) have no
+spectrum and are averaged as they are, and a zero matrix stays zero (the reference would divide 0 by 0 there).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from llm_merging.core.errors import ConfigError
-from llm_merging.ops._common import check_range, check_real, check_tensors, f32, stack_f32
+from llm_merging.ops._common import check_range, check_real, check_tensors, f32, per_matrix, stack_f32
 
 
 def star_rank(singular_values: Tensor, eta: float) -> int:
@@ -76,6 +77,8 @@ def star(task_vectors: Sequence[Tensor], eta: float = 40.0, scale: float = 1.0, 
     check_range(eta, "eta", 0.0, 100.0)
     if factors is not None and len(factors) != len(ts):
         raise ConfigError(f"factors: expected one entry per task vector ({len(ts)}), got {len(factors)}")
+    if ts[0].dim() == 3 and factors is None:  # a stack of matrices (fused MoE experts): each on its own
+        return per_matrix(star, ts, eta, scale)
     if ts[0].dim() != 2:
         return stack_f32(ts).mean(dim=0).mul_(lam)
     out = torch.zeros(ts[0].shape, dtype=torch.float32, device=ts[0].device)

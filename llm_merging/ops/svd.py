@@ -6,6 +6,7 @@ device (KnOTS's small core in float64); results are float32.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from llm_merging.ops._common import (
     check_seed,
     check_tensors,
     derive_seed,
+    dot64,
     f32,
     per_model,
     polar,
@@ -285,3 +287,77 @@ def low_rank(mat: Tensor, rank: int, *, method: str = "auto", oversample: int = 
         a = vh[:r]
         err = float(s[r:].norm()) / total
     return b.contiguous(), a.contiguous(), err
+
+
+#: slack of the energy rule, relative to ‖mat‖_F², that absorbs float32 rounding of the singular values
+ENERGY_RTOL = 1e-5
+
+
+def _check_rank(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def extract_low_rank(mat: Tensor, *, rank: Optional[int] = None, energy: Optional[float] = None,
+                     max_rank: Optional[int] = None, method: str = "auto", oversample: int = 16, niter: int = 8,
+                     seed: int = 0) -> tuple[Tensor, Tensor, float, int]:
+    """LoRA factors of a weight difference: ``(b (m, r), a (r, n), relative Frobenius error, r)`` with
+    ``b @ a ≈ mat`` (float32, on ``mat``'s device; the error is ``‖mat − b a‖_F / ‖mat‖_F``, 0 for a zero
+    matrix, whose r is 1).
+
+    Give exactly one of ``rank`` (a positive integer, at most ``min(m, n)``) or ``energy`` E in (0, 1]: the
+    smallest r with ``σ₁² + … + σ_r² ≥ (E − ENERGY_RTOL) · ‖mat‖_F²`` (the total is the exact squared Frobenius
+    norm, accumulated in float64; ``ENERGY_RTOL`` = 1e-5 absorbs float32 rounding, so E = 1 gives the exact
+    rank), at most ``max_rank`` (only with ``energy``; capped at ``min(m, n)``). When E is not reached
+    within ``max_rank`` the rank is ``max_rank``.
+
+    ``method`` as :func:`low_rank`, with more oversampling and power iterations by default than there (an
+    extraction is done once: the randomized error is then within ~1e-7 of the optimum for spectra that decay
+    like fine-tunes' ΔW). With ``energy``, ``"auto"`` computes only the top ``max_rank +
+    oversample`` singular values with the randomized SVD when that is below ``RANDOMIZED_BELOW · min(m, n)``
+    (and both sides ≥ 256), else a full SVD; the energy of the singular values not computed is never
+    counted, so the chosen rank is never below the one an exact SVD gives.
+    """
+    check_choice(method, "method", ("auto", "full", "randomized"))
+    if not isinstance(mat, Tensor) or mat.dim() != 2:
+        raise ConfigError(f"extract_low_rank: expected a matrix, got {tuple(getattr(mat, 'shape', ()))}")
+    if (rank is None) == (energy is None):
+        raise ConfigError("extract_low_rank: give exactly one of rank or energy")
+    small = min(mat.shape)
+    if small == 0:
+        raise ConfigError(f"extract_low_rank: the matrix {tuple(mat.shape)} is empty")
+    if rank is not None:
+        r = _check_rank(rank, "rank")
+        if max_rank is not None:
+            raise ConfigError("max_rank: applies only with energy (rank fixes the rank)")
+        if r > small:
+            raise ConfigError(f"rank: {r} exceeds min(m, n) = {small} of the {mat.shape[0]}x{mat.shape[1]} matrix")
+        b, a, err = low_rank(mat, r, method=method, oversample=oversample, niter=niter, seed=seed)
+        return b, a, err, r
+    e = check_range(energy, "energy", 0.0, 1.0, low_open=True)
+    cap = small if max_rank is None else min(_check_rank(max_rank, "max_rank"), small)
+    m = f32(mat)
+    total = sum(dot64(chunk, chunk) for chunk in m.split(max(1, (1 << 22) // max(1, m.shape[1]))))
+    if total == 0.0:
+        return torch.zeros(m.shape[0], 1, device=m.device), torch.zeros(1, m.shape[1], device=m.device), 0.0, 1
+    q = min(cap + oversample, small)
+    use_random = method == "randomized" or (method == "auto" and small >= 256 and q < RANDOMIZED_BELOW * small)
+    if use_random:
+        devices = [m.device] if m.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(check_seed(seed))
+            u, s, v = torch.svd_lowrank(m, q=q, niter=niter)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    kept = torch.cumsum(s.to(torch.float64) ** 2, dim=0)
+    reached = torch.nonzero(kept >= (e - ENERGY_RTOL) * total)
+    r = min(int(reached[0]) + 1 if reached.numel() else cap, cap)
+    b = (u[:, :r] * s[:r]).contiguous()
+    a = vh[:r].contiguous()
+    if use_random:
+        err = float(torch.linalg.matrix_norm(m - b @ a)) / math.sqrt(total)
+    else:
+        err = float(s[r:].norm()) / math.sqrt(total)
+    return b, a, err, r

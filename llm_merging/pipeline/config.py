@@ -15,6 +15,11 @@ from llm_merging.search import SearchConfig
 __all__ = ["RunConfig", "SearchConfig", "LMEvalConfig", "CalibrationConfig", "InsightConfig",
            "SAVE_MODES", "DEFAULT_DATASETS"]
 
+#: the --save adapter run options (also --set aliases) and their flags
+ADAPTER_OPTIONS = {"adapter_rank": "--adapter-rank", "adapter_energy": "--adapter-energy",
+                   "adapter_max_rank": "--adapter-max-rank"}
+NONE_TEXT = ("none", "null", "")
+
 #: the starter kit's evaluation files, relative to the working directory
 DEFAULT_DATASETS = ["data/validation/cosmos_qa.csv", "data/validation/xsum.csv"]
 
@@ -50,6 +55,8 @@ class RunConfig:
     save: str = "full"
     mc_scoring: str | None = None  # None: the method's (exact)
     adapter_rank: int | None = None  # --save adapter's rank (None: sum of the input ranks)
+    adapter_energy: float | None = None  # --save adapter: per module the smallest rank keeping this energy fraction
+    adapter_max_rank: int | None = None  # --save adapter: no module's rank above this
     progress: bool = True
     argv: list[str] = field(default_factory=list)
     search: SearchConfig | None = None  # --search: the best values on held-out data before the merge
@@ -57,6 +64,7 @@ class RunConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # data-aware methods' prompts
     insight: InsightConfig = field(default_factory=InsightConfig)
     resume: bool = False  # --resume without --search: continue a killed --no-eval --save full merge
+    save_intermediates: bool = False  # a chained recipe: also save each merge before the final one
 
     def validate(self, processes: int = 1) -> None:
         """Check the configuration before anything is loaded (one-line ConfigError naming the option); the
@@ -88,6 +96,45 @@ class RunConfig:
             raise ConfigError("--lm-eval evaluates the merged model: drop --no-eval")
         if self.insight.baselines and not self.evaluate:
             raise ConfigError("--baselines evaluates the base and each expert: it cannot be combined with --no-eval")
+        self.check_adapter_options()
+
+    def check_adapter_options(self) -> None:
+        """``--adapter-rank`` / ``--adapter-energy`` / ``--adapter-max-rank`` (or their ``--set`` aliases): only
+        with ``--save adapter``; ranks ≥ 1; an energy in (0, 1]; a fixed rank with neither of the others."""
+        given = {}
+        for key, flag in ADAPTER_OPTIONS.items():
+            value = getattr(self, key)
+            if value is None and key in self.overrides and str(self.overrides[key]).strip().lower() not in NONE_TEXT:
+                value, flag = self.overrides[key], f"--set {key}"
+            if value is None:
+                continue
+            if self.save != "adapter":
+                raise ConfigError(f"{flag} sets the adapter written by --save adapter; this run saves --save {self.save}")
+            given[key] = (flag, value)
+        for key in ("adapter_rank", "adapter_max_rank"):
+            if key in given:
+                flag, value = given[key]
+                try:
+                    ok = int(str(value)) == float(str(value)) and int(str(value)) >= 1
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ConfigError(f"{flag} must be a positive integer, got {value}")
+        if "adapter_energy" in given:
+            flag, value = given["adapter_energy"]
+            try:
+                energy = float(str(value))
+            except ValueError:
+                energy = float("nan")
+            if not 0 < energy <= 1:  # also rejects NaN
+                raise ConfigError(f"{flag} must be in (0, 1] (the fraction of ΔW's squared Frobenius norm kept), "
+                                  f"got {value}")
+        if "adapter_rank" in given and "adapter_energy" in given:
+            raise ConfigError(f"{given['adapter_rank'][0]} and {given['adapter_energy'][0]} both choose the adapter's "
+                              "rank: give one (--adapter-max-rank caps --adapter-energy)")
+        if "adapter_rank" in given and "adapter_max_rank" in given:
+            raise ConfigError(f"{given['adapter_max_rank'][0]} caps --adapter-energy or the summed input ranks; "
+                              f"{given['adapter_rank'][0]} fixes the rank: give one")
 
     def check_calibration(self, method_class: type) -> None:
         """``--calibration-data`` / ``--calibration-examples`` only with a data-aware method (or one to search)."""
@@ -123,4 +170,5 @@ class RunConfig:
         return MethodOptions(
             tiny=self.tiny, base_model=self.base_model, models=self.models, device=self.device, dtype=self.dtype,
             seed=self.seed, progress=self.progress, overrides=self.overrides_for(method_name, specs),
-            mc_scoring=self.mc_scoring, adapter_rank=self.adapter_rank, calibration=self.calibration)
+            mc_scoring=self.mc_scoring, adapter_rank=self.adapter_rank, adapter_energy=self.adapter_energy,
+            adapter_max_rank=self.adapter_max_rank, calibration=self.calibration)

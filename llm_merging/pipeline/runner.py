@@ -27,10 +27,11 @@ from llm_merging.core.outputs import check_space, disk_full, disk_full_message
 from llm_merging.core.processes import Processes
 from llm_merging.core.resources import peak_memory, versions
 from llm_merging.core.signals import graceful_stop, interrupted_by
-from llm_merging.merging.factory import configure, instantiate
 from llm_merging.merging.Merges import Merges
-from llm_merging.merging.recipe import apply_recipe, load_recipe
+from llm_merging.merging.chain import is_chain, load_chain
+from llm_merging.merging.recipe import load_recipe
 from llm_merging.merging.settings import settings_json
+from llm_merging.pipeline.build import configured_method
 from llm_merging.pipeline.config import RunConfig
 from llm_merging.pipeline.context import Phase, RunContext
 from llm_merging.pipeline.phases import default_phases
@@ -43,26 +44,21 @@ def build_method(config: RunConfig, ctx: RunContext) -> Merges:
     models, device, dtype, seed, calibration data and ``--set`` values."""
     recipe = None
     if config.recipe:
-        recipe = load_recipe(config.recipe)
+        if is_chain(config.recipe):  # several merges (mergekit-multi): the run's method is the final one's
+            ctx.chain = load_chain(config.recipe)
+            recipe = ctx.chain.final.recipe
+        else:
+            recipe = load_recipe(config.recipe)
         if config.method and config.method != recipe.method:
             raise ConfigError(f"--recipe {config.recipe} merges with '{recipe.method}', but -m asks for '{config.method}'")
         config.method = recipe.method
         ctx.report["method"] = config.method
-        ctx.report["recipe"] = {"path": config.recipe, "merge_method": recipe.document.get("merge_method")}
-    method = instantiate(config.method)
-    if recipe is not None:
-        apply_recipe(method, recipe)
-    configure(method, config.method_options(method.name, method.all_hyperparameters()))
-    if ctx.processes.world > 1:  # one device per process
-        method.device = ctx.processes.device_for(config.device or method.device)
-    if recipe is not None and method.hparams != method.recipe_hparams and (
-            recipe.slice_lengths is not None or recipe.tokenizer is not None or recipe.chat_template is not None):
-        raise ConfigError(f"--recipe {config.recipe} has slices or a tokenizer setting: put the --set values in the "
-                          "recipe itself (recipe.yml must reproduce the run)")
-    config.check_calibration(type(method))
-    method.should_stop = ctx.budget.expired
-    method.tokenizer_optional = not config.evaluate
-    return method
+        ctx.report["recipe"] = {"path": config.recipe, "merge_method": recipe.document.get("merge_method"),
+                                **({"merges": len(ctx.chain.steps)} if ctx.chain is not None else {})}
+    if config.save_intermediates and ctx.chain is None:
+        raise ConfigError("--save-intermediates saves the merges a chained recipe makes before its final one; "
+                          "give --recipe a file of several merges (YAML documents with a name each)")
+    return configured_method(config, ctx, recipe)
 
 
 class Runner:
@@ -116,7 +112,8 @@ class Runner:
         if ctx.processes.world > 1:
             ctx.report["processes"] = {"backend": ctx.processes.backend}
         method = ctx.method = build_method(cfg, ctx)
-        ctx.report["models"] = method.preflight()
+        # a chained recipe's final merge reads merges not made yet: the chain phase checks it once they are
+        ctx.report["models"] = method.preflight() if ctx.chain is None else {}
         ctx.out_dir = Path(cfg.output_folder) / str(method.get_name())
         # Process 0 writes every output. It takes the folder first (a second run is refused), so that the
         # checks (--resume's search for an interrupted merge) see a folder no live run of ours uses. Until
@@ -133,7 +130,8 @@ class Runner:
             ctx.claim_output_folder()  # stale temporaries removed (never one --resume continues), files recorded
         ctx.preflight_ok = True
         ctx.report["hyperparameters"] = jsonable(settings_json(method.hparams))
-        ctx.report["options"] = {"mc_scoring": method.mc_scoring, "adapter_rank": method.adapter_rank}
+        ctx.report["options"] = {"mc_scoring": method.mc_scoring, "adapter_rank": method.adapter_rank,
+                                 "adapter_energy": method.adapter_energy, "adapter_max_rank": method.adapter_max_rank}
         ctx.report["seed"] = method.seed
         ctx.report["num_processes"] = ctx.processes.world
         ctx.report["architecture"] = method.architecture

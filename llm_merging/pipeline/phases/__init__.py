@@ -4,6 +4,7 @@ Adding a phase: a module here with a `Phase` subclass, and one line in `default_
 from __future__ import annotations
 
 from llm_merging.pipeline.context import Phase
+from llm_merging.pipeline.phases.chain import ChainPhase
 from llm_merging.pipeline.phases.evaluate import EvaluatePhase
 from llm_merging.pipeline.phases.html_report import HtmlReportPhase
 from llm_merging.pipeline.phases.insight import AnalyzePhase, BaselinesPhase
@@ -11,7 +12,7 @@ from llm_merging.pipeline.phases.merge import MergePhase
 from llm_merging.pipeline.phases.save import SavePhase
 from llm_merging.pipeline.phases.search import SearchPhase
 
-__all__ = ["Phase", "default_phases", "SearchPhase", "MergePhase", "SavePhase", "EvaluatePhase", "AnalyzePhase",
+__all__ = ["Phase", "default_phases", "SearchPhase", "ChainPhase", "MergePhase", "SavePhase", "EvaluatePhase", "AnalyzePhase",
            "BaselinesPhase", "HtmlReportPhase"]
 
 
@@ -19,6 +20,7 @@ def default_phases() -> list[Phase]:
     """A run's phases in order; each decides from the configuration whether it runs."""
     return [
         SearchPhase(),
+        ChainPhase(),
         MergePhase(),
         SavePhase(),
         EvaluatePhase(),

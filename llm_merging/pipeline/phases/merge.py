@@ -82,7 +82,7 @@ class MergePhase(Phase):
         method = ctx.method
         note_calibration(ctx)
         if ctx.config.save == "adapter":  # low-rank factors collected while merging, before θ is overwritten
-            method.delta_sink = AdapterWriter(rank=method.adapter_rank)  # bound to the model by the merge
+            method.delta_sink = adapter_writer(method)  # bound to the model and experts by the merge
         if self.streams_to_disk(ctx):
             def stream(model: torch.nn.Module) -> StreamingSave | None:
                 self.writer = save_while_merging(ctx, model, self.fingerprint, self.resume)
@@ -146,6 +146,12 @@ def merge(ctx: RunContext) -> None:
         if method.stream_writer is None:  # else the writer casts as it writes
             method.base_model.to(getattr(torch, recipe.out_dtype))
         ctx.report["out_dtype"] = recipe.out_dtype
+
+
+def adapter_writer(method: Merges) -> AdapterWriter:
+    """``--save adapter``'s writer, from the run options ``--adapter-rank`` / ``--adapter-energy`` /
+    ``--adapter-max-rank`` (or their ``--set`` aliases) on the method."""
+    return AdapterWriter(rank=method.adapter_rank, energy=method.adapter_energy, max_rank=method.adapter_max_rank)
 
 
 def save_while_merging(ctx: RunContext, model: torch.nn.Module, fingerprint: dict[str, Any] | None = None,

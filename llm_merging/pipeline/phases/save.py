@@ -1,6 +1,9 @@
 """The save phase: ``recipe.yml`` and the merged model (``--save full|kit|adapter|none``)."""
 from __future__ import annotations
 
+import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -8,8 +11,15 @@ import torch
 
 from llm_merging.core.errors import ConfigError
 from llm_merging.merging.recipe import recipe_document, write_recipe
+from llm_merging.model.checkpoint import read_safetensors_header
 from llm_merging.model.save import adapter_bytes, estimate_saved_bytes, save_full
 from llm_merging.pipeline.context import Phase, RunContext
+
+#: tensors kept whole by --save adapter (modules_to_save) when they change: embeddings and the LM head
+EMBEDDING_NAMES = re.compile(r"(^|\.)(embed\w*|wte|wpe|shared|lm_head)(\.|$)")
+
+#: bytes per value of the safetensors dtypes a checkpoint's floating-point tensors have
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 #: what each --save mode writes in OUTPUT/METHOD/ besides recipe.yml
 SAVED = {"full": ["merged_model/"], "kit": ["safetensor.pt"], "adapter": ["adapter/"], "none": []}
@@ -27,8 +37,15 @@ class SavePhase(Phase):
             return
         if not ctx.method.uses_engine():
             raise ConfigError(f"--save adapter needs an engine-based method; '{ctx.config.method}' overrides merge()")
-        if any(e["kind"] != "lora" for e in ctx.report["models"]["experts"]):
-            raise ConfigError("--save adapter needs LoRA experts only; use --save full for full fine-tunes")
+        method = ctx.method  # the --set aliases too: a rank or an energy, not both
+        if method.adapter_rank is not None and method.adapter_energy is not None:
+            raise ConfigError("--save adapter: adapter_rank and adapter_energy both choose the adapter's rank: give one")
+        if method.adapter_rank is None and method.adapter_energy is None:  # the default: the summed input ranks
+            for e in ctx.report["models"]["experts"]:
+                what = "a full fine-tune" if e["kind"] == "full" else "a DoRA adapter" if is_dora(e) else None
+                if what:  # its ΔW has no input rank (DoRA's is not low rank)
+                    raise ConfigError(f"--save adapter: '{e['id']}' is {what}; choose the adapter's rank with "
+                                      "--adapter-rank R or --adapter-energy E")
 
     def expected_outputs(self, ctx: RunContext) -> list[str]:
         return ["recipe.yml", *SAVED[ctx.config.save]]
@@ -44,8 +61,7 @@ class SavePhase(Phase):
             what = "the merged model" + (" (merged_model/)" if mode == "full" else " (safetensor.pt)")
             needs.append((ctx.out_dir, estimate_saved_bytes(base, dtype, weights_only=mode == "kit"), what))
         elif mode == "adapter":
-            needs.append((ctx.out_dir, adapter_bytes(ctx.report["models"]["experts"], method.adapter_rank),
-                          "the adapter (adapter/)"))
+            needs.append((ctx.out_dir, adapter_estimate(ctx), "the adapter (adapter/)"))
         return needs
 
     def run(self, ctx: RunContext) -> dict[str, Any] | None:
@@ -75,6 +91,51 @@ class SavePhase(Phase):
         if writer is None:
             raise ConfigError("--save adapter: the merge collected no adapter factors")
         path = writer.save(ctx.out_dir / "adapter", ctx.report["models"]["base"]["id"], info)
-        return {"format": "adapter", "path": str(path), "max_relative_error": round(max(writer.errors.values()), 6),
-                "relative_error_by_module": {m: round(e, 6) for m, e in writer.errors.items()}}
+        errors = writer.errors
+        return {"format": "adapter", "path": str(path),
+                "options": {"rank": method.adapter_rank, "energy": method.adapter_energy,
+                            "max_rank": method.adapter_max_rank},
+                "max_relative_error": round(max(errors.values()), 6) if errors else 0.0,
+                "relative_error_by_module": {m: round(e, 6) for m, e in errors.items()},
+                "extraction": writer.report()}
+
+
+def is_dora(expert: dict[str, Any]) -> bool:
+    """Whether a report's expert entry is a LoRA adapter with ``use_dora`` set in its adapter_config.json."""
+    if expert.get("kind") != "lora":
+        return False
+    try:
+        return bool(json.loads((Path(expert["path"]) / "adapter_config.json").read_text(encoding="utf-8"))
+                    .get("use_dora"))
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False  # unreadable: the expert's own loading names the problem
+
+
+def adapter_estimate(ctx: RunContext) -> int:
+    """About the bytes of ``--save adapter``'s output. LoRA experts only: :func:`adapter_bytes` from the input
+    adapters' headers (at ``--adapter-rank``, else ``--adapter-max-rank``, else the sum of the input ranks).
+    With a full fine-tune every weight may change, so from the base checkpoint's headers: float32 factors
+    ``r·(m + n)`` per matrix (``r`` the rank, capped at ``min(m, n)``; with ``--adapter-energy`` and no
+    ``--adapter-max-rank``, the rank at which the factors are as large as the matrix), and every other
+    tensor (embeddings, LM head, norms, biases) whole in its own dtype (``modules_to_save``)."""
+    method = ctx.method
+    experts = ctx.report["models"]["experts"]
+    bound = method.adapter_rank or method.adapter_max_rank
+    if not any(e["kind"] == "full" for e in experts):
+        return adapter_bytes(experts, bound)
+    base = Path(ctx.report["models"]["base"]["path"])
+    files = sorted(base.glob("*.safetensors")) if base.is_dir() else []
+    if not files:  # no headers to read: the merged model in float32
+        return estimate_saved_bytes(base, torch.float32, weights_only=True)
+    total = 0
+    for f in files:
+        for name, info in read_safetensors_header(f).items():
+            shape = [int(d) for d in info.get("shape", [])]
+            if len(shape) == 2 and min(shape) > 0 and not EMBEDDING_NAMES.search(name):
+                m, n = shape
+                r = min(bound or max(1, m * n // (m + n)), m, n)
+                total += 4 * r * (m + n)
+            else:  # kept whole, in its own dtype
+                total += SAFETENSORS_BYTES.get(info.get("dtype"), 4) * math.prod(shape)
+    return total
 

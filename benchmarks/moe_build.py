@@ -1,0 +1,184 @@
+"""MoE building side by side: ``llm-merging moe`` against ``mergekit-moe`` (0.1.5) on the same YAML.
+
+Builds (once, cached under ``--workdir``) an fp16 Llama-shaped base (vocabulary ``--vocab``, hidden ``--hidden``,
+``--layers`` layers, MLP width ``--intermediate``) and ``--experts`` full fine-tunes of it (base + seeded noise),
+then for each gate mode (``--modes``, default random and hidden) runs both tools on the same config, each in a
+fresh process (wall seconds and the child's peak RSS from ``wait4``), and compares the outputs: every expert
+tensor and, for prompt gates, the router rows (max relative difference; mergekit's ``random`` is unseeded, so
+its routers are not compared).
+
+    flock /tmp/llmm-bench.lock python benchmarks/moe_build.py [--vocab 32000] [--hidden 1024] [--layers 4]
+        [--experts 4] [--modes random hidden] [--workdir DIR] [--mergekit /tmp/mkvenv]
+
+mergekit is found through ``--mergekit`` (a venv or the executable), PATH or ``$MERGEKIT_VENV``; it runs as a
+command, never imported. Without it only our side runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [["Write a Python function that sorts a list", "def main():"],
+           ["Solve for x: 3x + 5 = 11", "What is the derivative of sin(x)?"],
+           ["Summarise the following news article", "In a statement on Monday, officials said"],
+           ["Translate into French: good morning", "Wie geht es dir?"],
+           ["Once upon a time there was a dragon", "Write a poem about the sea"],
+           ["The patient presented with a fever", "Symptoms of influenza include"]]
+
+
+def build(workdir: Path, vocab: int, hidden: int, layers: int, intermediate: int, experts: int) -> dict:
+    """The fp16 base and its fine-tunes (cached by shape); the tiny tokenizer (fewer tokens than rows)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT))
+    from llm_merging.model import tiny
+
+    tag = f"v{vocab}-h{hidden}-l{layers}-i{intermediate}"
+    base = workdir / f"base-{tag}"
+    out = {"base": base, "experts": [workdir / f"ft{i}-{tag}" for i in range(experts)]}
+    if all((p / "model.safetensors").is_file() for p in [base, *out["experts"]]):
+        return out
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
+                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.float16)
+    model.save_pretrained(str(base))
+    tok = tiny.base_dir("decoder")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tok / f).is_file():
+            shutil.copy(tok / f, base / f)
+    del model
+    state = load_file(str(base / "model.safetensors"))
+    for i, path in enumerate(out["experts"]):
+        gen = torch.Generator().manual_seed(10 + i)
+        ft = {k: (v.float() + torch.randn(v.shape, generator=gen) * 0.002).to(v.dtype) for k, v in state.items()}
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(ft, str(path / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy(base / "config.json", path / "config.json")
+    return out
+
+
+def config(models: dict, mode: str) -> dict:
+    experts = []
+    for i, path in enumerate(models["experts"]):
+        e = {"source_model": str(path)}
+        if mode != "random":
+            e["positive_prompts"] = PROMPTS[i % len(PROMPTS)]
+            e["negative_prompts"] = PROMPTS[(i + 1) % len(PROMPTS)][:1]
+        experts.append(e)
+    return {"base_model": str(models["base"]), "gate_mode": mode, "dtype": "float16", "experts_per_token": 2,
+            "experts": experts}
+
+
+def timed(cmd: list[str]) -> tuple[float, float, int, str]:
+    """Run ``cmd`` in a child that reports its own peak RSS: (wall s, peak RSS MiB, exit status, stderr tail)."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, p.returncode); "
+               "sys.stderr.write(p.stderr[-1500:])")
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    wall, rss, rc = proc.stdout.split()
+    return float(wall), int(rss) / 1024, int(rc), proc.stderr
+
+
+def compare(ours: Path, theirs: Path, layers: int, experts: int, gates: bool) -> dict:
+    """Max relative differences: expert tensors (ours per expert, mergekit's fused) and router rows."""
+    from safetensors import safe_open
+
+    def tensors(path: Path) -> dict:
+        out = {}
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                out.update({k: h.get_tensor(k) for k in h.keys()})
+        return out
+
+    a, b = tensors(ours), tensors(theirs)
+
+    def rel(x, y):
+        return float((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-12))
+
+    worst_expert = worst_gate = 0.0
+    for layer in range(layers):
+        p, q = f"model.layers.{layer}.block_sparse_moe", f"model.layers.{layer}.mlp"
+        gate_up, down = b[f"{q}.experts.gate_up_proj"], b[f"{q}.experts.down_proj"]
+        for e in range(experts):
+            mine = torch.cat([a[f"{p}.experts.{e}.w1.weight"], a[f"{p}.experts.{e}.w3.weight"]], dim=0)
+            worst_expert = max(worst_expert, rel(mine, gate_up[e]), rel(a[f"{p}.experts.{e}.w2.weight"], down[e]))
+        if gates:
+            worst_gate = max(worst_gate, rel(a[f"{p}.gate.weight"], b[f"{q}.gate.weight"]))
+    return {"experts_max_rel_diff": worst_expert, "gates_max_rel_diff": worst_gate if gates else None}
+
+
+def find_mergekit(arg: str | None) -> str | None:
+    for cand in [arg, os.environ.get("MERGEKIT_VENV")]:
+        if cand:
+            exe = Path(cand) / "bin" / "mergekit-moe" if Path(cand).is_dir() else Path(cand)
+            if os.access(exe, os.X_OK):
+                return str(exe)
+    return shutil.which("mergekit-moe")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--modes", nargs="+", default=["random", "hidden"])
+    p.add_argument("--workdir", default=os.environ.get("LLM_MERGING_BENCH_DIR", "/tmp/llm_merging_moe_bench"))
+    p.add_argument("--mergekit", default=None, help="mergekit venv or mergekit-moe executable")
+    args = p.parse_args()
+    import yaml
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    models = build(workdir, args.vocab, args.hidden, args.layers, args.intermediate, args.experts)
+    mk = find_mergekit(args.mergekit)
+    rows = []
+    for mode in args.modes:
+        cfg = workdir / f"moe-{mode}.yml"
+        cfg.write_text(yaml.safe_dump(config(models, mode), sort_keys=False), encoding="utf-8")
+        ours_dir, theirs_dir = workdir / f"ours-{mode}", workdir / f"mergekit-{mode}"
+        for d in (ours_dir, theirs_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        row = {"mode": mode}
+        wall, rss, rc, err = timed([sys.executable, str(ROOT / "llm_merging" / "main.py"), "moe", str(cfg),
+                                    str(ours_dir), "-q"])
+        if rc:
+            print(f"llm-merging moe failed ({mode}): {err}", file=sys.stderr)
+            return 1
+        row.update(ours_s=round(wall, 2), ours_rss_mib=round(rss))
+        if mk:
+            wall, rss, rc, err = timed([mk, str(cfg), str(theirs_dir), "--device", "cpu"])
+            if rc:
+                print(f"mergekit-moe failed ({mode}): {err}", file=sys.stderr)
+                return 1
+            row.update(mergekit_s=round(wall, 2), mergekit_rss_mib=round(rss),
+                       time_ratio=round(row["ours_s"] / wall, 3), rss_ratio=round(row["ours_rss_mib"] / rss, 3))
+            row.update(compare(ours_dir, theirs_dir, args.layers, args.experts, gates=mode != "random"))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    shape = (f"vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, "
+             f"{args.experts} experts, fp16")
+    print(f"\n{shape}; mergekit-moe: {mk or 'not found'}")
+    print(f"{'gate_mode':<10} {'ours s':>8} {'mk s':>8} {'ours MiB':>9} {'mk MiB':>8} {'time x':>7} {'RSS x':>6}")
+    for r in rows:
+        print(f"{r['mode']:<10} {r['ours_s']:>8} {r.get('mergekit_s', '-'):>8} {r['ours_rss_mib']:>9} "
+              f"{r.get('mergekit_rss_mib', '-'):>8} {r.get('time_ratio', '-'):>7} {r.get('rss_ratio', '-'):>6}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
