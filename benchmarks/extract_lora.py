@@ -25,13 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(workdir: Path, vocab: int, hidden: int, layers: int, true_rank: int, seed: int = 0) -> tuple[Path, Path]:
     """The fp16 base and fine-tune (cached by shape)."""
+    import torch
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -98,6 +97,7 @@ def timed(cmd: list[str], log: Path) -> dict:
 def read_adapter(path: Path, base: dict, ft: dict) -> dict:
     """Per LoRA module the relative error of the saved factors, and the kept tensors that differ from the
     fine-tune."""
+    import torch
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / "adapter_model.safetensors"))
@@ -134,23 +134,29 @@ def main() -> None:
     p.add_argument("--svd", default="auto", choices=("auto", "full", "randomized"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--build-only", dest="build_only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    base_dir, ft_dir = build(workdir, args.vocab, args.hidden, args.layers, args.true_rank)
+    if args.build_only:
+        build(workdir, args.vocab, args.hidden, args.layers, args.true_rank)
+        return
+    # built in a child: this process stays small (a child's peak RSS includes its parent's at fork)
+    subprocess.run([sys.executable, __file__, "--build-only", "--workdir", str(workdir), "--vocab", str(args.vocab),
+                    "--hidden", str(args.hidden), "--layers", str(args.layers), "--true-rank", str(args.true_rank)],
+                   check=True)
+    tag = f"v{args.vocab}-h{args.hidden}-l{args.layers}-r{args.true_rank}"
+    base_dir, ft_dir = workdir / f"base-{tag}", workdir / f"ft-{tag}"
     print(f"shape: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, fp16; ΔW rank {args.true_rank} "
           f"+ noise per matrix; extraction rank {args.rank} (models built/cached in {time.time() - t0:.0f} s)")
-    from safetensors.torch import load_file
-
-    base, ft = load_file(str(base_dir / "model.safetensors")), load_file(str(ft_dir / "model.safetensors"))
-    results = {}
+    results = {}  # the tools run first, from a small parent: a child's peak RSS counts the parent's at fork
     ours_out = workdir / "ours"
     shutil.rmtree(ours_out, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "llm_merging" / "main.py"), "extract-lora", "--base-model", str(base_dir),
            "--model", str(ft_dir), "--out", str(ours_out), "--rank", str(args.rank), "--svd", args.svd,
            "--device", args.device, "-q"]
-    results["llm-merging"] = {**timed(cmd, workdir / "ours.log"), **read_adapter(ours_out, base, ft)}
+    results["llm-merging"] = timed(cmd, workdir / "ours.log")
     mk = find_mergekit(args.mergekit)
     if mk is None:
         print("mergekit-extract-lora not found (--mergekit, PATH or $MERGEKIT_VENV): only our side runs")
@@ -159,7 +165,13 @@ def main() -> None:
         shutil.rmtree(mk_out, ignore_errors=True)
         cmd = [mk, "--model", str(ft_dir), "--base-model", str(base_dir), "--out-path", str(mk_out),
                "--max-rank", str(args.rank), "--device", args.device]
-        results["mergekit"] = {**timed(cmd, workdir / "mergekit.log"), **read_adapter(mk_out, base, ft)}
+        results["mergekit"] = timed(cmd, workdir / "mergekit.log")
+    from safetensors.torch import load_file
+
+    base, ft = load_file(str(base_dir / "model.safetensors")), load_file(str(ft_dir / "model.safetensors"))
+    results["llm-merging"].update(read_adapter(ours_out, base, ft))
+    if mk is not None:
+        results["mergekit"].update(read_adapter(workdir / "mergekit", base, ft))
     ours = results["llm-merging"]
     theirs = results.get("mergekit")
     print(f"\n{'module':<34}{'rank':>5}{'err ours':>12}" + (f"{'err mergekit':>14}{'ours ≤':>8}" if theirs else ""))

@@ -7,7 +7,8 @@ fine-tunes of each (θᵢ = θ₀ + 0.01·noise, sharded safetensors), at two sh
   head are the largest tensors, 32000×1024);
 * ``small``: vocab 8192, hidden 1024, 16 layers, intermediate 4096 (S ≈ 544 MiB; many mid-size tensors).
 
-For every method (``ties`` density 0.5, ``dare_ties`` density 0.5, ``linear``, ``task_arithmetic``) it
+For every method (``ties`` density 0.5, ``dare_ties`` density 0.5, ``linear``, ``task_arithmetic``, and
+``linear_no_base``: the experts' soup without a ``base_model``, the first expert the template) it
 writes one mergekit-style YAML recipe (``dtype: float32`` math, ``out_dtype: float16``) and runs, each in
 a fresh process:
 

@@ -12,6 +12,10 @@ multislerp, passthrough: the first model is the template) — runs ``mergekit-ya
 and prints per recipe the largest relative difference over tensors,
 ``max_tensors ‖ours − theirs‖∞ / max(‖theirs‖∞, 1e-12)``, with PASS/FAIL against 1e-5.
 
+Chained recipes (several merges in one file, each with a ``name`` that later merges read; mergekit-multi's
+format) run through ``mergekit-multi RECIPE --intermediate-dir DIR --out-path OUT`` (next to mergekit-yaml)
+and through the same ``--recipe``, and are compared the same way on the final merge.
+
 Random methods (dare_linear, dare_ties, della, della_linear) are seeded on both sides, but the two draw
 their masks from different generators: their line is "statistical", comparing each tensor's merged task
 vector δ = θ − θ₀ in distribution — the relative difference of its L2 norm and of its mean (in units of its

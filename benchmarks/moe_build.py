@@ -2,13 +2,14 @@
 
 Builds (once, cached under ``--workdir``) an fp16 Llama-shaped base (vocabulary ``--vocab``, hidden ``--hidden``,
 ``--layers`` layers, MLP width ``--intermediate``) and ``--experts`` full fine-tunes of it (base + seeded noise),
-then for each gate mode (``--modes``, default random and hidden) runs both tools on the same config, each in a
-fresh process (wall seconds and the child's peak RSS from ``wait4``), and compares the outputs: every expert
+then for each gate mode (``--modes``, default random and hidden) runs both tools on the same config ``--repeat``
+times, alternating, each run in a fresh process (the median wall seconds; the largest peak RSS of the child from
+``wait4``), and compares the outputs: every expert
 tensor and, for prompt gates, the router rows (max relative difference; mergekit's ``random`` is unseeded, so
 its routers are not compared).
 
     flock /tmp/llmm-bench.lock python benchmarks/moe_build.py [--vocab 32000] [--hidden 1024] [--layers 4]
-        [--experts 4] [--modes random hidden] [--workdir DIR] [--mergekit /tmp/mkvenv]
+        [--experts 4] [--modes random hidden] [--repeat 3] [--workdir DIR] [--mergekit /tmp/mkvenv]
 
 mergekit is found through ``--mergekit`` (a venv or the executable), PATH or ``$MERGEKIT_VENV``; it runs as a
 command, never imported. Without it only our side runs.
@@ -137,6 +138,7 @@ def main() -> int:
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--modes", nargs="+", default=["random", "hidden"])
+    p.add_argument("--repeat", type=int, default=3, help="runs of each tool (alternating); the median time is kept")
     p.add_argument("--workdir", default=os.environ.get("LLM_MERGING_BENCH_DIR", "/tmp/llm_merging_moe_bench"))
     p.add_argument("--mergekit", default=None, help="mergekit venv or mergekit-moe executable")
     args = p.parse_args()
@@ -154,19 +156,26 @@ def main() -> int:
         for d in (ours_dir, theirs_dir):
             shutil.rmtree(d, ignore_errors=True)
         row = {"mode": mode}
-        wall, rss, rc, err = timed([sys.executable, str(ROOT / "llm_merging" / "main.py"), "moe", str(cfg),
-                                    str(ours_dir), "-q"])
-        if rc:
-            print(f"llm-merging moe failed ({mode}): {err}", file=sys.stderr)
-            return 1
-        row.update(ours_s=round(wall, 2), ours_rss_mib=round(rss))
+        tools = [("ours", [sys.executable, str(ROOT / "llm_merging" / "main.py"), "moe", str(cfg), str(ours_dir), "-q"],
+                  ours_dir)]
         if mk:
-            wall, rss, rc, err = timed([mk, str(cfg), str(theirs_dir), "--device", "cpu"])
-            if rc:
-                print(f"mergekit-moe failed ({mode}): {err}", file=sys.stderr)
-                return 1
-            row.update(mergekit_s=round(wall, 2), mergekit_rss_mib=round(rss),
-                       time_ratio=round(row["ours_s"] / wall, 3), rss_ratio=round(row["ours_rss_mib"] / rss, 3))
+            tools.append(("mergekit", [mk, str(cfg), str(theirs_dir), "--device", "cpu"], theirs_dir))
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in tools}
+        for _ in range(args.repeat):  # alternating, so that both see the same load of a shared machine
+            for name, cmd, out_dir in tools:
+                shutil.rmtree(out_dir, ignore_errors=True)
+                wall, rss, rc, err = timed(cmd)
+                if rc:
+                    print(f"{name} failed ({mode}): {err}", file=sys.stderr)
+                    return 1
+                runs[name].append((wall, rss))
+        for name in runs:  # the median wall time, the largest peak RSS
+            walls = sorted(w for w, _ in runs[name])
+            row[f"{name}_s"] = round(walls[len(walls) // 2], 2)
+            row[f"{name}_rss_mib"] = round(max(r for _, r in runs[name]))
+        if mk:
+            row.update(time_ratio=round(row["ours_s"] / row["mergekit_s"], 3),
+                       rss_ratio=round(row["ours_rss_mib"] / row["mergekit_rss_mib"], 3))
             row.update(compare(ours_dir, theirs_dir, args.layers, args.experts, gates=mode != "random"))
         rows.append(row)
         print(json.dumps(row), flush=True)

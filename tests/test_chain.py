@@ -100,6 +100,22 @@ def test_chain_runs_in_dependency_order_whatever_the_file_order(tmp_path, models
     assert lora == {"base_model": "/x/a", "models": ["/x/a+/l/o", "c"], "tokenizer_source": "union"}
 
 
+def test_intermediates_alive_at_once_and_what_is_not_a_reference(tmp_path, models):
+    path = tmp_path / "line.yml"
+    c = B.replace("model: a\n", "model: b\n").replace("E2", "E0")
+    path.write_text(fill(f"name: a\n{A}---\nname: b\n{B}---\nname: c\n{c}---\n"
+                         f"{FINAL.replace('model: a', 'model: c').replace('model: b', 'model: E1').replace('base_model: a', 'base_model: c')}"
+                         "chat_template: chatml\n", models))
+    chain = load_chain(path)
+    assert [s.name for s in chain.steps] == ["a", "b", "c", None] and chain.final.inputs == ["c"]
+    # a is removed once b is made, b once c is: at most a and b exist at once
+    assert chain_phase.peak_bytes(chain, {"a": 10, "b": 20, "c": 5}) == 30
+    with pytest.raises(ConfigError, match="has no revisions"):
+        bad = tmp_path / "rev.yml"
+        bad.write_text(fill(f"name: a\n{A}---\n{FINAL.replace('model: b', 'model: a@main')}", models))
+        load_chain(bad)
+
+
 def test_a_named_last_merge_is_the_final_one_without_an_unnamed_document(tmp_path, models):
     path = tmp_path / "named.yml"
     path.write_text(fill(f"name: a\n{A}---\nname: top\n{FINAL.replace('- model: b', '- model: E2')}", models))

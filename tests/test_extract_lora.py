@@ -283,15 +283,22 @@ def test_energy_rule_per_module_and_rank_pattern_round_trip(pairs, tmp_path):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_low_rank_embeddings(pairs, tmp_path, kind):
-    """--embeddings low-rank: lora_embedding_A/B for the input embedding, lora_A/B for the head (from the
-    same factors when they are tied); PEFT's forward equals the fine-tune with those two matrices replaced
-    by base + the saved factors' product, and their errors are the optimal rank-r errors."""
+    """--embeddings low-rank: lora_embedding_A/B for the input embedding, lora_A/B for the head (kept whole
+    when they are tied); PEFT's forward and merge equal the fine-tune with those two matrices replaced by
+    base + the saved factors' product, and their errors are the optimal rank-r errors."""
     from peft import PeftModel
 
     out = tmp_path / "adapter"
     report = extract_lora(str(pairs[kind]), str(pairs[kind + "-ft"]), out, rank=TRUE_RANK, embeddings="low-rank",
                           svd="full", progress=False)
-    emb = "model.embed_tokens" if kind == "llama" else "transformer.wte"
+    if kind == "gpt2":  # tied: kept whole (merge_and_unload would add both modules' factors to the one weight)
+        assert {"transformer.wte", "lm_head"} <= set(report["modules_to_save"])
+        assert "transformer.wte" not in report["modules"] and "lm_head" not in report["modules"]
+        merged, ft_model = _peft_merged(pairs[kind], out), _params(pairs[kind + "-ft"])[0]
+        assert torch.equal(merged.lm_head.weight, ft_model.lm_head.weight)
+        assert torch.equal(merged.transformer.wte.weight, ft_model.transformer.wte.weight)
+        return
+    emb = "model.embed_tokens"
     assert report["modules"][emb]["kind"] == "lora_embedding"
     assert report["modules"]["lm_head"]["kind"] == "lora"
     keys = _factors(out)
@@ -318,6 +325,7 @@ def test_low_rank_embeddings(pairs, tmp_path, kind):
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model.merge_and_unload()(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_writer_rank_rules_and_errors():
@@ -337,6 +345,54 @@ def test_writer_rank_rules_and_errors():
     w("model.norm.weight", torch.ones(64))
     with pytest.raises(ConfigError, match="at least one LoRA layer"):
         w.save("/nonexistent/never", "base")
+
+
+class _Headed(torch.nn.Module):
+    """A body Linear, a norm, and an output head with a bias (as Phi's); ``vision.norm`` ends with ``norm``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.vision = torch.nn.Module()
+        self.vision.norm = torch.nn.LayerNorm(8)
+        self.head = torch.nn.Linear(8, 6)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_writer_keeps_a_head_with_its_bias_and_avoids_name_clashes(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = _Headed()
+    new = {n: p.detach() + 0.1 * torch.randn(p.shape) for n, p in model.named_parameters()
+           if n in ("body.weight", "head.weight", "head.bias", "norm.weight")}
+    w = AdapterWriter(rank=2).bind(model, [])
+    for n, v in new.items():
+        w(n, v - dict(model.named_parameters())[n].detach(), value=v)
+    out = w.save(tmp_path / "a", "base")
+    config = json.loads((out / "adapter_config.json").read_text())
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    # 'norm' would also match 'vision.norm' in PEFT's suffix match: left out, its tensors load directly
+    assert config["modules_to_save"] == ["head"] and config["bias"] == "none"
+    assert torch.equal(tensors["base_model.model.head.bias"], new["head.bias"])
+    assert torch.equal(tensors["base_model.model.head.weight"], new["head.weight"])
+    assert torch.equal(tensors["base_model.model.norm.weight"], new["norm.weight"])
+    assert torch.equal(tensors["base_model.model.norm.bias"], model.norm.bias.detach())  # unchanged, still saved
+    assert w.report()["modules"]["body"]["rank"] == 2
+    from peft import PeftModel
+
+    config.pop("task_type")  # a plain nn.Module: PEFT's base PeftModel
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = dict(PeftModel.from_pretrained(_Headed(), str(out)).merge_and_unload().named_parameters())
+    for n in ("head.weight", "head.bias", "norm.weight"):
+        assert torch.equal(merged[n], new[n]), n
+    assert torch.equal(merged["vision.norm.weight"], model.vision.norm.weight)
 
 
 def test_save_adapter_of_a_full_fine_tune_merge(tmp_path):
@@ -381,6 +437,20 @@ def test_cli_writes_the_adapter(pairs, tmp_path, capsys):
     assert code == 0 and "relative error" in text
     report = json.loads((out / EXTRACT_REPORT).read_text())
     assert {e["rank"] for e in report["modules"].values()} == {TRUE_RANK}
+    # bfloat16 factors: the reported error is that of the factors as saved
+    out16 = tmp_path / "cli-bf16"
+    assert extract_cli.main(["--base-model", str(pairs["llama"]), "--model", str(pairs["llama-ft"]), "--out",
+                             str(out16), "--rank", str(TRUE_RANK), "--dtype", "bfloat16", "-q"]) == 0
+    report16 = json.loads((out16 / EXTRACT_REPORT).read_text())
+    tensors = _factors(out16)
+    _, base = _params(pairs["llama"])
+    _, ft = _params(pairs["llama-ft"])
+    for mod, entry in report16["modules"].items():
+        a, b = tensors[f"base_model.model.{mod}.lora_A.weight"], tensors[f"base_model.model.{mod}.lora_B.weight"]
+        assert a.dtype == b.dtype == torch.bfloat16
+        delta = ft[mod + ".weight"] - base[mod + ".weight"]
+        err = float(torch.linalg.matrix_norm(delta - b.float() @ a.float()) / torch.linalg.matrix_norm(delta))
+        assert err == pytest.approx(entry["relative_error"], rel=1e-3) and 1e-4 < err < 1e-2
 
 
 def test_cli_errors_are_one_line_and_leave_nothing(pairs, tmp_path, capsys, monkeypatch):
@@ -419,12 +489,14 @@ def test_cli_errors_are_one_line_and_leave_nothing(pairs, tmp_path, capsys, monk
         assert code == 2 and words in err and "\n" not in err
     assert sorted(p.name for p in (root / "nonempty").iterdir()) == ["x.txt"]
     # a full disk while writing: one line, nothing half-written
-    import safetensors.torch
+    from llm_merging.model import save as save_module
 
-    def full(*a, **k):
+    def full(path, tensors):
+        with open(path, "wb") as fh:
+            fh.write(b"x" * 1000)  # half-written
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(save_module, "write_safetensors", full)
     out = tmp_path / "full-disk"
     code, err = _cli(["--base-model", base, "--model", ft, "--out", out, "--rank", "2"], capsys)
     assert code == 2 and "no space left" in err and "\n" not in err

@@ -32,13 +32,14 @@ PROMPTS = {
 def _save_family(root: Path, model_type: str, n_experts: int, *, intermediate: int = 96, seed: int = 0) -> dict:
     """A tiny dense base of ``model_type`` with the tiny tokenizer, and ``n_experts`` full fine-tunes
     (base + seeded noise on every tensor)."""
-    from transformers import AutoModelForCausalLM, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     tok_dir = tiny.base_dir("decoder")
     vocab = json.loads((tok_dir / "config.json").read_text())["vocab_size"]
-    common = dict(vocab_size=vocab + 64, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=3,  # rows to spare
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
-                  eos_token_id=2, tie_word_embeddings=False)
+    common = {"vocab_size": vocab + 64,  # embedding rows to spare: Qwen tokenizer classes add a token
+              "hidden_size": 64, "intermediate_size": intermediate, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2,
+              "tie_word_embeddings": False}
     if model_type == "qwen3":
         common["head_dim"] = 16
     cfg = CONFIG_MAPPING[model_type](**common)

@@ -20,7 +20,7 @@ from llm_merging.core.errors import CheckpointError, ConfigError
 from llm_merging.merging import get_method_class, method_targets, settings
 from llm_merging.merging.base import param_seed
 from llm_merging.model.checkpoint import FullExpert, saved_layout
-from llm_merging.model.engine import base_param_shapes, merge_parts, tensor_aliases
+from llm_merging.model.engine import base_param_shapes, merge_in_parts, merge_parts, tensor_aliases
 from llm_merging.model.save import StreamingSave, save_full
 
 transformers = pytest.importorskip("transformers")
@@ -207,7 +207,7 @@ def _check(model, family, reference, atol=1e-6):
     got = hub_state({k: _fp(v) for k, v in model.state_dict().items()}, family)
     assert set(got) == set(reference)
     for k, want in reference.items():
-        torch.testing.assert_close(got[k], want, atol=atol, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got[k], want, atol=atol, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 REPRESENTATIVE = {
@@ -221,8 +221,8 @@ REPRESENTATIVE = {
 }
 
 
-@pytest.mark.parametrize("layouts", [("hub", "hub", "hub"), ("fused", "fused", "fused"), ("hub", "fused", "hub"),
-                                     ("fused", "hub", "fused")], ids="-".join)
+@pytest.mark.parametrize("layouts", [("hub", "hub", "hub"), ("fused", "fused", "fused"), ("fused", "hub", "fused")],
+                         ids="-".join)
 @pytest.mark.parametrize("method", sorted(REPRESENTATIVE))
 def test_merge_equals_per_expert_computation(moe, method, layouts):
     """Each layout, and bases and experts in different layouts: the merge equals the method's math applied
@@ -430,7 +430,7 @@ def test_gpt_oss_experts_merged_per_expert(tmp_path):
             want = b + torch.stack([ops.ties([t[e] for t in tvs], density=0.3) for e in range(N_EXPERTS)])
         else:
             want = b + ops.ties(tvs, density=0.3)
-        torch.testing.assert_close(_fp(p), want, atol=1e-6, rtol=1e-5, msg=lambda s: f"{name}: {s}")
+        torch.testing.assert_close(_fp(p), want, atol=1e-6, rtol=1e-5, msg=lambda s, name=name: f"{name}: {s}")
 
 
 def test_qwen2_moe_both_layouts(tmp_path):
@@ -464,3 +464,68 @@ def test_matrix_ops_treat_stacked_experts_per_matrix(op, kwargs):
     assert torch.equal(got, want)
     flat = op([t.reshape(N_EXPERTS * 12, 8) for t in tvs], **kwargs).view(N_EXPERTS, 12, 8)
     assert not torch.allclose(got, flat)  # one matrix of all experts would be another result
+
+
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_data_aware_methods_merge_moe(tmp_path, method):
+    """Data-aware methods keep their statistics per parameter: fused expert tensors are merged whole
+    (RegMean: by its data-free fallback, task arithmetic; Fisher: weighted by each expert's Fisher)."""
+    from llm_merging.model import tiny
+
+    tok = tiny.build_tokenizer(tmp_path / "tok")
+    config = _config("mixtral")
+    config.vocab_size = len(tok)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config).eval()
+    dirs = [tmp_path / "base", tmp_path / "e0", tmp_path / "e1"]
+    models = [base]
+    for i in range(2):
+        m = transformers.AutoModelForCausalLM.from_config(config)
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        models.append(m)
+    for d, m, layout in zip(dirs, models, ("hub", "hub", "fused")):
+        write_checkpoint(m, d, "mixtral", layout)
+        tok.save_pretrained(d)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat sat on the mat\na quick brown fox\nnumbers one two three\n", encoding="utf-8")
+    m = get_method_class(method)()
+    m.base_model_name, m.base_model_revision_id = str(dirs[0]), None
+    m.list_models, m.is_peft, m.device, m.progress = [str(d) for d in dirs[1:]], None, "cpu", False
+    m.calibration_files = [str(prompts)]
+    m.set_hyperparameters({})
+    m.preflight()
+    merged = m.merge()
+    assert "tensors_merged_per_expert" not in m.merge_stats
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    got = _fp(merged.get_parameter(name))
+    assert torch.isfinite(got).all()
+    if method == "regmean":
+        b = _fp(base.get_parameter(name))
+        want = b + sum(_fp(e.get_parameter(name)) - b for e in models[1:])
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_merge_in_parts_equals_engine(moe):
+    """merge_in_parts (whole tensors in memory, e.g. a search's candidates) gives the engine's per-expert merge."""
+    dirs = moe["dirs"]
+    m = _method("tsv_merge", dirs["base", "hub"], [dirs["e0", "hub"], dirs["e1", "fused"]])
+    model = m.merge()
+    parts = merge_parts(moe["base"])
+    for name, p in model.named_parameters():
+        b = _fp(moe["base"].get_parameter(name))
+        tvs = [_fp(e.get_parameter(name)) - b for e in moe["experts"]]
+        got = b + merge_in_parts(m.merge_resolved, name, b, tvs, parts.get(name))
+        torch.testing.assert_close(_fp(p), got, atol=1e-6, rtol=1e-5, msg=lambda s, name=name: f"{name}: {s}")
+
+
+def test_per_expert_bin_checkpoint(moe, tmp_path):
+    """A per-expert checkpoint in pytorch_model.bin (no ranges): read part by part, same merge."""
+    expert = moe["experts"][0]
+    expert.config.save_pretrained(tmp_path)
+    torch.save(hub_state(expert.state_dict(), moe["family"]), tmp_path / "pytorch_model.bin")
+    dirs = moe["dirs"]
+    m = _method("ties_merge", dirs["base", "hub"], [tmp_path, dirs["e1", "fused"]], {"density": 0.4})
+    _check(m.merge(), moe["family"], _reference(moe, lambda name, b, tvs: ops.ties(tvs, density=0.4)))

@@ -93,10 +93,17 @@ def test_required_python_examples_exist():
 def test_yaml_block_parses(lang, code, skipped, tmp_path):
     import yaml
 
+    from llm_merging.merging.chain import load_chain
     from llm_merging.merging.recipe import load_recipe
 
     _skip_if(skipped)
-    data = yaml.safe_load(code)
+    docs = [d for d in yaml.safe_load_all(code) if d is not None]
+    if len(docs) > 1:  # a chained recipe (mergekit-multi): every merge read and ordered
+        path = tmp_path / "chain.yml"
+        path.write_text(code, encoding="utf-8")
+        assert load_chain(path).final.recipe.method
+        return
+    data = docs[0] if docs else None
     if not (isinstance(data, dict) and "merge_method" in data):
         return  # not a recipe (e.g. an lm-eval task): valid YAML is enough
     path = tmp_path / "recipe.yml"

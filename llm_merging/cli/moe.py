@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from llm_merging.cli import Parser, add_output_flags, guarded, setup_logging
 from llm_merging.core.budget import Budget

@@ -100,6 +100,10 @@ def summary(report: dict[str, Any], out_dir: Path) -> str:
         procs = r.get("processes") or {}
         lines.append(f"  {'processes':<28} {r['num_processes']:9d} ({procs.get('backend')}; merged weights: "
                      f"{procs.get('merge') or 'not merged'})")
+    chain = r.get("chain")
+    if chain:  # a chained recipe: the merges made before the final one
+        lines.append(f"  {'chain':<28} {len(chain['merges'])} merges before the final one "
+                     f"({', '.join(m['name'] for m in chain['merges'])}), intermediates: {chain['intermediates']}")
     best = (r.get("search") or {}).get("best")
     if best:  # --search
         lines.append(f"  {'search':<28} {r['search']['trials']['total']} trials, best #{best['number']} "

@@ -301,6 +301,7 @@ class Merges(object):
                 self.base_model, self.experts, self.merge_resolved, progress=self.progress, label=str(self.name),
                 delta_sink=self.delta_sink, base_dir=self.base_ref().local_path, should_stop=self.should_stop,
                 tokenizer_plan=plan, merge_chunks=self.merge_chunks_resolved, writer=writer,
+                split_experts=not self.needs_calibration,  # data-aware statistics are kept per parameter
             )
         except BaseException as exc:
             if writer is not None:

@@ -1,7 +1,7 @@
 """Chained merges: a multi-document recipe as ``mergekit-multi`` (mergekit 0.1.5) reads it.
 
 Each YAML document is one merge (a recipe, :mod:`llm_merging.merging.recipe`) with a ``name``; a model
-reference anywhere in a later merge (``base_model``, ``models``, slice sources, ``BASE+LORA``'s base,
+reference in another merge (``base_model``, ``models``, slice sources, ``BASE+LORA``'s base,
 ``tokenizer_source``, ``chat_template``) that equals a name stands for that merge's result. As in
 mergekit, a reference that is not a name is a model path or hub id, the names win over paths, and the
 document order does not matter: the merges run in dependency order. The final merge (saved and evaluated)
@@ -138,8 +138,9 @@ def load_chain(path: str | Path) -> Chain:
             seen[name] = step
         steps.append(step)
 
-    for step in steps:  # which merges each one reads
-        for ref in references(step.recipe):
+    for step in steps:  # which merges each one reads (a chat template may name one too)
+        chat = step.recipe.chat_template
+        for ref in [*references(step.recipe), *([chat] if chat in seen else [])]:
             if ref in seen:
                 if ref not in step.inputs:
                     step.inputs.append(ref)
@@ -149,7 +150,8 @@ def load_chain(path: str | Path) -> Chain:
     _check_cycles(path, steps, seen)
     final = unnamed if unnamed is not None else _final(path, steps)
     order = _order(final, seen)
-    unused = [s for s in steps if s not in order]
+    ordered = {s.index for s in order}
+    unused = [s for s in steps if s.index not in ordered]
     if unused:
         step = unused[0]
         hint = ""
@@ -166,7 +168,7 @@ def load_chain(path: str | Path) -> Chain:
 
 def references(recipe: Recipe) -> list[str]:
     """Every model a recipe reads, as written: base model, models (a LoRA's base included), slice
-    sources, and the tokenizer source and chat template when they name a model."""
+    sources, and the tokenizer sources that name a model (not a chat template, which may be a template)."""
     refs = [recipe.base_model, *recipe.models, *(m for m, _ in recipe.slices or [])]
     tok = (recipe.tokenizer or {}).get("source")
     if isinstance(tok, str) and tok not in ("base", "union"):
@@ -177,8 +179,6 @@ def references(recipe: Recipe) -> list[str]:
             source = source.get("model")
         if isinstance(source, str) and source not in ("base", "union"):
             refs.append(source)
-    if isinstance(recipe.chat_template, str):
-        refs.append(recipe.chat_template)
     for ref in recipe.document.get("models") or []:  # BASE+LORA: the base the adapter applies to
         model = ref.get("model") if isinstance(ref, dict) else ref
         if isinstance(model, str) and "+" in model:

@@ -242,7 +242,7 @@ class _Probe(torch.Tensor):
     """A meta tensor whose ``contiguous()`` is itself: transformers' reverse weight conversions then leave
     views of the parameter (offset, strides) instead of copies."""
 
-    def contiguous(self, *args, **kwargs):  # noqa: D102
+    def contiguous(self, *args, **kwargs):
         return self
 
 
@@ -885,6 +885,10 @@ class FullExpert:
         spans = self._spans(key, start, stop) or [(self._virtual[key][0].name, 0, 0)]
         pieces = [self.reader.get_range(name, a, b) for name, a, b in spans]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def factors(self, param_name: str, device=None) -> None:
+        """Full fine-tunes have no low-rank factors."""
+        return None
 
     def close(self) -> None:
         self.reader.close()

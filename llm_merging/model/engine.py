@@ -296,11 +296,33 @@ def tensor_aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def merge_in_parts(merge_tensor: TensorFn, name: str, base: torch.Tensor, task_vectors: list[torch.Tensor],
+                   parts: list[Part] | None) -> torch.Tensor:
+    """The merged task vector of parameter ``name`` from whole tensors, ``merge_tensor`` called once per part
+    (`merge_parts`) with the part's name and shape, as the engine merges fused expert tensors; ``parts`` None:
+    one call on the whole tensor. For callers that hold θ₀ and the task vectors whole (e.g. a search's
+    candidates)."""
+    if not parts:
+        return merge_tensor(name, base, task_vectors)
+    out = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    flat_out, flat_base = out.view(-1), base.reshape(-1)
+    flat_tvs = [t.reshape(-1) for t in task_vectors]
+    for part in parts:
+        a, b = part.start, part.start + part.numel
+        merged = merge_tensor(part.name, flat_base[a:b].clone().view(part.shape),
+                              [t[a:b].clone().view(part.shape) for t in flat_tvs])
+        if merged.shape != part.shape:
+            raise MergeError(f"merge of '{part.name}' (part of parameter '{name}') returned shape "
+                             f"{tuple(merged.shape)}, expected {tuple(part.shape)}")
+        flat_out[a:b].copy_(merged.reshape(-1))
+    return out
+
+
 class PartReader:
     """A :class:`RangeReader` seen on one part of its parameter (entries ``start … start + numel − 1``), as
     if that part were the whole tensor."""
 
-    def __init__(self, reader: "RangeReader", start: int, numel: int) -> None:
+    def __init__(self, reader: RangeReader, start: int, numel: int) -> None:
         self.reader, self.start, self.numel = reader, start, numel
         self.chunk = reader.chunk
 
@@ -347,8 +369,8 @@ def _merge_chunked(name: str, param: torch.Tensor, chunks, reader, writer=None, 
     return None if out is None else out.view(param.shape)
 
 
-def _merge_parts_chunked(name: str, param: torch.Tensor, parts: list[Part], reader: "RangeReader",
-                         merge_chunks: "ChunksFn", n_models: int, writer=None):
+def _merge_parts_chunked(name: str, param: torch.Tensor, parts: list[Part], reader: RangeReader,
+                         merge_chunks: ChunksFn, n_models: int, writer=None):
     """A fused parameter merged part by part in chunks (each part as its own tensor, under its own name);
     None where the method has no chunked form."""
     out = None if writer is not None else torch.empty(param.numel(), dtype=param.dtype, device=param.device)
@@ -451,6 +473,7 @@ def merge_into(
     tokenizer_plan=None,
     merge_chunks: ChunksFn | None = None,
     writer=None,
+    split_experts: bool = True,
 ) -> dict[str, Any]:
     """Merge ``experts`` into ``model`` in place with ``merge_tensor(name, base, task_vectors)``.
 
@@ -477,6 +500,11 @@ def merge_into(
     written there as it is computed (chunk by chunk where chunked) instead of into ``model``, which keeps
     θ₀: the merged model is never held in memory (``--no-eval --save full``). Tensors ``writer.done(name)``
     (written by an interrupted merge that ``--resume`` continues) are skipped.
+
+    ``split_experts``: the fused expert tensors of a mixture-of-experts model (`merge_parts`) are merged
+    part by part, ``merge_tensor`` / ``merge_chunks`` called once per expert matrix with its on-disk name
+    and shape (whole or chunked as any tensor), so that every method computes what it computes on the
+    per-expert checkpoint; False: whole (methods whose statistics are kept per parameter).
     """
     if not experts:
         raise MergeError(f"method '{label}' has no expert models to merge")
@@ -491,7 +519,7 @@ def merge_into(
     vocab_names = {n for n, _ in vocab_params(model, tokenizer_plan.source_rows[0])} if reindex else set()
     params = [(n, p) for n, p in model.named_parameters() if n in touched and n not in vocab_names]
     base_reader = open_base_reader(base_dir, model) if base_dir is not None else None
-    parts_of = merge_parts(model)  # fused expert tensors: merged as the per-expert matrices they hold
+    parts_of = merge_parts(model) if split_experts else {}  # fused experts: merged per expert matrix
     tune_allocator()
     t0 = time.time()
     n_values = 0

@@ -24,7 +24,7 @@ from llm_merging.core.outputs import check_space
 from llm_merging.model import auto_model_class, is_conv1d
 from llm_merging.model.checkpoint import FullExpert, name_summary
 from llm_merging.model.refs import ModelRef, hf_token, is_adapter_dir
-from llm_merging.model.save import EMBEDDING_MODES, AdapterWriter
+from llm_merging.model.save import EMBEDDING_MODES, AdapterWriter, LazyTensor
 
 logger = logging.getLogger(__name__)
 
@@ -186,24 +186,32 @@ def extract_lora(base_model: str, model: str, out: str | Path, *, rank: int | No
     n_changed = 0
     try:
         for name in tqdm(names, desc="extract", unit="tensor", disable=not progress, leave=False):
-            theta0 = base.reader.get(base.mapping[name], device=dev, dtype=torch.float32)
-            raw = ft.reader.get(ft.mapping[name])  # as stored: kept tensors are saved bit for bit
-            delta = torch.sub(raw.to(device=dev), theta0)  # float32 (promoted); raw is left as it is
-            del theta0
-            if not torch.isfinite(delta).all():
+            key = ft.mapping[name]
+            theta0 = base.reader.get(base.mapping[name])  # both as stored
+            raw = ft.reader.get(key)
+            if raw.dtype == theta0.dtype and torch.equal(raw, theta0):
+                continue  # unchanged (the common case for frozen tensors): no float32 copies
+            if not torch.isfinite(raw).all():
                 raise CheckpointError(f"--model '{model}': tensor '{name}' holds NaN or Inf")
+            if writer.plan(name, tuple(raw.shape)) != "lora":  # kept whole: read again when it is written
+                if raw.dtype == theta0.dtype or bool(torch.count_nonzero(raw.float() - theta0.float())):
+                    n_changed += 1
+                    writer.keep(name, LazyTensor(lambda k=key: ft.reader.get(k), raw.shape, raw.dtype))
+                continue
+            delta = torch.sub(raw.to(device=dev), theta0.to(device=dev, dtype=torch.float32))  # float32
+            del theta0, raw
             if bool(torch.count_nonzero(delta)):
                 n_changed += 1
-                writer(name, delta, value=raw)
-            del delta, raw
+                writer(name, delta)
+            del delta
+        info = {"method": "extract-lora", "base": {"id": base_ref.id, "revision": base_ref.revision},
+                "experts": [{"id": ft_ref.id, "revision": ft_ref.revision, "kind": "full"}],
+                "hyperparameters": {"rank": rank, "energy": energy, "max_rank": max_rank, "embeddings": embeddings,
+                                    "svd": svd, "dtype": dtype, "command": command}}
+        writer.save(out, str(base_ref), info)  # the tensors kept whole are read again from the fine-tune here
     finally:
         base.close()
         ft.close()
-    info = {"method": "extract-lora", "base": {"id": base_ref.id, "revision": base_ref.revision},
-            "experts": [{"id": ft_ref.id, "revision": ft_ref.revision, "kind": "full"}],
-            "hyperparameters": {"rank": rank, "energy": energy, "max_rank": max_rank, "embeddings": embeddings,
-                                "svd": svd, "dtype": dtype, "command": command}}
-    writer.save(out, str(base_ref), info)
     report = writer.report()
     report.update({"out": str(out), "seconds": round(time.time() - t0, 3), "tensors_changed": n_changed,
                    "tensors": len(names), "device": str(dev)})

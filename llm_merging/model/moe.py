@@ -26,9 +26,10 @@ import math
 import os
 import re
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -308,6 +309,7 @@ class MoEPlan:
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]]  # saved name -> (shape, dtype), in save order
     seed: int = 0
     device: str = "cpu"
+    tokenizer: Any = None  # the output tokenizer, as loaded from tokenizer_path
 
     @property
     def gated(self) -> list[ExpertSpec]:
@@ -369,7 +371,7 @@ def select_kind(cfg: MoEConfig, model_type: str) -> OutputKind:
     if fits:
         return next((k for k in fits if k.key == "mixtral"), fits[0])
     available = [(k, p) for k, p in problems if not k.unavailable] or problems
-    kind, (key, why) = available[0]
+    _, (key, why) = available[0]
     if len(available) > 1:
         why += "; " + "; ".join(p[1] for _, p in available[1:])
     raise _err(cfg.path, key if cfg.architecture or len(available) == 1 else "architecture",
@@ -505,10 +507,11 @@ def plan_moe(cfg: MoEConfig, *, seed: int = 0, device: str = "cpu", allow_same_e
     tokenizer_path = base_path
     if cfg.tokenizer_source and cfg.tokenizer_source != "base":
         tokenizer_path = _resolve(cfg, "tokenizer_source", cfg.tokenizer_source)
-    _check_tokenizer(cfg, tokenizer_path, int(base_config.vocab_size))
+    tokenizer = _check_tokenizer(cfg, tokenizer_path, int(base_config.vocab_size))
     layout = saved_layout(out_config, out_dtype)
     return MoEPlan(config=cfg, kind=kind, base_path=base_path, base_config=base_config, out_config=out_config,
-                   out_dtype=out_dtype, tokenizer_path=tokenizer_path, layout=layout, seed=seed, device=device)
+                   out_dtype=out_dtype, tokenizer_path=tokenizer_path, layout=layout, seed=seed, device=device,
+                   tokenizer=tokenizer)
 
 
 def _stored_dtype(config_json: dict) -> torch.dtype:
@@ -517,7 +520,8 @@ def _stored_dtype(config_json: dict) -> torch.dtype:
     return DTYPES.get(name, torch.float32)
 
 
-def _check_tokenizer(cfg: MoEConfig, path: Path, vocab: int) -> None:
+def _check_tokenizer(cfg: MoEConfig, path: Path, vocab: int):
+    """The output tokenizer, loaded; it must fit the base model's embedding rows."""
     from transformers import AutoTokenizer
 
     key = "tokenizer_source" if cfg.tokenizer_source else "base_model"
@@ -528,6 +532,7 @@ def _check_tokenizer(cfg: MoEConfig, path: Path, vocab: int) -> None:
     if len(tok) > vocab:
         raise _err(cfg.path, key, f"the tokenizer in {path} has {len(tok)} tokens, more than the base model's "
                                   f"{vocab} embedding rows")
+    return tok
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -552,6 +557,29 @@ def tokenize_prompts(tokenizer, prompts: list[str]):
                      add_special_tokens=False)
 
 
+def _cheap_vectors(embed: torch.Tensor, tokenizer, layers: int) -> Callable[[list[str]], torch.Tensor]:
+    def vectors(prompts: list[str]) -> torch.Tensor:
+        batch = tokenize_prompts(tokenizer, prompts)
+        return cheap_embedding(embed, batch["input_ids"], batch["attention_mask"], layers)
+
+    return vectors
+
+
+def _hidden_vectors(plan: MoEPlan, tokenizer, average: bool) -> Callable[[list[str]], torch.Tensor]:
+    from transformers import AutoModel
+
+    # the decoder without its head (the same hidden states; the head is never needed), in bfloat16 as mergekit
+    model = AutoModel.from_pretrained(str(plan.base_path), dtype=torch.bfloat16).to(plan.device).eval()
+
+    @torch.no_grad()
+    def vectors(prompts: list[str]) -> torch.Tensor:
+        batch = tokenize_prompts(tokenizer, prompts).to(plan.device)
+        out = model(**batch, output_hidden_states=True, return_dict=True)
+        return pool_hidden_states(out.hidden_states, average=average).cpu()
+
+    return vectors
+
+
 def compute_gates(plan: MoEPlan, progress: bool = True) -> torch.Tensor:
     """Router rows ``(layers, gated experts, hidden)`` for ``plan.config.gate_mode`` (see the module doc)."""
     from tqdm.auto import tqdm
@@ -564,28 +592,14 @@ def compute_gates(plan: MoEPlan, progress: bool = True) -> torch.Tensor:
     if cfg.gate_mode == "cheap_embed":
         with CheckpointReader(plan.base_path) as reader:
             embed = reader.get("model.embed_tokens.weight")
-
-        def vectors(prompts: list[str]) -> torch.Tensor:
-            batch = tokenize_prompts(tokenizer, prompts)
-            return cheap_embedding(embed, batch["input_ids"], batch["attention_mask"], layers)
-
-        model = None
+        vectors = _cheap_vectors(embed, tokenizer, layers)
     else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(plan.base_path), dtype=torch.bfloat16).to(plan.device).eval()
-
-        @torch.no_grad()
-        def vectors(prompts: list[str]) -> torch.Tensor:
-            batch = tokenize_prompts(tokenizer, prompts).to(plan.device)
-            out = model(**batch, output_hidden_states=True, return_dict=True)
-            return pool_hidden_states(out.hidden_states, average=cfg.gate_mode == "hidden_avg").cpu()
-
+        vectors = _hidden_vectors(plan, tokenizer, average=cfg.gate_mode == "hidden_avg")
     rows = []
     for e in tqdm(experts, desc="expert prompts", disable=not progress):
         pos = vectors(e.positive_prompts or [])
         rows.append(gate_rows(pos, vectors(e.negative_prompts) if e.negative_prompts else None))
-    del model
+    del vectors  # frees the base model of hidden gates before anything is written
     return torch.stack(rows, dim=0).permute(1, 0, 2).contiguous()
 
 
@@ -636,7 +650,7 @@ class ShardWriter:
         shape, dtype = self.layout[name]
         if tuple(value.shape) != shape:
             raise ValueError(f"'{name}': {shape_str(value.shape)} given, {shape_str(shape)} expected")
-        fd, offset, nbytes = self.where[name]
+        fd, offset, _ = self.where[name]
         view = memoryview(value.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
         while view.nbytes:
             n = os.pwrite(fd, view, offset)
@@ -653,8 +667,6 @@ class ShardWriter:
         missing = sorted(set(self.layout) - self.written)
         if missing:
             raise RuntimeError(f"{len(missing)} tensors were not written, e.g. {missing[0]}")
-        for fd in self.fds:
-            os.fsync(fd)
         self.close()
         if self.split.is_sharded:
             index = {"metadata": {"total_parameters": total_parameters, **self.split.metadata},
@@ -781,7 +793,7 @@ def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = 
         generation = (GenerationConfig.from_pretrained(str(plan.base_path)) if gen_file.is_file()
                       else GenerationConfig.from_model_config(plan.out_config))
         generation.save_pretrained(str(tmp))
-        AutoTokenizer.from_pretrained(str(plan.tokenizer_path)).save_pretrained(str(tmp))
+        (plan.tokenizer or AutoTokenizer.from_pretrained(str(plan.tokenizer_path))).save_pretrained(str(tmp))
         (tmp / "mergekit_moe_config.yml").write_text(cfg.text, encoding="utf-8")
         info = {"method": f"moe ({plan.kind.mergekit_name}, gate_mode {cfg.gate_mode})",
                 "base": {"id": cfg.base_model},

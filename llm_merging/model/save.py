@@ -567,16 +567,41 @@ def _balanced(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (p / scale).contiguous(), (q * scale[:, None]).contiguous()
 
 
-def _distinct(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors that share no storage (a tied weight is saved under each of its names, as
-    PEFT's ``modules_to_save`` loads one per module)."""
-    out, seen = {}, set()
+class LazyTensor:
+    """A tensor of known ``shape`` and ``dtype`` that ``fetch()`` reads when it is written (the tensors an
+    extraction keeps whole are not held in memory meanwhile)."""
+
+    __slots__ = ("fetch", "shape", "dtype")
+
+    def __init__(self, fetch, shape, dtype: torch.dtype) -> None:
+        self.fetch, self.shape, self.dtype = fetch, torch.Size(shape), dtype
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, "torch.Tensor | LazyTensor"]) -> None:
+    """Write a safetensors file tensor by tensor (header first, from the shapes and dtypes; then each
+    tensor's bytes, a :class:`LazyTensor` read just then): no copy of the whole content in memory, and a
+    tensor saved under several names is written once per name. Synced before it returns."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
     for name, t in tensors.items():
-        t = t.detach().to("cpu")
-        key = t.untyped_storage().data_ptr()
-        out[name] = t.clone(memory_format=torch.contiguous_format) if key in seen or not t.is_contiguous() else t
-        seen.add(key)
-    return out
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"'{name}': dtype {t.dtype} cannot be saved")
+        size = t.shape.numel() * torch.empty((), dtype=t.dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        for name, t in tensors.items():
+            v = t.fetch() if isinstance(t, LazyTensor) else t
+            if tuple(v.shape) != tuple(t.shape) or v.dtype != t.dtype:
+                raise ValueError(f"'{name}': read {tuple(v.shape)} {v.dtype}, expected {tuple(t.shape)} {t.dtype}")
+            if v.numel():
+                fh.write(memoryview(v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del v
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def adapter_card(info: dict[str, Any], report: dict[str, Any], base_model_name: str) -> str:
@@ -610,13 +635,16 @@ class AdapterWriter:
       exact for methods that combine the ΔWᵢ linearly; a layer no input adapter factors is kept exactly.
       Different ranks go to ``rank_pattern`` / ``alpha_pattern`` (alpha = rank: scale 1);
     * the input embedding and output head: kept exactly (``embeddings="keep"``) or as LoRA factors
-      (``"low-rank"``: ``lora_embedding_A`` / ``lora_embedding_B`` for ``nn.Embedding``); tied weights
-      are written for every module that shares them;
+      (``"low-rank"``: ``lora_embedding_A`` / ``lora_embedding_B`` for ``nn.Embedding``); a weight tied
+      to several modules is always kept exactly, written for every module that shares it (PEFT's
+      ``merge_and_unload`` would add each module's LoRA factors to the one shared weight);
     * the bias of a ``Linear`` / ``Conv1D`` layer: the new bias itself under PEFT's ``bias="all"``
       (``<layer>.base_layer.bias`` for a LoRA layer, ``<layer>.bias`` otherwise), which PEFT loads into the
       layer exactly;
     * anything else (norm weights and biases, other parameters): the whole owning module in PEFT's
-      ``modules_to_save`` with all its tensors (saved as ``<module>.<tensor>``, as PEFT saves them);
+      ``modules_to_save`` with all its tensors (saved as ``<module>.<tensor>``, as PEFT saves them; a
+      module whose name ends another module's name is left out of the list, which PEFT matches by suffix,
+      and its tensors load into the base module directly);
     * a tensor of 3 or more dimensions (fused MoE experts, convolutions): ConfigError (no PEFT LoRA layer
       holds it).
 
@@ -702,33 +730,26 @@ class AdapterWriter:
                     out.append(int(f[1].shape[0]))
         return out
 
-    def __call__(self, name: str, delta: torch.Tensor, value: torch.Tensor | None = None) -> None:
-        """Take the merged ΔW of parameter ``name`` (its shape; any device). ``value`` (optional): the new
-        tensor itself (base + ΔW, as it is to be saved), used for what is kept exactly; without it the
-        model's tensor is read when the adapter is saved (the engine has merged it by then)."""
+    def _route(self, name: str, shape: tuple) -> tuple[str, list, int | None]:
+        """Where a changed tensor goes: ("lora" | "keep" | "bias", its owners (alias, module name, leaf,
+        module) — several for a tied weight —, the fixed rank or None)."""
         if self.model is None:
             raise RuntimeError("AdapterWriter.bind(model, experts) must come first")
-        if not bool(torch.count_nonzero(delta)):
-            return
-        if delta.dim() >= 3:
-            raise ConfigError(f"{self.label}: parameter '{name}' is a {delta.dim()}-D tensor {tuple(delta.shape)} "
+        if len(shape) >= 3:
+            raise ConfigError(f"{self.label}: parameter '{name}' is a {len(shape)}-D tensor {tuple(shape)} "
                               f"(fused experts or a convolution) that a PEFT LoRA adapter cannot hold; {self.fallback}")
-        aliases = self._aliases.get(name, [name])
         owners = []
-        for alias in aliases:
+        for alias in self._aliases.get(name, [name]):
             module_name, _, leaf = alias.rpartition(".")
             module = self.modules.get(module_name)
             if not module_name or module is None:
                 raise ConfigError(f"{self.label}: parameter '{alias}' belongs to no submodule, which a PEFT adapter "
                                   f"cannot carry; {self.fallback}")
             owners.append((alias, module_name, leaf, module))
-        kept_value = None if value is None else value.detach().to("cpu")
-        _, module_name, leaf, module = owners[0]
-        if leaf == "bias" and delta.dim() == 1 and all(_dense(o[3]) for o in owners):
-            for alias, *_ in owners:
-                self.biases[alias] = kept_value
-            return
-        low_rank = delta.dim() == 2 and leaf == "weight" and all(
+        leaf = owners[0][2]
+        if leaf == "bias" and len(shape) == 1 and all(_dense(o[3]) for o in owners):
+            return "bias", owners, None
+        low_rank = len(shape) == 2 and leaf == "weight" and all(
             _dense(o[3]) or isinstance(o[3], torch.nn.Embedding) for o in owners)
         rank = self.rank
         if low_rank and self.rank is None and self.energy is None:  # only LoRA experts: their summed rank
@@ -739,10 +760,49 @@ class AdapterWriter:
                 rank = min(rank, self.max_rank)
         elif low_rank and self.embeddings == "keep":
             low_rank = not any(o[1] in self._vocab_modules or isinstance(o[3], torch.nn.Embedding) for o in owners)
-        if not low_rank:
-            for alias, mod, _, _ in owners:
+        if low_rank and len(owners) > 1:  # tied: PEFT's merge_and_unload would add each module's LoRA to the one weight
+            logger.info("%s: '%s' is tied to %s: kept whole (modules_to_save)", self.label, name,
+                        ", ".join(f"'{o[0]}'" for o in owners[1:]))
+            low_rank = False
+        return ("lora" if low_rank else "keep"), owners, rank
+
+    def plan(self, name: str, shape: tuple) -> str:
+        """What a change of parameter ``name`` (of ``shape``) becomes: ``"lora"`` (factors), ``"keep"``
+        (its module in ``modules_to_save``) or ``"bias"``; ConfigError where no PEFT adapter can hold it."""
+        return self._route(name, tuple(shape))[0]
+
+    def keep(self, name: str, value: "torch.Tensor | LazyTensor") -> None:
+        """Record the new value of a changed parameter that :meth:`plan` does not factor (``"keep"`` or
+        ``"bias"``), without its ΔW; a :class:`LazyTensor` is read only when the adapter is written."""
+        kind, owners, _ = self._route(name, tuple(value.shape))
+        if kind == "lora":
+            raise ValueError(f"'{name}' is written as LoRA factors: give its ΔW")
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to("cpu")
+        for alias, mod, _, _ in owners:
+            if kind == "bias":
+                self.biases[alias] = value
+            else:
                 self.keep_modules.setdefault(mod)
-                self.kept[alias] = kept_value
+                self.kept[alias] = value
+
+    def __call__(self, name: str, delta: torch.Tensor, value: "torch.Tensor | LazyTensor | None" = None) -> None:
+        """Take the merged ΔW of parameter ``name`` (its shape; any device). ``value`` (optional): the new
+        tensor itself (base + ΔW, as it is to be saved), used for what is kept exactly; without it the
+        model's tensor is read when the adapter is saved (the engine has merged it by then)."""
+        if not bool(torch.count_nonzero(delta)):
+            return
+        kind, owners, rank = self._route(name, tuple(delta.shape))
+        if kind != "lora":
+            if value is None:
+                for alias, mod, _, _ in owners:
+                    if kind == "bias":
+                        self.biases[alias] = None
+                    else:
+                        self.keep_modules.setdefault(mod)
+                        self.kept[alias] = None
+            else:
+                self.keep(name, value)
             return
         if rank is not None:
             b, a, err, r = ops.extract_low_rank(delta, rank=min(rank, *delta.shape), method=self.svd, seed=self.seed)
@@ -778,7 +838,7 @@ class AdapterWriter:
                                   f"LoRA matrix) but it contains the LoRA layer '{inner}'; {self.fallback}")
         return outer
 
-    def _tensor(self, name: str, recorded: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    def _tensor(self, name: str, recorded: dict) -> "torch.Tensor | LazyTensor":
         value = recorded.get(name)
         if value is not None:
             return value
@@ -848,16 +908,13 @@ class AdapterWriter:
         names = list(self.modules)
         mts = []
         for m in kept_modules:  # PEFT wraps every module whose name ends with an entry (plain string match)
-            clash = any(n != m and n.endswith(m) for n in names)
-            mts.append(f"base_model.model.{m}" if clash else m)
-        task = "SEQ_2_SEQ_LM" if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False) else "CAUSAL_LM"
-        config = {
-            "peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_model_name,
-            "r": ranks, "lora_alpha": ranks, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-            "target_modules": sorted(self.factors), "fan_in_fan_out": bool(self.fan_in_fan_out),
-            "lora_dropout": 0.0, "bias": "all" if self.biases else "none", "use_rslora": False, "use_dora": False,
-            "modules_to_save": mts or None, "inference_mode": True, "init_lora_weights": True,
-        }
+            if any(n != m and n.endswith(m) for n in names):
+                # listed, it would also wrap the other module and fail to load; unlisted, its saved tensors
+                # load straight into the base module (as PEFT's bias="all" does)
+                logger.info("%s: module '%s' is a suffix of another module's name: its tensors load into the base "
+                            "module directly instead of through modules_to_save", self.label, m)
+            else:
+                mts.append(m)
         tensors: dict[str, torch.Tensor] = {}
         for m, (b, a) in self.factors.items():
             if m in self.embedding_modules:
@@ -866,22 +923,31 @@ class AdapterWriter:
             else:
                 tensors[f"base_model.model.{m}.lora_A.weight"] = a
                 tensors[f"base_model.model.{m}.lora_B.weight"] = b
+        bias_keys = False
+        recorded = {**self.biases, **self.kept}  # a kept module's changed bias is saved with it
         for m in kept_modules:
             for leaf in self.modules[m].state_dict(keep_vars=True):
-                tensors[f"base_model.model.{m}.{leaf}"] = self._tensor(f"{m}.{leaf}", self.kept)
+                tensors[f"base_model.model.{m}.{leaf}"] = self._tensor(f"{m}.{leaf}", recorded)
         for name in self.biases:
             mod = name.rpartition(".")[0]
             if any(mod == k or mod.startswith(k + ".") for k in kept_modules):
                 continue  # saved with its module
             key = f"{mod}.base_layer.bias" if mod in self.factors else name
             tensors[f"base_model.model.{key}"] = self._tensor(name, self.biases)
+            bias_keys = True
+        task = "SEQ_2_SEQ_LM" if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False) else "CAUSAL_LM"
+        config = {
+            "peft_type": "LORA", "task_type": task, "base_model_name_or_path": base_model_name,
+            "r": ranks, "lora_alpha": ranks, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+            "target_modules": sorted(self.factors), "fan_in_fan_out": bool(self.fan_in_fan_out),
+            "lora_dropout": 0.0, "bias": "all" if bias_keys else "none", "use_rslora": False, "use_dora": False,
+            "modules_to_save": mts or None, "inference_mode": True, "init_lora_weights": True,
+        }
         output_dir = Path(output_dir)
-        from safetensors.torch import save_file
-
         try:
             with atomic_path(output_dir) as tmp:
                 tmp.mkdir(parents=True)
-                save_file(_distinct(tensors), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+                write_safetensors(tmp / "adapter_model.safetensors", tensors)
                 atomic_write_json(tmp / "adapter_config.json", config)
                 atomic_write_json(tmp / EXTRACT_REPORT, report)
                 (tmp / "README.md").write_text(adapter_card(info or {}, report, base_model_name), encoding="utf-8")

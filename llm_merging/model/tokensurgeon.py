@@ -332,11 +332,16 @@ def common_interpolation(targets: torch.Tensor, atoms: torch.Tensor, k: int, *, 
     return idx, w.float()
 
 
-def combine(indices: torch.Tensor, coefficients: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``sum_i coefficients[b, i] * rows[indices[b, i]]`` for each b (float32)."""
-    picked = rows.to(device=coefficients.device).index_select(0, indices.reshape(-1)).to(torch.float32)
-    picked = picked.reshape(*indices.shape, rows.shape[1])
-    return torch.bmm(coefficients.to(torch.float32).unsqueeze(1), picked).squeeze(1)
+def combine(indices: torch.Tensor, coefficients: torch.Tensor, rows: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """``sum_i coefficients[b, i] * rows[indices[b, i]]`` for each b (float32), ``chunk`` targets at a time
+    (the picked rows of a chunk are all that is gathered)."""
+    rows = rows.to(device=coefficients.device)
+    out = torch.empty((indices.shape[0], rows.shape[1]), dtype=torch.float32, device=coefficients.device)
+    for s in range(0, indices.shape[0], chunk):
+        idx = indices[s:s + chunk]
+        picked = rows.index_select(0, idx.reshape(-1)).to(torch.float32).reshape(*idx.shape, rows.shape[1])
+        out[s:s + chunk] = torch.bmm(coefficients[s:s + chunk].to(torch.float32).unsqueeze(1), picked).squeeze(1)
+    return out
 
 
 def subword_rows(rows: torch.Tensor, pieces: Sequence[Sequence[int]], method: str = "mean",

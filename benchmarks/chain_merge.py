@@ -1,0 +1,146 @@
+"""Chained merges: ``mergekit-multi`` against ``--recipe`` on the same multi-document recipe, and against the
+same merges run one after another as separate runs through disk.
+
+The chain (mergekit_parity.py's ``chain_ta_ties_slerp``): ``soup`` = task_arithmetic of two experts,
+``trimmed`` = TIES of ``soup`` with a third expert (density gradient), final = SLERP between ``soup`` and
+``trimmed`` (t gradient), at the users' shape (default hidden 1024, vocabulary 32 000, 8 layers) in fp16.
+Each tool runs in a fresh process under ``/usr/bin/time``; the script prints per way the wall time, the
+peak resident memory of the process and the largest relative difference of the final tensors to
+mergekit-multi's. Run it under the shared lock::
+
+    flock /tmp/llmm-bench.lock python benchmarks/chain_merge.py
+    flock /tmp/llmm-bench.lock python benchmarks/chain_merge.py --hidden 256 --layers 2 --vocab 4096
+
+mergekit-multi is found next to mergekit-yaml (PATH or ``$MERGEKIT_VENV``); without it only our two ways run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import mergekit_parity as parity  # noqa: E402  (the models and the chained recipe)
+
+
+def half_copies(models: dict, out: Path) -> dict:
+    """fp16 copies of the base and the experts (the shape users merge), made once."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    done = {}
+    for key, src in [("base", models["base"]), *[(f"expert{i}", e) for i, e in enumerate(models["experts"])]]:
+        dst = out / key
+        if not dst.exists():
+            tmp = out / f"{key}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+            state = {}
+            for f in sorted(Path(src).glob("*.safetensors")):
+                state.update({k: v.to(torch.float16) for k, v in load_file(str(f)).items()})
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            config = json.loads((tmp / "config.json").read_text())
+            config["torch_dtype"] = config["dtype"] = "float16"
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            os.replace(tmp, dst)
+        done[key] = str(dst)
+    return {"base": done["base"], "experts": [done[f"expert{i}"] for i in range(3)], "lora": models["lora"]}
+
+
+def timed(cmd: list[str], log: Path, env: dict) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of ``cmd`` in a fresh process (``/usr/bin/time -v``)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
+    seconds = time.perf_counter() - t0
+    text = log.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}); see {log}")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return seconds, int(rss.group(1)) / 1024 if rss else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--mergekit", default=None, help="mergekit-yaml executable (mergekit-multi is taken next to it)")
+    p.add_argument("--workdir", default=os.environ.get("LLM_MERGING_PARITY_DIR", "/tmp/llm_merging_mergekit_parity"))
+    args = p.parse_args(argv)
+
+    import yaml
+
+    workdir = Path(args.workdir)
+    print(f"building models (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, fp16) ...", flush=True)
+    models = parity.build_models(workdir, args.hidden, args.layers, args.vocab)
+    models = half_copies(models, workdir / f"fp16-h{args.hidden}-l{args.layers}-v{args.vocab}")
+    docs = [{**d, "dtype": "float16"} for d in parity.chained_recipes(models, args.layers)["chain_ta_ties_slerp"][0]]
+    runs = workdir / f"chain-h{args.hidden}-l{args.layers}-v{args.vocab}"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    chain = runs / "chain.yml"
+    chain.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    ours_cmd = [sys.executable, str(ROOT / "llm_merging" / "main.py"), "--no-eval", "--quiet", "--device", "cpu"]
+    rows = []
+
+    mergekit = parity.find_mergekit(args.mergekit)
+    multi = Path(mergekit).with_name("mergekit-multi") if mergekit else None
+    theirs = None
+    if multi is not None and os.access(multi, os.X_OK):
+        s, rss = timed([str(multi), str(chain), "--intermediate-dir", str((runs / "mk_intermediates").resolve()),
+                        "--out-path", str((runs / "mergekit").resolve()), "--quiet"],
+                       runs / "mergekit.log", env)
+        theirs = parity._load(runs / "mergekit")
+        rows.append(("mergekit-multi (intermediates on disk)", s, rss, 0.0))
+    else:
+        print("mergekit-multi not found: only our two ways run")
+
+    s, rss = timed([*ours_cmd, "--recipe", str(chain), "--output_folder", str(runs / "ours")], runs / "ours.log", env)
+    report = json.loads(next((runs / "ours").glob("*/report.json")).read_text())
+    final = parity._load(next((runs / "ours").glob("*/merged_model")))
+    where = report["chain"]["intermediates"]
+    rows.append((f"llm_merging --recipe chain (intermediates: {where})", s, rss,
+                 parity.compare(final, theirs)[0] if theirs is not None else float("nan")))
+
+    # the same three merges as three runs, each reading the previous ones from disk
+    total, peak, paths = 0.0, 0.0, {}
+    for doc in [docs[1], docs[2], docs[0]]:
+        one = {k: v for k, v in doc.items() if k != "name"}
+        text = yaml.safe_dump(one, sort_keys=False)
+        for name, path in paths.items():
+            text = re.sub(rf"(?m)(: ){re.escape(name)}$", rf"\g<1>{path}", text)
+        tag = doc.get("name", "final")
+        recipe = runs / f"{tag}.yml"
+        recipe.write_text(text)
+        s, rss = timed([*ours_cmd, "--recipe", str(recipe), "--output_folder", str(runs / f"sep-{tag}")],
+                       runs / f"sep-{tag}.log", env)
+        total, peak = total + s, max(peak, rss)
+        paths[tag] = str(next((runs / f"sep-{tag}").glob("*/merged_model")).resolve())
+    separate = parity._load(Path(paths["final"]))
+    rows.append(("llm_merging, three runs through disk", total, peak,
+                 parity.compare(separate, theirs)[0] if theirs is not None else float("nan")))
+    same = all(bool((final[k] == separate[k]).all()) for k in final)
+
+    print(f"\nchain soup -> trimmed -> slerp, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, fp16, CPU")
+    print(f"{'way':52s} {'wall s':>8s} {'peak RSS MiB':>13s} {'max rel diff vs mergekit':>25s}")
+    for name, s, rss, diff in rows:
+        print(f"{name:52s} {s:8.1f} {rss:13.0f} {diff:25.2e}")
+    print(f"chain == three separate runs, tensor for tensor: {same}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
