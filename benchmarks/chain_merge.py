@@ -1,9 +1,11 @@
 """Chained merges: ``mergekit-multi`` against ``--recipe`` on the same multi-document recipe, and against the
 same merges run one after another as separate runs through disk.
 
-The chain (mergekit_parity.py's ``chain_ta_ties_slerp``): ``soup`` = task_arithmetic of two experts,
-``trimmed`` = TIES of ``soup`` with a third expert (density gradient), final = SLERP between ``soup`` and
-``trimmed`` (t gradient), at the users' shape (default hidden 1024, vocabulary 32 000, 8 layers) in fp16.
+The chain: ``soup`` = task_arithmetic of two experts, ``blend`` = SLERP from ``soup`` towards a third expert
+(a t gradient over depth), final = task_arithmetic of ``soup`` and ``blend`` over the base; at the users'
+shape (default hidden 1024, vocabulary 32 000, 8 layers) in fp16. (No top-k method: fp16 task vectors
+have many equal magnitudes, and at a top-k threshold the two tools legitimately keep different ones; the
+fp32 parity of chains with TIES is in mergekit_parity.py.)
 Each tool runs in a fresh process under ``/usr/bin/time``; the script prints per way the wall time, the
 peak resident memory of the process and the largest relative difference of the final tensors to
 mergekit-multi's. Run it under the shared lock::
@@ -85,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building models (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, fp16) ...", flush=True)
     models = parity.build_models(workdir, args.hidden, args.layers, args.vocab)
     models = half_copies(models, workdir / f"fp16-h{args.hidden}-l{args.layers}-v{args.vocab}")
-    docs = [{**d, "dtype": "float16"} for d in parity.chained_recipes(models, args.layers)["chain_ta_ties_slerp"][0]]
+    b, (e0, e1, e2) = models["base"], models["experts"]
+    docs = [  # final first, as mergekit-multi's examples write it
+        {"merge_method": "task_arithmetic", "base_model": b, "dtype": "float16",
+         "models": [{"model": "soup", "parameters": {"weight": 0.7}}, {"model": "blend", "parameters": {"weight": 0.5}}]},
+        {"name": "soup", "merge_method": "task_arithmetic", "base_model": b, "dtype": "float16",
+         "models": [{"model": e0, "parameters": {"weight": 0.6}}, {"model": e1, "parameters": {"weight": 0.4}}]},
+        {"name": "blend", "merge_method": "slerp", "base_model": "soup", "dtype": "float16",
+         "parameters": {"t": [0.2, 0.7, 0.4]}, "models": [{"model": "soup"}, {"model": e2}]},
+    ]
     runs = workdir / f"chain-h{args.hidden}-l{args.layers}-v{args.vocab}"
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
@@ -134,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                  parity.compare(separate, theirs)[0] if theirs is not None else float("nan")))
     same = all(bool((final[k] == separate[k]).all()) for k in final)
 
-    print(f"\nchain soup -> trimmed -> slerp, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, fp16, CPU")
+    print(f"\nchain soup -> blend -> final, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, fp16, CPU")
     print(f"{'way':52s} {'wall s':>8s} {'peak RSS MiB':>13s} {'max rel diff vs mergekit':>25s}")
     for name, s, rss, diff in rows:
         print(f"{name:52s} {s:8.1f} {rss:13.0f} {diff:25.2e}")

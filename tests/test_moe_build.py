@@ -273,6 +273,8 @@ def test_qwen2_moe_with_shared_expert(tmp_path, qwen2):
     out = _build(tmp_path, doc)
     model = _load(out)
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    model.save_pretrained(str(tmp_path / "resaved"))
+    assert set(_dense(out)) == set(_dense(tmp_path / "resaved"))  # the names transformers writes itself
     state = model.state_dict()
     shared, base = _dense(qwen2[2]), _dense(qwen2["base"])
     for layer in range(3):

@@ -529,3 +529,30 @@ def test_per_expert_bin_checkpoint(moe, tmp_path):
     dirs = moe["dirs"]
     m = _method("ties_merge", dirs["base", "hub"], [tmp_path, dirs["e1", "fused"]], {"density": 0.4})
     _check(m.merge(), moe["family"], _reference(moe, lambda name, b, tvs: ops.ties(tvs, density=0.4)))
+
+
+def test_lora_on_expert_parameters_with_full_moe_expert(moe, tmp_path):
+    """A PEFT LoRA on the fused expert tensors (target_parameters) merged with a per-expert full fine-tune:
+    the LoRA's ΔW (PEFT's merge_and_unload) and the full expert's τ are TIES-merged per expert matrix."""
+    peft = pytest.importorskip("peft")
+    dirs = moe["dirs"]
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(dirs["base", "hub"])
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    lora = peft.get_peft_model(model, config)
+    lora.save_pretrained(tmp_path / "lora")
+    with torch.no_grad():
+        lora_merged = {k: _fp(v) for k, v in lora.merge_and_unload().state_dict().items()}
+    m = _method("ties_merge", dirs["base", "fused"], [tmp_path / "lora", dirs["e0", "hub"]], {"density": 0.5})
+    merged = m.merge()
+    family = moe["family"]
+    base_state = {k: _fp(v) for k, v in moe["base"].state_dict().items()}
+    lora_hub = hub_state(lora_merged, family)
+    full_hub = hub_state({k: _fp(v) for k, v in moe["experts"][0].state_dict().items()}, family)
+    base_hub = hub_state(base_state, family)
+    got = hub_state({k: _fp(v) for k, v in merged.state_dict().items()}, family)
+    for k, b in base_hub.items():
+        tl, tf = lora_hub[k] - b, full_hub[k] - b
+        want = b + ops.ties([tl, tf], density=0.5)  # τ of the LoRA is 0 where it changes nothing
+        torch.testing.assert_close(got[k], want, atol=1e-6, rtol=1e-5, msg=lambda s, k=k: f"{k}: {s}")

@@ -9,6 +9,10 @@
 
 The helpers `read_safetensors_header` (integrity check before any mmap read) and `match_names`
 (parameter-name mapping tolerant of a differing leading prefix) are shared with the LoRA code.
+
+Mixture-of-experts checkpoints: transformers 5 holds experts fused (``mlp.experts.gate_up_proj``) while
+checkpoints may store one tensor per expert and projection; `saved_layout` traces transformers' own
+conversion between the two, and `FullExpert` reads either layout as the fused parameters (by parts).
 """
 from __future__ import annotations
 

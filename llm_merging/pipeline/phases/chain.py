@@ -173,13 +173,12 @@ class ChainPhase(Phase):
     # -------------------------------------------------------------- the merges
     def run(self, ctx: RunContext) -> dict[str, Any] | None:
         chain, cfg = ctx.chain, ctx.config
+        if MEMORY_DIR.is_dir():
+            sweep(MEMORY_DIR, scratch=True)  # intermediates of chains whose process was killed ($TMPDIR: the runner's)
         if self.mode == "saved":
             self.root = Path(ctx.out_dir)
         else:
-            parent = MEMORY_DIR if self.mode == "memory" else None
-            if parent is not None:
-                sweep(parent, scratch=True)  # chain folders of runs that were killed
-            self.root = scratch_dir("chain", parent)
+            self.root = scratch_dir("chain", MEMORY_DIR if self.mode == "memory" else None)
         paths: dict[str, str] = {}  # merge name -> its model directory
         documents: list[dict[str, Any]] = []
         merges: list[dict[str, Any]] = []
