@@ -31,32 +31,46 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import mergekit_parity as parity  # noqa: E402  (the models and the chained recipe)
+import mergekit_parity as parity  # noqa: E402  (its random base, tensor comparison, mergekit lookup)
 
 
-def half_copies(models: dict, out: Path) -> dict:
-    """fp16 copies of the base and the experts (the shape users merge), made once."""
+def build_models(workdir: Path, hidden: int, layers: int, vocab: int) -> dict:
+    """A random fp16 Llama-shaped base (mergekit_parity's) and three fp16 fine-tunes θᵢ = θ₀ + 0.01·nᵢ, made once."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    done = {}
-    for key, src in [("base", models["base"]), *[(f"expert{i}", e) for i, e in enumerate(models["experts"])]]:
-        dst = out / key
-        if not dst.exists():
-            tmp = out / f"{key}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-            state = {}
-            for f in sorted(Path(src).glob("*.safetensors")):
-                state.update({k: v.to(torch.float16) for k, v in load_file(str(f)).items()})
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            config = json.loads((tmp / "config.json").read_text())
-            config["torch_dtype"] = config["dtype"] = "float16"
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            os.replace(tmp, dst)
-        done[key] = str(dst)
-    return {"base": done["base"], "experts": [done[f"expert{i}"] for i in range(3)], "lora": models["lora"]}
+    root = workdir / f"chain-models-h{hidden}-l{layers}-v{vocab}"
+    base = root / "base"
+    if not base.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        fp32 = root / "base-fp32"
+        if not fp32.exists():
+            parity._random_base(fp32, hidden, layers, vocab)
+        tmp = root / "base.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(fp32, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+        state = {}
+        for f in sorted(fp32.glob("*.safetensors")):
+            state.update({k: v.to(torch.float16) for k, v in load_file(str(f)).items()})
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = json.loads((tmp / "config.json").read_text())
+        config["torch_dtype"] = config["dtype"] = "float16"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        os.replace(tmp, base)
+        shutil.rmtree(fp32, ignore_errors=True)
+    experts = [root / f"expert{i}" for i in range(3)]
+    theta = load_file(str(base / "model.safetensors"))
+    gen = torch.Generator().manual_seed(7)
+    for out in experts:
+        if out.exists():
+            continue
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
+        state = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=gen)).to(torch.float16) for k, v in theta.items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.replace(tmp, out)
+    return {"base": str(base), "experts": [str(e) for e in experts]}
 
 
 def timed(cmd: list[str], log: Path, env: dict) -> tuple[float, float]:
@@ -85,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir)
     print(f"building models (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, fp16) ...", flush=True)
-    models = parity.build_models(workdir, args.hidden, args.layers, args.vocab)
-    models = half_copies(models, workdir / f"fp16-h{args.hidden}-l{args.layers}-v{args.vocab}")
+    models = build_models(workdir, args.hidden, args.layers, args.vocab)
     b, (e0, e1, e2) = models["base"], models["experts"]
     docs = [  # final first, as mergekit-multi's examples write it
         {"merge_method": "task_arithmetic", "base_model": b, "dtype": "float16",

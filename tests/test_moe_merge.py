@@ -20,8 +20,14 @@ from llm_merging.core.errors import CheckpointError, ConfigError
 from llm_merging.merging import get_method_class, method_targets, settings
 from llm_merging.merging.base import param_seed
 from llm_merging.model.checkpoint import FullExpert, saved_layout
-from llm_merging.model.engine import base_param_shapes, merge_in_parts, merge_parts, tensor_aliases
+from llm_merging.model.engine import (
+    base_param_shapes,
+    merge_in_parts,
+    merge_parts,
+    tensor_aliases,
+)
 from llm_merging.model.save import StreamingSave, save_full
+from llm_merging.search.candidates import InMemoryMerger
 
 transformers = pytest.importorskip("transformers")
 
@@ -556,3 +562,16 @@ def test_lora_on_expert_parameters_with_full_moe_expert(moe, tmp_path):
         tl, tf = lora_hub[k] - b, full_hub[k] - b
         want = b + ops.ties([tl, tf], density=0.5)  # τ of the LoRA is 0 where it changes nothing
         torch.testing.assert_close(got[k], want, atol=1e-6, rtol=1e-5, msg=lambda s, k=k: f"{k}: {s}")
+
+
+def test_search_candidate_equals_final_merge(moe):
+    """A search's in-memory candidate merges fused expert tensors per expert matrix, as the final merge does."""
+    dirs = moe["dirs"]
+    final = _method("tsv_merge", dirs["base", "hub"], [dirs["e0", "hub"], dirs["e1", "fused"]]).merge()
+    searched = _method("tsv_merge", dirs["base", "hub"], [dirs["e0", "hub"], dirs["e1", "fused"]])
+    searched._load_tokenizer = lambda: None  # these tiny checkpoints carry no tokenizer (none is needed here)
+    merger = InMemoryMerger(searched, progress=False)
+    merger.apply(searched.merge_resolved)
+    for name, p in final.named_parameters():
+        torch.testing.assert_close(_fp(merger.model.get_parameter(name)), _fp(p), atol=1e-6, rtol=1e-5,
+                                   msg=lambda s, name=name: f"{name}: {s}")

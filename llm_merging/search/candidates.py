@@ -16,7 +16,9 @@ import torch
 from llm_merging.core.errors import MergeError
 from llm_merging.core.resources import available_bytes
 from llm_merging.evaluation import evaluate_dataset, primary_score, score_rows
-from llm_merging.model.engine import base_param_shapes, compute_device, open_base_reader
+from llm_merging.merging import settings
+from llm_merging.model.engine import (base_param_shapes, compute_device, merge_in_parts, merge_parts, open_base_reader,
+                                      tensor_aliases)
 from llm_merging.model.lora import LoraAdapter
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,10 @@ class InMemoryMerger:
         for e in experts:
             touched |= set(e.param_names())
         self.names = [n for n, _ in self.model.named_parameters()]
+        # fused mixture-of-experts tensors merge one expert matrix at a time, as in the final merge (data-aware
+        # methods keep per-parameter statistics and merge them whole there too)
+        self.parts = merge_parts(self.model) if not method.needs_calibration else {}
+        method.layout = settings.Layout(self.names, method.slice_lengths, tensor_aliases(self.model))
         self.params = [(n, p) for n, p in self.model.named_parameters() if n in touched]
         if not self.params:
             raise MergeError(f"method '{method.name}': the experts change no parameter of the base model")
@@ -136,7 +142,7 @@ class InMemoryMerger:
             for e in self.experts:
                 tv = e.delta(name, base)
                 tvs.append(torch.zeros_like(base) if tv is None else tv.to(device=base.device, dtype=torch.float32))
-            merged = merge_tensor(name, base, tvs)
+            merged = merge_in_parts(merge_tensor, name, base, tvs, self.parts.get(name))
             if merged.shape != base.shape:
                 raise MergeError(f"merge of parameter '{name}' returned shape {tuple(merged.shape)}, expected {tuple(base.shape)}")
             result = theta0 + merged
