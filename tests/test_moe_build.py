@@ -441,10 +441,13 @@ def test_error_same_model_everywhere(tmp_path, capsys, llama):
 
 
 def test_failure_while_writing_leaves_nothing(tmp_path, llama, monkeypatch):
-    def boom(self, name, value):
+    real = moe.write_safetensors
+
+    def boom(path, tensors):  # the first shard is written, then the disk fills up
+        real(path, tensors)
         raise OSError("disk full")
 
-    monkeypatch.setattr(moe.ShardWriter, "put", boom)
+    monkeypatch.setattr(moe, "write_safetensors", boom)
     plan = moe.plan_moe(moe.load_moe_config(_config(tmp_path, _ok_doc(llama, gate_mode="random"))))
     with pytest.raises(OSError):
         moe.build_moe(plan, tmp_path / "out", progress=False)
@@ -482,3 +485,15 @@ def test_equals_mergekit_moe(tmp_path, request, family, mode):
     for name, t in theirs.items():
         err = float((ours[name].double() - t.double()).abs().max()) / max(float(t.double().abs().max()), 1e-12)
         assert err <= 1e-4, f"{name}: {err:.2e} from mergekit-moe"
+
+
+def test_sharded_output_loads(tmp_path, llama):
+    """Small shards: several safetensors files and the index save_pretrained writes; loads the same."""
+    doc = {"base_model": str(llama["base"]), "gate_mode": "random", "dtype": "float32",
+           "experts": [_expert(llama[0], 0, False), _expert(llama[1], 1, False)]}
+    whole = _dense(_build(tmp_path, doc, "whole"))
+    out = _build(tmp_path, doc, "sharded", "--max-shard-size", "200KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and set(index["weight_map"]) == set(whole)
+    state = _load(out).state_dict()
+    torch.testing.assert_close(state["model.layers.1.mlp.gate.weight"], whole["model.layers.1.block_sparse_moe.gate.weight"])

@@ -575,3 +575,18 @@ def test_search_candidate_equals_final_merge(moe):
     for name, p in final.named_parameters():
         torch.testing.assert_close(_fp(merger.model.get_parameter(name)), _fp(p), atol=1e-6, rtol=1e-5,
                                    msg=lambda s, name=name: f"{name}: {s}")
+
+
+def test_save_adapter_of_moe_full_experts_refused_in_preflight(moe, tmp_path, capsys):
+    """--save adapter cannot hold fused 3-D expert tensors: one line before any weight, nothing written."""
+    from llm_merging.main import main
+
+    dirs = moe["dirs"]
+    out = tmp_path / "out"
+    status = main(["-m", "task_arithmetic", "--base-model", str(dirs["base", "hub"]), "--models",
+                   str(dirs["e0", "hub"]), str(dirs["e1", "fused"]), "--no-eval", "--save", "adapter",
+                   "--adapter-rank", "4", "--device", "cpu", "--output_folder", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert "--save adapter" in err[0] and "mlp.experts." in err[0] and "--save full" in err[0], err[0]
+    assert not (out / "task_arithmetic" / "adapter").exists()

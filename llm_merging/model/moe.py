@@ -20,6 +20,7 @@ is written under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from llm_merging.core.io import remove_path, replace_path, temp_path
 from llm_merging.model.checkpoint import CheckpointReader, shape_str
 from llm_merging.model.lora import LoraAdapter
 from llm_merging.model.refs import ModelRef, hf_token, is_adapter_dir
-from llm_merging.model.save import model_card
+from llm_merging.model.save import LazyTensor, model_card, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -606,73 +607,36 @@ def compute_gates(plan: MoEPlan, progress: bool = True) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------------
-_ST_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-             torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8"}
+def write_shards(folder: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 fetch: Callable[[str], torch.Tensor], *, max_shard_size: str = "5GB",
+                 progress: bool = False) -> None:
+    """Write the tensors of ``layout`` (name -> shape, dtype) into ``folder`` as ``save_pretrained`` shards
+    them (``split_torch_state_dict_into_shards``; an index when there are several), each tensor read by
+    ``fetch(name)`` just when it is written and cast to its dtype: one tensor in memory at a time."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from tqdm.auto import tqdm
 
+    meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in layout.items()}
+    split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    bar = tqdm(total=len(layout), desc="MoE tensors", disable=not progress)
 
-class ShardWriter:
-    """safetensors shards whose headers are written first (every name, shape and dtype is known before any
-    value), then filled one tensor at a time with ``put`` (no shard is held in memory); the index as
-    ``save_pretrained`` writes it. Files go into ``folder``."""
-
-    def __init__(self, folder: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 max_shard_size: str = "5GB") -> None:
-        from huggingface_hub import split_torch_state_dict_into_shards
-
-        meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in layout.items()}
-        self.split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
-                                                        max_shard_size=max_shard_size)
-        self.folder, self.layout = folder, layout
-        self.where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, bytes)
-        self.written: set[str] = set()
-        self.fds: list[int] = []
-        for filename, names in self.split.filename_to_tensors.items():
-            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-            offset = 0
-            for name in sorted(names):
-                shape, dtype = layout[name]
-                size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-                header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-                offset += size
-            raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-            raw += b" " * (-len(raw) % 8)
-            head = len(raw).to_bytes(8, "little") + raw
-            fd = os.open(folder / filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self.fds.append(fd)
-            os.pwrite(fd, head, 0)
-            os.ftruncate(fd, len(head) + offset)
-            for name in names:
-                begin, end = header[name]["data_offsets"]
-                self.where[name] = (fd, len(head) + begin, end - begin)
-
-    def put(self, name: str, value: torch.Tensor) -> None:
-        """Write tensor ``name`` whole (cast to its saved dtype)."""
-        shape, dtype = self.layout[name]
+    def read(name: str) -> torch.Tensor:
+        value = fetch(name)
+        shape, dtype = layout[name]
         if tuple(value.shape) != shape:
             raise ValueError(f"'{name}': {shape_str(value.shape)} given, {shape_str(shape)} expected")
-        fd, offset, _ = self.where[name]
-        view = memoryview(value.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
-        while view.nbytes:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
-        self.written.add(name)
+        bar.update(1)
+        return value.detach().to(device="cpu", dtype=dtype).contiguous()
 
-    def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-
-    def finish(self, total_parameters: int) -> None:
-        """Check every tensor was written, close the files, write the index of a sharded output."""
-        missing = sorted(set(self.layout) - self.written)
-        if missing:
-            raise RuntimeError(f"{len(missing)} tensors were not written, e.g. {missing[0]}")
-        self.close()
-        if self.split.is_sharded:
-            index = {"metadata": {"total_parameters": total_parameters, **self.split.metadata},
-                     "weight_map": self.split.tensor_to_filename}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
-                                                                      encoding="utf-8")
+    for filename, names in split.filename_to_tensors.items():
+        write_safetensors(folder / filename, {n: LazyTensor(functools.partial(read, n), *layout[n]) for n in sorted(names)})
+    bar.close()
+    if split.is_sharded:
+        index = {"metadata": {"total_parameters": sum(math.prod(s) for s, _ in layout.values()), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+                                                             encoding="utf-8")
 
 
 class _Sources:
@@ -750,7 +714,6 @@ def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = 
     (kind, experts, gate mode, degenerate layers, seconds)."""
     import time
 
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer, GenerationConfig
 
     t0 = time.time()
@@ -768,26 +731,24 @@ def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = 
     tmp = temp_path(output_dir)
     tmp.mkdir()
     sources = _Sources(plan)
-    writer = None
     try:
-        writer = ShardWriter(tmp, plan.layout, max_shard_size=max_shard_size)
-        for name in tqdm(list(plan.layout), desc="MoE tensors", disable=not progress):
+        def fetch(name: str) -> torch.Tensor:
             where, what = tensor_source(plan, name)
             if where == "expert":
-                value = sources.expert(what[0], what[1], name)
-            elif where == "router":
-                value = gates[what, :n]
-            elif where == "shared_gate":
-                value = gates[what, n:n + 1]
-            else:
-                value = sources.base(what)
-                if value is None and name.endswith("_proj.bias"):  # Qwen2-MoE's attention biases from a model without
-                    value = torch.zeros(plan.layout[name][0])
-                elif value is None:
-                    raise _err(cfg.path, "base_model", f"{plan.base_path} has no tensor '{name}', which the "
-                                                       f"{plan.kind.mergekit_name} output needs")
-            writer.put(name, value)
-        writer.finish(total_parameters=sum(math.prod(s) for s, _ in plan.layout.values()))
+                return sources.expert(what[0], what[1], name)
+            if where == "router":
+                return gates[what, :n]
+            if where == "shared_gate":
+                return gates[what, n:n + 1]
+            value = sources.base(what)
+            if value is None and name.endswith("_proj.bias"):  # Qwen2-MoE's attention biases, from a model without
+                return torch.zeros(plan.layout[name][0])
+            if value is None:
+                raise _err(cfg.path, "base_model", f"{plan.base_path} has no tensor '{name}', which the "
+                                                   f"{plan.kind.mergekit_name} output needs")
+            return value
+
+        write_shards(tmp, plan.layout, fetch, max_shard_size=max_shard_size, progress=progress)
         plan.out_config.save_pretrained(str(tmp))
         gen_file = plan.base_path / "generation_config.json"
         generation = (GenerationConfig.from_pretrained(str(plan.base_path)) if gen_file.is_file()
@@ -804,8 +765,6 @@ def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = 
         (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
         replace_path(tmp, output_dir)
     except BaseException:
-        if writer is not None:
-            writer.close()
         remove_path(tmp)
         raise
     finally:

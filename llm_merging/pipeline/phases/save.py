@@ -12,6 +12,7 @@ import torch
 from llm_merging.core.errors import ConfigError
 from llm_merging.merging.recipe import recipe_document, write_recipe
 from llm_merging.model.checkpoint import read_safetensors_header
+from llm_merging.model.engine import config_param_shapes
 from llm_merging.model.save import adapter_bytes, estimate_saved_bytes, save_full
 from llm_merging.pipeline.context import Phase, RunContext
 
@@ -46,6 +47,11 @@ class SavePhase(Phase):
                 if what:  # its ΔW has no input rank (DoRA's is not low rank)
                     raise ConfigError(f"--save adapter: '{e['id']}' is {what}; choose the adapter's rank with "
                                       "--adapter-rank R or --adapter-energy E")
+
+        fused = fused_expert_tensor(ctx)
+        if fused is not None:
+            raise ConfigError(f"--save adapter: parameter '{fused[0]}' is a {len(fused[1])}-D tensor {fused[1]} (the fused "
+                              "experts of a mixture-of-experts model) that a PEFT LoRA adapter cannot hold; use --save full")
 
     def expected_outputs(self, ctx: RunContext) -> list[str]:
         return ["recipe.yml", *SAVED[ctx.config.save]]
@@ -100,15 +106,35 @@ class SavePhase(Phase):
                 "extraction": writer.report()}
 
 
+def adapter_config_field(expert: dict[str, Any], field: str) -> Any:
+    """``field`` of a report's expert entry's adapter_config.json (None for a full model or when unreadable:
+    the expert's own loading names that problem)."""
+    if expert.get("kind") != "lora":
+        return None
+    try:
+        return json.loads((Path(expert["path"]) / "adapter_config.json").read_text(encoding="utf-8")).get(field)
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
 def is_dora(expert: dict[str, Any]) -> bool:
     """Whether a report's expert entry is a LoRA adapter with ``use_dora`` set in its adapter_config.json."""
-    if expert.get("kind") != "lora":
-        return False
-    try:
-        return bool(json.loads((Path(expert["path"]) / "adapter_config.json").read_text(encoding="utf-8"))
-                    .get("use_dora"))
-    except (OSError, ValueError, KeyError, AttributeError):
-        return False  # unreadable: the expert's own loading names the problem
+    return bool(adapter_config_field(expert, "use_dora"))
+
+
+def fused_expert_tensor(ctx: RunContext) -> tuple[str, tuple] | None:
+    """A 3-D (fused mixture-of-experts) parameter of the base that the experts change (full fine-tunes, or
+    LoRAs on bare parameters), with its shape: what no PEFT LoRA adapter can hold. None when there is none."""
+    experts = ctx.report["models"]["experts"]
+    full = any(e["kind"] == "full" for e in experts)
+    targets = [str(t) for e in experts for t in (adapter_config_field(e, "target_parameters") or ())]
+    if not full and not targets:
+        return None
+    base = ctx.report["models"]["base"]["path"]
+    for name, shape in config_param_shapes(base, ctx.method.architecture).items():
+        if len(shape) >= 3 and (full or any(name == t or name.endswith("." + t) for t in targets)):
+            return name, tuple(shape)
+    return None
 
 
 def adapter_estimate(ctx: RunContext) -> int:
