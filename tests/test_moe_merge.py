@@ -460,7 +460,8 @@ def test_passthrough_copies_moe_expert(moe):
             assert torch.equal(model.state_dict()[name], p), name
 
 
-@pytest.mark.parametrize("op, kwargs", [(ops.star, {"eta": 40.0}), (ops.cart, {"rank_ratio": 0.3})])
+@pytest.mark.parametrize("op, kwargs", [(ops.star, {"eta": 40.0}), (ops.cart, {"rank_ratio": 0.3}), (ops.tsv, {}),
+                                        (ops.iso_c, {}), (ops.iso_cts, {"common_space_fraction": 0.5})])
 def test_matrix_ops_treat_stacked_experts_per_matrix(op, kwargs):
     """A 3-D task vector (E, m, n) is E matrices: each gets its own spectrum, as on the unfused checkpoint."""
     g = torch.Generator().manual_seed(0)

@@ -23,6 +23,7 @@ from llm_merging.ops._common import (
     derive_seed,
     dot64,
     f32,
+    per_matrix,
     per_model,
     polar,
     stack_f32,
@@ -48,7 +49,7 @@ def tsv(task_vectors: Sequence[Tensor], scale: float = 1.0, *, rank_per_task: Op
     """TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task Interference in Model
     Merging"; reference code ``AntoAndGar/task_singular_vectors``, ``compute_and_sum_svd_mem_reduction``).
 
-    2-D τᵢ (m×n) with T tasks: τᵢ = Uᵢ Σᵢ Vᵢᵀ; keep each task's top k = ⌊min(m, n)/T⌋ singular triplets
+    2-D τᵢ (m×n) with T tasks (a 3-D stack of matrices, e.g. fused MoE experts: each matrix on its own): τᵢ = Uᵢ Σᵢ Vᵢᵀ; keep each task's top k = ⌊min(m, n)/T⌋ singular triplets
     (at least 1; ``rank_per_task`` overrides), concatenate U = [U₁ₖ … U_Tₖ], σ = [σ₁ₖ … σ_Tₖ],
     Vᵀ = [V₁ₖᵀ; …; V_Tₖᵀ], decorrelate by replacing U and Vᵀ with their orthogonal polar factors
     (U' = P Qᵀ from the thin SVD U = P S Qᵀ, likewise for Vᵀ), and return ``λ · U' diag(σ) V'ᵀ`` — a sum-like
@@ -56,6 +57,8 @@ def tsv(task_vectors: Sequence[Tensor], scale: float = 1.0, *, rank_per_task: Op
     """
     ts = check_tensors(task_vectors)
     lam = check_real(scale, "scale")
+    if ts[0].dim() == 3:
+        return per_matrix(tsv, ts, scale, rank_per_task=rank_per_task)
     if ts[0].dim() != 2:
         return _mean(ts) * lam
     n_tasks = len(ts)
@@ -89,6 +92,8 @@ def iso_c(task_vectors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
     """
     ts = check_tensors(task_vectors)
     lam = check_real(scale, "scale")
+    if ts[0].dim() == 3:
+        return per_matrix(iso_c, ts, scale)
     if ts[0].dim() != 2:
         return _mean(ts) * lam
     u, s, vh = torch.linalg.svd(_sum(ts), full_matrices=False)
@@ -108,6 +113,8 @@ def iso_cts(task_vectors: Sequence[Tensor], common_space_fraction: float = 0.8, 
     ts = check_tensors(task_vectors)
     lam = check_real(scale, "scale")
     frac = check_range(common_space_fraction, "common_space_fraction", 0.0, 1.0)
+    if ts[0].dim() == 3:
+        return per_matrix(iso_cts, ts, common_space_fraction, scale)
     if ts[0].dim() != 2:
         return _mean(ts) * lam
     n_tasks = len(ts)
