@@ -99,11 +99,11 @@ def configure(method: Merges, options: MethodOptions) -> None:
         method.list_models = list(options.models)
         if method.uses_engine():  # the engine takes adapters and full models alike: detect each
             method.is_peft = None
-        optional = getattr(method, "base_optional", False)
+        optional = method.base_optional
         if not options.base_model and not options.tiny and (optional or method.uses_engine()):
             # --models without --base-model: a merge without a base, the first model the template
             if not optional:
-                reason = getattr(method, "needs_base_because", "it merges task vectors (model − base)")
+                reason = method.needs_base_because
                 raise ConfigError(f"merge method '{method.name}' needs a base model (--base-model): {reason}")
             method.base_free = True
             method.base_model_name = str(options.models[0])

@@ -156,9 +156,9 @@ def parse_recipe(doc: Any, path: str) -> Recipe:
     base_free = base is None  # the first model is the template (config, tokenizer, tensors no model changes)
     if base_free:
         cls = get_method_class(method)
-        if (mk is not None and mk.needs_base) or not getattr(cls, "base_optional", False):
+        if (mk is not None and mk.needs_base) or not cls.base_optional:
             raise _err(path, "base_model", f"missing: merge method '{name}' needs a base_model: "
-                                           f"{getattr(cls, 'needs_base_because', 'it merges task vectors (model − base)')}")
+                                           f"{cls.needs_base_because}")
         named = [m.get("model") if isinstance(m, dict) else m for m in doc.get("models") or []]
         named += [src.get("model") for sl in doc.get("slices") or [] if isinstance(sl, dict)
                   for src in sl.get("sources") or [] if isinstance(src, dict)]
@@ -442,7 +442,7 @@ def recipe_document(method, models_info: dict | None, *, dtype: str | None, seed
         return doc
     experts = models_info.get("experts") or [{"id": r.id, "revision": r.revision} for r in method.model_refs()]
     base = models_info.get("base") or {"id": method.base_ref().id, "revision": method.base_ref().revision}
-    if getattr(method, "base_free", False):
+    if method.base_free:
         base = None  # a merge without a base model: the template is the first of the models
     specs = method.all_hyperparameters()
     ours = {k: v for k, v in method.hparams.items() if k in specs}
