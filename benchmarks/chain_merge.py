@@ -6,8 +6,8 @@ The chain: ``soup`` = task_arithmetic of two experts, ``blend`` = SLERP from ``s
 shape (default hidden 1024, vocabulary 32 000, 8 layers) in fp16. (No top-k method: fp16 task vectors
 have many equal magnitudes, and at a top-k threshold the two tools legitimately keep different ones; the
 fp32 parity of chains with TIES is in mergekit_parity.py.)
-Each tool runs in a fresh process under ``/usr/bin/time``; the script prints per way the wall time, the
-peak resident memory of the process and the largest relative difference of the final tensors to
+Each tool runs in a fresh process under ``/usr/bin/time``; the script prints per way the wall and CPU time,
+the peak resident memory of the process and the largest relative difference of the final tensors to
 mergekit-multi's. Run it under the shared lock::
 
     flock /tmp/llmm-bench.lock python benchmarks/chain_merge.py
@@ -73,8 +73,8 @@ def build_models(workdir: Path, hidden: int, layers: int, vocab: int) -> dict:
     return {"base": str(base), "experts": [str(e) for e in experts]}
 
 
-def timed(cmd: list[str], log: Path, env: dict) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of ``cmd`` in a fresh process (``/usr/bin/time -v``)."""
+def timed(cmd: list[str], log: Path, env: dict) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MiB) of ``cmd`` in a fresh process (``/usr/bin/time -v``)."""
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
@@ -83,7 +83,8 @@ def timed(cmd: list[str], log: Path, env: dict) -> tuple[float, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}); see {log}")
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    return seconds, int(rss.group(1)) / 1024 if rss else float("nan")
+    cpu = sum(float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text))
+    return seconds, cpu, int(rss.group(1)) / 1024 if rss else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,23 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     multi = Path(mergekit).with_name("mergekit-multi") if mergekit else None
     theirs = None
     if multi is not None and os.access(multi, os.X_OK):
-        s, rss = timed([str(multi), str(chain), "--intermediate-dir", str((runs / "mk_intermediates").resolve()),
+        s, cpu, rss = timed([str(multi), str(chain), "--intermediate-dir", str((runs / "mk_intermediates").resolve()),
                         "--out-path", str((runs / "mergekit").resolve()), "--quiet"],
                        runs / "mergekit.log", env)
         theirs = parity._load(runs / "mergekit")
-        rows.append(("mergekit-multi (intermediates on disk)", s, rss, 0.0))
+        rows.append(("mergekit-multi (intermediates on disk)", s, cpu, rss, 0.0))
     else:
         print("mergekit-multi not found: only our two ways run")
 
-    s, rss = timed([*ours_cmd, "--recipe", str(chain), "--output_folder", str(runs / "ours")], runs / "ours.log", env)
+    s, cpu, rss = timed([*ours_cmd, "--recipe", str(chain), "--output_folder", str(runs / "ours")], runs / "ours.log", env)
     report = json.loads(next((runs / "ours").glob("*/report.json")).read_text())
     final = parity._load(next((runs / "ours").glob("*/merged_model")))
     where = report["chain"]["intermediates"]
-    rows.append((f"llm_merging --recipe chain (intermediates: {where})", s, rss,
+    rows.append((f"llm_merging --recipe chain (intermediates: {where})", s, cpu, rss,
                  parity.compare(final, theirs)[0] if theirs is not None else float("nan")))
 
     # the same three merges as three runs, each reading the previous ones from disk
-    total, peak, paths = 0.0, 0.0, {}
+    total, total_cpu, peak, paths = 0.0, 0.0, 0.0, {}
     for doc in [docs[1], docs[2], docs[0]]:
         one = {k: v for k, v in doc.items() if k != "name"}
         text = yaml.safe_dump(one, sort_keys=False)
@@ -148,19 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         tag = doc.get("name", "final")
         recipe = runs / f"{tag}.yml"
         recipe.write_text(text)
-        s, rss = timed([*ours_cmd, "--recipe", str(recipe), "--output_folder", str(runs / f"sep-{tag}")],
+        s, cpu, rss = timed([*ours_cmd, "--recipe", str(recipe), "--output_folder", str(runs / f"sep-{tag}")],
                        runs / f"sep-{tag}.log", env)
-        total, peak = total + s, max(peak, rss)
+        total, total_cpu, peak = total + s, total_cpu + cpu, max(peak, rss)
         paths[tag] = str(next((runs / f"sep-{tag}").glob("*/merged_model")).resolve())
     separate = parity._load(Path(paths["final"]))
-    rows.append(("llm_merging, three runs through disk", total, peak,
+    rows.append(("llm_merging, three runs through disk", total, total_cpu, peak,
                  parity.compare(separate, theirs)[0] if theirs is not None else float("nan")))
     same = all(bool((final[k] == separate[k]).all()) for k in final)
 
     print(f"\nchain soup -> blend -> final, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, fp16, CPU")
-    print(f"{'way':52s} {'wall s':>8s} {'peak RSS MiB':>13s} {'max rel diff vs mergekit':>25s}")
-    for name, s, rss, diff in rows:
-        print(f"{name:52s} {s:8.1f} {rss:13.0f} {diff:25.2e}")
+    print(f"{'way':52s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MiB':>13s} {'max rel diff vs mergekit':>25s}")
+    for name, s, cpu, rss, diff in rows:
+        print(f"{name:52s} {s:8.1f} {cpu:8.1f} {rss:13.0f} {diff:25.2e}")
     print(f"chain == three separate runs, tensor for tensor: {same}")
     return 0 if same else 1
 

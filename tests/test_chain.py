@@ -176,6 +176,11 @@ def test_options_that_do_not_fit_a_chain_are_refused(capsys, tmp_path, models):
     assert code == 2 and "--set" in err[0] and "chains 3 merges" in err[0]
     code, err = run(capsys, tmp_path / "o2", "--recipe", str(path), "--save", "adapter")
     assert code == 2 and "--save adapter" in err[0] and "'a'" in err[0]
+    clash = tmp_path / "clash.yml"
+    final = FINAL.replace(": a\n", ": merged_model\n").replace("- model: b", "- model: E2")
+    clash.write_text(fill(f"name: merged_model\n{A}---\n{final}", models))
+    code, err = run(capsys, tmp_path / "o4", "--recipe", str(clash), "--save-intermediates")
+    assert code == 2 and "'merged_model' is an output of the run itself" in err[0], err
     single = tmp_path / "one.yml"
     single.write_text(fill(A, models))
     code, err = run(capsys, tmp_path / "o3", "--recipe", str(single), "--save-intermediates")

@@ -45,7 +45,8 @@ MEMORY_DIR = Path("/dev/shm")
 #: share of the available memory
 MEMORY_SHARE = 0.8
 #: names that would land on the run's own outputs under --save-intermediates
-RESERVED_OUTPUTS = {"merged_model", "adapter", "predictions", "lm_eval", "search"}
+RESERVED_OUTPUTS = {"merged_model", "adapter", "predictions", "lm_eval", "search", "plots", "recipe.yml",
+                    "report.json", "report.html", "scores.jsonl", "safetensor.pt"}
 
 
 class ChainPhase(Phase):
@@ -106,7 +107,8 @@ class ChainPhase(Phase):
                    ("--resume", cfg.resume, "the chain is merged again from the start"),
                    ("--analyze", cfg.insight.analyze, "analyze the experts of one merge at a time"),
                    ("--baselines", cfg.insight.baselines, "evaluate the experts of one merge at a time"),
-                   ("--calibration-data", cfg.calibration.given, "data-aware methods run one merge at a time")]
+                   ("--calibration-data" if cfg.calibration.data else "--calibration-examples", cfg.calibration.given,
+                    "data-aware methods run one merge at a time")]
         for flag, on, hint in refused:
             if on:
                 raise ConfigError(f"{flag}: recipe {chain.path} chains {len(chain.steps)} merges; {hint}")
