@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from llm_merging.core.errors import ConfigError
+from llm_merging.core.errors import ConfigError, first_line
 
 #: a temporary next to an output: ``.NAME.MARKER[.RAND].KIND`` (KIND tmp, old or journal)
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.llmm-(?P<pid>\d+)-(?P<start>\d+)-(?P<host>[A-Za-z0-9-]+)"
@@ -182,3 +182,50 @@ def check_output_folder(path: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise ConfigError(f"output folder '{path}' is not writable: {exc.strerror or exc}") from None
+
+
+def check_new_dir(path: str | os.PathLike, label: str, inputs: tuple = ()) -> Path:
+    """A directory a command is to create (``label`` names its flag or argument in the errors): it must not
+    exist or be an empty directory, and be none of ``inputs`` (nor hold one). One-line ConfigError
+    otherwise; returns the path."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{label} '{out}' is an existing file; give a new or empty directory")
+    target = out.resolve()
+    for given in inputs:
+        src = Path(given).resolve()
+        if target == src or target in src.parents:
+            raise ConfigError(f"{label} '{out}' overlaps the input '{given}'; give a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{label} '{out}' is not empty; give a new or empty directory")
+    return out
+
+
+def read_yaml_documents(path: str | os.PathLike, label: str) -> list[tuple[int, Any]]:
+    """``yaml.safe_load_all`` of a file as ``(document number, document)``, empty documents left out (a
+    trailing ``---``); one-line ConfigErrors start with ``label`` (e.g. ``recipe PATH``) and give the line."""
+    import yaml  # pyyaml: only the commands that read YAML load it
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{label}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{label}: not valid YAML{at}: {getattr(exc, 'problem', None) or first_line(exc)}") from None
+    return [(i, doc) for i, doc in enumerate(docs, start=1) if doc is not None]
+
+
+def check_keys(label: str, where: str, obj: Any, allowed: set[str]) -> dict:
+    """``obj`` as a mapping whose keys are all in ``allowed``; else a one-line ConfigError
+    ``"{label}: {where}.{key}: unknown key (known: ...)"`` (keys of any type)."""
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{label}: {where or 'top level'}: expected a mapping, got {type(obj).__name__}")
+    unknown = sorted(str(k) for k in obj if k not in allowed)
+    if unknown:
+        at = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{label}: {at}: unknown key (known: {', '.join(sorted(allowed))})")
+    return obj
