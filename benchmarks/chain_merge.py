@@ -6,14 +6,15 @@ The chain: ``soup`` = task_arithmetic of two experts, ``blend`` = SLERP from ``s
 shape (default hidden 1024, vocabulary 32 000, 8 layers) in fp16. (No top-k method: fp16 task vectors
 have many equal magnitudes, and at a top-k threshold the two tools legitimately keep different ones; the
 fp32 parity of chains with TIES is in mergekit_parity.py.)
-Each tool runs in a fresh process under ``/usr/bin/time``; the script prints per way the wall and CPU time,
-the peak resident memory of the process and the largest relative difference of the final tensors to
-mergekit-multi's. Run it under the shared lock::
+Each tool runs in a fresh process (``bench_util.run_measured``: its own wall and CPU time and peak RSS from
+``wait4``); the script prints per way the wall and CPU time, the peak resident memory of the process and the
+largest relative difference of the final tensors to mergekit-multi's::
 
-    flock /tmp/llmm-bench.lock python benchmarks/chain_merge.py
-    flock /tmp/llmm-bench.lock python benchmarks/chain_merge.py --hidden 256 --layers 2 --vocab 4096
+    python benchmarks/chain_merge.py [--mergekit PATH/TO/MERGEKIT-VENV]
+    python benchmarks/chain_merge.py --hidden 256 --layers 2 --vocab 4096
 
-mergekit-multi is found next to mergekit-yaml (PATH or ``$MERGEKIT_VENV``); without it only our two ways run.
+mergekit-multi is found next to mergekit-yaml (``--mergekit``: a virtual environment or its mergekit-yaml; else
+``$MERGEKIT_VENV``, else PATH); without it only our two ways run.
 """
 from __future__ import annotations
 
@@ -22,16 +23,15 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import mergekit_parity as parity  # noqa: E402  (its random base, tensor comparison, mergekit lookup)
+import mergekit_parity as parity  # noqa: E402  (its random base, tensor comparison)
+from bench_util import find_mergekit, run_measured  # noqa: E402
 
 
 def build_models(workdir: Path, hidden: int, layers: int, vocab: int) -> dict:
@@ -74,17 +74,11 @@ def build_models(workdir: Path, hidden: int, layers: int, vocab: int) -> dict:
 
 
 def timed(cmd: list[str], log: Path, env: dict) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds and peak RSS (MiB) of ``cmd`` in a fresh process (``/usr/bin/time -v``)."""
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
-    seconds = time.perf_counter() - t0
-    text = log.read_text(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}); see {log}")
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    cpu = sum(float(m) for m in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text))
-    return seconds, cpu, int(rss.group(1)) / 1024 if rss else float("nan")
+    """Wall seconds, CPU seconds and peak RSS (MiB) of ``cmd`` in a fresh process."""
+    m = run_measured(cmd, env=env, cwd=ROOT, log=log)
+    if m.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({m.returncode}); see {log}")
+    return m.wall_s, m.cpu_s, m.peak_rss_mib
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--mergekit", default=None, help="mergekit-yaml executable (mergekit-multi is taken next to it)")
+    p.add_argument("--mergekit", default=None, help="mergekit venv or its mergekit-yaml (mergekit-multi is taken next "
+                                                    "to it; default: $MERGEKIT_VENV, then PATH)")
     p.add_argument("--workdir", default=os.environ.get("LLM_MERGING_PARITY_DIR", "/tmp/llm_merging_mergekit_parity"))
     args = p.parse_args(argv)
 
@@ -120,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_cmd = [sys.executable, str(ROOT / "llm_merging" / "main.py"), "--no-eval", "--quiet", "--device", "cpu"]
     rows = []
 
-    mergekit = parity.find_mergekit(args.mergekit)
+    mergekit = find_mergekit("mergekit-yaml", args.mergekit)
     multi = Path(mergekit).with_name("mergekit-multi") if mergekit else None
     theirs = None
     if multi is not None and os.access(multi, os.X_OK):

@@ -18,8 +18,10 @@ independent noise, so shared tokens relate the two spaces as the approximations 
    0.1.5's ``common_interpolation`` fails on fp16 models: ``expected scalar type Float but found Half``), wall
    seconds and peak RSS of each process, and the largest relative difference between their output tensors.
 
-Run under the shared lock: ``flock /tmp/llmm-bench.lock python benchmarks/tokensurgeon.py``. mergekit is found
-on PATH or in ``$MERGEKIT_VENV`` (``--mergekit-venv``); without it only our side runs.
+Run: ``python benchmarks/tokensurgeon.py [--mergekit PATH/TO/MERGEKIT-VENV]``. mergekit is found through
+``--mergekit`` (alias ``--mergekit-venv``: a virtual environment or its ``mergekit-tokensurgeon``), ``$MERGEKIT_VENV``
+or PATH; the held-out comparison runs mergekit's functions with the ``python`` next to that executable. Without
+it only our side runs.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_util import find_mergekit, log_tail, run_measured  # noqa: E402  (benchmarks/ is sys.path[0])
 from llm_merging.model.tokensurgeon import (
     combine,
     common_interpolation,
@@ -255,16 +258,10 @@ def held_out(model: Path, donor: Path, n_holdout: int, mk_python: str | None, wo
 
 
 # --------------------------------------------------------------------------------------------- end to end
-def timed(cmd: list[str]) -> tuple[float, float, int, str]:
-    """Run ``cmd`` in a child that reports its own peak RSS: (wall s, peak RSS MiB, exit status, stderr tail)."""
-    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-               "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-               "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, p.returncode); "
-               "sys.stderr.write(p.stderr[-1500:])")
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    wall, rss, rc = proc.stdout.split()
-    return float(wall), int(rss) / 1024, int(rc), proc.stderr
+def timed(cmd: list[str], log: Path) -> tuple[float, float, int, str]:
+    """Run ``cmd`` in a fresh process (output to ``log``): (wall s, its peak RSS MiB, exit status, log tail)."""
+    m = run_measured(cmd, log=log, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    return m.wall_s, m.peak_rss_mib, m.returncode, log_tail(log) if m.returncode else ""
 
 
 def max_rel_diff(a: Path, b: Path) -> float:
@@ -288,15 +285,15 @@ def main() -> int:
     ap.add_argument("--e2e-args", default="-k 8",
                     help="options of both end-to-end runs (default: '-k 8', omp; omp at k=64 over every new token "
                          "takes many minutes on a small CPU: its time is the held-out one times new/held-out tokens)")
-    ap.add_argument("--mergekit-venv", default=os.environ.get("MERGEKIT_VENV", "/tmp/mkvenv"))
+    ap.add_argument("--mergekit", "--mergekit-venv", dest="mergekit", default=None,
+                    help="mergekit venv or its mergekit-tokensurgeon (default: $MERGEKIT_VENV, then PATH)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model, donor, where = build_pair(work, args.hidden, args.layers)
-    venv = Path(args.mergekit_venv)
-    mk_python = str(venv / "bin" / "python") if (venv / "bin" / "mergekit-tokensurgeon").is_file() else None
-    mk_cli = shutil.which("mergekit-tokensurgeon") or (str(venv / "bin" / "mergekit-tokensurgeon") if mk_python else None)
+    mk_cli = find_mergekit("mergekit-tokensurgeon", args.mergekit)
+    mk_python = next((str(p) for p in [Path(mk_cli).parent / "python"] if p.is_file()), None) if mk_cli else None
 
     from transformers import AutoTokenizer
 
@@ -317,10 +314,10 @@ def main() -> int:
         shutil.rmtree(p, ignore_errors=True)
     print(f"end to end ({' '.join(extra)}):")
     wall, rss, rc, err = timed([sys.executable, str(REPO / "llm_merging" / "main.py"), "tokensurgeon", str(model),
-                                str(donor), str(ours_out), "-q", *extra])
+                                str(donor), str(ours_out), "-q", *extra], work / "ours.log")
     print(f"  llm-merging tokensurgeon   {wall:7.1f} s  peak RSS {rss:7.0f} MiB" + ("" if rc == 0 else f"  FAILED {err}"))
     if mk_cli:
-        wall, rss, rc, err = timed([mk_cli, str(model), str(donor), str(mk_out), *extra])
+        wall, rss, rc, err = timed([mk_cli, str(model), str(donor), str(mk_out), *extra], work / "mergekit.log")
         print(f"  mergekit-tokensurgeon      {wall:7.1f} s  peak RSS {rss:7.0f} MiB" + ("" if rc == 0 else f"  FAILED {err}"))
         if rc == 0 and ours_out.is_dir():
             print(f"  largest relative difference of an output tensor: {max_rel_diff(ours_out, mk_out):.1e}")

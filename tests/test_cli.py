@@ -150,3 +150,15 @@ def test_starter_kit_validation_files_load_and_evaluate(tmp_path):
     assert sizes["cosmos_qa.json"] == 500 and sizes["xsum.json"] == 200 and sizes["test.csv"] == 807
     assert all(d["n_evaluated"] == 2 for d in report["evaluation"]["datasets"])
     assert (tmp_path / "linear" / "test_submission.csv").exists()
+
+
+def test_guarded_ctrl_c_is_one_line_and_130(capsys):
+    """Ctrl-C in any command (e.g. extract-lora, moe, tokensurgeon) exits 130 with one line, no traceback."""
+    from llm_merging.cli import guarded
+
+    def work() -> int:
+        raise KeyboardInterrupt
+
+    assert guarded(work) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: interrupted (Ctrl-C)"]

@@ -470,14 +470,21 @@ def test_cli_errors_are_one_line_and_leave_nothing(pairs, tmp_path, capsys, monk
         (["--model", root / "wider", "--rank", "2"], "shape"),
         (["--model", root / "vocab", "--rank", "2"], "rows"),
         (["--model", root / "gpt2", "--rank", "2"], "not a fine-tune"),
-        (["--model", ft, "--rank", "0"], "positive integer"),
-        (["--model", ft, "--rank", "-3"], "positive integer"),
+        (["--model", ft, "--rank", "0"], "--rank 0: expected a positive integer"),
+        (["--model", ft, "--rank", "-3"], "--rank -3: expected a positive integer"),
         (["--model", ft, "--rank", "97"], "exceeds the size of every matrix"),
-        (["--model", ft, "--energy", "0"], "outside (0, 1]"),
-        (["--model", ft, "--energy", "1.5"], "outside (0, 1]"),
-        (["--model", ft, "--rank", "2", "--max-rank", "4"], "max rank"),
+        (["--model", ft, "--energy", "0"], "--energy 0.0: outside (0, 1]"),
+        (["--model", ft, "--energy", "1.5"], "--energy 1.5: outside (0, 1]"),
+        (["--model", ft, "--energy", "nan"], "--energy nan: outside (0, 1]"),
+        (["--model", ft, "--energy", "inf"], "--energy inf: outside (0, 1]"),
+        (["--model", ft, "--rank", "2", "--max-rank", "4"], "--max-rank applies with --energy, not with --rank"),
+        (["--model", ft, "--energy", "0.5", "--max-rank", "0"], "--max-rank 0: expected a positive integer"),
+        (["--model", ft, "--energy", "0.5", "--max-rank", "-2"], "--max-rank -2: expected a positive integer"),
         (["--model", adapter, "--rank", "2"], "PEFT adapter"),
+        (["--model", root / "missing", "--rank", "2"], "--model: model directory"),
         (["--model", root / "missing", "--rank", "2"], "does not exist"),
+        (["--model", ft, "--rank", "2", "--out", base], "overlaps the input"),
+        (["--model", ft, "--rank", "2", "--out", base.parent], "overlaps the input"),  # holds both
     ]
     for argv, words in cases:
         out = tmp_path / "out"
@@ -486,8 +493,25 @@ def test_cli_errors_are_one_line_and_leave_nothing(pairs, tmp_path, capsys, monk
         assert not out.exists(), argv
     for out, words in ((root / "nonempty", "not empty"), (root / "afile", "existing file")):
         code, err = _cli(["--base-model", base, "--model", ft, "--out", out, "--rank", "2"], capsys)
-        assert code == 2 and words in err and "\n" not in err
+        assert code == 2 and words in err and "\n" not in err and err.startswith("error: --out")
     assert sorted(p.name for p in (root / "nonempty").iterdir()) == ["x.txt"]
+    # a bad option is the only line, even without -q (no hint logged before it)
+    code = extract_cli.main([str(a) for a in ("--base-model", base, "--model", ft, "--out", tmp_path / "o2",
+                                              "--energy", "1.5")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "--energy 1.5" in err, err
+    for kw, words in ((dict(rank=2.5), "--rank 2.5"), (dict(rank=True), "--rank True"), (dict(energy="x"), "--energy"),
+                      (dict(rank=2, energy=0.5), "give exactly one"), (dict(energy=0.5, max_rank=1.5), "--max-rank 1.5")):
+        with pytest.raises(ConfigError, match="^" + words.replace(".", r"\.")):
+            extract_lora(str(base), str(ft), tmp_path / "o3", progress=False, **kw)
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    # a hub id that is not cached: the hint names the flag that gave it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    code, err = _cli(["--base-model", "nobody/no-such-base", "--model", ft, "--out", tmp_path / "o4", "--rank", "2"],
+                     capsys)
+    assert code == 2 and "\n" not in err and err.startswith("error: --base-model: model 'nobody/no-such-base'"), err
+    assert "local directory as --base-model" in err and "--models" not in err
     # a full disk while writing: one line, nothing half-written
     from llm_merging.model import save as save_module
 

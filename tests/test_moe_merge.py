@@ -242,14 +242,21 @@ def test_merge_equals_per_expert_computation(moe, method, layouts):
 
 
 def test_fused_merge_differs_from_whole_tensor_math(moe):
-    """The per-expert split matters: TIES on the whole fused tensor (one top-k over all experts) is another
-    result, which the engine does not produce."""
-    base = _fp(moe["base"].get_parameter("model.layers.0.mlp.experts.gate_up_proj"))
-    tvs = [_fp(e.get_parameter("model.layers.0.mlp.experts.gate_up_proj")) - base for e in moe["experts"]]
-    tvs[0][1] *= 10  # expert 1 of model 0 changed much more: a global top-k keeps mostly its entries
-    whole = ops.ties(tvs, density=0.2)
-    per = torch.stack([ops.ties([t[e] for t in tvs], density=0.2) for e in range(N_EXPERTS)])
-    assert not torch.allclose(whole, per)
+    """The per-expert split matters and the engine does it: its TIES result on a fused tensor is the per-expert
+    one, not TIES on the whole fused tensor (one top-k over all experts), which is another result here."""
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    dirs = moe["dirs"]
+    model = _method("ties_merge", dirs["base", "fused"], [dirs["e0", "fused"], dirs["e1", "fused"]],
+                    {"density": 0.4}).merge()
+    base = _fp(moe["base"].get_parameter(name))
+    tvs = [_fp(e.get_parameter(name)) - base for e in moe["experts"]]
+    whole = base + ops.ties(tvs, density=0.4)
+    got = _fp(model.get_parameter(name))
+    assert not torch.allclose(got, whole, atol=1e-6)
+    half = base.shape[1] // 2  # gate and up projections of each expert are separate checkpoint matrices
+    for e, rows in [(e, rows) for e in range(N_EXPERTS) for rows in (slice(0, half), slice(half, None))]:
+        want = base[e, rows] + ops.ties([t[e, rows] for t in tvs], density=0.4)
+        torch.testing.assert_close(got[e, rows], want, atol=1e-6, rtol=1e-5)
 
 
 METHOD_VALUES = {"nearswap": {"t": 0.05}}  # values a method needs (no default)

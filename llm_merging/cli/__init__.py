@@ -1,7 +1,8 @@
-"""The command line: ``llm-merging`` (``python llm_merging/main.py``) runs a merge, ``llm-merging analyze``
-analyses experts. Both share the parser base, the logging set-up and the error-to-exit-status wrapper here.
+"""The command line: ``llm-merging`` (``python llm_merging/main.py``) runs a merge; ``llm-merging COMMAND``
+runs one of `COMMANDS` (``analyze``, ``extract-lora``, ``moe``, ``tokensurgeon``). All share the parser
+base, the logging set-up and the error-to-exit-status wrapper here.
 
-The commands (`run`, `analyze`) load the library (torch, transformers) when they are first used, through the
+The commands (`run` and the modules of `COMMANDS`) load the library (torch, transformers) when they are first used, through the
 same lazy attribute access as the package itself, so that ``--help`` and flag errors answer at once."""
 from __future__ import annotations
 
@@ -59,10 +60,15 @@ def setup_logging(quiet: bool, debug: bool, rank: int = 0) -> None:
 
 def guarded(work: Callable[[], int], *, debug: bool = False, report: bool = True) -> int:
     """Run ``work`` and turn what it raises into an exit status: a user error prints one line and returns
-    its status (2, or 3 for a spent budget); an internal error prints one line and returns 1 (with
-    ``--debug`` it raises, for the traceback). ``report=False``: exit statuses only (other processes)."""
+    its status (2, or 3 for a spent budget); Ctrl-C prints one line and returns 130; an internal error prints
+    one line and returns 1 (with ``--debug`` it raises, for the traceback). ``report=False``: exit statuses
+    only (other processes)."""
     try:
         return work()
+    except KeyboardInterrupt:
+        if report:
+            print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except LLMMergingError as exc:
         if report:
             print(f"error: {exc}", file=sys.stderr)

@@ -7,14 +7,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from llm_merging.cli import Parser, add_output_flags, guarded, setup_logging
 from llm_merging.core.budget import Budget
 from llm_merging.core.devices import check_device
 from llm_merging.core.errors import ConfigError
+from llm_merging.core.io import check_new_dir
 from llm_merging.data import EVAL_TYPES
 from llm_merging.lm_eval_tasks import LMEvalConfig, parse_args, parse_tasks
 from llm_merging.merging.Merges import Merges
-from llm_merging.model.moe import build_moe, list_kinds, load_moe_config, plan_moe
+from llm_merging.model.moe import build_moe, check_output_dir, list_kinds, load_moe_config, parse_shard_size, plan_moe
 from llm_merging.pipeline.config import RunConfig
 from llm_merging.pipeline.context import RunContext
 from llm_merging.pipeline.phases.evaluate import EvaluatePhase
@@ -37,14 +40,18 @@ def build_parser() -> Parser:
                description="Build a mixture-of-experts model (Mixtral, Qwen2-MoE or Qwen3-MoE) out of dense expert "
                            "models or LoRA adapters, from a mergekit-moe YAML; routers from prompts (gate_mode).")
     p.add_argument("config", nargs="?", help="the mergekit-moe YAML (base_model, experts, gate_mode, ...)")
-    p.add_argument("out_path", nargs="?", help="the output model directory (written whole or not at all)")
+    p.add_argument("out_path", nargs="?", metavar="OUT_DIR",
+                   help="the output model directory: new or empty (written whole or not at all)")
     p.add_argument("--list-architectures", dest="list_architectures", action="store_true",
                    help="list the output architectures and what they hold, and exit")
     p.add_argument("--seed", type=int, default=0, help="seed of random gates and of noise_scale (default 0)")
-    p.add_argument("--device", default="cpu", help="where the prompts' hidden states are computed (default cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="where the prompts' hidden states are computed: cpu, cuda, cuda:N or auto (the GPU when "
+                        "there is one); default cpu")
     p.add_argument("--allow-same-experts", dest="allow_same", action="store_true",
                    help="build even when every expert is the same model (only useful to train it afterwards)")
-    p.add_argument("--max-shard-size", dest="max_shard_size", default="5GB", help="safetensors shard size (default 5GB)")
+    p.add_argument("--max-shard-size", dest="max_shard_size", default="5GB",
+                   help="safetensors shard size, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     e = p.add_argument_group("evaluation of the built model (as a merge run evaluates)")
     e.add_argument("--eval", dest="evaluate", action="store_true", help="evaluate the built model")
     e.add_argument("-d", "--dataset_filepaths", nargs="+", default=None,
@@ -78,9 +85,14 @@ def main(argv: Sequence[str]) -> int:
         evaluating = args.evaluate or args.dataset_filepaths or args.lm_eval
         if not args.evaluate and evaluating:
             raise ConfigError("-d/--lm-eval choose what --eval evaluates: add --eval")
-        device = check_device(args.device) if args.device not in (None, "auto") else "cpu"
+        device = check_device(args.device or "cpu")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        shard_size = parse_shard_size(args.max_shard_size, "--max-shard-size")
+        check_new_dir(args.out_path, "OUT_DIR")  # before any model is resolved (a hub model may be downloaded)
         cfg = load_moe_config(args.config)
         plan = plan_moe(cfg, seed=args.seed, device=device, allow_same_experts=args.allow_same)
+        check_output_dir(plan, args.out_path, "OUT_DIR")  # and none of the inputs: before any weight is read
         phase = ctx = None
         if args.evaluate:  # the evaluation files and tasks are checked before the build
             lm_eval = None
@@ -97,7 +109,7 @@ def main(argv: Sequence[str]) -> int:
                              out_dir=Path(args.output_folder) / "moe")
             phase = EvaluatePhase()
             phase.check(ctx)
-        summary = build_moe(plan, args.out_path, progress=not args.quiet, max_shard_size=args.max_shard_size)
+        summary = build_moe(plan, args.out_path, progress=not args.quiet, max_shard_size=shard_size)
         print(f"built {summary['architecture']} with {summary['experts']} experts "
               f"({summary['experts_per_token']} per token, {summary['shared_experts']} shared, gate_mode "
               f"{summary['gate_mode']}, {summary['dtype']}) in {summary['seconds']:.1f} s: {summary['output']}")

@@ -51,7 +51,8 @@ def build_parser() -> Parser:
                         "(default: no)")
     p.add_argument("-nvs", "--new-vocab-scale", dest="new_vocab_scale", type=float, default=None,
                    help="multiply the approximated rows by this factor")
-    p.add_argument("--device", help="where approximations are computed: cpu, cuda, cuda:N (default: cpu)")
+    p.add_argument("--device", default="auto",
+                   help="where approximations are computed: auto, cpu, cuda, cuda:N (default: the GPU when there is one)")
     add_output_flags(p)
     return p
 
@@ -62,11 +63,11 @@ def main(argv: Sequence[str]) -> int:
     setup_logging(args.quiet, args.debug)
 
     def work() -> int:
-        device = check_device(args.device) if args.device else "cpu"
+        device = check_device(args.device)  # auto: the GPU when there is one (Options.torch_device)
         options = Options(method=args.method, k=args.k, cosine_similarity=args.cosine,
                           weight_scheme=args.weight_scheme, subword_method=args.subword_method,
                           batch_size=args.batch_size, prefix_match=args.prefix_match, byte_match=args.byte_match,
-                          new_vocab_scale=args.new_vocab_scale, device="cpu" if device in (None, "auto") else device)
+                          new_vocab_scale=args.new_vocab_scale, device=device)
         plan = plan_transplant(args.model, args.donor, args.out, options)
         report = transplant(args.model, args.donor, args.out, options, progress=not args.quiet, plan=plan)
         print(f"{args.out}: {args.model} with the tokenizer of {args.donor} ({report['rows']} rows, "

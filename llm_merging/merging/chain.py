@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_merging.core.errors import ConfigError, first_line
+from llm_merging.core.errors import ConfigError
+from llm_merging.core.io import read_yaml_documents
 from llm_merging.merging.recipe import Recipe, parse_recipe
 
 #: a merge's name: it becomes a folder name (``--save-intermediates``)
@@ -45,7 +46,7 @@ class Step:
 
 
 @dataclass
-class Chain:
+class MergeChain:
     """The merges of a multi-document recipe in the order they run (each after the merges it reads; the
     final one last)."""
 
@@ -73,40 +74,22 @@ class Chain:
         return out
 
 
-def read_documents(path: str | Path) -> list[tuple[int, Any]]:
-    """``yaml.safe_load_all`` of a recipe file as ``(document number, document)``, empty documents left out
-    (a trailing ``---``); one-line errors naming the file."""
-    import yaml
-
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"recipe {path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        docs = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"recipe {path}: not valid YAML{at}: {getattr(exc, 'problem', None) or first_line(exc)}") from None
-    return [(i, doc) for i, doc in enumerate(docs, start=1) if doc is not None]
-
-
 def is_chain(path: str | Path) -> bool:
     """Whether the recipe file is a chain: several documents, or a document with a ``name``. False when it
     cannot be read (reading it as one recipe then says why)."""
     try:
-        docs = read_documents(path)
+        docs = read_yaml_documents(path, f"recipe {path}")
     except ConfigError:
         return False
     return len(docs) > 1 or any(isinstance(doc, dict) and "name" in doc for _, doc in docs)
 
 
-def load_chain(path: str | Path) -> Chain:
+def load_chain(path: str | Path) -> MergeChain:
     """Read and check a chained recipe before any weight is loaded: every document a valid recipe, names
     valid and used once, at most one document without a name, no cycle, every merge used by the final one.
     Every error is one line naming the file and the document."""
     path = str(path)
-    docs = read_documents(path)
+    docs = read_yaml_documents(path, f"recipe {path}")
     if not docs:
         raise ConfigError(f"recipe {path}: no merge in the file")
     steps: list[Step] = []
@@ -163,7 +146,7 @@ def load_chain(path: str | Path) -> Chain:
                 break
         raise ConfigError(f"recipe {path} {step.label}: not used by the final merge (document {final.index}), "
                           f"directly or through other merges{hint}")
-    return Chain(path=path, steps=order)
+    return MergeChain(path=path, steps=order)
 
 
 def references(recipe: Recipe) -> list[str]:
@@ -278,7 +261,7 @@ def substitute(document: dict[str, Any], paths: dict[str, str]) -> dict[str, Any
     return doc
 
 
-def unknown_hint(ref: str, chain: Chain) -> str:
+def unknown_hint(ref: str, chain: MergeChain) -> str:
     """`` (did you mean the merge 'soup'?)`` when ``ref`` is close to the name of a merge of ``chain``."""
     close = difflib.get_close_matches(ref, chain.names, n=1, cutoff=0.6)
     return f" (did you mean the merge '{close[0]}'?)" if close else ""

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_merging.core.errors import ConfigError, first_line
-from llm_merging.core.io import atomic_write_text, scratch_directory
+from llm_merging.core.errors import ConfigError
+from llm_merging.core.io import atomic_write_text, check_keys, read_yaml_documents, scratch_directory
 from llm_merging.merging import get_method_class, method_targets, settings
 from llm_merging.merging.mergekit_names import MERGEKIT_METHODS
 
@@ -34,8 +34,8 @@ TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 OURS_KEYS = {"seed", "search"}  # search: the space of --search (llm_merging.search)
 DTYPES = ("float32", "float16", "bfloat16")
 OUR_PREFIX = "llm_merging."
-IGNORED = {"int8_mask"}
-MERGEKIT_REQUIRED = {"weight"}  # mergekit parameters without a default: a model lacking one is an error there too  # mergekit options with no effect on the values (int8 masks give the same result)
+IGNORED = {"int8_mask"}  # mergekit options with no effect on the values (int8 masks give the same result)
+MERGEKIT_REQUIRED = {"weight"}  # mergekit parameters without a default: a model lacking one is an error there too
 
 
 @dataclass
@@ -65,33 +65,15 @@ def _err(path: str, where: str, text: str) -> ConfigError:
     return ConfigError(f"recipe {path}: {where}: {text}")
 
 
-def _check_keys(path: str, where: str, obj: Any, allowed: set[str]) -> dict:
-    if not isinstance(obj, dict):
-        raise _err(path, where, f"expected a mapping, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
-        raise _err(path, f"{where}.{unknown[0]}" if where else unknown[0], f"unknown key (known: {', '.join(sorted(allowed))})")
-    return obj
-
-
-def read_yaml(path: str | Path) -> dict:
-    """``yaml.safe_load`` of a recipe file, with one-line errors."""
-    import yaml
-
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"recipe {path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"recipe {path}: not valid YAML{at}: {getattr(exc, 'problem', None) or first_line(exc)}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"recipe {path}: expected a mapping at the top level")
-    return doc
+def read_recipe_document(path: str | Path) -> Any:
+    """The one YAML document of a recipe file, with one-line errors (a file of several documents is a
+    chained recipe: :func:`llm_merging.merging.chain.load_chain`)."""
+    docs = read_yaml_documents(path, f"recipe {path}")
+    if not docs:
+        raise ConfigError(f"recipe {path}: expected a mapping at the top level, got an empty file")
+    if len(docs) > 1:
+        raise ConfigError(f"recipe {path}: {len(docs)} YAML documents (a chained recipe); one recipe is one document")
+    return docs[0][1]
 
 
 def _model_ref(path: str, where: str, value: Any, base: str | None) -> tuple[str, bool]:
@@ -112,13 +94,13 @@ def _model_ref(path: str, where: str, value: Any, base: str | None) -> tuple[str
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and check a recipe (before any weight is loaded); every error names the file and the key."""
-    return parse_recipe(read_yaml(path), str(path))
+    return parse_recipe(read_recipe_document(path), str(path))
 
 
 def parse_recipe(doc: Any, path: str) -> Recipe:
     """Check one recipe document already read; ``path`` names it in every error (a file, or one document
     of a chained recipe). Model references are kept as written (nothing is resolved)."""
-    doc = _check_keys(path, "", doc, TOP_KEYS)
+    doc = check_keys(f"recipe {path}", "", doc, TOP_KEYS)
     name = doc.get("merge_method")
     if not isinstance(name, str) or not name:
         raise _err(path, "merge_method", "missing (e.g. merge_method: ties)")
@@ -156,7 +138,7 @@ def parse_recipe(doc: Any, path: str) -> Recipe:
     base_free = base is None  # the first model is the template (config, tokenizer, tensors no model changes)
     if base_free:
         cls = get_method_class(method)
-        if (mk is not None and mk.needs_base) or not cls.base_optional:
+        if not cls.base_optional:  # a mergekit name's needs_base says the same (tests/test_recipes.py)
             raise _err(path, "base_model", f"missing: merge method '{name}' needs a base_model: "
                                            f"{cls.needs_base_because}")
         named = [m.get("model") if isinstance(m, dict) else m for m in doc.get("models") or []]
@@ -180,7 +162,8 @@ def parse_recipe(doc: Any, path: str) -> Recipe:
             raise _err(path, "models", "expected a non-empty list")
         for i, entry in enumerate(doc["models"]):
             where = f"models[{i}]"
-            entry = _check_keys(path, where, {"model": entry} if isinstance(entry, str) else entry, MODEL_KEYS)
+            entry = check_keys(f"recipe {path}", where, {"model": entry} if isinstance(entry, str) else entry,
+                               MODEL_KEYS)
             ref, is_base = _model_ref(path, f"{where}.model", entry.get("model"), base)
             if is_base:
                 base_listed = True
@@ -198,7 +181,7 @@ def parse_recipe(doc: Any, path: str) -> Recipe:
         start = 0
         for k, sl in enumerate(slices):
             where = f"slices[{k}]"
-            sl = _check_keys(path, where, sl, SLICE_KEYS)
+            sl = check_keys(f"recipe {path}", where, sl, SLICE_KEYS)
             if sl.get("base_model") is not None or sl.get("residual_weight") is not None:
                 raise _err(path, f"{where}.base_model", "per-slice base models and residual weights are not supported")
             sources = sl.get("sources")
@@ -209,7 +192,7 @@ def parse_recipe(doc: Any, path: str) -> Recipe:
             these, per_source, length = [], {}, None
             for j, src in enumerate(sources):
                 sw = f"{where}.sources[{j}]"
-                src = _check_keys(path, sw, src, SOURCE_KEYS)
+                src = check_keys(f"recipe {path}", sw, src, SOURCE_KEYS)
                 ref, is_base = _model_ref(path, f"{sw}.model", src.get("model"), base)
                 key = "__base__" if is_base else ref
                 base_listed |= is_base
@@ -277,7 +260,7 @@ def _finish(path, doc, name, mk, method, base, models, hparams, slice_lengths, s
     if doc.get("tokenizer_source") is not None:
         tok = {"source": _tokenizer_source(path, "tokenizer_source", doc["tokenizer_source"], base)}
     elif doc.get("tokenizer") is not None:
-        t = _check_keys(path, "tokenizer", doc["tokenizer"], TOKENIZER_KEYS)
+        t = check_keys(f"recipe {path}", "tokenizer", doc["tokenizer"], TOKENIZER_KEYS)
         tok = {"source": _tokenizer_source(path, "tokenizer.source", t.get("source", "union"), base),
                "tokens": t.get("tokens") or {}, "pad_to_multiple_of": t.get("pad_to_multiple_of")}
         pad = tok["pad_to_multiple_of"]
@@ -294,7 +277,7 @@ def _finish(path, doc, name, mk, method, base, models, hparams, slice_lengths, s
         if value is not None and str(value).replace("torch.", "") not in DTYPES:
             raise _err(path, key, f"expected one of {', '.join(DTYPES)}, got {value!r}")
         dtypes[key] = None if value is None else str(value).replace("torch.", "")
-    extra = _check_keys(path, "llm_merging", doc.get("llm_merging") or {}, OURS_KEYS)
+    extra = check_keys(f"recipe {path}", "llm_merging", doc.get("llm_merging") or {}, OURS_KEYS)
     seed = extra.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise _err(path, "llm_merging.seed", f"expected an integer, got {seed!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -20,10 +21,11 @@ from tqdm.auto import tqdm
 
 from llm_merging.core.devices import check_device
 from llm_merging.core.errors import CheckpointError, ConfigError, first_line
+from llm_merging.core.io import check_new_dir
 from llm_merging.core.outputs import check_space
 from llm_merging.model import auto_model_class, is_conv1d
 from llm_merging.model.checkpoint import FullExpert, name_summary
-from llm_merging.model.refs import ModelRef, hf_token, is_adapter_dir
+from llm_merging.model.refs import is_adapter_dir, resolve_ref
 from llm_merging.model.save import EMBEDDING_MODES, AdapterWriter, LazyTensor
 
 logger = logging.getLogger(__name__)
@@ -32,24 +34,32 @@ logger = logging.getLogger(__name__)
 FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_out_dir(out: str | Path) -> Path:
-    """The output directory must not exist, or be an empty directory (one-line ConfigError otherwise)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out '{out}' is an existing file; give a new directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"--out '{out}' is not empty; give a new or empty directory")
-    return out
+def check_options(rank: Any = None, energy: Any = None, max_rank: Any = None) -> None:
+    """The rank rule's options, each a one-line ConfigError naming its flag: exactly one of ``rank`` (a
+    positive integer) and ``energy`` (0 < E ≤ 1), ``max_rank`` (a positive integer) only with ``energy``."""
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if (rank is None) == (energy is None):
+        raise ConfigError("give exactly one of --rank R or --energy E")
+    if rank is not None and not positive_int(rank):
+        raise ConfigError(f"--rank {rank!r}: expected a positive integer")
+    if energy is not None:
+        ok = isinstance(energy, (int, float)) and not isinstance(energy, bool) and math.isfinite(energy)
+        if not ok or not 0 < energy <= 1:
+            raise ConfigError(f"--energy {energy!r}: outside (0, 1]; expected a fraction of ‖ΔW‖_F² such as 0.9")
+    if max_rank is not None:
+        if rank is not None:
+            raise ConfigError("--max-rank applies with --energy, not with --rank")
+        if not positive_int(max_rank):
+            raise ConfigError(f"--max-rank {max_rank!r}: expected a positive integer")
 
 
-def _resolve(value: str, flag: str) -> tuple[ModelRef, Path]:
-    ref = ModelRef.parse(value)
-    path = ref.resolve(hf_token())
+def _check_full_model(value: str, path: Path, flag: str) -> None:
     if is_adapter_dir(path):
         raise ConfigError(f"{flag} '{value}' is a PEFT adapter (adapter_config.json); extract-lora takes a full model")
     if not (path / "config.json").is_file():
         raise ConfigError(f"{flag} '{value}': no config.json in {path}; expected a Hugging Face model directory")
-    return ref, path
 
 
 def _config(path: Path, flag: str) -> dict:
@@ -129,8 +139,7 @@ def extract_lora(base_model: str, model: str, out: str | Path, *, rank: int | No
     report (``extract_report.json``) with ``out`` and ``seconds``.
     """
     t0 = time.time()
-    if (rank is None) == (energy is None):
-        raise ConfigError("give exactly one of --rank R or --energy E")
+    check_options(rank, energy, max_rank)
     if energy is not None and max_rank is None:
         logger.info("--energy without --max-rank: full SVDs where a module needs a high rank (give --max-rank to "
                     "bound the rank and use the faster randomized SVD)")
@@ -142,9 +151,11 @@ def extract_lora(base_model: str, model: str, out: str | Path, *, rank: int | No
                            dtype=FACTOR_DTYPES[dtype])
     dev_name = check_device(device) if device else "auto"
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if dev_name == "auto" else torch.device(dev_name)
-    out = check_out_dir(out)
-    base_ref, base_path = _resolve(base_model, "--base-model")
-    ft_ref, ft_path = _resolve(model, "--model")
+    base_ref, base_path = resolve_ref(base_model, "--base-model")
+    ft_ref, ft_path = resolve_ref(model, "--model")
+    _check_full_model(base_model, base_path, "--base-model")
+    _check_full_model(model, ft_path, "--model")
+    out = check_new_dir(out, "--out", inputs=(base_path, ft_path))
     base_cfg, ft_cfg = _config(base_path, "--base-model"), _config(ft_path, "--model")
     for key in ("model_type", "architectures"):
         if base_cfg.get(key) != ft_cfg.get(key):

@@ -35,11 +35,12 @@ from typing import Any
 import torch
 
 from llm_merging.core.errors import ConfigError, LLMMergingError, first_line
-from llm_merging.core.io import remove_path, replace_path, temp_path
+from llm_merging.core.io import check_keys, check_new_dir, read_yaml_documents, remove_path, replace_path, temp_path
 from llm_merging.model.checkpoint import CheckpointReader, shape_str
 from llm_merging.model.lora import LoraAdapter
 from llm_merging.model.refs import ModelRef, hf_token, is_adapter_dir
 from llm_merging.model.save import LazyTensor, model_card, write_safetensors
+from llm_merging.model.tokenizer_union import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -129,16 +130,6 @@ def _err(path: str, where: str, text: str) -> ConfigError:
     return ConfigError(f"moe config {path}: {where}: {text}")
 
 
-def _check_keys(path: str, where: str, obj: Any, allowed: set[str]) -> dict:
-    if not isinstance(obj, dict):
-        raise _err(path, where or "top level", f"expected a mapping, got {type(obj).__name__}")
-    unknown = sorted(str(k) for k in set(obj) - allowed)
-    if unknown:
-        raise _err(path, f"{where}.{unknown[0]}" if where else unknown[0],
-                   f"unknown key (known: {', '.join(sorted(allowed))})")
-    return obj
-
-
 def _prompts(path: str, where: str, value: Any) -> list[str] | None:
     if value is None:
         return None
@@ -164,7 +155,7 @@ def _model_text(path: str, where: str, value: Any) -> str:
 def _expert(path: str, where: str, obj: Any) -> ExpertSpec:
     if isinstance(obj, str):
         obj = {"source_model": obj}
-    obj = _check_keys(path, where, obj, EXPERT_KEYS)
+    obj = check_keys(f"moe config {path}", where, obj, EXPERT_KEYS)
     if "source_model" not in obj:
         raise _err(path, f"{where}.source_model", "missing")
     return ExpertSpec(source_model=_model_text(path, f"{where}.source_model", obj["source_model"]),
@@ -176,22 +167,16 @@ def _expert(path: str, where: str, obj: Any) -> ExpertSpec:
 
 
 def load_moe_config(path: str | os.PathLike) -> MoEConfig:
-    """Read a mergekit-moe YAML (``yaml.safe_load``) and check its keys and values; one-line ConfigErrors
+    """Read a mergekit-moe YAML (one document) and check its keys and values; one-line ConfigErrors
     naming the file and the key. Nothing else is opened."""
-    import yaml
-
     path = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"moe config {path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"moe config {path}: not valid YAML{at}: {getattr(exc, 'problem', None) or first_line(exc)}") from None
-    doc = _check_keys(path, "", doc, TOP_KEYS)
+    label = f"moe config {path}"
+    docs = read_yaml_documents(path, label)
+    if len(docs) != 1:
+        raise ConfigError(f"{label}: expected one YAML document (a mapping with base_model and experts), "
+                          f"found {len(docs)}")
+    doc = check_keys(label, "", docs[0][1], TOP_KEYS)
+    text = Path(path).read_text(encoding="utf-8")  # copied into the output as written
     if "base_model" not in doc:
         raise _err(path, "base_model", "missing")
     base = _model_text(path, "base_model", doc["base_model"])
@@ -400,7 +385,7 @@ def output_config(kind: OutputKind, base_config, num_experts: int, experts_per_t
     return out
 
 
-def saved_layout(out_config, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def output_tensor_layout(out_config, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The tensors ``save_pretrained`` writes for ``out_config`` (names after tied-weight removal and
     transformers' weight-conversion reversal: experts one by one), with shapes: from a model built on the
     meta device (no memory)."""
@@ -509,10 +494,43 @@ def plan_moe(cfg: MoEConfig, *, seed: int = 0, device: str = "cpu", allow_same_e
     if cfg.tokenizer_source and cfg.tokenizer_source != "base":
         tokenizer_path = _resolve(cfg, "tokenizer_source", cfg.tokenizer_source)
     tokenizer = _check_tokenizer(cfg, tokenizer_path, int(base_config.vocab_size))
-    layout = saved_layout(out_config, out_dtype)
+    layout = output_tensor_layout(out_config, out_dtype)
     return MoEPlan(config=cfg, kind=kind, base_path=base_path, base_config=base_config, out_config=out_config,
                    out_dtype=out_dtype, tokenizer_path=tokenizer_path, layout=layout, seed=seed, device=device,
                    tokenizer=tokenizer)
+
+
+def input_dirs(plan: MoEPlan) -> tuple[Path, ...]:
+    """Every local directory the build reads: the base, the experts and their adapters, the tokenizer source."""
+    dirs = [plan.base_path, plan.tokenizer_path]
+    for e in list(plan.config.experts) + list(plan.config.shared_experts):
+        dirs += [p for p in (e.model_path, e.lora_path) if p is not None]
+    return tuple(dict.fromkeys(dirs))
+
+
+def check_output_dir(plan: MoEPlan, output_dir: str | os.PathLike, label: str = "output_dir") -> Path:
+    """``output_dir`` as a directory to create: new or empty, and none of the inputs (nor above one);
+    a one-line ConfigError naming ``label`` otherwise (``core.io.check_new_dir``)."""
+    return check_new_dir(output_dir, label, inputs=input_dirs(plan))
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+               "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+def parse_shard_size(value: str | int, label: str = "max_shard_size") -> int:
+    """A shard size in bytes: an integer, or a number with KB/MB/GB/TB (powers of 1000, as ``save_pretrained``)
+    or KiB/MiB/GiB/TiB; a one-line ConfigError naming ``label`` otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise ConfigError(f"{label} {value!r}: expected a size such as 5GB, 500MB or 2GiB (or a number of bytes)")
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if n < 1:
+        raise ConfigError(f"{label} {value!r}: expected a positive size such as 5GB")
+    return n
 
 
 def _stored_dtype(config_json: dict) -> torch.dtype:
@@ -523,13 +541,11 @@ def _stored_dtype(config_json: dict) -> torch.dtype:
 
 def _check_tokenizer(cfg: MoEConfig, path: Path, vocab: int):
     """The output tokenizer, loaded; it must fit the base model's embedding rows."""
-    from transformers import AutoTokenizer
-
     key = "tokenizer_source" if cfg.tokenizer_source else "base_model"
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as exc:
-        raise _err(cfg.path, key, f"cannot load a tokenizer from {path}: {first_line(exc)}") from None
+        tok = load_tokenizer(path, f"'{cfg.tokenizer_source or cfg.base_model}'")
+    except LLMMergingError as exc:
+        raise type(exc)(f"moe config {cfg.path}: {key}: {exc}") from None
     if len(tok) > vocab:
         raise _err(cfg.path, key, f"the tokenizer in {path} has {len(tok)} tokens, more than the base model's "
                                   f"{vocab} embedding rows")
@@ -542,9 +558,7 @@ def _check_tokenizer(cfg: MoEConfig, path: Path, vocab: int):
 def prompt_tokenizer(path: str | os.PathLike):
     """The base tokenizer set up as mergekit-moe uses it for prompts: left padding, padded with BOS (EOS
     when there is none)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = load_tokenizer(Path(path), "the base model")
     tok.padding_side = "left"
     tok.pad_token_id = tok.bos_token_id
     if tok.pad_token_id is None:
@@ -608,7 +622,7 @@ def compute_gates(plan: MoEPlan, progress: bool = True) -> torch.Tensor:
 # writing
 # ------------------------------------------------------------------------------------------------------
 def write_shards(folder: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 fetch: Callable[[str], torch.Tensor], *, max_shard_size: str = "5GB",
+                 fetch: Callable[[str], torch.Tensor], *, max_shard_size: str | int = "5GB",
                  progress: bool = False) -> None:
     """Write the tensors of ``layout`` (name -> shape, dtype) into ``folder`` as ``save_pretrained`` shards
     them (``split_torch_state_dict_into_shards``; an index when there are several), each tensor read by
@@ -618,7 +632,7 @@ def write_shards(folder: Path, layout: dict[str, tuple[tuple[int, ...], torch.dt
 
     meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in layout.items()}
     split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
+                                               max_shard_size=parse_shard_size(max_shard_size))
     bar = tqdm(total=len(layout), desc="MoE tensors", disable=not progress)
 
     def read(name: str) -> torch.Tensor:
@@ -709,15 +723,18 @@ def tensor_source(plan: MoEPlan, name: str) -> tuple[str, Any]:
 
 
 def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = True,
-              gates: torch.Tensor | None = None, max_shard_size: str = "5GB") -> dict[str, Any]:
-    """Compute the gates (unless given) and write the MoE into ``output_dir`` (atomically). Returns a summary
-    (kind, experts, gate mode, degenerate layers, seconds)."""
+              gates: torch.Tensor | None = None, max_shard_size: str | int = "5GB") -> dict[str, Any]:
+    """Compute the gates (unless given) and write the MoE into ``output_dir`` (atomically): it must be new or
+    empty and none of the inputs (checked first, with ``max_shard_size``). Returns a summary (kind, experts,
+    gate mode, degenerate layers, seconds)."""
     import time
 
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     t0 = time.time()
     cfg = plan.config
+    output_dir = check_output_dir(plan, output_dir)
+    max_shard_size = parse_shard_size(max_shard_size)
     if gates is None:
         gates = compute_gates(plan, progress=progress)
     degenerate = degenerate_layers(gates)
@@ -726,7 +743,6 @@ def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = 
                        "similar, and some experts will rarely be chosen there", len(degenerate), gates.shape[0],
                        degenerate[0])
     n = len(cfg.experts)
-    output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(output_dir)
     tmp.mkdir()
@@ -754,7 +770,7 @@ def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = 
         generation = (GenerationConfig.from_pretrained(str(plan.base_path)) if gen_file.is_file()
                       else GenerationConfig.from_model_config(plan.out_config))
         generation.save_pretrained(str(tmp))
-        (plan.tokenizer or AutoTokenizer.from_pretrained(str(plan.tokenizer_path))).save_pretrained(str(tmp))
+        (plan.tokenizer or load_tokenizer(plan.tokenizer_path, "the output")).save_pretrained(str(tmp))
         (tmp / "mergekit_moe_config.yml").write_text(cfg.text, encoding="utf-8")
         info = {"method": f"moe ({plan.kind.mergekit_name}, gate_mode {cfg.gate_mode})",
                 "base": {"id": cfg.base_model},

@@ -56,16 +56,28 @@ class ModelRef:
         """True when the resolved directory holds a PEFT adapter (``adapter_config.json``)."""
         return self.local_path is not None and is_adapter_dir(self.local_path)
 
-    def resolve(self, token: str | None = None) -> Path:
-        """Return the local directory of this reference, from disk or the Hugging Face cache."""
+    def resolve(self, token: str | None = None, flag: str | None = None) -> Path:
+        """Return the local directory of this reference, from disk or the Hugging Face cache (``flag``: the
+        option or argument that gave it, named in the hint of a not-found error)."""
         if self.local_path is None:
-            self.local_path = resolve_path(self.id, self.revision, token)
+            self.local_path = resolve_path(self.id, self.revision, token, flag=flag)
         return self.local_path
 
 
 def hf_token() -> str | None:
     """``HF_AUTH_TOKEN`` (the starter kit's variable) or ``HF_TOKEN``; unset or empty means none."""
     return os.environ.get("HF_AUTH_TOKEN") or os.environ.get("HF_TOKEN") or None
+
+
+def resolve_ref(value: str, label: str) -> tuple[ModelRef, Path]:
+    """Parse ``value`` (``path``, ``id`` or ``id@revision``) and resolve it with the Hugging Face token
+    (`hf_token`); ``label`` is the option or argument that gave it (``--base-model``, ``MODEL``): a
+    ModelNotFoundError is one line starting with it. Returns the reference and its local directory."""
+    try:
+        ref = ModelRef.parse(value)
+        return ref, ref.resolve(hf_token(), flag=label)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"{label}: {exc}") from None
 
 
 def _offline() -> bool:
@@ -77,12 +89,14 @@ def _looks_local(model_id: str) -> bool:
     return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
 
 
-def resolve_path(model_id: str, revision: str | None = None, token: str | None = None) -> Path:
+def resolve_path(model_id: str, revision: str | None = None, token: str | None = None, *,
+                 flag: str | None = None) -> Path:
     """Resolve ``model_id`` to a local directory.
 
     Order: an existing local directory; the Hugging Face cache (``HF_HOME`` / ``HF_HUB_CACHE``) for
     ``revision``; a download when the Hub is reachable and ``HF_HUB_OFFLINE`` is not set.
-    Raises ModelNotFoundError with one line naming the model and how to provide it.
+    Raises ModelNotFoundError with one line naming the model and how to provide it (``flag``: the option or
+    argument to give a local directory with; default ``--base-model/--models``).
     """
     expanded = Path(os.path.expanduser(model_id))
     if expanded.is_dir():
@@ -100,7 +114,7 @@ def resolve_path(model_id: str, revision: str | None = None, token: str | None =
         pass
     how = (
         f"download it first (`hf download {model_id}{' --revision ' + revision if revision else ''}`), "
-        "or pass a local directory with --base-model/--models"
+        f"or pass a local directory {'as ' + flag if flag else 'with --base-model/--models'}"
     )
     if _offline():
         raise ModelNotFoundError(

@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from llm_merging.core.io import TEMP_NAME, atomic_path, atomic_write_json, host_
 from llm_merging.core.outputs import disk_full, disk_full_message, owner_alive
 from llm_merging.model import is_conv1d
 from llm_merging.model.checkpoint import read_safetensors_header, saved_tensors
+from llm_merging.model.engine import config_param_shapes
+from llm_merging.model.refs import ADAPTER_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +99,11 @@ def save_full(model: torch.nn.Module, tokenizer, output_dir: str | Path, info: d
     return output_dir
 
 
-_ST_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+#: bytes per value of each safetensors dtype
+SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                     "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+#: tensors kept whole by ``--save adapter`` (modules_to_save) when they change: embeddings and the LM head
+EMBEDDING_NAMES = re.compile(r"(^|\.)(embed\w*|wte|wpe|shared|lm_head)(\.|$)")
 _ST_FLOATS = {"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
@@ -121,7 +128,7 @@ def estimate_saved_bytes(model_dir: str | Path, dtype: torch.dtype | None = None
             total += f.stat().st_size
     for f in tensors:
         for st_dtype, numel in header_values(f).items():
-            total += numel * (out_size if out_size and st_dtype in _ST_FLOATS else _ST_BYTES.get(st_dtype, 4))
+            total += numel * (out_size if out_size and st_dtype in _ST_FLOATS else SAFETENSORS_BYTES.get(st_dtype, 4))
     return total
 
 
@@ -137,6 +144,44 @@ def header_values(path: str | Path) -> dict[str, int]:
     return out
 
 
+def read_adapter_config(path: str | Path) -> dict | None:
+    """The ``adapter_config.json`` of the adapter directory ``path``, or None when it is missing, unreadable
+    or not a JSON object (loading the adapter, :meth:`llm_merging.model.lora.LoraAdapter.load`, names why)."""
+    try:
+        config = json.loads((Path(path) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def adapter_config_field(expert: dict[str, Any], field: str) -> Any:
+    """``field`` of a report's expert entry's (``kind``, ``path``) adapter_config.json; None for a full model
+    or when unreadable (the expert's own loading names that problem)."""
+    if expert.get("kind") != "lora" or expert.get("path") is None:
+        return None
+    return (read_adapter_config(expert["path"]) or {}).get(field)
+
+
+def is_dora(expert: dict[str, Any]) -> bool:
+    """Whether a report's expert entry is a LoRA adapter with ``use_dora`` set in its adapter_config.json."""
+    return bool(adapter_config_field(expert, "use_dora"))
+
+
+def fused_expert_tensor(experts: list[dict], base_dir: str | Path, architecture: str) -> tuple[str, tuple] | None:
+    """A parameter of 3 or more dimensions (fused mixture-of-experts weights) of the base model in ``base_dir``
+    that the experts (report entries: ``kind``, ``path``) change — full fine-tunes, or LoRAs on bare
+    parameters (``target_parameters``) —, with its shape: what no PEFT LoRA adapter can hold. None when there
+    is none. The base's shapes come from its config alone, read only when an expert may change such a tensor."""
+    full = any(e["kind"] == "full" for e in experts)
+    targets = [str(t) for e in experts for t in (adapter_config_field(e, "target_parameters") or ())]
+    if not full and not targets:
+        return None
+    for name, shape in config_param_shapes(base_dir, architecture).items():
+        if len(shape) >= 3 and (full or any(name == t or name.endswith("." + t) for t in targets)):
+            return name, tuple(shape)
+    return None
+
+
 def adapter_bytes(experts: list[dict], rank: int | None) -> int:
     """About the bytes of ``--save adapter``'s float32 factors (:class:`AdapterWriter`), from the input
     adapters' headers (``experts``: their ``path``): at the default rank (the sum of the input ranks) the
@@ -144,15 +189,45 @@ def adapter_bytes(experts: list[dict], rank: int | None) -> int:
     per_rank, total = [], 0
     for e in experts:
         path = Path(e["path"])
+        config = read_adapter_config(path)
+        if config is None:
+            continue
         try:
             values = sum(sum(header_values(f).values()) for f in sorted(path.glob("*.safetensors")))
-            r = int(json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("r") or 1)
+            r = int(config.get("r") or 1)
         except (OSError, ValueError, TypeError, LLMMergingError):
             continue
         total += 4 * values
         per_rank.append(4 * values / max(r, 1))
     if rank is not None and per_rank:
         return int(sum(per_rank) / len(per_rank) * rank)
+    return total
+
+
+def adapter_estimate(experts: list[dict], base_dir: str | Path, rank: int | None) -> int:
+    """About the bytes of ``--save adapter``'s output for the experts (report entries: ``kind``, ``path``)
+    over the base model in ``base_dir``; ``rank``: ``--adapter-rank``, else ``--adapter-max-rank``, else None.
+    LoRA experts only: :func:`adapter_bytes` from the input adapters' headers (at ``rank``, else the sum of
+    the input ranks). With a full fine-tune every weight may change, so from the base checkpoint's headers:
+    float32 factors ``r·(m + n)`` per matrix (``r`` the rank, capped at ``min(m, n)``; without a rank, the
+    rank at which the factors are as large as the matrix), and every other tensor (embeddings, LM head,
+    norms, biases) whole in its own dtype (``modules_to_save``)."""
+    if not any(e["kind"] == "full" for e in experts):
+        return adapter_bytes(experts, rank)
+    base = Path(base_dir)
+    files = sorted(base.glob("*.safetensors")) if base.is_dir() else []
+    if not files:  # no headers to read: the merged model in float32
+        return estimate_saved_bytes(base, torch.float32, weights_only=True)
+    total = 0
+    for f in files:
+        for name, info in read_safetensors_header(f).items():
+            shape = [int(d) for d in info.get("shape", [])]
+            if len(shape) == 2 and min(shape) > 0 and not EMBEDDING_NAMES.search(name):
+                m, n = shape
+                r = min(rank or max(1, m * n // (m + n)), m, n)
+                total += 4 * r * (m + n)
+            else:  # kept whole, in its own dtype
+                total += SAFETENSORS_BYTES.get(info.get("dtype"), 4) * math.prod(shape)
     return total
 
 

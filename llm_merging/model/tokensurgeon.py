@@ -55,15 +55,17 @@ from typing import Any, Union
 import torch
 from tqdm.auto import tqdm
 
+from llm_merging.core.devices import check_device
 from llm_merging.core.errors import (
     CheckpointError,
     ConfigError,
     ModelNotFoundError,
     first_line,
 )
+from llm_merging.core.io import check_new_dir
 from llm_merging.model import auto_model_class
 from llm_merging.model.checkpoint import CheckpointReader, match_names, shape_str
-from llm_merging.model.refs import resolve_path
+from llm_merging.model.refs import resolve_ref
 from llm_merging.model.save import NotStreamable, StreamingSave
 from llm_merging.model.tokenizer_union import (
     TokenSource,
@@ -385,6 +387,7 @@ class Options:
     prefix_match: str = "no"
     byte_match: str = "no"
     new_vocab_scale: float | None = None
+    #: where approximations are computed: ``cpu``, ``cuda[:N]`` or ``auto`` (the GPU when there is one)
     device: str = "cpu"
 
     def check(self) -> None:
@@ -404,6 +407,17 @@ class Options:
                                   f"got {getattr(self, name)!r}")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool):
             raise ConfigError(f"--batch-size must be an integer (0 or less: all at once), got {self.batch_size!r}")
+        scale = self.new_vocab_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale) or scale <= 0):
+            raise ConfigError(f"--new-vocab-scale must be a finite positive number, got {scale!r}")
+        check_device(str(self.device))
+
+    def torch_device(self) -> torch.device:
+        """``device`` as a torch device (``auto``: the GPU when there is one, else the CPU)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     def allows(self, which: str, is_lm_head: bool) -> bool:
         scope = getattr(self, which)
@@ -431,7 +445,7 @@ def approximate_rows(model_rows: torch.Tensor, donor_rows: torch.Tensor | None, 
         return subword_rows(model_rows, pieces, options.subword_method, is_lm_head)
     if donor_rows is None:
         raise ValueError(f"the {method} method needs DONOR's embedding matrix")
-    device = torch.device(options.device)
+    device = options.torch_device()
     atoms = donor_rows.index_select(0, match.shared_donor).to(device=device, dtype=torch.float32)
     basis = model_rows.index_select(0, match.shared_model).to(device=device)
     targets_all = donor_rows.index_select(0, match.new_ids)
@@ -459,7 +473,7 @@ def build_matrix(model_rows: torch.Tensor, donor_rows: torch.Tensor | None, matc
     out = align_rows([model_rows], [match.index_map], match.rows, base=0, overrides=overrides, names=[name])[0]
     new = approximate_rows(model_rows, donor_rows, match, options, tokenizer=tokenizer, is_lm_head=is_lm_head,
                            progress=progress)
-    if options.new_vocab_scale:
+    if options.new_vocab_scale is not None:
         new = new * options.new_vocab_scale
     if len(match.new_ids):
         out[match.new_ids] = new.to(out.dtype)
@@ -505,11 +519,9 @@ def _param_name(model, module) -> str | None:
     return None
 
 
-def _open_side(ref: str, label: str, need_weights: bool) -> Side:
-    try:
-        path = resolve_path(ref)
-    except ModelNotFoundError as exc:
-        raise ModelNotFoundError(f"{label}: {exc}") from None
+def _open_side(ref: str, path: Path, label: str, need_weights: bool) -> Side:
+    """``ref`` (resolved to ``path``) as one side of the transplant, ``label`` (``MODEL``/``DONOR``) naming it in
+    errors; ``need_weights``: its config, checkpoint and embedding keys are read too."""
     if not has_tokenizer(path):
         raise ModelNotFoundError(f"{label} {ref} has no tokenizer (looked for tokenizer.json, tokenizer_config.json, "
                                  "tokenizer.model, vocab.json ...)")
@@ -556,13 +568,6 @@ def _open_side(ref: str, label: str, need_weights: bool) -> Side:
     return side
 
 
-def _check_out(out: Path) -> None:
-    if out.is_file() or out.is_symlink():
-        raise ConfigError(f"output {out} is a file; give a new or empty directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"output directory {out} is not empty; give a new or empty directory")
-
-
 # --------------------------------------------------------------------------------------------------------
 # the transplant
 # --------------------------------------------------------------------------------------------------------
@@ -583,12 +588,11 @@ def plan_transplant(model: str, donor: str, out: str, options: Options | None = 
     vocabularies; reads checkpoint headers and tokenizers only. One-line `LLMMergingError`s."""
     options = options or Options()
     options.check()
-    out_path = Path(out).expanduser()
-    _check_out(out_path)
-    m = _open_side(str(model), "model", need_weights=True)
-    d = _open_side(str(donor), "donor", need_weights=options.method in DONOR_WEIGHT_METHODS)
-    if out_path.resolve() in (m.path.resolve(), d.path.resolve()):
-        raise ConfigError(f"output {out_path} is one of the inputs")
+    _, model_dir = resolve_ref(str(model), "MODEL")
+    _, donor_dir = resolve_ref(str(donor), "DONOR")
+    out_path = check_new_dir(Path(out).expanduser(), "OUT", inputs=(model_dir, donor_dir))
+    m = _open_side(str(model), model_dir, "MODEL", need_weights=True)
+    d = _open_side(str(donor), donor_dir, "DONOR", need_weights=options.method in DONOR_WEIGHT_METHODS)
     matches: dict[str, VocabMatch] = {}
     for which, key in (("embed", m.embed_key), ("lm_head", m.head_key)):
         if key is None:

@@ -11,7 +11,7 @@ from llm_merging.core.errors import BudgetExceeded
 from llm_merging.core.io import jsonable
 from llm_merging.core.outputs import OutputFolders
 from llm_merging.core.processes import SINGLE, Processes
-from llm_merging.merging.chain import Chain
+from llm_merging.merging.chain import MergeChain
 from llm_merging.merging.Merges import Merges
 from llm_merging.merging.settings import settings_json
 from llm_merging.pipeline.config import RunConfig
@@ -32,7 +32,7 @@ class RunContext:
     phases: list["Phase"] = field(default_factory=list)  # the enabled phases of this run, in order
     preflight_ok: bool = False  # every check passed: outputs may be written
     outputs: OutputFolders = field(default_factory=OutputFolders)  # the output folders this run holds
-    chain: Chain | None = None  # a chained recipe's merges (--recipe with several documents)
+    chain: MergeChain | None = None  # a chained recipe's merges (--recipe with several documents)
 
     def check_budget(self, what: str) -> None:
         """BudgetExceeded when the wall-clock budget is spent (on any process)."""

@@ -26,7 +26,7 @@ from llm_merging.core.errors import ConfigError, LLMMergingError, ModelNotFoundE
 from llm_merging.core.io import scratch_dir
 from llm_merging.core.outputs import sweep
 from llm_merging.core.resources import available_bytes
-from llm_merging.merging.chain import Chain, Step, is_chain, references, substitute, unknown_hint
+from llm_merging.merging.chain import MergeChain, Step, is_chain, references, substitute, unknown_hint
 from llm_merging.merging.Merges import Merges
 from llm_merging.merging.recipe import parse_recipe, reproducing_document
 from llm_merging.model.refs import ModelRef, hf_token, is_adapter_dir
@@ -100,7 +100,7 @@ class ChainPhase(Phase):
                     len(chain.steps), " -> ".join(s.name or "final" for s in chain.steps), self.mode,
                     self.peak / 2**20)
 
-    def _check_options(self, ctx: RunContext, chain: Chain) -> None:
+    def _check_options(self, ctx: RunContext, chain: MergeChain) -> None:
         cfg = ctx.config
         refused = [("--set", bool(cfg.overrides), "set each merge's values in its document"),
                    ("--search", cfg.search is not None, "search one merge at a time"),
@@ -119,7 +119,7 @@ class ChainPhase(Phase):
             raise ConfigError(f"--save adapter: the base model of recipe {chain.path} {chain.final.label} is the merge "
                               f"'{chain.final.recipe.base_model}', which exists only during the run; use --save full")
 
-    def _resolve(self, chain: Chain) -> dict[str, Path]:
+    def _resolve(self, chain: MergeChain) -> dict[str, Path]:
         """Every model reference that is not a merge of the chain, resolved (one line naming the document)."""
         out: dict[str, Path] = {}
         names = set(chain.names)
@@ -136,7 +136,7 @@ class ChainPhase(Phase):
                         f"nor a model{unknown_hint(ref, chain)}: {exc}") from None
         return out
 
-    def _root_model(self, chain: Chain, ref: str, paths: dict[str, Path]) -> Path:
+    def _root_model(self, chain: MergeChain, ref: str, paths: dict[str, Path]) -> Path:
         """The model whose tensors a reference's have the shapes of: a merge's base model, followed down."""
         seen = set()
         while ref in chain.names and ref not in seen:
@@ -144,7 +144,7 @@ class ChainPhase(Phase):
             ref = chain.step(ref).recipe.base_model
         return paths[ref]
 
-    def _planned_models(self, chain: Chain, paths: dict[str, Path]) -> dict[str, Any]:
+    def _planned_models(self, chain: MergeChain, paths: dict[str, Path]) -> dict[str, Any]:
         """report.json ``models`` of the final merge until its inputs exist: an intermediate merge stands as
         ``chain_merge`` with the path of the model its shapes come from (what the disk checks measure)."""
         def entry(ref: str) -> dict[str, Any]:
@@ -276,7 +276,7 @@ def saved_dtype(method: Merges) -> torch.dtype:
     return getattr(torch, recipe.out_dtype) if recipe is not None and recipe.out_dtype else method.torch_dtype()
 
 
-def peak_bytes(chain: Chain, sizes: dict[str, int]) -> int:
+def peak_bytes(chain: MergeChain, sizes: dict[str, int]) -> int:
     """The most bytes of intermediate merges that exist at once when each is removed after its last reader."""
     last = chain.last_use()
     live: dict[str, int] = {}

@@ -1,9 +1,6 @@
 """The save phase: ``recipe.yml`` and the merged model (``--save full|kit|adapter|none``)."""
 from __future__ import annotations
 
-import json
-import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +8,8 @@ import torch
 
 from llm_merging.core.errors import ConfigError
 from llm_merging.merging.recipe import recipe_document, write_recipe
-from llm_merging.model.checkpoint import read_safetensors_header
-from llm_merging.model.engine import config_param_shapes
-from llm_merging.model.save import adapter_bytes, estimate_saved_bytes, save_full
+from llm_merging.model.save import adapter_estimate, estimate_saved_bytes, fused_expert_tensor, is_dora, save_full
 from llm_merging.pipeline.context import Phase, RunContext
-
-#: tensors kept whole by --save adapter (modules_to_save) when they change: embeddings and the LM head
-EMBEDDING_NAMES = re.compile(r"(^|\.)(embed\w*|wte|wpe|shared|lm_head)(\.|$)")
-
-#: bytes per value of the safetensors dtypes a checkpoint's floating-point tensors have
-SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 #: what each --save mode writes in OUTPUT/METHOD/ besides recipe.yml
 SAVED = {"full": ["merged_model/"], "kit": ["safetensor.pt"], "adapter": ["adapter/"], "none": []}
@@ -48,7 +37,8 @@ class SavePhase(Phase):
                     raise ConfigError(f"--save adapter: '{e['id']}' is {what}; choose the adapter's rank with "
                                       "--adapter-rank R or --adapter-energy E")
 
-        fused = fused_expert_tensor(ctx)
+        models = ctx.report["models"]
+        fused = fused_expert_tensor(models["experts"], models["base"]["path"], method.architecture)
         if fused is not None:
             raise ConfigError(f"--save adapter: parameter '{fused[0]}' is a {len(fused[1])}-D tensor {fused[1]} (the fused "
                               "experts of a mixture-of-experts model) that a PEFT LoRA adapter cannot hold; use --save full")
@@ -67,7 +57,10 @@ class SavePhase(Phase):
             what = "the merged model" + (" (merged_model/)" if mode == "full" else " (safetensor.pt)")
             needs.append((ctx.out_dir, estimate_saved_bytes(base, dtype, weights_only=mode == "kit"), what))
         elif mode == "adapter":
-            needs.append((ctx.out_dir, adapter_estimate(ctx), "the adapter (adapter/)"))
+            models = ctx.report["models"]
+            size = adapter_estimate(models["experts"], models["base"]["path"],
+                                    method.adapter_rank or method.adapter_max_rank)
+            needs.append((ctx.out_dir, size, "the adapter (adapter/)"))
         return needs
 
     def run(self, ctx: RunContext) -> dict[str, Any] | None:
@@ -104,64 +97,3 @@ class SavePhase(Phase):
                 "max_relative_error": round(max(errors.values()), 6) if errors else 0.0,
                 "relative_error_by_module": {m: round(e, 6) for m, e in errors.items()},
                 "extraction": writer.report()}
-
-
-def adapter_config_field(expert: dict[str, Any], field: str) -> Any:
-    """``field`` of a report's expert entry's adapter_config.json (None for a full model or when unreadable:
-    the expert's own loading names that problem)."""
-    if expert.get("kind") != "lora":
-        return None
-    try:
-        return json.loads((Path(expert["path"]) / "adapter_config.json").read_text(encoding="utf-8")).get(field)
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None
-
-
-def is_dora(expert: dict[str, Any]) -> bool:
-    """Whether a report's expert entry is a LoRA adapter with ``use_dora`` set in its adapter_config.json."""
-    return bool(adapter_config_field(expert, "use_dora"))
-
-
-def fused_expert_tensor(ctx: RunContext) -> tuple[str, tuple] | None:
-    """A 3-D (fused mixture-of-experts) parameter of the base that the experts change (full fine-tunes, or
-    LoRAs on bare parameters), with its shape: what no PEFT LoRA adapter can hold. None when there is none."""
-    experts = ctx.report["models"]["experts"]
-    full = any(e["kind"] == "full" for e in experts)
-    targets = [str(t) for e in experts for t in (adapter_config_field(e, "target_parameters") or ())]
-    if not full and not targets:
-        return None
-    base = ctx.report["models"]["base"]["path"]
-    for name, shape in config_param_shapes(base, ctx.method.architecture).items():
-        if len(shape) >= 3 and (full or any(name == t or name.endswith("." + t) for t in targets)):
-            return name, tuple(shape)
-    return None
-
-
-def adapter_estimate(ctx: RunContext) -> int:
-    """About the bytes of ``--save adapter``'s output. LoRA experts only: :func:`adapter_bytes` from the input
-    adapters' headers (at ``--adapter-rank``, else ``--adapter-max-rank``, else the sum of the input ranks).
-    With a full fine-tune every weight may change, so from the base checkpoint's headers: float32 factors
-    ``r·(m + n)`` per matrix (``r`` the rank, capped at ``min(m, n)``; with ``--adapter-energy`` and no
-    ``--adapter-max-rank``, the rank at which the factors are as large as the matrix), and every other
-    tensor (embeddings, LM head, norms, biases) whole in its own dtype (``modules_to_save``)."""
-    method = ctx.method
-    experts = ctx.report["models"]["experts"]
-    bound = method.adapter_rank or method.adapter_max_rank
-    if not any(e["kind"] == "full" for e in experts):
-        return adapter_bytes(experts, bound)
-    base = Path(ctx.report["models"]["base"]["path"])
-    files = sorted(base.glob("*.safetensors")) if base.is_dir() else []
-    if not files:  # no headers to read: the merged model in float32
-        return estimate_saved_bytes(base, torch.float32, weights_only=True)
-    total = 0
-    for f in files:
-        for name, info in read_safetensors_header(f).items():
-            shape = [int(d) for d in info.get("shape", [])]
-            if len(shape) == 2 and min(shape) > 0 and not EMBEDDING_NAMES.search(name):
-                m, n = shape
-                r = min(bound or max(1, m * n // (m + n)), m, n)
-                total += 4 * r * (m + n)
-            else:  # kept whole, in its own dtype
-                total += SAFETENSORS_BYTES.get(info.get("dtype"), 4) * math.prod(shape)
-    return total
-
