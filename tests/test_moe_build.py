@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import mergekit_tool
 
 from llm_merging.cli import moe as moe_cli
 from llm_merging.model import moe, tiny
@@ -440,6 +441,88 @@ def test_error_same_model_everywhere(tmp_path, capsys, llama):
     _bad(tmp_path, capsys, doc, ("experts", "--allow-same-experts"))
 
 
+def test_error_out_dir_not_new(tmp_path, capsys, llama):
+    """OUT_DIR must be new or empty and none of the inputs: refused before any weight is read, its files
+    intact; an empty existing directory is built into."""
+    base = tmp_path / "base-copy"  # a copy: were OUT_DIR == base replaced, only the copy would be lost
+    shutil.copytree(llama["base"], base)
+    expert = tmp_path / "expert-copy"
+    shutil.copytree(llama[0], expert)
+    doc = {"base_model": str(base), "gate_mode": "random", "dtype": "float32",
+           "experts": [_expert(expert, 0, False), _expert(llama[1], 1, False)]}
+    cfg = _config(tmp_path, doc)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine", encoding="utf-8")
+    before = {d: sorted((p.name, p.stat().st_size) for p in d.iterdir()) for d in (base, expert, full)}
+    for out in (full, base, expert, tmp_path, full / "notes.txt"):
+        code = moe_cli.main([str(cfg), str(out), "-q"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        why = "existing file" if out.is_file() else "not empty"
+        assert f"OUT_DIR '{out}'" in err[0] and why in err[0], err[0]
+    assert {d: sorted((p.name, p.stat().st_size) for p in d.iterdir()) for d in before} == before
+    assert (full / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    plan = moe.plan_moe(moe.load_moe_config(cfg))  # the library call refuses too
+    with pytest.raises(moe.ConfigError, match="output_dir .* overlaps the input"):
+        moe.build_moe(plan, base, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert moe_cli.main([str(cfg), str(empty), "-q"]) == 0
+    _load(empty)
+
+
+def test_error_max_shard_size(tmp_path, capsys, llama):
+    err = _bad(tmp_path, capsys, _ok_doc(llama, gate_mode="random"), ("--max-shard-size", "banana"),
+               "--max-shard-size", "banana")
+    assert "internal" not in err
+    _bad(tmp_path, capsys, _ok_doc(llama, gate_mode="random"), ("--max-shard-size", "'0'"), "--max-shard-size", "0")
+    assert moe.parse_shard_size("200KB") == 200_000 and moe.parse_shard_size("2GiB") == 2 * 2 ** 30
+    assert moe.parse_shard_size(" 1.5 MB") == 1_500_000 and moe.parse_shard_size(123) == 123
+
+
+def test_error_yaml_documents(tmp_path, capsys, llama):
+    """Exactly one YAML document; broken YAML names the line."""
+    out = tmp_path / "bad-out"
+    for name, text, expect in (("two.yml", yaml.safe_dump(_ok_doc(llama)) + "---\n" + yaml.safe_dump(_ok_doc(llama)),
+                                "found 2"),
+                               ("empty.yml", "", "found 0"),
+                               ("broken.yml", "base_model: [a\nexperts: b\n", "not valid YAML at line"),
+                               ("list.yml", "- a\n- b\n", "top level: expected a mapping, got list")):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        code = moe_cli.main([str(tmp_path / name), str(out), "-q"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert f"moe config {tmp_path / name}" in err[0] and expect in err[0], err[0]
+    assert not out.exists()
+
+
+def test_error_tokenizer_source_without_tokenizer(tmp_path, capsys, llama):
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    shutil.copy(Path(llama["base"]) / "config.json", notok / "config.json")
+    _bad(tmp_path, capsys, _ok_doc(llama, gate_mode="random", tokenizer_source=str(notok)),
+         ("tokenizer_source", "cannot load the tokenizer", str(notok)))
+
+
+def test_device_auto_is_the_gpu_when_there_is_one(tmp_path, capsys, llama, monkeypatch):
+    seen = []
+
+    def plan(cfg, **kw):
+        seen.append(kw["device"])
+        raise moe.ConfigError("stop here")
+
+    monkeypatch.setattr(moe_cli, "plan_moe", plan)
+    cfg = _config(tmp_path, _ok_doc(llama))
+    for gpu in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        assert moe_cli.main([str(cfg), str(tmp_path / "out"), "-q", "--device", "auto"]) == 2
+    assert seen == ["cuda", "cpu"]
+    assert moe_cli.main([str(cfg), str(tmp_path / "out"), "-q", "--device", "tpu"]) == 2
+    assert "--device" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_failure_while_writing_leaves_nothing(tmp_path, llama, monkeypatch):
     real = moe.write_safetensors
 
@@ -456,9 +539,7 @@ def test_failure_while_writing_leaves_nothing(tmp_path, llama, monkeypatch):
 
 # ------------------------------------------------------------------------------------------- mergekit
 def _mergekit_moe() -> str | None:
-    venv = os.environ.get("MERGEKIT_VENV")
-    exe = os.path.join(venv, "bin", "mergekit-moe") if venv else None
-    return exe if exe and os.access(exe, os.X_OK) else shutil.which("mergekit-moe")
+    return mergekit_tool("mergekit-moe")
 
 
 def _both(tmp_path, doc, name):

@@ -17,7 +17,14 @@ from llm_merging.core.io import check_new_dir
 from llm_merging.data import EVAL_TYPES
 from llm_merging.lm_eval_tasks import LMEvalConfig, parse_args, parse_tasks
 from llm_merging.merging.Merges import Merges
-from llm_merging.model.moe import build_moe, check_output_dir, list_kinds, load_moe_config, parse_shard_size, plan_moe
+from llm_merging.model.moe import (
+    build_moe,
+    check_output_dir,
+    list_kinds,
+    load_moe_config,
+    parse_shard_size,
+    plan_moe,
+)
 from llm_merging.pipeline.config import RunConfig
 from llm_merging.pipeline.context import RunContext
 from llm_merging.pipeline.phases.evaluate import EvaluatePhase

@@ -16,7 +16,7 @@ computes it (``gate_mode``):
 The output is a transformers 5 directory (the same tensor names ``save_pretrained`` writes) written tensor by
 tensor into preallocated safetensors shards: at most one input tensor is in memory at a time (plus the base
 model for ``hidden`` gates, freed before writing). Every check runs before any weight is read; the directory
-is written under a temporary name and renamed into place.
+(new or empty, none of the inputs) is written under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
@@ -35,7 +35,14 @@ from typing import Any
 import torch
 
 from llm_merging.core.errors import ConfigError, LLMMergingError, first_line
-from llm_merging.core.io import check_keys, check_new_dir, read_yaml_documents, remove_path, replace_path, temp_path
+from llm_merging.core.io import (
+    check_keys,
+    check_new_dir,
+    read_yaml_documents,
+    remove_path,
+    replace_path,
+    temp_path,
+)
 from llm_merging.model.checkpoint import CheckpointReader, shape_str
 from llm_merging.model.lora import LoraAdapter
 from llm_merging.model.refs import ModelRef, hf_token, is_adapter_dir
