@@ -220,6 +220,26 @@ def test_dora_or_full_experts_need_an_adapter_rank_or_energy(capsys, tmp_path):
         assert "--adapter-rank R or --adapter-energy E" in err[0] and _files(out) == []
 
 
+def test_adapter_config_reading_for_the_save_checks(tmp_path):
+    from llm_merging.model.save import adapter_config_field, is_dora, read_adapter_config
+
+    dora = _lora(tmp_path / "dora", 44, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    plain = tiny.lora_expert_dir("decoder", 0)
+    assert read_adapter_config(dora) == json.loads((dora / "adapter_config.json").read_text())
+    assert is_dora({"kind": "lora", "path": str(dora)}) and not is_dora({"kind": "lora", "path": str(plain)})
+    assert adapter_config_field({"kind": "lora", "path": str(plain)}, "r") == json.loads(
+        (plain / "adapter_config.json").read_text())["r"]
+    # a full model, no path, no file, not JSON, not an object: None (loading the expert names the problem)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "list").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{r: ")
+    (tmp_path / "list" / "adapter_config.json").write_text("[1]")
+    assert not is_dora({"kind": "full", "path": str(dora)}) and adapter_config_field({"kind": "lora"}, "r") is None
+    for folder in ("missing", "bad", "list"):
+        assert read_adapter_config(tmp_path / folder) is None
+        assert adapter_config_field({"kind": "lora", "path": str(tmp_path / folder)}, "r") is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Full fine-tunes and mixed experts: extracted by the same writer, reloaded within the reported error
 
@@ -363,19 +383,14 @@ def test_save_adapter_of_loras_from_the_command_line_stays_exact(capsys, tmp_pat
 
 @pytest.mark.parametrize("options", [{"rank": 6}, {"energy": 0.5}, {"energy": 0.9, "max_rank": 3}])
 def test_disk_estimate_of_an_adapter_of_full_experts(options, tmp_path):
-    from types import SimpleNamespace
-
-    from llm_merging.model.save import header_values
-    from llm_merging.pipeline.phases.save import adapter_estimate
+    from llm_merging.model.save import adapter_estimate, header_values
 
     experts = [tiny.full_expert_dir("decoder", i) for i in range(2)]
     m, _ = _merge("task_arithmetic", experts, **options)
     written = sum(n * (2 if dtype in ("F16", "BF16") else 4)
                   for dtype, n in header_values(_save(m, tmp_path) / "adapter_model.safetensors").items())
-    ctx = SimpleNamespace(method=m, report={"models": {
-        "base": {"path": str(tiny.base_dir("decoder"))},
-        "experts": [{"kind": "full", "path": str(e)} for e in experts]}})
-    estimate = adapter_estimate(ctx)
+    estimate = adapter_estimate([{"kind": "full", "path": str(e)} for e in experts], tiny.base_dir("decoder"),
+                                m.adapter_rank or m.adapter_max_rank)
     if "max_rank" not in options and "rank" not in options:  # ranks unknown beforehand: each matrix's factors
         assert estimate >= written                               # counted as large as the matrix in float32
     else:  # every tensor of these experts changed: the estimate is the adapter's size

@@ -144,6 +144,10 @@ def test_a_named_last_merge_is_the_final_one_without_an_unnamed_document(tmp_pat
     (f"name: a/b\n{A}---\n{FINAL}", "document 1: name"),
     # a bad document: the error names it
     (f"name: a\n{A}foo: 1\n---\nname: b\n{B}---\n{FINAL}", "document 1 ('a'): foo: unknown key"),
+    # keys of several types (YAML allows any key)
+    (f"name: a\n{A}---\nname: b\n{B}7: 1\nfoo: 2\n---\n{FINAL}", "document 2 ('b'): 7: unknown key"),
+    # not valid YAML: the line
+    (f"name: a\n{A}---\nname: b\n{B}x: [1\n---\n{FINAL}", "not valid YAML at line"),
 ])
 def test_bad_chains_are_one_line_errors(tmp_path, models, text, message):
     path = tmp_path / "bad.yml"

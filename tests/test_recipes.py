@@ -234,6 +234,8 @@ dtype: float32
     ("merge_method: ties\nbase_model: BASE\nslices:\n  - sources:\n      - model: EXPERT\n        layer_range: [0, 40]\n",
      "slices hold 40 layers"),
     ("merge_method: ties\nmodels: [EXPERT]\n", "base_model"),
+    ("merge_method: ties\nbase_model: BASE\nmodels: [EXPERT]\n1: x\nfoo: y\n", ": 1: unknown key"),  # keys of 2 types
+    ("merge_method: ties\nbase_model: BASE\nmodels:\n  - {model: EXPERT, 2: y, z: 1}\n", "models[0].2: unknown key"),
 ])
 def test_bad_recipes_are_one_line_errors_with_nothing_written(capsys, tmp_path, models, body, message):
     base, experts = models
@@ -244,6 +246,33 @@ def test_bad_recipes_are_one_line_errors_with_nothing_written(capsys, tmp_path, 
     assert code == 2
     assert len(err) == 1 and message in err[0], err
     assert not any(p.is_file() for p in out.rglob("*")) if out.exists() else True
+
+
+@pytest.mark.parametrize("body, message", [
+    ("merge_method: ties\nbase_model: b\nmodels: [e]\n1: x\nnull: y\nfoo: z\n", r"recipe .*: 1: unknown key \(known: "),
+    ("merge_method: ties\nbase_model: b\nmodels: [e]\nllm_merging: {3: 1}\n", r": llm_merging\.3: unknown key"),
+    ("- merge_method: ties\n", r": top level: expected a mapping, got list"),
+    ("", r": expected a mapping at the top level, got an empty file"),
+    ("merge_method: ties\nbase_model: b\nmodels: [e]\n---\nmerge_method: ties\n", r": 2 YAML documents"),
+])
+def test_load_recipe_checks_keys_of_any_type_in_one_line(tmp_path, body, message):
+    path = tmp_path / "r.yml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_mergekit_needs_base_agrees_with_our_base_optional():
+    """Two declarations of "merges without a base model": mergekit's (``MergekitMethod.needs_base``) and the
+    method class's (``Merges.base_optional``); a recipe reads the class's."""
+    from llm_merging.merging import get_method_class
+    from llm_merging.merging.mergekit_names import MERGEKIT_METHODS
+
+    differ = {name: (mk.needs_base, get_method_class(mk.ours).base_optional)
+              for name, mk in MERGEKIT_METHODS.items() if mk.needs_base == get_method_class(mk.ours).base_optional}
+    assert not differ, f"needs_base == base_optional for {differ}"
+    assert {n for n, mk in MERGEKIT_METHODS.items() if not mk.needs_base} >= {"linear", "passthrough", "karcher"}
 
 
 def test_passthrough_slices_stack_layers_into_a_loadable_model(capsys, tmp_path, models):

@@ -8,7 +8,8 @@ whose meaning differs (mergekit ``normalize`` → our ``divisor``, mergekit ``re
 ``linear``/``slerp``; otherwise a listed base model is the reference only, as in mergekit's task-arithmetic
 family. ``needs_base``: mergekit refuses the method without a ``base_model`` (``linear``, ``karcher``,
 ``nuslerp``, ``multislerp`` and ``passthrough`` take none: the first model is then the template of the
-output, and the models' own weights are merged).
+output, and the models' own weights are merged); it equals ``not base_optional`` of the method it maps to,
+which is what a recipe checks.
 
 mergekit 0.1.5 conventions and how each is matched (checked by ``benchmarks/mergekit_parity.py``, which
 runs ``mergekit-yaml`` and ``--recipe`` on the same YAML and compares every tensor):

@@ -174,7 +174,7 @@ class RangeReader:
         vocabulary mismatch, ``.bin`` checkpoints): the engine then merges the whole tensor."""
         sources = []
         for expert in experts:
-            if getattr(expert, "kind", None) == "base":
+            if expert.kind == "base":
                 sources.append(None)  # τ = 0
             elif callable(getattr(expert, "range_readable", None)) and expert.range_readable(name):
                 sources.append(expert)
@@ -414,7 +414,7 @@ def _merge_parts_whole(name: str, param: torch.Tensor, parts: list[Part], expert
         base = base.view(part.shape)
         task_vectors = []
         for i, expert in enumerate(experts):
-            if getattr(expert, "kind", None) == "base" or name not in expert.param_names():
+            if expert.kind == "base" or name not in expert.param_names():
                 task_vectors.append(torch.zeros_like(base))
             elif callable(getattr(expert, "part", None)):
                 task_vectors.append(expert.part(name, a, b, device=device).view(part.shape).sub_(base))

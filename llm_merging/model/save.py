@@ -776,7 +776,7 @@ class AdapterWriter:
         experts, before the merge runs. ``read(name)`` (optional): the base value of a tensor, for the
         unchanged tensors of a kept module when the model holds no values (meta device)."""
         if self.rank is None and self.energy is None:
-            full = [e for e in experts if getattr(e, "kind", None) == "full"]
+            full = [e for e in experts if e.kind == "full"]
             if full:
                 raise ConfigError(f"{self.label}: '{getattr(full[0], 'name', full[0])}' is a full fine-tune; choose "
                                   "the adapter's rank with --adapter-rank R or --adapter-energy E")
@@ -799,7 +799,7 @@ class AdapterWriter:
     def _input_ranks(self, name: str) -> list[int]:
         out = []
         for e in self.experts:
-            if getattr(e, "kind", None) == "lora":
+            if e.kind == "lora":
                 f = e.factors(name)
                 if f is not None:
                     out.append(int(f[1].shape[0]))
