@@ -501,7 +501,8 @@ def test_cli_errors_are_one_line_and_leave_nothing(pairs, tmp_path, capsys, monk
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "--energy 1.5" in err, err
     for kw, words in ((dict(rank=2.5), "--rank 2.5"), (dict(rank=True), "--rank True"), (dict(energy="x"), "--energy"),
-                      (dict(rank=2, energy=0.5), "give exactly one"), (dict(energy=0.5, max_rank=1.5), "--max-rank 1.5")):
+                      (dict(rank=2, energy=0.5), "give exactly one"),
+                      (dict(energy=0.5, max_rank=1.5), "--max-rank 1.5")):
         with pytest.raises(ConfigError, match="^" + words.replace(".", r"\.")):
             extract_lora(str(base), str(ft), tmp_path / "o3", progress=False, **kw)
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

@@ -52,7 +52,8 @@ def build_parser() -> Parser:
     p.add_argument("-nvs", "--new-vocab-scale", dest="new_vocab_scale", type=float, default=None,
                    help="multiply the approximated rows by this factor")
     p.add_argument("--device", default="auto",
-                   help="where approximations are computed: auto, cpu, cuda, cuda:N (default: the GPU when there is one)")
+                   help="where approximations are computed: auto, cpu, cuda, cuda:N "
+                        "(default: the GPU when there is one)")
     add_output_flags(p)
     return p
 
