@@ -4,14 +4,14 @@ Builds (once, cached under ``--workdir``) an fp16 Llama-shaped base (vocabulary 
 ``--hidden``, ``--layers`` layers) and a synthetic full fine-tune of it: per matrix of a Linear layer,
 ΔW = U diag(σ) Vᵀ of rank ``--true-rank`` with geometrically decaying σ plus dense noise; every norm weight
 changed; the embedding and the head changed by small noise. Then runs both tools at the same rank
-(``--rank``), each in a fresh process (wall seconds and peak RSS of the child from ``wait4``), and reads both
+(``--rank``), each in a fresh process (wall seconds and its own peak RSS from ``wait4``), and reads both
 adapters back: per LoRA module the relative Frobenius error ‖ΔW − B·A‖/‖ΔW‖ (ΔW from the fp16 checkpoints
 in float64, the factors as saved), and whether the tensors kept whole equal the fine-tune's.
 
-    flock /tmp/llmm-bench.lock python benchmarks/extract_lora.py [--rank 16] [--vocab 32000] [--hidden 1024]
-        [--layers 4] [--workdir DIR] [--mergekit /tmp/mkvenv] [--svd auto] [--device cpu]
+    python benchmarks/extract_lora.py [--rank 16] [--vocab 32000] [--hidden 1024]
+        [--layers 4] [--workdir DIR] [--mergekit PATH/TO/MERGEKIT-VENV] [--svd auto] [--device cpu]
 
-mergekit is found through ``--mergekit`` (a venv or the executable), PATH or ``$MERGEKIT_VENV``; it runs as a
+mergekit is found through ``--mergekit`` (a venv or the executable), ``$MERGEKIT_VENV`` or PATH; it runs as a
 command, never imported. Without it only our side runs.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_util import find_mergekit, log_tail, run_measured  # benchmarks/ is sys.path[0]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,30 +70,12 @@ def build(workdir: Path, vocab: int, hidden: int, layers: int, true_rank: int, s
     return base, ft
 
 
-def find_mergekit(given: str | None) -> str | None:
-    venv = os.environ.get("MERGEKIT_VENV", "/tmp/mkvenv")
-    for cand in ([given] if given else [shutil.which("mergekit-extract-lora"), venv]):
-        if not cand:
-            continue
-        p = Path(cand)
-        if p.is_dir():
-            p = p / "bin" / "mergekit-extract-lora"
-        if p.is_file() and os.access(p, os.X_OK):
-            return str(p)
-    return None
-
-
 def timed(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` in a fresh process: wall seconds and its own peak RSS (``wait4``)."""
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT))
-        _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        tail = "\n  ".join(log.read_text(errors="replace").strip().splitlines()[-8:])
-        raise SystemExit(f"{' '.join(cmd[:3])} ... failed; see {log}:\n  {tail}")
-    return {"seconds": wall, "peak_rss_mib": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}
+    """Run ``cmd`` in a fresh process: wall seconds, CPU seconds and its own peak RSS (``wait4``)."""
+    m = run_measured(cmd, cwd=ROOT, log=log)
+    if m.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed; see {log}:\n  {log_tail(log)}")
+    return {"seconds": m.wall_s, "peak_rss_mib": m.peak_rss_mib, "cpu_s": m.cpu_s}
 
 
 def read_adapter(path: Path, base: dict, ft: dict) -> dict:
@@ -157,9 +141,9 @@ def main() -> None:
            "--model", str(ft_dir), "--out", str(ours_out), "--rank", str(args.rank), "--svd", args.svd,
            "--device", args.device, "-q"]
     results["llm-merging"] = timed(cmd, workdir / "ours.log")
-    mk = find_mergekit(args.mergekit)
+    mk = find_mergekit("mergekit-extract-lora", args.mergekit)
     if mk is None:
-        print("mergekit-extract-lora not found (--mergekit, PATH or $MERGEKIT_VENV): only our side runs")
+        print("mergekit-extract-lora not found (--mergekit, $MERGEKIT_VENV or PATH): only our side runs")
     else:
         mk_out = workdir / "mergekit"
         shutil.rmtree(mk_out, ignore_errors=True)

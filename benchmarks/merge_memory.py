@@ -15,12 +15,12 @@ a fresh process:
 * ``ours``: ``python llm_merging/main.py --recipe R --no-eval --dtype float16`` (model held in fp16, math in
   float32, as the recipe asks; the merged model is saved);
 * ``mergekit``: ``mergekit-yaml R OUT --lazy-unpickle`` (its CPU defaults), when a mergekit installation is
-  given with ``--mergekit PATH`` (a virtual environment or its ``mergekit-yaml``) or found on PATH or in
-  the virtual environment named by ``$MERGEKIT_VENV``;
+  given with ``--mergekit PATH`` (a virtual environment or its ``mergekit-yaml``) or found in the virtual
+  environment named by ``$MERGEKIT_VENV`` or on PATH;
 * ``imports``: the interpreter with torch and transformers imported, for reference.
 
-Per run: peak RSS (``ru_maxrss`` of the child from ``wait4``), wall seconds, user/system CPU seconds and
-minor page faults; ours also reports its merge-phase seconds. Printed per shape and method: both peaks,
+Per run (``bench_util.run_measured``): peak RSS (``ru_maxrss`` of the child from ``wait4``), wall seconds,
+user/system CPU seconds and minor page faults; ours also reports its merge-phase seconds. Printed per shape and method: both peaks,
 both times, ours/mergekit ratios and the target peak S + 3·T + 300 MiB (S the fp16 model size, T the
 largest tensor in float32). ``--check`` also compares the two merged models (max |ours − mergekit| and the
 fraction of entries that differ; TIES on fp16 experts has exact ties at the threshold, DARE's masks come
@@ -44,15 +44,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench_util import find_mergekit, log_tail, run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: name -> (vocab, hidden, layers, intermediate)
 SHAPES = {"large": (32000, 1024, 12, 2816), "small": (8192, 1024, 16, 4096)}
 METHODS = ("ties", "dare_ties", "linear", "task_arithmetic", "linear_no_base")
-DEFAULT_MERGEKIT = os.environ.get("MERGEKIT_VENV", "")  # a virtual environment with mergekit
 WEIGHTS = (0.5, 0.3, 0.2)
 
 
@@ -172,32 +172,13 @@ def recipe(workdir: Path, method: str, n_experts: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- runs
-def find_mergekit(given: str | None) -> str | None:
-    """The ``mergekit-yaml`` executable of ``given`` (a venv or the executable), PATH, or $MERGEKIT_VENV."""
-    for cand in ([given] if given else [shutil.which("mergekit-yaml"), DEFAULT_MERGEKIT]):
-        if not cand:
-            continue
-        p = Path(cand)
-        if p.is_dir():
-            p = p / "bin" / "mergekit-yaml"
-        if p.is_file() and os.access(p, os.X_OK):
-            return str(p)
-    return None
-
-
 def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     """Run ``cmd`` in a fresh process; its own peak RSS, wall/CPU seconds and page faults (``wait4``)."""
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
-        _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        tail = "\n  ".join(log.read_text(errors="replace").strip().splitlines()[-6:])
-        raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}); see {log}:\n  {tail}")
-    return {"seconds": wall, "peak_rss_mib": ru.ru_maxrss / 1024, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
-            "minor_faults": ru.ru_minflt}
+    m = run_measured(cmd, env=env, cwd=ROOT, log=log)
+    if m.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({m.returncode}); see {log}:\n  {log_tail(log, 6)}")
+    return {"seconds": m.wall_s, "peak_rss_mib": m.peak_rss_mib, "user_s": m.user_s, "sys_s": m.sys_s,
+            "minor_faults": m.minor_faults}
 
 
 def child_cmd(mode: str, *args: str) -> list[str]:
@@ -252,7 +233,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--mergekit", default=None, help=f"mergekit venv or its mergekit-yaml (default: PATH, then $MERGEKIT_VENV)")
+    p.add_argument("--mergekit", default=None, help="mergekit venv or its mergekit-yaml (default: $MERGEKIT_VENV, then PATH)")
     p.add_argument("--no-mergekit", action="store_true", help="time ours only")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both tools do the math")
     p.add_argument("--threads", type=int, default=None,
@@ -275,9 +256,9 @@ def main() -> None:
             print(json.dumps(imports()))
         return
 
-    mergekit = None if args.no_mergekit else find_mergekit(args.mergekit)
+    mergekit = None if args.no_mergekit else find_mergekit("mergekit-yaml", args.mergekit)
     if mergekit is None and not args.no_mergekit:
-        print(f"mergekit not found ({args.mergekit or 'PATH, $MERGEKIT_VENV'}): timing ours only. Install "
+        print(f"mergekit not found ({args.mergekit or '$MERGEKIT_VENV, PATH'}): timing ours only. Install "
               "mergekit 0.1.5 in its own virtual environment and pass --mergekit PATH.")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

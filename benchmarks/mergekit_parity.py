@@ -25,9 +25,10 @@ Usage::
 
     python benchmarks/mergekit_parity.py                       # tiny shape (hidden 64, 2 layers)
     python benchmarks/mergekit_parity.py --hidden 256 --layers 4 --vocab 4096
-    python benchmarks/mergekit_parity.py --mergekit /path/to/mergekit-yaml --only ties slerp
+    python benchmarks/mergekit_parity.py --mergekit PATH/TO/MERGEKIT-VENV --only ties slerp
 
-mergekit is found on PATH or in the virtual environment ``$MERGEKIT_VENV`` unless ``--mergekit`` is given; without it
+mergekit-yaml is found through ``--mergekit`` (a virtual environment or its ``mergekit-yaml``), else in the virtual
+environment ``$MERGEKIT_VENV``, else on PATH (mergekit-multi next to it); without it
 the script says so and exits 0. mergekit is never imported here (it runs as a command). Exit status 1 when a
 deterministic recipe FAILs.
 """
@@ -38,16 +39,15 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_util import find_mergekit, log_tail, run_measured  # noqa: E402  (benchmarks/ is on sys.path)
+
 TOLERANCE = 1e-5
-DEFAULT_MERGEKIT = os.path.join(os.environ.get("MERGEKIT_VENV", "/nonexistent"), "bin", "mergekit-yaml")
 TINY_SHAPE = (64, 2, None)  # hidden, layers, vocab (None: the tiny tokenizer's)
 
 
@@ -328,13 +328,11 @@ def chained_recipes(m: dict, layers: int) -> dict[str, tuple[list[dict], bool]]:
 
 # ---------------------------------------------------------------------------------------------- runs
 def _run(cmd: list[str], log: Path, env: dict | None = None) -> float:
-    start = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}); see {log}:\n  " + "\n  ".join(tail))
-    return time.perf_counter() - start
+    """Wall seconds of ``cmd`` in a fresh process (output to ``log``); RuntimeError when it fails."""
+    rc, seconds, _ = run_measured(cmd, env=env, cwd=ROOT, log=log)
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed ({rc}); see {log}:\n  {log_tail(log, 5)}")
+    return seconds
 
 
 def _load(dirpath: Path) -> dict:
@@ -382,27 +380,21 @@ def statistical(ours: dict, theirs: dict, base: dict) -> dict:
             "mean_med": statistics.median(means), "mean_max": max(means)}
 
 
-def find_mergekit(given: str | None) -> str | None:
-    if given:
-        return given if (os.access(given, os.X_OK) or shutil.which(given)) else None
-    return shutil.which("mergekit-yaml") or (DEFAULT_MERGEKIT if os.access(DEFAULT_MERGEKIT, os.X_OK) else None)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=TINY_SHAPE[0])
     p.add_argument("--layers", type=int, default=TINY_SHAPE[1])
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tiny tokenizer's)")
-    p.add_argument("--mergekit", default=None, help=f"mergekit-yaml executable (default: on PATH, else $MERGEKIT_VENV/bin/mergekit-yaml)")
+    p.add_argument("--mergekit", default=None, help="mergekit venv or its mergekit-yaml (default: $MERGEKIT_VENV/bin/mergekit-yaml, else on PATH)")
     p.add_argument("--workdir", default=os.environ.get("LLM_MERGING_PARITY_DIR", "/tmp/llm_merging_mergekit_parity"))
     p.add_argument("--only", nargs="*", default=None, help="recipe names (substring match)")
     p.add_argument("--seed", type=int, default=1, help="seed of the random methods (both sides)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
-    mergekit = find_mergekit(args.mergekit)
+    mergekit = find_mergekit("mergekit-yaml", args.mergekit)
     if mergekit is None:
-        print(f"mergekit-yaml not found ({args.mergekit or 'PATH, $MERGEKIT_VENV'}): skipping the parity check. "
+        print(f"mergekit-yaml not found ({args.mergekit or '$MERGEKIT_VENV, PATH'}): skipping the parity check. "
               "Install mergekit 0.1.5 in its own virtual environment and pass --mergekit PATH.")
         return 0
     workdir = Path(args.workdir)

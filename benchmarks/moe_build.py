@@ -8,10 +8,10 @@ times, alternating, each run in a fresh process (the median wall seconds; the la
 tensor and, for prompt gates, the router rows (max relative difference; mergekit's ``random`` is unseeded, so
 its routers are not compared).
 
-    flock /tmp/llmm-bench.lock python benchmarks/moe_build.py [--vocab 32000] [--hidden 1024] [--layers 4]
-        [--experts 4] [--modes random hidden] [--repeat 3] [--workdir DIR] [--mergekit /tmp/mkvenv]
+    python benchmarks/moe_build.py [--vocab 32000] [--hidden 1024] [--layers 4]
+        [--experts 4] [--modes random hidden] [--repeat 3] [--workdir DIR] [--mergekit PATH/TO/MERGEKIT-VENV]
 
-mergekit is found through ``--mergekit`` (a venv or the executable), PATH or ``$MERGEKIT_VENV``; it runs as a
+mergekit is found through ``--mergekit`` (a venv or the executable), ``$MERGEKIT_VENV`` or PATH; it runs as a
 command, never imported. Without it only our side runs.
 """
 from __future__ import annotations
@@ -20,11 +20,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from bench_util import find_mergekit, log_tail, run_measured  # benchmarks/ is sys.path[0]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [["Write a Python function that sorts a list", "def main():"],
@@ -81,16 +81,10 @@ def config(models: dict, mode: str) -> dict:
             "experts": experts}
 
 
-def timed(cmd: list[str]) -> tuple[float, float, int, str]:
-    """Run ``cmd`` in a child that reports its own peak RSS: (wall s, peak RSS MiB, exit status, stderr tail)."""
-    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-               "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-               "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, p.returncode); "
-               "sys.stderr.write(p.stderr[-1500:])")
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    wall, rss, rc = proc.stdout.split()
-    return float(wall), int(rss) / 1024, int(rc), proc.stderr
+def timed(cmd: list[str], log: Path) -> tuple[float, float, int, str]:
+    """Run ``cmd`` in a fresh process (output to ``log``): (wall s, its peak RSS MiB, exit status, log tail)."""
+    m = run_measured(cmd, log=log, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    return m.wall_s, m.peak_rss_mib, m.returncode, log_tail(log) if m.returncode else ""
 
 
 def compare(ours: Path, theirs: Path, layers: int, experts: int, gates: bool) -> dict:
@@ -121,15 +115,6 @@ def compare(ours: Path, theirs: Path, layers: int, experts: int, gates: bool) ->
     return {"experts_max_rel_diff": worst_expert, "gates_max_rel_diff": worst_gate if gates else None}
 
 
-def find_mergekit(arg: str | None) -> str | None:
-    for cand in [arg, os.environ.get("MERGEKIT_VENV")]:
-        if cand:
-            exe = Path(cand) / "bin" / "mergekit-moe" if Path(cand).is_dir() else Path(cand)
-            if os.access(exe, os.X_OK):
-                return str(exe)
-    return shutil.which("mergekit-moe")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vocab", type=int, default=32000)
@@ -140,14 +125,15 @@ def main() -> int:
     p.add_argument("--modes", nargs="+", default=["random", "hidden"])
     p.add_argument("--repeat", type=int, default=3, help="runs of each tool (alternating); the median time is kept")
     p.add_argument("--workdir", default=os.environ.get("LLM_MERGING_BENCH_DIR", "/tmp/llm_merging_moe_bench"))
-    p.add_argument("--mergekit", default=None, help="mergekit venv or mergekit-moe executable")
+    p.add_argument("--mergekit", default=None,
+                   help="mergekit venv or its mergekit-moe (default: $MERGEKIT_VENV, then PATH)")
     args = p.parse_args()
     import yaml
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     models = build(workdir, args.vocab, args.hidden, args.layers, args.intermediate, args.experts)
-    mk = find_mergekit(args.mergekit)
+    mk = find_mergekit("mergekit-moe", args.mergekit)
     rows = []
     for mode in args.modes:
         cfg = workdir / f"moe-{mode}.yml"
@@ -164,7 +150,7 @@ def main() -> int:
         for _ in range(args.repeat):  # alternating, so that both see the same load of a shared machine
             for name, cmd, out_dir in tools:
                 shutil.rmtree(out_dir, ignore_errors=True)
-                wall, rss, rc, err = timed(cmd)
+                wall, rss, rc, err = timed(cmd, workdir / f"{name}-{mode}.log")
                 if rc:
                     print(f"{name} failed ({mode}): {err}", file=sys.stderr)
                     return 1

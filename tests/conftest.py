@@ -1,5 +1,6 @@
 """Test setup: offline, and a private tiny-model cache built once per session."""
 import os
+import shutil
 
 import pytest
 
@@ -11,6 +12,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 KIT_DATA = os.path.join(SHARED, "starter_kit")
 REAL_ADAPTERS = os.path.join(SHARED, "real_adapters", "gpt2")
+
+
+def mergekit_tool(name: str) -> str | None:
+    """The mergekit executable ``name`` (``mergekit-yaml``, ``mergekit-moe``, ...): ``$MERGEKIT_VENV/bin/name``,
+    else ``name`` on PATH; None when absent (the tests that need it skip)."""
+    venv = os.environ.get("MERGEKIT_VENV")
+    exe = os.path.join(venv, "bin", name) if venv else None
+    if exe and os.path.isfile(exe) and os.access(exe, os.X_OK):
+        return exe
+    return shutil.which(name)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,12 +5,12 @@ on the raw checkpoints (float64), and against mergekit 0.1.5 when it is installe
 import json
 import math
 import os
-import shutil
 import subprocess
 
 import pytest
 import torch
 import yaml
+from conftest import mergekit_tool
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -260,10 +260,7 @@ def test_lora_experts_without_a_base_are_refused(capsys, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ mergekit
-def _mergekit() -> str | None:
-    venv = os.environ.get("MERGEKIT_VENV")
-    exe = os.path.join(venv, "bin", "mergekit-yaml") if venv else None
-    return exe if exe and os.access(exe, os.X_OK) else shutil.which("mergekit-yaml")
+MERGEKIT = mergekit_tool("mergekit-yaml")
 
 
 def _parity_recipes(models):
@@ -280,14 +277,14 @@ def _parity_recipes(models):
     }
 
 
-@pytest.mark.skipif(_mergekit() is None, reason="mergekit-yaml not found ($MERGEKIT_VENV or PATH)")
+@pytest.mark.skipif(MERGEKIT is None, reason="mergekit-yaml not found ($MERGEKIT_VENV or PATH)")
 @pytest.mark.parametrize("kind", ["linear", "karcher", "nuslerp", "multislerp"])
 def test_equals_mergekit(tmp_path, models, kind):
     doc = {**_parity_recipes(models)[kind], "dtype": "float32"}
     ours = _run_recipe(tmp_path, doc, kind)
     path = tmp_path / "mk.yml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    subprocess.run([_mergekit(), str(path), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True,
+    subprocess.run([MERGEKIT, str(path), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     theirs = _tensors(tmp_path / "mk")
     assert set(ours) == set(theirs)

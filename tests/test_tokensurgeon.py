@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import mergekit_tool
 from safetensors.torch import load_file
 
+from llm_merging.core.errors import ConfigError
 from llm_merging.main import main
 from llm_merging.model import tiny
 from llm_merging.model.tokensurgeon import (
@@ -25,9 +27,7 @@ from llm_merging.model.tokensurgeon import (
     transplant,
 )
 
-MERGEKIT = shutil.which("mergekit-tokensurgeon") or next(
-    (p for p in (os.path.join(v, "bin", "mergekit-tokensurgeon")
-                 for v in (os.environ.get("MERGEKIT_VENV"), "/tmp/mkvenv") if v) if os.path.isfile(p)), None)
+MERGEKIT = mergekit_tool("mergekit-tokensurgeon")
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -344,7 +344,7 @@ def test_output_merges_with_a_fine_tune_of_the_donor_tokenizer(pair, tmp_path, c
 
 
 # ----------------------------------------------------------------------------------- mergekit parity
-@pytest.mark.skipif(MERGEKIT is None, reason="mergekit-tokensurgeon not found (PATH, $MERGEKIT_VENV)")
+@pytest.mark.skipif(MERGEKIT is None, reason="mergekit-tokensurgeon not found ($MERGEKIT_VENV or PATH)")
 @pytest.mark.parametrize("donor_key, args", [
     ("donor", ["-k", "8"]),
     ("gpt2", ["-k", "8"]),
@@ -389,14 +389,14 @@ def _one_line_error(capsys, argv, *words):
 def test_errors_are_one_line_and_write_nothing(pair, tmp_path, capsys):
     model, donor = str(pair["model"]), str(pair["donor"])
     out = tmp_path / "out"
-    _one_line_error(capsys, [str(tmp_path / "nope"), donor, str(out)], "nope")
-    _one_line_error(capsys, [model, str(tmp_path / "nope2"), str(out)], "donor", "nope2")
+    _one_line_error(capsys, [str(tmp_path / "nope"), donor, str(out)], "MODEL: ", "nope")
+    _one_line_error(capsys, [model, str(tmp_path / "nope2"), str(out)], "DONOR: ", "nope2")
     no_tok = tmp_path / "no-tok"
     no_tok.mkdir()
     for f in ("config.json", "model.safetensors"):
         shutil.copy(Path(donor) / f, no_tok / f)
-    _one_line_error(capsys, [model, str(no_tok), str(out)], "no tokenizer", "donor")
-    _one_line_error(capsys, [str(no_tok), donor, str(out)], "no tokenizer", "model")
+    _one_line_error(capsys, [model, str(no_tok), str(out)], "no tokenizer", "DONOR")
+    _one_line_error(capsys, [str(no_tok), donor, str(out)], "no tokenizer", "MODEL")
     tok_only = tmp_path / "tok-only"
     shutil.copytree(donor, tok_only, ignore=shutil.ignore_patterns("*.safetensors"))
     _one_line_error(capsys, [model, str(tok_only), str(out)], "no model weights")  # omp reads the donor's
@@ -415,8 +415,55 @@ def test_errors_are_one_line_and_write_nothing(pair, tmp_path, capsys):
     full = tmp_path / "full"
     full.mkdir()
     (full / "x.txt").write_text("x")
-    _one_line_error(capsys, [model, donor, str(full)], "not empty")
+    _one_line_error(capsys, [model, donor, str(full)], "OUT '", "not empty")
+    _one_line_error(capsys, [model, donor, donor], "OUT '", "overlaps the input")
+    _one_line_error(capsys, [model, donor, str(Path(donor).parent)], "OUT '", "overlaps the input")  # holds DONOR
+    for bad in ("nan", "inf", "-inf", "0", "-0.5"):
+        _one_line_error(capsys, [model, donor, str(out), f"--new-vocab-scale={bad}"], "--new-vocab-scale",
+                        "finite positive")
+    _one_line_error(capsys, [model, donor, str(out), "--device", "tpu"], "--device")
+    if not torch.cuda.is_available():
+        _one_line_error(capsys, [model, donor, str(out), "--device", "cuda"], "--device cuda", "no GPU")
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary leftovers
     with pytest.raises(Exception, match="unknown approximation method"):
         plan_transplant(model, donor, str(out), Options(method="magic"))
+    for scale in (float("nan"), float("inf"), 0, 0.0, -1.0, True, "2"):
+        with pytest.raises(ConfigError, match="--new-vocab-scale"):
+            plan_transplant(model, donor, str(out), Options(new_vocab_scale=scale))
+    assert not out.exists()
+
+
+def _fake_hub_cache(root: Path, repo_id: str, revision: str, src: Path) -> None:
+    """``src`` as revision ``revision`` of hub repo ``repo_id`` in a Hugging Face cache at ``root`` (the
+    layout huggingface_hub reads offline: refs/REVISION holds the commit, snapshots/COMMIT the files)."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(src, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / revision).write_text(commit)
+
+
+def test_hub_ids_revisions_and_devices(pair, tmp_path, capsys, monkeypatch):
+    """MODEL and DONOR are model references like every command's (``id@revision`` from the Hugging Face cache;
+    a hub id that is not cached: one line naming the argument); ``--device auto`` is the GPU when there is one."""
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "org/donor", "v1", pair["donor"])
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read when huggingface_hub is imported
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    assert main(["tokensurgeon", str(pair["model"]), "org/donor@v1", str(out), "-a", "mean", "--device", "auto",
+                 "-q"]) == 0
+    assert _vocab(out) == _vocab(pair["donor"])
+    err = _one_line_error(capsys, [str(pair["model"]), "org/donor@v2", str(tmp_path / "o2")], "DONOR: ",
+                          "org/donor", "(revision v2)", "not in the Hugging Face cache", "local directory as DONOR")
+    assert "--base-model" not in err and "--models" not in err
+    _one_line_error(capsys, ["org/missing", str(pair["donor"]), str(tmp_path / "o2")], "MODEL: ", "org/missing",
+                    "local directory as MODEL")
+    assert not (tmp_path / "o2").exists()
+    assert Options(device="auto").torch_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Options(device="auto").torch_device() == torch.device("cuda")
+    assert Options(device="cpu").torch_device() == torch.device("cpu")
