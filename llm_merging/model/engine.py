@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llm_merging.core.errors import BudgetExceeded, CheckpointError, LLMMergingError, MergeError, first_line
-from llm_merging.model import auto_model_class
+from llm_merging.model import auto_model_class, vocab_modules
 from llm_merging.model.checkpoint import FullExpert, Part, is_vocab_param, read_safetensors_header, saved_layout
 from llm_merging.model.lora import LoraAdapter
 from llm_merging.model.refs import hf_token
@@ -614,14 +614,7 @@ def merge_into(
 def vocab_params(model: torch.nn.Module, rows: int) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters of ``model``'s input embedding and output head whose first dimension is the
     vocabulary (``rows`` long); a tied head is the embedding's parameter and is listed once."""
-    owned: set[int] = set()
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            module = getattr(model, getter)()
-        except (AttributeError, NotImplementedError):
-            module = None
-        if module is not None:
-            owned |= {id(p) for p in module.parameters(recurse=False)}
+    owned = {id(p) for module in vocab_modules(model) for p in module.parameters(recurse=False)}
     out = []
     for name, p in model.named_parameters():
         mine = id(p) in owned if owned else is_vocab_param(name)

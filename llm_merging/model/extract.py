@@ -23,7 +23,7 @@ from llm_merging.core.devices import check_device
 from llm_merging.core.errors import CheckpointError, ConfigError, first_line
 from llm_merging.core.io import check_new_dir
 from llm_merging.core.outputs import check_space
-from llm_merging.model import auto_model_class, is_conv1d
+from llm_merging.model import auto_model_class, is_conv1d, vocab_modules
 from llm_merging.model.checkpoint import FullExpert, name_summary
 from llm_merging.model.refs import is_adapter_dir, resolve_ref
 from llm_merging.model.save import EMBEDDING_MODES, AdapterWriter, LazyTensor
@@ -105,14 +105,7 @@ def _check_pair(base: FullExpert, ft: FullExpert, flag_ft: str) -> None:
 
 def _matrix_sizes(model: torch.nn.Module, embeddings: str) -> dict[str, int]:
     """min(out, in) of every matrix that may become LoRA factors."""
-    vocab = set()
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            m = getattr(model, getter)()
-        except (AttributeError, NotImplementedError):
-            m = None
-        if m is not None:
-            vocab.add(id(m))
+    vocab = {id(m) for m in vocab_modules(model)}
     out = {}
     for mod_name, module in model.named_modules():
         dense = isinstance(module, torch.nn.Linear) or is_conv1d(module)

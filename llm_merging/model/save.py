@@ -19,7 +19,7 @@ from llm_merging import ops
 from llm_merging.core.errors import BudgetExceeded, ConfigError, LLMMergingError, OutputError
 from llm_merging.core.io import TEMP_NAME, atomic_path, atomic_write_json, host_name, remove_path, replace_path, temp_path
 from llm_merging.core.outputs import disk_full, disk_full_message, owner_alive
-from llm_merging.model import is_conv1d
+from llm_merging.model import is_conv1d, vocab_modules
 from llm_merging.model.checkpoint import read_safetensors_header, saved_tensors
 from llm_merging.model.engine import config_param_shapes
 from llm_merging.model.refs import ADAPTER_CONFIG
@@ -786,14 +786,8 @@ class AdapterWriter:
         for name, p in model.named_parameters(remove_duplicate=False):
             groups.setdefault(id(p), []).append(name)
         self._aliases = {n: names for names in groups.values() for n in names}
-        self._vocab_modules = set()
-        for getter in ("get_input_embeddings", "get_output_embeddings"):
-            try:
-                module = getattr(model, getter)()
-            except (AttributeError, NotImplementedError):
-                module = None
-            if module is not None:
-                self._vocab_modules |= {n for n, m in self.modules.items() if m is module}
+        vocab = vocab_modules(model)
+        self._vocab_modules = {n for n, m in self.modules.items() if any(m is v for v in vocab)}
         return self
 
     def _input_ranks(self, name: str) -> list[int]:
