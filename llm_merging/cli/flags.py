@@ -2,7 +2,7 @@
 and a mistyped flag answer at once, before the library is loaded."""
 from __future__ import annotations
 
-from llm_merging.cli import Parser, add_output_flags
+from llm_merging.cli import COMMANDS, Parser, add_output_flags
 from llm_merging.core.choices import DATA_AWARE_METHODS, DTYPES, SAVE_MODES, SCORINGS
 from llm_merging.data import EVAL_TYPES
 
@@ -11,6 +11,7 @@ def build_parser() -> Parser:
     p = Parser(
         prog="llm-merging",
         description="Merge expert LLMs (LoRA adapters or full fine-tunes) into one model, then evaluate it.",
+        epilog=f"other commands: {', '.join(COMMANDS)} (llm-merging COMMAND --help)",
     )
     p.add_argument("-m", "--merging_method", "--method", dest="method", nargs="+",
                    help="registered merge method (see --list); several only with --search (the search picks one)")
