@@ -43,6 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench_util import find_mergekit, log_tail, run_measured  # noqa: E402  (benchmarks/ is sys.path[0])
+
+from llm_merging.model.tiny import train_bpe_tokenizer
 from llm_merging.model.tokensurgeon import (
     combine,
     common_interpolation,
@@ -88,30 +90,6 @@ def corpus() -> tuple[list[str], str]:
     return lines, where
 
 
-def train_tokenizer(out: Path, lines: list[str], size: int, byte_level: bool):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import GPT2Tokenizer, LlamaTokenizer
-
-    if byte_level:
-        bpe = Tokenizer(models.BPE())
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    else:
-        bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-        bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-        trainer = trainers.BpeTrainer(vocab_size=size, show_progress=False, special_tokens=[
-            "<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)]])
-    bpe.train_from_iterator(lines, trainer)
-    spec = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
-    if byte_level:
-        tok = GPT2Tokenizer(vocab=spec["vocab"], merges=merges, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
-                            eos_token="<|endoftext|>")
-    else:
-        tok = LlamaTokenizer(vocab=spec["vocab"], merges=merges, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    tok.save_pretrained(str(out))
-    return tok
 
 
 def text_features(tokens: list, dim: int, seed: int) -> torch.Tensor:
@@ -165,8 +143,8 @@ def build_pair(work: Path, hidden: int, layers: int) -> tuple[Path, Path, str]:
         shutil.rmtree(p, ignore_errors=True)
         p.mkdir(parents=True)
     n = len(lines)
-    mtok = train_tokenizer(model, lines[: int(n * 0.8)], 32000, byte_level=False)
-    dtok = train_tokenizer(donor, lines[int(n * 0.2):], 32000, byte_level=True)
+    mtok = train_bpe_tokenizer(model, lines[: int(n * 0.8)], 32000, byte_level=False)
+    dtok = train_bpe_tokenizer(donor, lines[int(n * 0.2):], 32000, byte_level=True)
     mv, dv = normalized_vocabulary(mtok), normalized_vocabulary(dtok)
     m_tokens = [t for t, _ in sorted(mv.items(), key=lambda kv: kv[1])]
     d_tokens = [t for t, _ in sorted(dv.items(), key=lambda kv: kv[1])]

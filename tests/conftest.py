@@ -46,8 +46,8 @@ def write_lines(path, lines) -> str:
 def merged_method(method_name, experts, prompts_file, values=None, **attrs):
     """A data-aware method merged in process over the tiny decoder base, with ``prompts_file`` as its
     calibration data and ``attrs`` set on it before preflight."""
-    from llm_merging.model import tiny
     from llm_merging.merging.factory import instantiate
+    from llm_merging.model import tiny
 
     m = instantiate(method_name)
     m.base_model_name, m.base_model_revision_id = str(tiny.base_dir("decoder")), None
@@ -58,4 +58,16 @@ def merged_method(method_name, experts, prompts_file, values=None, **attrs):
     m.set_hyperparameters(values or {})
     m.preflight()
     m.merge()
+    return m
+
+
+def engine_method(cls, base, models, **hp):
+    """A merge method of class ``cls`` on ``base`` and ``models`` (paths), on the CPU, quiet, with
+    hyperparameters ``hp``: for tests that merge through the engine."""
+    m = cls()
+    m.base_model_name = str(base)
+    m.list_models = [str(p) for p in models]
+    m.device = "cpu"
+    m.progress = False
+    m.set_hyperparameters(hp)
     return m

@@ -3,25 +3,16 @@ import json
 
 import pytest
 import torch
+from conftest import engine_method
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from llm_merging import ops
-from llm_merging.model import tiny
 from llm_merging.core.errors import MergeError
 from llm_merging.merging.TaskArithmetic import TaskArithmetic
 from llm_merging.merging.TiesMerge import TiesMerge
+from llm_merging.model import tiny
 from llm_merging.model.save import AdapterWriter, save_full, save_state_dict
-
-
-def _method(cls, base, models, **hp):
-    m = cls()
-    m.base_model_name = str(base)
-    m.list_models = [str(p) for p in models]
-    m.device = "cpu"
-    m.progress = False
-    m.set_hyperparameters(hp)
-    return m
 
 
 def _load(path):
@@ -44,7 +35,7 @@ def sharded_experts(tmp_path_factory):
 
 def test_streamed_full_merge_equals_in_memory(sharded_experts):
     base_path = tiny.base_dir("decoder")
-    m = _method(TaskArithmetic, base_path, sharded_experts, weights=[0.7, 0.3], scale=0.9)
+    m = engine_method(TaskArithmetic, base_path, sharded_experts, weights=[0.7, 0.3], scale=0.9)
     m.merge()
     base = dict(_load(base_path).named_parameters())
     experts = [dict(_load(p).named_parameters()) for p in sharded_experts]
@@ -63,7 +54,7 @@ def _peft_deltas(adapter_path):
 
 def test_lora_ties_merge_equals_independent_computation():
     adapters = [tiny.lora_expert_dir("decoder", i) for i in range(3)]
-    m = _method(TiesMerge, tiny.base_dir("decoder"), adapters, density=[0.5, 0.3, 0.8], scale=1.2)
+    m = engine_method(TiesMerge, tiny.base_dir("decoder"), adapters, density=[0.5, 0.3, 0.8], scale=1.2)
     m.merge()
     deltas = []
     for a in adapters:
@@ -83,7 +74,7 @@ def test_lora_ties_merge_equals_independent_computation():
 
 def test_saved_full_model_and_adapter_reload_to_the_same_logits(tmp_path):
     adapters = [tiny.lora_expert_dir("decoder", i) for i in range(2)]
-    m = _method(TaskArithmetic, tiny.base_dir("decoder"), adapters, weights=[0.6, 0.4])
+    m = engine_method(TaskArithmetic, tiny.base_dir("decoder"), adapters, weights=[0.6, 0.4])
     m.delta_sink = AdapterWriter()
     m.merge()
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
@@ -103,7 +94,7 @@ def test_saved_full_model_and_adapter_reload_to_the_same_logits(tmp_path):
 
 def test_truncated_adapter_rank_is_the_best_low_rank_approximation(tmp_path):
     adapters = [tiny.lora_expert_dir("decoder", i) for i in range(2)]
-    m = _method(TaskArithmetic, tiny.base_dir("decoder"), adapters)
+    m = engine_method(TaskArithmetic, tiny.base_dir("decoder"), adapters)
     m.set_hyperparameters({"adapter_rank": 2})  # the run option, through its --set alias
     m.delta_sink = AdapterWriter(rank=m.adapter_rank)
     m.merge()
@@ -137,6 +128,6 @@ def test_nan_from_a_merge_names_the_parameter():
         def merge_tensor(self, name, base, task_vectors):
             return torch.full_like(base, float("nan"))
 
-    m = _method(Broken, tiny.base_dir("decoder"), [tiny.lora_expert_dir("decoder", 0)])
+    m = engine_method(Broken, tiny.base_dir("decoder"), [tiny.lora_expert_dir("decoder", 0)])
     with pytest.raises(MergeError, match=r"NaN or Inf in parameter 'model\.layers\.0\.self_attn\.q_proj\.weight'"):
         m.merge()

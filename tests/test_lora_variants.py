@@ -11,6 +11,7 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from conftest import engine_method
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -334,14 +335,6 @@ def test_dora_errors(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # whole merges through the engine
 # ------------------------------------------------------------------------------------------------------
-def _method(cls, base, models, **hp):
-    m = cls()
-    m.base_model_name = str(base)
-    m.list_models = [str(p) for p in models]
-    m.device = "cpu"
-    m.progress = False
-    m.set_hyperparameters(hp)
-    return m
 
 
 def _peft_deltas(base_dir: Path, adapters: list[Path]) -> tuple[list[dict], dict]:
@@ -371,10 +364,10 @@ def _ties(name: str, tvs: list[torch.Tensor], parts: dict, **kw) -> torch.Tensor
 
 def _check_merges(base_dir: Path, adapters: list[Path], weights: list[float]) -> None:
     deltas, ref = _peft_deltas(base_dir, adapters)
-    ta = _method(TaskArithmetic, base_dir, adapters, weights=weights, scale=0.9)
+    ta = engine_method(TaskArithmetic, base_dir, adapters, weights=weights, scale=0.9)
     ta.merge()
     density = [0.5, 0.3, 0.8][: len(adapters)]
-    ties = _method(TiesMerge, base_dir, adapters, density=density, scale=1.2)
+    ties = engine_method(TiesMerge, base_dir, adapters, density=density, scale=1.2)
     ties.merge()
     ta_params, ties_params = dict(ta.base_model.named_parameters()), dict(ties.base_model.named_parameters())
     merge_parts = getattr(engine, "merge_parts", None)

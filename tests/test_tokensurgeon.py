@@ -32,33 +32,6 @@ EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-def _train_tokenizer(out: Path, lines, vocab_size: int, byte_level: bool):
-    """A BPE tokenizer trained here: SentencePiece style (``▁``, byte fallback, Llama class) or GPT-2 style
-    (byte-level ``Ġ``, GPT2 class)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import GPT2Tokenizer, LlamaTokenizer
-
-    if byte_level:
-        bpe = Tokenizer(models.BPE())
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    else:
-        bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-        bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=[
-            "<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)]])
-    bpe.train_from_iterator(lines, trainer)
-    spec = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
-    if byte_level:
-        tok = GPT2Tokenizer(vocab=spec["vocab"], merges=merges, unk_token="<|endoftext|>",
-                            bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    else:
-        tok = LlamaTokenizer(vocab=spec["vocab"], merges=merges, unk_token="<unk>", bos_token="<s>",
-                             eos_token="</s>")
-    tok.save_pretrained(str(out))
-    return tok
 
 
 def _save_llama(out: Path, tok, hidden: int, tied: bool, seed: int):
@@ -78,10 +51,10 @@ def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokensurgeon")
     lines = tiny._corpus()[::-1] + ["zebra quantum xylophone tokensurgeon transplant embeddings"] * 20
     donor = root / "donor"
-    tok = _train_tokenizer(donor, lines, 700, byte_level=False)
+    tok = tiny.train_bpe_tokenizer(donor, lines, 700, byte_level=False)
     _save_llama(donor, tok, hidden=48, tied=True, seed=1)
     gpt = root / "donor-gpt2"
-    tok = _train_tokenizer(gpt, lines, 600, byte_level=True)
+    tok = tiny.train_bpe_tokenizer(gpt, lines, 600, byte_level=True)
     _save_llama(gpt, tok, hidden=56, tied=False, seed=2)
     return {"model": tiny.base_dir("decoder"), "donor": donor, "gpt2": gpt, "root": root}
 

@@ -91,6 +91,35 @@ def build_tokenizer(out_dir: str | Path, *, encoder_decoder: bool = False):
     return tok
 
 
+def train_bpe_tokenizer(out_dir: str | Path, lines: list[str], vocab_size: int, *, byte_level: bool = False):
+    """Train a BPE tokenizer on ``lines`` offline and save it in Hugging Face format: SentencePiece style
+    (``▁``, byte fallback, Llama class) or, with ``byte_level``, GPT-2 style (byte-level ``Ġ``, GPT2 class)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Tokenizer, LlamaTokenizer
+
+    if byte_level:
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=[
+            "<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)]])
+    bpe.train_from_iterator(lines, trainer)
+    spec = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
+    if byte_level:
+        tok = GPT2Tokenizer(vocab=spec["vocab"], merges=merges, unk_token="<|endoftext|>",
+                            bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    else:
+        tok = LlamaTokenizer(vocab=spec["vocab"], merges=merges, unk_token="<unk>", bos_token="<s>",
+                             eos_token="</s>")
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
 def _atomic_dir(target: Path, build) -> Path:
     """Build a directory in a temporary sibling and rename it into place (no half-built cache)."""
     if target.exists():
