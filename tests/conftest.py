@@ -1,6 +1,7 @@
 """Test setup: offline, and a private tiny-model cache built once per session."""
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,13 @@ def engine_method(cls, base, models, **hp):
     m.progress = False
     m.set_hyperparameters(hp)
     return m
+
+
+def dir_tensors(path) -> dict:
+    """Every tensor of the ``*.safetensors`` files of a model directory, in one dict."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

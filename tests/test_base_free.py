@@ -10,8 +10,7 @@ import subprocess
 import pytest
 import torch
 import yaml
-from conftest import mergekit_tool
-from safetensors.torch import load_file
+from conftest import dir_tensors, mergekit_tool
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from llm_merging.main import main
@@ -45,12 +44,6 @@ def models(tmp_path_factory):
     return paths
 
 
-def _tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
 
 
 def _layer(name: str) -> int | None:
@@ -78,7 +71,7 @@ def _run_recipe(tmp_path, doc: dict, tag: str) -> dict[str, torch.Tensor]:
     out = tmp_path / f"out-{tag}"
     assert main(["--recipe", str(path), "--output_folder", str(out), "--no-eval", "--quiet"]) == 0
     (merged,) = list(out.glob("*/merged_model"))
-    return _tensors(merged)
+    return dir_tensors(merged)
 
 
 # ----------------------------------------------------------------------------- independent computations
@@ -143,7 +136,7 @@ def test_linear_without_base_with_filters_and_gradients(tmp_path, models):
     doc = {"merge_method": "linear", "dtype": "float32",
            "models": [{"model": m, "parameters": {"weight": wi}} for m, wi in zip(models, w)]}
     ours = _run_recipe(tmp_path, doc, "linear")
-    raw = [_tensors(m) for m in models]
+    raw = [dir_tensors(m) for m in models]
 
     def formula(name, xs):
         ws = [_setting(wi, name) for wi in w]
@@ -158,14 +151,14 @@ def test_linear_without_base_unnormalized(tmp_path, models):
     doc = {"merge_method": "linear", "dtype": "float32", "parameters": {"normalize": False},
            "models": [{"model": m, "parameters": {"weight": wi}} for m, wi in zip(models, (0.5, [0.1, 0.4], 0.3))]}
     ours = _run_recipe(tmp_path, doc, "linear-unnorm")
-    raw = [_tensors(m) for m in models]
+    raw = [dir_tensors(m) for m in models]
     _check(ours, raw, lambda name, xs: 0.5 * xs[0] + _setting([0.1, 0.4], name) * xs[1] + 0.3 * xs[2])
 
 
 def test_karcher_without_base(tmp_path, models):
     doc = {"merge_method": "karcher", "dtype": "float32", "models": [{"model": m} for m in models]}
     ours = _run_recipe(tmp_path, doc, "karcher")
-    _check(ours, [_tensors(m) for m in models], lambda name, xs: _karcher(xs))
+    _check(ours, [dir_tensors(m) for m in models], lambda name, xs: _karcher(xs))
 
 
 @pytest.mark.parametrize("flatten", [True, False])
@@ -174,7 +167,7 @@ def test_nuslerp_without_base_interpolates_the_weights(tmp_path, models, flatten
            "models": [{"model": models[0], "parameters": {"weight": 0.3}},
                       {"model": models[2], "parameters": {"weight": GRAD}}]}
     ours = _run_recipe(tmp_path, doc, f"nuslerp-{flatten}")
-    raw = [_tensors(models[0]), _tensors(models[2])]
+    raw = [dir_tensors(models[0]), dir_tensors(models[2])]
     _check(ours, raw, lambda name, xs: _nuslerp(xs[0], xs[1], 0.3, _setting(GRAD, name), flatten))
 
 
@@ -183,7 +176,7 @@ def test_multislerp_without_base(tmp_path, models):
     doc = {"merge_method": "multislerp", "dtype": "float32",
            "models": [{"model": m, "parameters": {"weight": wi}} for m, wi in zip(models, w)]}
     ours = _run_recipe(tmp_path, doc, "multislerp")
-    _check(ours, [_tensors(m) for m in models],
+    _check(ours, [dir_tensors(m) for m in models],
            lambda name, xs: _multislerp(xs, [_setting(wi, name) for wi in w]))
 
 
@@ -194,8 +187,8 @@ def test_cli_with_models_only(tmp_path, models):
     assert main(["-m", "multislerp", "--models", *models, "--set", "weights=1,2,3", "--output_folder", str(out),
                  "--no-eval", "--quiet"]) == 0
     run = out / "multislerp"
-    got = _tensors(run / "merged_model")
-    _check(got, [_tensors(m) for m in models], lambda name, xs: _multislerp(xs, [1.0, 2.0, 3.0]))
+    got = dir_tensors(run / "merged_model")
+    _check(got, [dir_tensors(m) for m in models], lambda name, xs: _multislerp(xs, [1.0, 2.0, 3.0]))
     recipe = yaml.safe_load((run / "recipe.yml").read_text())
     assert "base_model" not in recipe and [m["model"] for m in recipe["models"]] == models
     report = json.loads((run / "report.json").read_text())
@@ -211,7 +204,7 @@ def test_cli_with_models_only(tmp_path, models):
 def test_cli_karcher_ignores_include_base_without_a_base(tmp_path, models):
     out = tmp_path / "out"
     assert main(["-m", "karcher", "--models", *models, "--output_folder", str(out), "--no-eval", "--quiet"]) == 0
-    _check(_tensors(out / "karcher" / "merged_model"), [_tensors(m) for m in models], lambda name, xs: _karcher(xs))
+    _check(dir_tensors(out / "karcher" / "merged_model"), [dir_tensors(m) for m in models], lambda name, xs: _karcher(xs))
 
 
 def test_recipe_sets_the_first_model_as_template(tmp_path, models):
@@ -286,7 +279,7 @@ def test_equals_mergekit(tmp_path, models, kind):
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     subprocess.run([MERGEKIT, str(path), str(tmp_path / "mk"), "--quiet"], check=True, capture_output=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
-    theirs = _tensors(tmp_path / "mk")
+    theirs = dir_tensors(tmp_path / "mk")
     assert set(ours) == set(theirs)
     for name, t in theirs.items():
         err = float((ours[name].double() - t.double()).abs().max()) / max(float(t.abs().max()), 1e-12)
@@ -309,5 +302,5 @@ def test_geometric_median_without_base(tmp_path, models):
     out = tmp_path / "out"
     assert main(["-m", "geometric_median", "--models", *models, "--set", "eps=1e-9", "max_iter=1000",
                  "--output_folder", str(out), "--no-eval", "--quiet"]) == 0
-    _check(_tensors(out / "geometric_median" / "merged_model"), [_tensors(m) for m in models],
+    _check(dir_tensors(out / "geometric_median" / "merged_model"), [dir_tensors(m) for m in models],
            lambda name, xs: _geometric_median(xs))

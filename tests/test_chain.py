@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import dir_tensors
 
 from llm_merging.core.errors import ConfigError
 from llm_merging.main import main
@@ -66,11 +66,6 @@ def run(capsys, out, *args):
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def assert_same(x: dict, y: dict) -> None:
@@ -215,7 +210,7 @@ def test_three_step_chain_equals_three_runs_through_disk_and_recipe_yml_reproduc
     code, err = run(capsys, tmp_path / "chain", "--recipe", str(chain_file(tmp_path, models)))
     assert code == 0, err
     folder = tmp_path / "chain" / "slerp"
-    assert_same(tensors(folder / "merged_model"), tensors(want["final"]))
+    assert_same(dir_tensors(folder / "merged_model"), dir_tensors(want["final"]))
     assert not (folder / "a").exists() and not (folder / "b").exists()  # only the final merge is saved
     report = json.loads((folder / "report.json").read_text())
     chain = report["chain"]
@@ -233,7 +228,7 @@ def test_three_step_chain_equals_three_runs_through_disk_and_recipe_yml_reproduc
     assert code == 0, err
     again = tmp_path / "again" / "slerp"
     assert (again / "recipe.yml").read_text() == text
-    assert_same(tensors(again / "merged_model"), tensors(folder / "merged_model"))
+    assert_same(dir_tensors(again / "merged_model"), dir_tensors(folder / "merged_model"))
 
 
 def test_temporary_folder_mode_gives_the_same_result_and_leaves_nothing(capsys, tmp_path, models, monkeypatch):
@@ -250,7 +245,7 @@ def test_temporary_folder_mode_gives_the_same_result_and_leaves_nothing(capsys, 
     monkeypatch.undo()
     code, err = run(capsys, tmp_path / "mem", "--recipe", str(path))
     assert code == 0, err
-    assert_same(tensors(tmp_path / "disk" / "slerp" / "merged_model"), tensors(tmp_path / "mem" / "slerp" / "merged_model"))
+    assert_same(dir_tensors(tmp_path / "disk" / "slerp" / "merged_model"), dir_tensors(tmp_path / "mem" / "slerp" / "merged_model"))
 
 
 def test_interrupted_chain_leaves_no_intermediate_behind(capsys, tmp_path, models, monkeypatch):
@@ -292,4 +287,4 @@ def test_save_intermediates_keeps_each_merge_as_a_model_with_its_recipe(capsys, 
     # b's own recipe.yml reproduces it from the saved a (its reference to a is the saved folder)
     code, err = run(capsys, tmp_path / "b-again", "--recipe", str(folder / "b" / "recipe.yml"))
     assert code == 0, err
-    assert_same(tensors(tmp_path / "b-again" / "ties_merge" / "merged_model"), tensors(folder / "b" / "merged_model"))
+    assert_same(dir_tensors(tmp_path / "b-again" / "ties_merge" / "merged_model"), dir_tensors(folder / "b" / "merged_model"))

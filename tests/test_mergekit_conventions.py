@@ -4,14 +4,14 @@ mergekit's formula, the recipe → method/hyperparameter mapping for every mappe
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import dir_tensors
 
 from llm_merging import ops
-from llm_merging.model import tiny
 from llm_merging.core.errors import ConfigError
 from llm_merging.main import main
 from llm_merging.merging import get_method_class, settings
 from llm_merging.merging.recipe import apply_recipe, load_recipe
+from llm_merging.model import tiny
 
 
 def _distinct(shape, seed, scale=1.0):
@@ -361,11 +361,6 @@ def test_recipe_rejects_what_mergekit_ignores_or_we_cannot_match(tmp_path, paths
 
 
 # ------------------------------------------------------------------ end to end
-def _tensors(d):
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def _run(capsys, tmp_path, text):
@@ -375,7 +370,7 @@ def _run(capsys, tmp_path, text):
     code = main(["--recipe", str(path), "--output_folder", str(tmp_path / "out"), "--quiet", "--no-eval"])
     assert code == 0, capsys.readouterr().err
     (merged,) = (tmp_path / "out").glob("*/merged_model")
-    return _tensors(merged)
+    return dir_tensors(merged)
 
 
 def test_ties_recipe_end_to_end_equals_mergekit_formula(capsys, tmp_path, paths):
@@ -383,8 +378,8 @@ def test_ties_recipe_end_to_end_equals_mergekit_formula(capsys, tmp_path, paths)
     dens, w = [0.35, 0.6, 0.27], [0.7, 0.4, 0.5]
     merged = _run(capsys, tmp_path, f"merge_method: ties\nbase_model: {b}\ndtype: float32\nmodels:\n"
                   + _models(experts, [f"{{weight: {wi}, density: {di}}}" for wi, di in zip(w, dens)]))
-    base = _tensors(tiny.base_dir("decoder"))
-    ex = [_tensors(tiny.full_expert_dir("decoder", i)) for i in range(3)]
+    base = dir_tensors(tiny.base_dir("decoder"))
+    ex = [dir_tensors(tiny.full_expert_dir("decoder", i)) for i in range(3)]
     for name, t in base.items():
         deltas = [(e[name] - t).numpy() for e in ex]  # fp32 subtraction, as both tools compute it
         want = t.double().numpy() + np_gta([np_magnitude(d, di) for d, di in zip(deltas, dens)], w, True, True)
@@ -393,8 +388,8 @@ def test_ties_recipe_end_to_end_equals_mergekit_formula(capsys, tmp_path, paths)
 
 def test_model_stock_and_slerp_recipes_end_to_end(capsys, tmp_path, paths):
     b, experts = paths
-    base = _tensors(tiny.base_dir("decoder"))
-    ex = [_tensors(tiny.full_expert_dir("decoder", i)) for i in range(3)]
+    base = dir_tensors(tiny.base_dir("decoder"))
+    ex = [dir_tensors(tiny.full_expert_dir("decoder", i)) for i in range(3)]
     merged = _run(capsys, tmp_path / "ms", f"merge_method: model_stock\nbase_model: {b}\ndtype: float32\nmodels:\n"
                   + "".join(f"  - model: {e}\n" for e in experts))
     for name in (Q0, "model.norm.weight"):

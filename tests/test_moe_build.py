@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import mergekit_tool
+from conftest import dir_tensors, mergekit_tool
 
 from llm_merging.cli import moe as moe_cli
 from llm_merging.model import moe, tiny
@@ -113,13 +113,6 @@ def _load(path: Path):
     return model.eval()
 
 
-def _dense(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 # ------------------------------------------------------------------------------ independent gate rules
@@ -160,7 +153,7 @@ def _hidden_rule(base, prompts_pos, prompts_neg, layers):
 def _cheap_rule(base, prompts_pos, prompts_neg, layers):
     """mergekit-moe's ``cheap_embed`` rule, prompt by prompt (no padding): the sum of the token embeddings
     of BOS+prompt over tokens and prompts, unit length; positive minus negative, unit length again."""
-    embed = _dense(base)["model.embed_tokens.weight"].double()
+    embed = dir_tensors(base)["model.embed_tokens.weight"].double()
     tok = _tokenizer(base)
 
     def side(prompts):
@@ -195,8 +188,8 @@ def test_mixtral_loads_generates_and_holds_each_expert(tmp_path, llama):
     state = model.state_dict()
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(llama["lora"]))
     lora_merged = peft.merge_and_unload().state_dict()
-    sources = [_dense(llama[0]), _dense(llama[1]), lora_merged]
-    base_t = _dense(base)
+    sources = [dir_tensors(llama[0]), dir_tensors(llama[1]), lora_merged]
+    base_t = dir_tensors(base)
     for layer in range(2):
         experts = model.model.layers[layer].mlp.experts
         for e, src in enumerate(sources):
@@ -244,7 +237,7 @@ def test_cheap_embed_rows_equal_the_rule(tmp_path, llama):
     base = llama["base"]
     doc = {"base_model": str(base), "gate_mode": "cheap_embed", "dtype": "float32",
            "experts": [_expert(llama[0], 0), _expert(llama[1], 1), _expert(llama[0], 2)]}
-    state = _dense(_build(tmp_path, doc))
+    state = dir_tensors(_build(tmp_path, doc))
     for e in range(3):
         want = _cheap_rule(base, *PROMPTS[e], layers=2)
         for layer in range(2):
@@ -260,7 +253,7 @@ def test_saved_names_are_what_save_pretrained_writes(tmp_path, llama):
     out = _build(tmp_path, doc)
     model = _load(out)
     model.save_pretrained(str(tmp_path / "resaved"))
-    ours, theirs = _dense(out), _dense(tmp_path / "resaved")
+    ours, theirs = dir_tensors(out), dir_tensors(tmp_path / "resaved")
     assert set(ours) == set(theirs)
     for k in ours:
         assert ours[k].dtype == theirs[k].dtype == torch.bfloat16 and torch.equal(ours[k], theirs[k]), k
@@ -275,9 +268,9 @@ def test_qwen2_moe_with_shared_expert(tmp_path, qwen2):
     model = _load(out)
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
     model.save_pretrained(str(tmp_path / "resaved"))
-    assert set(_dense(out)) == set(_dense(tmp_path / "resaved"))  # the names transformers writes itself
+    assert set(dir_tensors(out)) == set(dir_tensors(tmp_path / "resaved"))  # the names transformers writes itself
     state = model.state_dict()
-    shared, base = _dense(qwen2[2]), _dense(qwen2["base"])
+    shared, base = dir_tensors(qwen2[2]), dir_tensors(qwen2["base"])
     for layer in range(3):
         for proj in ("gate_proj", "up_proj", "down_proj"):
             torch.testing.assert_close(state[f"model.layers.{layer}.mlp.shared_expert.{proj}.weight"],
@@ -299,25 +292,25 @@ def test_qwen3_moe(tmp_path, qwen3):
     want = _hidden_rule(qwen3["base"], *PROMPTS[1], layers=3)
     for layer in range(3):
         torch.testing.assert_close(model.model.layers[layer].mlp.gate.weight[1], want[layer].float(), rtol=0, atol=1e-6)
-    src = _dense(qwen3[1])
+    src = dir_tensors(qwen3[1])
     torch.testing.assert_close(model.model.layers[2].mlp.experts.down_proj[1], src["model.layers.2.mlp.down_proj.weight"])
 
 
 def test_random_gates_are_seeded(tmp_path, llama):
     doc = {"base_model": str(llama["base"]), "gate_mode": "random", "dtype": "float32",
            "experts": [_expert(llama[0], 0, False), {**_expert(llama[1], 1, False), "noise_scale": 0.01}]}
-    a = _dense(_build(tmp_path, doc, "a", "--seed", "3"))
-    b = _dense(_build(tmp_path, doc, "b", "--seed", "3"))
-    c = _dense(_build(tmp_path, doc, "c", "--seed", "4"))
+    a = dir_tensors(_build(tmp_path, doc, "a", "--seed", "3"))
+    b = dir_tensors(_build(tmp_path, doc, "b", "--seed", "3"))
+    c = dir_tensors(_build(tmp_path, doc, "c", "--seed", "4"))
     gate = "model.layers.1.block_sparse_moe.gate.weight"
     noisy = "model.layers.0.block_sparse_moe.experts.1.w2.weight"
     assert torch.equal(a[gate], b[gate]) and torch.equal(a[noisy], b[noisy])
     assert not torch.equal(a[gate], c[gate]) and not torch.equal(a[noisy], c[noisy])
     torch.testing.assert_close(a[gate], moe.random_gates(2, 2, 64, seed=3)[1])
-    clean = _dense(llama[1])["model.layers.0.mlp.down_proj.weight"]
+    clean = dir_tensors(llama[1])["model.layers.0.mlp.down_proj.weight"]
     assert 0.005 < float((a[noisy] - clean).std()) < 0.02  # noise_scale 0.01 on that expert only
     assert torch.equal(a["model.layers.0.block_sparse_moe.experts.0.w2.weight"],
-                       _dense(llama[0])["model.layers.0.mlp.down_proj.weight"])
+                       dir_tensors(llama[0])["model.layers.0.mlp.down_proj.weight"])
     u = moe.random_gates(2, 3, 64, seed=0, uniform=True)
     assert float(u.abs().max()) <= 64 ** -0.5 and float(u.abs().max()) > 0.9 * 64 ** -0.5
 
@@ -572,7 +565,7 @@ def test_sharded_output_loads(tmp_path, llama):
     """Small shards: several safetensors files and the index save_pretrained writes; loads the same."""
     doc = {"base_model": str(llama["base"]), "gate_mode": "random", "dtype": "float32",
            "experts": [_expert(llama[0], 0, False), _expert(llama[1], 1, False)]}
-    whole = _dense(_build(tmp_path, doc, "whole"))
+    whole = dir_tensors(_build(tmp_path, doc, "whole"))
     out = _build(tmp_path, doc, "sharded", "--max-shard-size", "200KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2 and set(index["weight_map"]) == set(whole)
