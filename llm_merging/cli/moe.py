@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from llm_merging.cli import Parser, add_output_flags, guarded, setup_logging
+from llm_merging.cli.run import batch_size
 from llm_merging.core.budget import Budget
 from llm_merging.core.devices import check_device
 from llm_merging.core.errors import ConfigError
@@ -106,7 +107,7 @@ def main(argv: Sequence[str]) -> int:
             if args.lm_eval is not None:
                 lm_eval = LMEvalConfig(tasks=parse_tasks(args.lm_eval), include=list(args.lm_eval_include),
                                        args=parse_args(args.lm_eval_args))
-            batch = args.batch_size if args.batch_size == "auto" else _int(args.batch_size, "--batch-size")
+            batch = batch_size(args.batch_size)
             run = RunConfig(method="moe", dataset_filepaths=args.dataset_filepaths, eval_types=args.eval_types,
                             output_folder=args.output_folder, base_model=args.out_path, time_budget=args.time_budget,
                             batch_size=batch, max_examples=args.max_examples, device=device,
@@ -135,10 +136,3 @@ def main(argv: Sequence[str]) -> int:
 
     return guarded(work, debug=args.debug)
 
-
-def _int(text: str, flag: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"{flag} must be a positive integer or 'auto', got {text!r}") from None
-    return value

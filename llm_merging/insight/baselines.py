@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from llm_merging.core.errors import BudgetExceeded, CheckpointError, ConfigError
+from llm_merging.core.errors import BudgetExceeded, CheckpointError
 from llm_merging.core.io import jsonable
 from llm_merging.evaluation import evaluate_model, primary_score
 from llm_merging.insight.analysis import short_names

@@ -154,13 +154,13 @@ def references(recipe: Recipe) -> list[str]:
     sources, and the tokenizer sources that name a model (not a chat template, which may be a template)."""
     refs = [recipe.base_model, *recipe.models, *(m for m, _ in recipe.slices or [])]
     tok = (recipe.tokenizer or {}).get("source")
-    if isinstance(tok, str) and tok not in ("base", "union"):
+    if isinstance(tok, str) and tok not in RESERVED:
         refs.append(tok)
     for entry in ((recipe.tokenizer or {}).get("tokens") or {}).values():
         source = entry.get("source") if isinstance(entry, dict) else None
         if isinstance(source, dict):
             source = source.get("model")
-        if isinstance(source, str) and source not in ("base", "union"):
+        if isinstance(source, str) and source not in RESERVED:
             refs.append(source)
     for ref in recipe.document.get("models") or []:  # BASE+LORA: the base the adapter applies to
         model = ref.get("model") if isinstance(ref, dict) else ref

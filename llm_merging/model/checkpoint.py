@@ -22,6 +22,7 @@ import math
 import os
 import struct
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,7 +315,19 @@ def saved_layout(model: torch.nn.Module, as_loaded: bool = False) -> dict[str, l
     one tensor per expert and projection as the Hub checkpoints name them
     (``block_sparse_moe.experts.3.w1.weight``); other parameters may only be renamed (Mixtral's router
     ``block_sparse_moe.gate.weight``). See `saved_tensors` (``as_loaded``: default False, the layout of the
-    architecture whatever layout ``model`` was loaded from); None when the conversion cannot be traced."""
+    architecture whatever layout ``model`` was loaded from); None when the conversion cannot be traced.
+    Traced once per model (and ``as_loaded``): the layout depends on its config, not on its values."""
+    cached = _MODEL_LAYOUTS.setdefault(model, {})
+    if as_loaded not in cached:
+        cached[as_loaded] = _trace_layout(model, as_loaded)
+    return cached[as_loaded]
+
+
+#: model -> {as_loaded: saved_layout}; entries go with their model
+_MODEL_LAYOUTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _trace_layout(model: torch.nn.Module, as_loaded: bool) -> dict[str, list[Part]] | None:
     saved = saved_tensors(model, as_loaded)
     if saved is None:
         return None

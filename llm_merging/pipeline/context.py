@@ -43,7 +43,7 @@ class RunContext:
         """Make ``method`` the run's method (e.g. the search's best): output folder and report follow it."""
         self.method = method
         self.report["method"] = method.name
-        self.out_dir = Path(self.config.output_folder) / str(method.get_name())
+        self.out_dir = self.method_folder(method)
         if self.processes.is_main:  # process 0 writes every output (a searched method's folder is held already)
             self.claim_output_folder()
         self.report["hyperparameters"] = jsonable(settings_json(method.hparams))

@@ -114,7 +114,7 @@ class Runner:
         method = ctx.method = build_method(cfg, ctx)
         # a chained recipe's final merge reads merges not made yet: the chain phase checks it once they are
         ctx.report["models"] = method.preflight() if ctx.chain is None else {}
-        ctx.out_dir = Path(cfg.output_folder) / str(method.get_name())
+        ctx.out_dir = ctx.method_folder(method)
         # Process 0 writes every output. It takes the folder first (a second run is refused), so that the
         # checks (--resume's search for an interrupted merge) see a folder no live run of ours uses. Until
         # every check passed, the lock file (and the folder, when missing) is all that is created; a refused
