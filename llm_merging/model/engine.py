@@ -405,6 +405,7 @@ def _merge_parts_whole(name: str, param: torch.Tensor, parts: list[Part], expert
         return base_whole
 
     from_files = base_reader is not None and name in base_reader.mapping
+    touches = [expert.kind != "base" and name in expert.param_names() for expert in experts]
     for part in parts:
         a, b = part.start, part.start + part.numel
         if from_files:
@@ -414,7 +415,7 @@ def _merge_parts_whole(name: str, param: torch.Tensor, parts: list[Part], expert
         base = base.view(part.shape)
         task_vectors = []
         for i, expert in enumerate(experts):
-            if expert.kind == "base" or name not in expert.param_names():
+            if not touches[i]:
                 task_vectors.append(torch.zeros_like(base))
             elif callable(getattr(expert, "part", None)):
                 task_vectors.append(expert.part(name, a, b, device=device).view(part.shape).sub_(base))

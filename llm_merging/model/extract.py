@@ -179,10 +179,10 @@ def extract_lora(base_model: str, model: str, out: str | Path, *, rank: int | No
         check_space([(out.parent if not out.exists() else out, nbytes, "the adapter's factors")])
 
     def read_base(name: str) -> torch.Tensor:
-        key = base.mapping.get(name, name)
-        if key not in base.reader:
+        value = base.raw_tensor(name, dtype=None) if name in base.mapping else None
+        if value is None:
             raise ConfigError(f"--base-model '{base_model}': no tensor '{name}' to save with its module")
-        return base.reader.get(key)
+        return value
 
     writer.label, writer.fallback = "extract-lora", "keep the full fine-tune"
     writer.bind(skeleton, [ft], read=read_base)
@@ -190,9 +190,8 @@ def extract_lora(base_model: str, model: str, out: str | Path, *, rank: int | No
     n_changed = 0
     try:
         for name in tqdm(names, desc="extract", unit="tensor", disable=not progress, leave=False):
-            key = ft.mapping[name]
-            theta0 = base.reader.get(base.mapping[name])  # both as stored
-            raw = ft.reader.get(key)
+            # both as stored, through each checkpoint's names (per-expert files of fused tensors, renames)
+            theta0, raw = base.raw_tensor(name, dtype=None), ft.raw_tensor(name, dtype=None)
             if raw.dtype == theta0.dtype and torch.equal(raw, theta0):
                 continue  # unchanged (the common case for frozen tensors): no float32 copies
             if not torch.isfinite(raw).all():
@@ -200,7 +199,7 @@ def extract_lora(base_model: str, model: str, out: str | Path, *, rank: int | No
             if writer.plan(name, tuple(raw.shape)) != "lora":  # kept whole: read again when it is written
                 if raw.dtype == theta0.dtype or bool(torch.count_nonzero(raw.float() - theta0.float())):
                     n_changed += 1
-                    writer.keep(name, LazyTensor(lambda k=key: ft.reader.get(k), raw.shape, raw.dtype))
+                    writer.keep(name, LazyTensor(lambda n=name: ft.raw_tensor(n, dtype=None), raw.shape, raw.dtype))
                 continue
             delta = torch.sub(raw.to(device=dev), theta0.to(device=dev, dtype=torch.float32))  # float32
             del theta0, raw

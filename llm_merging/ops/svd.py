@@ -345,7 +345,7 @@ def extract_low_rank(mat: Tensor, *, rank: Optional[int] = None, energy: Optiona
     e = check_range(energy, "energy", 0.0, 1.0, low_open=True)
     cap = small if max_rank is None else min(_check_rank(max_rank, "max_rank"), small)
     m = f32(mat)
-    total = sum(dot64(chunk, chunk) for chunk in m.split(max(1, (1 << 22) // max(1, m.shape[1]))))
+    total = dot64(m, m)  # ‖mat‖²_F in float64, chunk by chunk
     if total == 0.0:
         return torch.zeros(m.shape[0], 1, device=m.device), torch.zeros(1, m.shape[1], device=m.device), 0.0, 1
     q = min(cap + oversample, small)
