@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from conftest import dir_tensors, mergekit_tool
 
 from llm_merging.cli import moe as moe_cli
 from llm_merging.model import moe, tiny
+from llm_merging.model.save import ShardWriter
 
 PROMPTS = {
     0: (["The quick brown fox", "a question about science and the sky"], ["summary of the news today"]),
@@ -260,6 +262,41 @@ def test_saved_names_are_what_save_pretrained_writes(tmp_path, llama):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def _saved_shapes(config) -> dict:
+    """transformers' own answer: the tensors save_pretrained writes for ``config`` (a model on the meta
+    device; tied weights removed, weight conversions reverted), name -> shape."""
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    kept = remove_tied_weights_from_state_dict(dict(model.state_dict()), model)
+    return {k: tuple(v.shape) for k, v in revert_weight_conversion(model, dict(kept)).items()}
+
+
+@pytest.mark.parametrize("model_type,kind,extra", [
+    ("llama", "mixtral", {}), ("llama", "mixtral", {"tie_word_embeddings": True}), ("mistral", "mixtral", {}),
+    ("llama", "qwen2_moe", {}), ("qwen2", "qwen2_moe", {"tie_word_embeddings": True}), ("qwen3", "qwen3_moe", {}),
+    ("qwen3", "qwen3_moe", {"attention_bias": True, "head_dim": 8})])
+def test_layout_is_what_transformers_saves(model_type, kind, extra):
+    """The output's tensors, planned from the base's tensors alone, are the ones transformers saves for the
+    output config (every kind; tied embeddings; Qwen3 attention biases and q/k norms)."""
+    from transformers import CONFIG_MAPPING
+
+    base_config = CONFIG_MAPPING[model_type](vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                             num_attention_heads=4, num_key_value_heads=2, **extra)
+    base_shapes = _saved_shapes(base_config)
+    out_kind = next(k for k in moe.OUTPUT_KINDS if k.key == kind)
+    layout = moe.moe_layout(out_kind, base_shapes, 3, 5, torch.bfloat16, base_config.tie_word_embeddings)
+    want = _saved_shapes(moe.output_config(out_kind, base_config, 5, 2, torch.bfloat16))
+    assert {k: shape for k, (shape, _) in layout.items()} == want
+    assert {dtype for _, dtype in layout.values()} == {torch.bfloat16}
+    with pytest.raises(KeyError, match="norm"):  # a base without a tensor the output takes from it
+        moe.moe_layout(out_kind, {k: v for k, v in base_shapes.items() if k != "model.norm.weight"}, 3, 5,
+                       torch.bfloat16, base_config.tie_word_embeddings)
+
+
 def test_qwen2_moe_with_shared_expert(tmp_path, qwen2):
     """Qwen2 experts and a gated shared expert → Qwen2-MoE (shared expert, its gate, q/k/v biases)."""
     doc = {"base_model": str(qwen2["base"]), "architecture": "qwen", "gate_mode": "cheap_embed", "dtype": "float32",
@@ -375,6 +412,18 @@ def test_error_expert_of_another_shape(tmp_path, capsys, llama):
     doc = _ok_doc(llama)
     doc["experts"][0]["source_model"] = str(llama["wide"])
     _bad(tmp_path, capsys, doc, ("experts[0].source_model", "intermediate_size"))
+
+
+def test_error_config_disagrees_with_weights(tmp_path, capsys, llama):
+    """A base whose config.json does not describe its weights: one line naming base_model, nothing left
+    (found while the weights are being written: the temporary directory is removed)."""
+    base = tmp_path / "base-edited"
+    shutil.copytree(llama["base"], base)
+    data = json.loads((base / "config.json").read_text())
+    data["num_hidden_layers"] = 5
+    (base / "config.json").write_text(json.dumps(data))
+    _bad(tmp_path, capsys, {**_ok_doc(llama, gate_mode="random"), "base_model": str(base)},
+         ("base_model", "num_hidden_layers 5", "hold 2"))
 
 
 def test_error_hidden_without_prompts(tmp_path, capsys, llama):
@@ -516,18 +565,31 @@ def test_device_auto_is_the_gpu_when_there_is_one(tmp_path, capsys, llama, monke
     assert "--device" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_failure_while_writing_leaves_nothing(tmp_path, llama, monkeypatch):
-    real = moe.write_safetensors
+@pytest.mark.parametrize("where", ["weights", "gates"])
+def test_failure_while_writing_leaves_nothing(tmp_path, llama, monkeypatch, where):
+    """A failure in the thread writing the weights (the disk fills up) or in the main one (computing the
+    gates) while the other works: the error comes out, the thread has ended and nothing is left."""
+    copied = []
+    real = ShardWriter.copy
 
-    def boom(path, tensors):  # the first shard is written, then the disk fills up
-        real(path, tensors)
-        raise OSError("disk full")
+    def copy(self, name, *args):
+        copied.append(name)
+        if where == "weights" and len(copied) == 5:
+            raise OSError("disk full")
+        real(self, name, *args)
 
-    monkeypatch.setattr(moe, "write_safetensors", boom)
+    def gates(plan, progress=True):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(ShardWriter, "copy", copy)
+    if where == "gates":
+        monkeypatch.setattr(moe, "compute_gates", gates)
     plan = moe.plan_moe(moe.load_moe_config(_config(tmp_path, _ok_doc(llama, gate_mode="random"))))
-    with pytest.raises(OSError):
+    with pytest.raises(OSError if where == "weights" else RuntimeError):
         moe.build_moe(plan, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("moe-weights")]
+    assert where == "gates" or len(copied) == 5  # the thread stopped at the failure
 
 
 # ------------------------------------------------------------------------------------------- mergekit

@@ -150,3 +150,45 @@ def test_failed_merge_leaves_no_model_behind(tmp_path, monkeypatch):
     assert not (run_dir / "merged_model").exists()
     assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []
     assert "disk on fire" in json.loads((run_dir / "report.json").read_text())["error"]
+
+
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_shard_writer_writes_what_safetensors_writes(tmp_path, monkeypatch, in_kernel):
+    """ShardWriter, tensors written or copied from another file in any order (the kernel's copy, or through
+    memory where the system has none): the file safetensors' own save_file writes, byte for byte."""
+    import errno
+
+    from safetensors.torch import save_file
+
+    from llm_merging.model.checkpoint import CheckpointReader
+    from llm_merging.model.save import ShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(300, 70, generator=g).half(), "a.bias": torch.randn(70, generator=g),
+               "c.weight": torch.randn(5, 3, generator=g).bfloat16(), "empty": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "want.safetensors"), metadata={"format": "pt"})
+    if not in_kernel:
+        def no_copy_range(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", no_copy_range)
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardWriter(out, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()})
+    reader = CheckpointReader(tmp_path / "want.safetensors")
+    writer.write("c.weight", tensors["c.weight"])
+    file, offset, nbytes, dtype = reader.span("b.weight")
+    assert dtype == torch.float16 and nbytes == 300 * 70 * 2
+    writer.copy("b.weight", file, offset, nbytes)
+    with pytest.raises(ValueError, match="not written.*a.bias"):
+        writer.finish()
+    writer.write("a.bias", tensors["a.bias"])
+    writer.write("empty", tensors["empty"])
+    with pytest.raises(ValueError, match="expected"):
+        writer.write("a.bias", tensors["a.bias"].double())
+    writer.finish()
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "want.safetensors").read_bytes()
+    other = ShardWriter(tmp_path / "out", {"x": ((100_000,), torch.float32)})
+    with pytest.raises(OSError, match="early"):  # a source shorter than the span: a clear error, not zeros
+        other.copy("x", tmp_path / "want.safetensors", offset, 400_000)
+    other.close()

@@ -48,14 +48,18 @@ def setup_logging(quiet: bool, debug: bool, rank: int = 0) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if quiet or not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:  # transformers is heavy: imported here, when a command runs, not when the CLI is imported
+    if "transformers" in sys.modules:  # already loaded: quiet it now
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         if quiet:
             hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    else:  # read by transformers when a command first imports it (importing it here would cost a second)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if quiet:  # transformers' bars follow huggingface_hub's
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
 
 
 def guarded(work: Callable[[], int], *, debug: bool = False, report: bool = True) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -102,6 +103,41 @@ def replace_path(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+#: errors of ``os.copy_file_range`` that mean "not here" (another file system, an old kernel, a file kind
+#: it does not take): the bytes are then copied through memory
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EPERM}
+
+
+def copy_span(src: str | os.PathLike, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
+    """Copy ``nbytes`` bytes of file ``src`` from ``src_offset`` into the open file ``dst_fd`` at ``dst_offset``:
+    in the kernel (``os.copy_file_range``: no pass through this process's memory) where the system allows,
+    else through a 16 MiB buffer. Raises OSError when ``src`` ends early."""
+    with open(src, "rb", buffering=0) as fh:
+        fd = fh.fileno()
+        in_kernel = hasattr(os, "copy_file_range")
+        while nbytes > 0:
+            if in_kernel:
+                try:
+                    n = os.copy_file_range(fd, dst_fd, min(nbytes, 1 << 30), src_offset, dst_offset)
+                except OSError as exc:
+                    if exc.errno not in _NO_COPY_RANGE:
+                        raise
+                    in_kernel = False
+                    continue
+            else:
+                chunk = os.pread(fd, min(nbytes, 16 << 20), src_offset)
+                n = len(chunk)
+                view = memoryview(chunk)
+                while view.nbytes:
+                    w = os.pwrite(dst_fd, view, dst_offset + n - view.nbytes)
+                    if w <= 0:
+                        raise OSError(f"cannot write the copy of {src} (pwrite returned {w})")
+                    view = view[w:]
+            if n <= 0:
+                raise OSError(f"{src} ends {nbytes} bytes early")
+            src_offset, dst_offset, nbytes = src_offset + n, dst_offset + n, nbytes - n
 
 
 def remove_path(path: Path) -> None:

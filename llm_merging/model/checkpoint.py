@@ -550,6 +550,14 @@ class CheckpointReader:
         """Whether :meth:`get_range` can read parts of ``key`` (plain safetensors; not ``.bin``, exotic dtypes)."""
         return self.format == "safetensors" and self._file(key) not in self._st_handles and key in self._st_spans
 
+    def span(self, key: str) -> tuple[Path, int, int, torch.dtype] | None:
+        """Where tensor ``key``'s bytes lie, ``(file, byte offset, bytes, dtype)``, for a plain safetensors
+        tensor (:meth:`range_readable`); None for the others."""
+        if not self.range_readable(key):
+            return None
+        offset, nbytes, dtype = self._st_spans[key]
+        return self._file(key), offset, nbytes, _ST_TORCH_DTYPES[dtype]
+
     def get_range(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Flat entries ``start … stop − 1`` of tensor ``key`` as stored (1-D, its own dtype), read from the
         file alone (see :meth:`range_readable`)."""

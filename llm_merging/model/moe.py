@@ -20,12 +20,12 @@ model for ``hidden`` gates, freed before writing). Every check runs before any w
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
 import os
 import re
+import threading
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +46,7 @@ from llm_merging.core.io import (
 from llm_merging.model.checkpoint import CheckpointReader, shape_str
 from llm_merging.model.lora import LoraAdapter
 from llm_merging.model.refs import ModelRef, hf_token, is_adapter_dir
-from llm_merging.model.save import LazyTensor, model_card, write_safetensors
+from llm_merging.model.save import ShardWriter, model_card
 from llm_merging.model.tokenizer_union import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -290,19 +290,22 @@ def degenerate_layers(gates: torch.Tensor, threshold: float = 5.0) -> list[int]:
 # ------------------------------------------------------------------------------------------------------
 @dataclass
 class MoEPlan:
-    """A checked configuration: resolved models, the output kind and config, the on-disk tensor layout."""
+    """A checked configuration: resolved models, the output kind, the base's dimensions (from its weights)
+    and the output's tensors in the order they are saved."""
 
     config: MoEConfig
     kind: OutputKind
     base_path: Path
-    base_config: Any  # transformers PretrainedConfig of the base
-    out_config: Any  # transformers PretrainedConfig of the output
+    base_json: dict  # the base's config.json as written
+    layers: int
+    hidden: int
+    vocab: int  # embedding rows
+    tied: bool  # the output ties lm_head to the embeddings (as the base does)
     out_dtype: torch.dtype
     tokenizer_path: Path
     layout: dict[str, tuple[tuple[int, ...], torch.dtype]]  # saved name -> (shape, dtype), in save order
     seed: int = 0
     device: str = "cpu"
-    tokenizer: Any = None  # the output tokenizer, as loaded from tokenizer_path
 
     @property
     def gated(self) -> list[ExpertSpec]:
@@ -392,22 +395,32 @@ def output_config(kind: OutputKind, base_config, num_experts: int, experts_per_t
     return out
 
 
-def output_tensor_layout(out_config, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The tensors ``save_pretrained`` writes for ``out_config`` (names after tied-weight removal and
-    transformers' weight-conversion reversal: experts one by one), with shapes: from a model built on the
-    meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+def load_output_config(plan: MoEPlan):
+    """:func:`output_config` from the base's transformers config, checked against the weights the layout was
+    planned from (layers, sizes, tied embeddings, attention biases); a one-line ConfigError naming
+    ``base_model`` where they disagree."""
+    from transformers import AutoConfig
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(out_config)
-    state = model.state_dict()
-    for key in set(getattr(model, "_keys_to_ignore_on_save", None) or ()) & set(state):
-        state.pop(key)
-    kept = remove_tied_weights_from_state_dict(dict(state), model)
-    reverted = revert_weight_conversion(model, dict(kept))
-    return {k: (tuple(v.shape), dtype if v.is_floating_point() else v.dtype) for k, v in reverted.items()}
+    cfg = plan.config
+    try:
+        base_config = AutoConfig.from_pretrained(str(plan.base_path))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _err(cfg.path, "base_model", f"cannot read the config of {plan.base_path}: {first_line(exc)}") from None
+    out = output_config(plan.kind, base_config, len(cfg.experts), cfg.experts_per_token, plan.out_dtype)
+    prefix = "model.layers.0.self_attn"
+    weights = {"num_hidden_layers": plan.layers, "hidden_size": plan.hidden, "vocab_size": plan.vocab,
+               "intermediate_size": plan.layout[_expert_names(plan.kind, 0, 0)["gate_proj"]][0][0],
+               "tie_word_embeddings": plan.tied}
+    if plan.kind.key == "qwen3_moe":
+        weights["attention_bias"] = f"{prefix}.q_proj.bias" in plan.layout
+    if plan.kind.key == "qwen2_moe":
+        weights["qkv_bias"] = True
+    for key, held in weights.items():
+        said = getattr(out, key, None)
+        if (bool(said) if isinstance(held, bool) else said) != held:
+            raise _err(cfg.path, "base_model", f"the config of {plan.base_path} says {key} {said}, its weights "
+                                               f"hold {held}")
+    return out
 
 
 _EXPERT_RE = re.compile(r"^(.*\.layers\.(\d+))\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -415,34 +428,111 @@ _SHARED_RE = re.compile(r"^(.*\.layers\.(\d+))\.mlp\.shared_experts?\.(gate_proj
 _ROUTER_RE = re.compile(r"^.*\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight$")
 _SHARED_GATE_RE = re.compile(r"^.*\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight$")
 _MIXTRAL_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _expert_names(kind: OutputKind, layer: int, expert: int) -> dict[str, str]:
+    """Saved names of routed expert ``expert`` of ``layer``: dense projection -> name."""
+    if kind.key == "mixtral":
+        p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+        return {proj: f"{p}.{w}.weight" for w, proj in _MIXTRAL_PROJ.items()}
+    return {proj: f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight" for proj in MLP_PROJS}
+
+
+def moe_layout(kind: OutputKind, base_shapes: dict[str, tuple[int, ...]], layers: int, num_experts: int,
+               dtype: torch.dtype, tied: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors ``save_pretrained`` writes for the ``kind`` model built from a dense base with tensors
+    ``base_shapes`` (name -> shape): transformers' names with the experts one by one (its weight-conversion
+    reversal), shapes from the base's. Embeddings, norms and attention come from the base (Qwen3-MoE: with
+    its q/k norms and, when the base has them, attention biases; Qwen2-MoE: q/k/v biases, zeros when the
+    base has none); each layer's router has ``num_experts`` rows; Qwen2-MoE adds the shared expert and its
+    one-row gate; no ``lm_head`` when ``tied``. Sorted by name. A base tensor that is needed but missing
+    raises KeyError naming it."""
+    out: dict[str, tuple[int, ...]] = {}
+
+    def base(name: str) -> tuple[int, ...]:
+        if name not in base_shapes:
+            raise KeyError(name)
+        out[name] = tuple(base_shapes[name])
+        return out[name]
+
+    hidden = base("model.embed_tokens.weight")[1]
+    base("model.norm.weight")
+    if not tied:
+        base("lm_head.weight")
+    mlp = "block_sparse_moe" if kind.key == "mixtral" else "mlp"
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            base(f"{p}.{norm}.weight")
+        rows = {proj: base(f"{p}.self_attn.{proj}.weight")[0] for proj in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        if kind.key == "qwen2_moe":
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                out[f"{p}.self_attn.{proj}.bias"] = (rows[proj],)
+        if kind.key == "qwen3_moe":
+            base(f"{p}.self_attn.q_norm.weight")
+            base(f"{p}.self_attn.k_norm.weight")
+            if "model.layers.0.self_attn.q_proj.bias" in base_shapes:
+                for proj in rows:
+                    base(f"{p}.self_attn.{proj}.bias")
+        dense = {proj: base_shapes.get(f"{p}.mlp.{proj}.weight") for proj in MLP_PROJS}
+        if any(shape is None for shape in dense.values()):
+            raise KeyError(next(f"{p}.mlp.{proj}.weight" for proj, shape in dense.items() if shape is None))
+        for e in range(num_experts):
+            for proj, name in _expert_names(kind, i, e).items():
+                out[name] = tuple(dense[proj])
+        out[f"{p}.{mlp}.gate.weight"] = (num_experts, hidden)
+        if kind.key == "qwen2_moe":
+            for proj in MLP_PROJS:
+                out[f"{p}.mlp.shared_expert.{proj}.weight"] = tuple(dense[proj])
+            out[f"{p}.mlp.shared_expert_gate.weight"] = (1, hidden)
+    return {k: (out[k], dtype) for k in sorted(out)}
+
+
+def _layer_count(names) -> int:
+    """Decoder layers of a checkpoint: one more than the largest ``model.layers.N`` (0 when none)."""
+    found = [int(m.group(1)) for m in map(_LAYER_RE.match, names) if m]
+    return max(found) + 1 if found else 0
+
+
+def _tokenizer_size(path: Path) -> int | None:
+    """Tokens of the tokenizer in ``path`` read from its ``tokenizer.json`` (with its added tokens and those
+    of ``tokenizer_config.json``), without transformers; None when it has no tokenizer.json."""
+    import tokenizers
+
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return None
+    n = tokenizers.Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True)
+    try:
+        extra = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("added_tokens_decoder")
+    except (OSError, ValueError, AttributeError):
+        extra = None
+    ids = [int(k) for k in extra if str(k).isdigit()] if isinstance(extra, dict) else []
+    return max([n, *(i + 1 for i in ids)])
 
 
 def plan_moe(cfg: MoEConfig, *, seed: int = 0, device: str = "cpu", allow_same_experts: bool = False) -> MoEPlan:
-    """Resolve and check every model of ``cfg`` (configs and safetensors headers only): experts of the base's
-    architecture and shapes, LoRA adapters that fit, an output kind that holds them. One-line errors naming
-    the key."""
-    from transformers import AutoConfig
-
+    """Resolve and check every model of ``cfg`` (config.json files, safetensors headers and the tokenizer;
+    no weight and no transformers model code): experts of the base's architecture and shapes, LoRA adapters
+    that fit, an output kind that holds them. One-line errors naming the key."""
     base_path = _resolve(cfg, "base_model", cfg.base_model)
     base_json = _read_config_json(cfg, "base_model", base_path)
     model_type = str(base_json.get("model_type"))
     kind = select_kind(cfg, model_type)
     try:
-        base_config = AutoConfig.from_pretrained(str(base_path))
-    except (OSError, ValueError, KeyError) as exc:
-        raise _err(cfg.path, "base_model", f"cannot read the config of {base_path}: {first_line(exc)}") from None
-    try:
         base_reader = CheckpointReader(base_path)
     except LLMMergingError as exc:
         raise _err(cfg.path, "base_model", str(exc)) from None
-    layers = int(base_config.num_hidden_layers)
+    base_shapes = {n: tuple(base_reader.shape(n)) for n in base_reader.keys()}
+    base_reader.close()
+    layers = _layer_count(base_shapes)
     mlp_names = [f"model.layers.{i}.mlp.{p}.weight" for i in range(layers) for p in MLP_PROJS]
-    missing = [n for n in mlp_names if n not in base_reader]
+    missing = [n for n in mlp_names if n not in base_shapes] if layers else ["model.layers.0.mlp.gate_proj.weight"]
     if missing:
         raise _err(cfg.path, "base_model", f"{base_path} has no tensor '{missing[0]}' (a dense "
                                            f"gate_proj/up_proj/down_proj MLP in every layer is needed)")
-    base_shapes = {n: tuple(base_reader.shape(n)) for n in base_reader.keys()}
-    base_reader.close()
+    dims = {"hidden_size": 1, "intermediate_size": 0}  # the axis of gate_proj [intermediate, hidden] holding each
     for e in list(cfg.experts) + list(cfg.shared_experts):
         model_text, _, lora_text = e.source_model.partition("+")
         e.model_path = _resolve(cfg, f"{e.where}.source_model", model_text)
@@ -459,25 +549,29 @@ def plan_moe(cfg: MoEConfig, *, seed: int = 0, device: str = "cpu", allow_same_e
             raise _err(cfg.path, f"{e.where}.source_model", f"'{model_text}' is a {data.get('model_type')} model, "
                                                            f"the base model is {model_type}; experts must share "
                                                            "the base's architecture")
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers"):
-            if data.get(key) != getattr(base_config, key, None):
-                raise _err(cfg.path, f"{e.where}.source_model", f"'{model_text}' has {key} {data.get(key)}, "
-                                                               f"the base model {getattr(base_config, key, None)}")
         try:
             reader = CheckpointReader(e.model_path)
         except LLMMergingError as exc:
             raise _err(cfg.path, f"{e.where}.source_model", str(exc)) from None
         try:
-            for n in mlp_names:
-                if n not in reader:
-                    raise _err(cfg.path, f"{e.where}.source_model", f"'{model_text}' has no tensor '{n}'")
-                if tuple(reader.shape(n)) != base_shapes[n]:
-                    raise _err(cfg.path, f"{e.where}.source_model",
-                               f"'{model_text}' tensor '{n}' is {shape_str(reader.shape(n))}, the base model's "
-                               f"{shape_str(base_shapes[n])}")
             shapes = {n: tuple(reader.shape(n)) for n in reader.keys()}
         finally:
             reader.close()
+        first, theirs = mlp_names[0], _layer_count(shapes)  # sizes, then depth, then every tensor
+        for key, axis in dims.items():
+            if first in shapes and len(shapes[first]) == 2 and shapes[first][axis] != base_shapes[first][axis]:
+                raise _err(cfg.path, f"{e.where}.source_model", f"'{model_text}' has {key} {shapes[first][axis]}, "
+                                                               f"the base model {base_shapes[first][axis]}")
+        if theirs != layers:
+            raise _err(cfg.path, f"{e.where}.source_model", f"'{model_text}' has num_hidden_layers {theirs}, "
+                                                           f"the base model {layers}")
+        for n in mlp_names:
+            if n not in shapes:
+                raise _err(cfg.path, f"{e.where}.source_model", f"'{model_text}' has no tensor '{n}'")
+            if shapes[n] != base_shapes[n]:
+                raise _err(cfg.path, f"{e.where}.source_model", f"'{model_text}' tensor '{n}' is "
+                                                               f"{shape_str(shapes[n])}, the base model's "
+                                                               f"{shape_str(base_shapes[n])}")
         if e.lora_path is not None:
             try:
                 adapter = LoraAdapter.load(e.lora_path)
@@ -494,17 +588,27 @@ def plan_moe(cfg: MoEConfig, *, seed: int = 0, device: str = "cpu", allow_same_e
                                         "computes, at a higher cost (pass --allow-same-experts to build it anyway, "
                                         "e.g. to train it afterwards)")
     out_dtype = DTYPES.get(cfg.dtype or "") or _stored_dtype(base_json)
-    out_config = output_config(kind, base_config, len(cfg.experts), cfg.experts_per_token, out_dtype)
-    if not getattr(base_config, "tie_word_embeddings", False) and "lm_head.weight" not in base_shapes:
+    tied = bool(base_json.get("tie_word_embeddings", False))  # the default of every input model type
+    if not tied and "lm_head.weight" not in base_shapes:
         raise _err(cfg.path, "base_model", f"{base_path} has no lm_head.weight and does not tie it to the embeddings")
+    try:
+        layout = moe_layout(kind, base_shapes, layers, len(cfg.experts), out_dtype, tied)
+    except KeyError as exc:
+        raise _err(cfg.path, "base_model", f"{base_path} has no tensor '{exc.args[0]}', which the "
+                                           f"{kind.mergekit_name} output needs") from None
+    dropped = sorted(n for n in base_shapes if n not in layout and n not in set(mlp_names)
+                     and not (tied and n == "lm_head.weight"))
+    if dropped:
+        logger.warning("base_model: the %s output has no place for %d of its tensors (e.g. %s); they are left out",
+                       kind.mergekit_name, len(dropped), dropped[0])
     tokenizer_path = base_path
     if cfg.tokenizer_source and cfg.tokenizer_source != "base":
         tokenizer_path = _resolve(cfg, "tokenizer_source", cfg.tokenizer_source)
-    tokenizer = _check_tokenizer(cfg, tokenizer_path, int(base_config.vocab_size))
-    layout = output_tensor_layout(out_config, out_dtype)
-    return MoEPlan(config=cfg, kind=kind, base_path=base_path, base_config=base_config, out_config=out_config,
-                   out_dtype=out_dtype, tokenizer_path=tokenizer_path, layout=layout, seed=seed, device=device,
-                   tokenizer=tokenizer)
+    vocab = base_shapes["model.embed_tokens.weight"][0]
+    _check_tokenizer(cfg, tokenizer_path, vocab)
+    return MoEPlan(config=cfg, kind=kind, base_path=base_path, base_json=base_json, layers=layers,
+                   hidden=base_shapes["model.embed_tokens.weight"][1], vocab=vocab, tied=tied, out_dtype=out_dtype,
+                   tokenizer_path=tokenizer_path, layout=layout, seed=seed, device=device)
 
 
 def input_dirs(plan: MoEPlan) -> tuple[Path, ...]:
@@ -546,17 +650,23 @@ def _stored_dtype(config_json: dict) -> torch.dtype:
     return DTYPES.get(name, torch.float32)
 
 
-def _check_tokenizer(cfg: MoEConfig, path: Path, vocab: int):
-    """The output tokenizer, loaded; it must fit the base model's embedding rows."""
+def _check_tokenizer(cfg: MoEConfig, path: Path, vocab: int, tok=None) -> None:
+    """The output tokenizer must load and fit the base model's embedding rows: counted from its
+    tokenizer.json (or ``tok``, the tokenizer as loaded; loaded here when there is no tokenizer.json)."""
     key = "tokenizer_source" if cfg.tokenizer_source else "base_model"
+    label = f"'{cfg.tokenizer_source or cfg.base_model}'"
     try:
-        tok = load_tokenizer(path, f"'{cfg.tokenizer_source or cfg.base_model}'")
+        n = len(tok) if tok is not None else _tokenizer_size(path)
+        if n is None:
+            n = len(load_tokenizer(path, label))
     except LLMMergingError as exc:
         raise type(exc)(f"moe config {cfg.path}: {key}: {exc}") from None
-    if len(tok) > vocab:
-        raise _err(cfg.path, key, f"the tokenizer in {path} has {len(tok)} tokens, more than the base model's "
+    except Exception as exc:  # tokenizers' own parse errors
+        raise ConfigError(f"moe config {cfg.path}: {key}: cannot load the tokenizer of {label} ({path}): "
+                          f"{first_line(exc)}") from None
+    if n > vocab:
+        raise _err(cfg.path, key, f"the tokenizer in {path} has {n} tokens, more than the base model's "
                                   f"{vocab} embedding rows")
-    return tok
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -606,8 +716,7 @@ def compute_gates(plan: MoEPlan, progress: bool = True) -> torch.Tensor:
     """Router rows ``(layers, gated experts, hidden)`` for ``plan.config.gate_mode`` (see the module doc)."""
     from tqdm.auto import tqdm
 
-    cfg, base_cfg = plan.config, plan.base_config
-    layers, hidden, experts = int(base_cfg.num_hidden_layers), int(base_cfg.hidden_size), plan.gated
+    cfg, layers, hidden, experts = plan.config, plan.layers, plan.hidden, plan.gated
     if cfg.gate_mode in ("random", "uniform_random"):
         return random_gates(layers, len(experts), hidden, seed=plan.seed, uniform=cfg.gate_mode == "uniform_random")
     tokenizer = prompt_tokenizer(plan.base_path)
@@ -621,45 +730,13 @@ def compute_gates(plan: MoEPlan, progress: bool = True) -> torch.Tensor:
     for e in tqdm(experts, desc="expert prompts", disable=not progress):
         pos = vectors(e.positive_prompts or [])
         rows.append(gate_rows(pos, vectors(e.negative_prompts) if e.negative_prompts else None))
-    del vectors  # frees the base model of hidden gates before anything is written
+    del vectors  # frees the base model of hidden gates
     return torch.stack(rows, dim=0).permute(1, 0, 2).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------------
 # writing
 # ------------------------------------------------------------------------------------------------------
-def write_shards(folder: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                 fetch: Callable[[str], torch.Tensor], *, max_shard_size: str | int = "5GB",
-                 progress: bool = False) -> None:
-    """Write the tensors of ``layout`` (name -> shape, dtype) into ``folder`` as ``save_pretrained`` shards
-    them (``split_torch_state_dict_into_shards``; an index when there are several), each tensor read by
-    ``fetch(name)`` just when it is written and cast to its dtype: one tensor in memory at a time."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from tqdm.auto import tqdm
-
-    meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in layout.items()}
-    split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=parse_shard_size(max_shard_size))
-    bar = tqdm(total=len(layout), desc="MoE tensors", disable=not progress)
-
-    def read(name: str) -> torch.Tensor:
-        value = fetch(name)
-        shape, dtype = layout[name]
-        if tuple(value.shape) != shape:
-            raise ValueError(f"'{name}': {shape_str(value.shape)} given, {shape_str(shape)} expected")
-        bar.update(1)
-        return value.detach().to(device="cpu", dtype=dtype).contiguous()
-
-    for filename, names in split.filename_to_tensors.items():
-        write_safetensors(folder / filename, {n: LazyTensor(functools.partial(read, n), *layout[n]) for n in sorted(names)})
-    bar.close()
-    if split.is_sharded:
-        index = {"metadata": {"total_parameters": sum(math.prod(s) for s, _ in layout.values()), **split.metadata},
-                 "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
-                                                             encoding="utf-8")
-
-
 class _Sources:
     """The input tensors: one reader per model directory, LoRA adapters bound to their model, noise seeded
     per tensor."""
@@ -697,6 +774,28 @@ class _Sources:
             t = t * e.residual_scale
         return t
 
+    def span(self, name: str) -> tuple[Path, int, int] | None:
+        """Where saved tensor ``name``'s bytes can be copied from as they are, ``(file, offset, bytes)``: a
+        plain safetensors tensor of the output dtype, taken unchanged (no LoRA, noise or residual scale);
+        None when it must be computed."""
+        where, what = tensor_source(self.plan, name)
+        if where == "expert":
+            e, source = what
+            if e.lora_path is not None or e.noise_scale is not None or (
+                    e.residual_scale is not None and source.endswith("down_proj.weight")):
+                return None
+            reader = self.reader(e.model_path)
+        elif where == "base":
+            reader, source = self.reader(self.plan.base_path), what
+            if source not in reader:
+                return None
+        else:
+            return None
+        found = reader.span(source)
+        if found is None or found[3] != self.plan.out_dtype or tuple(reader.shape(source)) != self.plan.layout[name][0]:
+            return None
+        return found[0], found[1], found[2]
+
     def close(self) -> None:
         for r in self.readers.values():
             r.close()
@@ -729,65 +828,114 @@ def tensor_source(plan: MoEPlan, name: str) -> tuple[str, Any]:
     return "base", name
 
 
+def _fetch(plan: MoEPlan, sources: _Sources, name: str) -> torch.Tensor:
+    """Saved tensor ``name`` other than a router, computed (LoRA merged, noise, residual scale, zero biases)."""
+    where, what = tensor_source(plan, name)
+    if where == "expert":
+        return sources.expert(what[0], what[1], name)
+    value = sources.base(what)
+    if value is None and name.endswith("_proj.bias"):  # Qwen2-MoE's attention biases, from a model without
+        return torch.zeros(plan.layout[name][0])
+    if value is None:
+        raise _err(plan.config.path, "base_model", f"{plan.base_path} has no tensor '{name}', which the "
+                                                   f"{plan.kind.mergekit_name} output needs")
+    return value
+
+
+def _write_weights(plan: MoEPlan, sources: _Sources, writer: ShardWriter, stop: threading.Event, bar) -> None:
+    """Every saved tensor but the routers into ``writer``, then flushed to the disk: bytes that stay as they
+    are copied file to file, the others computed and cast; returns early once ``stop`` is set."""
+    for name, (_, dtype) in plan.layout.items():
+        if stop.is_set():
+            return
+        if tensor_source(plan, name)[0] in ("router", "shared_gate"):
+            continue
+        span = sources.span(name)
+        if span is not None:
+            writer.copy(name, *span)
+        else:
+            writer.write(name, _fetch(plan, sources, name).detach().to(device="cpu", dtype=dtype).contiguous())
+        bar.update(1)
+    writer.sync()
+
+
+def _write_files(plan: MoEPlan, out_config, folder: Path) -> None:
+    """Config, generation config, tokenizer, the YAML as written and the model card."""
+    from transformers import GenerationConfig
+
+    cfg = plan.config
+    out_config.save_pretrained(str(folder))
+    gen_file = plan.base_path / "generation_config.json"
+    generation = (GenerationConfig.from_pretrained(str(plan.base_path)) if gen_file.is_file()
+                  else GenerationConfig.from_model_config(out_config))
+    generation.save_pretrained(str(folder))
+    tokenizer = load_tokenizer(plan.tokenizer_path, f"'{cfg.tokenizer_source or cfg.base_model}'")
+    _check_tokenizer(cfg, plan.tokenizer_path, plan.vocab, tokenizer)
+    tokenizer.save_pretrained(str(folder))
+    (folder / "mergekit_moe_config.yml").write_text(cfg.text, encoding="utf-8")
+    info = {"method": f"moe ({plan.kind.mergekit_name}, gate_mode {cfg.gate_mode})",
+            "base": {"id": cfg.base_model},
+            "experts": [{"id": e.source_model, "kind": "lora" if e.lora_path else "full"}
+                        for e in cfg.experts + cfg.shared_experts],
+            "hyperparameters": {"experts_per_token": cfg.experts_per_token, "seed": plan.seed,
+                                "dtype": str(plan.out_dtype).removeprefix("torch.")}}
+    (folder / "README.md").write_text(model_card(info), encoding="utf-8")
+
+
 def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = True,
               gates: torch.Tensor | None = None, max_shard_size: str | int = "5GB") -> dict[str, Any]:
-    """Compute the gates (unless given) and write the MoE into ``output_dir`` (atomically): it must be new or
-    empty and none of the inputs (checked first, with ``max_shard_size``). Returns a summary (kind, experts,
-    gate mode, degenerate layers, seconds)."""
+    """Write the MoE into ``output_dir`` (atomically; it must be new or empty and none of the inputs, checked
+    first, with ``max_shard_size``). The weights are written by a second thread (bytes that stay as they
+    are copied file to file by the kernel) while this one loads transformers, writes the config, tokenizer
+    and model card and computes the gates (unless given); the routers go in last. Returns a summary (kind,
+    experts, gate mode, degenerate layers, seconds)."""
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
-    from transformers import GenerationConfig
+    from tqdm.auto import tqdm
 
     t0 = time.time()
     cfg = plan.config
     output_dir = check_output_dir(plan, output_dir)
     max_shard_size = parse_shard_size(max_shard_size)
-    if gates is None:
-        gates = compute_gates(plan, progress=progress)
-    degenerate = degenerate_layers(gates)
-    if degenerate:
-        logger.warning("%d of %d layers have nearly dependent router rows (e.g. layer %d): the prompts may be too "
-                       "similar, and some experts will rarely be chosen there", len(degenerate), gates.shape[0],
-                       degenerate[0])
     n = len(cfg.experts)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(output_dir)
     tmp.mkdir()
     sources = _Sources(plan)
+    writer = None
+    bar = tqdm(total=len(plan.layout), desc="MoE tensors", disable=not progress)
     try:
-        def fetch(name: str) -> torch.Tensor:
-            where, what = tensor_source(plan, name)
-            if where == "expert":
-                return sources.expert(what[0], what[1], name)
-            if where == "router":
-                return gates[what, :n]
-            if where == "shared_gate":
-                return gates[what, n:n + 1]
-            value = sources.base(what)
-            if value is None and name.endswith("_proj.bias"):  # Qwen2-MoE's attention biases, from a model without
-                return torch.zeros(plan.layout[name][0])
-            if value is None:
-                raise _err(cfg.path, "base_model", f"{plan.base_path} has no tensor '{name}', which the "
-                                                   f"{plan.kind.mergekit_name} output needs")
-            return value
-
-        write_shards(tmp, plan.layout, fetch, max_shard_size=max_shard_size, progress=progress)
-        plan.out_config.save_pretrained(str(tmp))
-        gen_file = plan.base_path / "generation_config.json"
-        generation = (GenerationConfig.from_pretrained(str(plan.base_path)) if gen_file.is_file()
-                      else GenerationConfig.from_model_config(plan.out_config))
-        generation.save_pretrained(str(tmp))
-        (plan.tokenizer or load_tokenizer(plan.tokenizer_path, "the output")).save_pretrained(str(tmp))
-        (tmp / "mergekit_moe_config.yml").write_text(cfg.text, encoding="utf-8")
-        info = {"method": f"moe ({plan.kind.mergekit_name}, gate_mode {cfg.gate_mode})",
-                "base": {"id": cfg.base_model},
-                "experts": [{"id": e.source_model, "kind": "lora" if e.lora_path else "full"}
-                            for e in cfg.experts + cfg.shared_experts],
-                "hyperparameters": {"experts_per_token": cfg.experts_per_token, "seed": plan.seed,
-                                    "dtype": str(plan.out_dtype).removeprefix("torch.")}}
-        (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
+        writer = ShardWriter(tmp, plan.layout, max_shard_size)
+        stop = threading.Event()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-weights") as pool:
+            weights = pool.submit(_write_weights, plan, sources, writer, stop, bar)
+            try:
+                _write_files(plan, load_output_config(plan), tmp)
+                if gates is None:
+                    gates = compute_gates(plan, progress=progress)
+                weights.result()
+            except BaseException:
+                stop.set()  # the thread ends after its current tensor; leaving the block waits for it
+                raise
+        degenerate = degenerate_layers(gates)
+        if degenerate:
+            logger.warning("%d of %d layers have nearly dependent router rows (e.g. layer %d): the prompts may be "
+                           "too similar, and some experts will rarely be chosen there", len(degenerate),
+                           gates.shape[0], degenerate[0])
+        for name, (_, dtype) in plan.layout.items():
+            where, layer = tensor_source(plan, name)
+            if where in ("router", "shared_gate"):
+                rows = gates[layer, :n] if where == "router" else gates[layer, n:n + 1]
+                writer.write(name, rows.to(dtype).contiguous())
+                bar.update(1)
+        bar.close()
+        writer.finish()
         replace_path(tmp, output_dir)
     except BaseException:
+        bar.close()
+        if writer is not None:
+            writer.close()
         remove_path(tmp)
         raise
     finally:

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,16 @@ import torch
 
 from llm_merging import ops
 from llm_merging.core.errors import BudgetExceeded, ConfigError, LLMMergingError, OutputError
-from llm_merging.core.io import TEMP_NAME, atomic_path, atomic_write_json, host_name, remove_path, replace_path, temp_path
+from llm_merging.core.io import (
+    TEMP_NAME,
+    atomic_path,
+    atomic_write_json,
+    copy_span,
+    host_name,
+    remove_path,
+    replace_path,
+    temp_path,
+)
 from llm_merging.core.outputs import disk_full, disk_full_message, owner_alive
 from llm_merging.model import is_conv1d, vocab_modules
 from llm_merging.model.checkpoint import read_safetensors_header, saved_tensors
@@ -250,6 +260,122 @@ _ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"
 _ST_ORDER = ["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"]  # safetensors' dtype order
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One safetensors file of a saved model: its name, its header (length and JSON, padded so that the data
+    starts 8-byte aligned, as safetensors writes it), its size and each tensor's place."""
+
+    filename: str
+    head: bytes
+    size: int
+    places: list[tuple[str, int, int]]  # (tensor name, byte offset in the file, bytes), in the file's order
+
+
+def plan_shards(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], max_shard_size: str | int = "5GB"):
+    """The files ``save_pretrained`` writes for ``tensors`` (name -> shape, dtype, in the order it shards
+    them): huggingface_hub's ``split_torch_state_dict_into_shards`` and each file's header, tensors in
+    safetensors' own order (wider dtypes first, then by name). Returns ``(split, [Shard])``."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    for name, (_, dtype) in tensors.items():
+        if dtype not in _ST_DTYPES:
+            raise ValueError(f"'{name}': dtype {dtype} cannot be saved")
+    meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in tensors.items()}
+    split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    shards = []
+    for filename, names in split.filename_to_tensors.items():
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        names = sorted(names, key=lambda k: (-_ST_ORDER.index(_ST_DTYPES[tensors[k][1]]), k))
+        for key in names:
+            shape, dtype = tensors[key]
+            size = math.prod(shape) * dtype.itemsize
+            header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        head = len(raw).to_bytes(8, "little") + raw
+        places = [(k, len(head) + header[k]["data_offsets"][0],
+                   header[k]["data_offsets"][1] - header[k]["data_offsets"][0]) for k in names]
+        shards.append(Shard(filename, head, len(head) + offset, places))
+    return split, shards
+
+
+class ShardWriter:
+    """A model of known tensors (name -> shape, dtype) written into the directory ``folder`` in any order and
+    from several threads at once (each tensor by one): the files and index ``save_pretrained`` writes
+    (:func:`plan_shards`), created at their full size, each tensor put in its place by :meth:`write` (a
+    tensor) or :meth:`copy` (bytes of another file, copied by the kernel). :meth:`finish` checks that every
+    tensor was written, syncs the files and writes the index; :meth:`close` only closes them."""
+
+    def __init__(self, folder: str | Path, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 max_shard_size: str | int = "5GB") -> None:
+        self.folder = Path(folder)
+        self.tensors = {k: (tuple(shape), dtype) for k, (shape, dtype) in tensors.items()}
+        self.split, shards = plan_shards(self.tensors, max_shard_size)
+        self._fds: list[int] = []
+        self._where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, byte offset, bytes)
+        self._written: set[str] = set()
+        try:
+            for sh in shards:
+                fd = os.open(self.folder / sh.filename, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                _pwrite_all(fd, sh.head, 0)
+                os.ftruncate(fd, sh.size)
+                for name, offset, nbytes in sh.places:
+                    self._where[name] = (fd, offset, nbytes)
+        except BaseException:
+            self.close()
+            raise
+
+    def write(self, name: str, value: torch.Tensor) -> None:
+        """Tensor ``name``'s values (its shape and dtype exactly)."""
+        fd, offset, _ = self._where[name]
+        shape, dtype = self.tensors[name]
+        if tuple(value.shape) != shape or value.dtype != dtype:
+            raise ValueError(f"'{name}': {tuple(value.shape)} {value.dtype} given, {shape} {dtype} expected")
+        if value.numel():
+            _pwrite_all(fd, value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy(), offset)
+        self._written.add(name)
+
+    def copy(self, name: str, path: str | Path, offset: int, nbytes: int) -> None:
+        """Tensor ``name``'s bytes from file ``path`` at ``offset`` (exactly its size, in its dtype)."""
+        fd, where, size = self._where[name]
+        if nbytes != size:
+            raise ValueError(f"'{name}': {nbytes} bytes given, {size} expected")
+        copy_span(path, offset, fd, where, nbytes)
+        self._written.add(name)
+
+    def sync(self) -> None:
+        """Flush what is written so far to the disk (:meth:`finish` then has only the rest to flush)."""
+        for fd in self._fds:
+            os.fsync(fd)
+
+    def finish(self) -> None:
+        """Check that every tensor was written, sync and close the files, write the index (several files)."""
+        missing = [k for k in self.tensors if k not in self._written]
+        if missing:
+            raise ValueError(f"{len(missing)} tensors were not written (e.g. '{missing[0]}')")
+        self.sync()
+        self.close()
+        if self.split.is_sharded:
+            total = sum(math.prod(shape) for shape, _ in self.tensors.values())
+            index = {"metadata": {"total_parameters": total, **self.split.metadata},
+                     "weight_map": self.split.tensor_to_filename}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True)
+                                                                      + "\n", encoding="utf-8")
+
+    def close(self) -> None:
+        """Close the files (idempotent)."""
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+
+
 class StreamingSave:
     """A ``save_pretrained`` directory written while the engine merges (``--no-eval --save full``): every
     merged value goes straight to its place in the safetensors shards, so the merged model is never held in
@@ -275,7 +401,6 @@ class StreamingSave:
     def __init__(self, model: torch.nn.Module, output_dir: str | Path, *, dtype: torch.dtype | None = None,
                  max_shard_size: str = "5GB", fingerprint: dict[str, Any] | None = None,
                  resume: str | Path | None = None) -> None:
-        from huggingface_hub import split_torch_state_dict_into_shards
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         if getattr(model, "is_remote_code", lambda: False)():
@@ -326,29 +451,14 @@ class StreamingSave:
         self.saved_name: dict[str, list[str]] = {}  # model name -> the saved tensors it is written as
         for k, (m, _) in inverse.items():
             self.saved_name.setdefault(m, []).append(k)
-        self.split = split_torch_state_dict_into_shards(reverted, filename_pattern="model{suffix}.safetensors",
-                                                        max_shard_size=max_shard_size)
+        self.split, planned = plan_shards({k: (tuple(v.shape), v.dtype) for k, v in reverted.items()}, max_shard_size)
         self.output_dir = Path(output_dir)
         # model name -> [(fd, byte offset, bytes, first entry)]: one place per saved tensor it is written as
         self._where: dict[str, list[tuple[int, int, int, int]]] = {}
         self._done: dict[str, int] = {}
-        shards = []  # (file name, header bytes, total bytes, [(model name, data offset, bytes)])
-        for filename, names in self.split.filename_to_tensors.items():
-            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-            offset = 0
-            names = sorted(names, key=lambda k: (-_ST_ORDER.index(_ST_DTYPES[reverted[k].dtype]), k))
-            for key in names:  # in safetensors' own order: wider dtypes first, then by name
-                ph = reverted[key]
-                size = ph.numel() * ph.element_size()
-                header[key] = {"dtype": _ST_DTYPES[ph.dtype], "shape": list(ph.shape),
-                               "data_offsets": [offset, offset + size]}
-                offset += size
-            raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-            raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-            head = len(raw).to_bytes(8, "little") + raw
-            places = [(*inverse[k], len(head) + header[k]["data_offsets"][0],
-                       header[k]["data_offsets"][1] - header[k]["data_offsets"][0]) for k in names]
-            shards.append((filename, head, len(head) + offset, places))
+        # (file name, header bytes, total bytes, [(model name, its first entry there, data offset, bytes)])
+        shards = [(sh.filename, sh.head, sh.size, [(*inverse[k], offset, nbytes) for k, offset, nbytes in sh.places])
+                  for sh in planned]
         self.layout = {f: {"bytes": total, "header_sha256": hashlib.sha256(head).hexdigest()}
                        for f, head, total, _ in shards}
         try:
