@@ -68,11 +68,14 @@ class Measured:
 
 
 def run_measured(cmd: list[str], *, env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
-                 log: str | os.PathLike | IO | None = None) -> Measured:
+                 log: str | os.PathLike | IO | None = None, sync_first: bool = True) -> Measured:
     """Run ``cmd`` in a fresh process and measure it: ``(returncode, wall_s, peak_rss_bytes)`` (a :class:`Measured`,
     which also has CPU seconds and page faults). ``env``/``cwd`` as for :class:`subprocess.Popen`; ``log``: a path
     or an open file that gets the command's stdout and stderr (default: this process's). A command that cannot
-    be started gives return code 127 (its error in ``log``) and zeros."""
+    be started gives return code 127 (its error in ``log``) and zeros. ``sync_first``: flush the disk writes
+    earlier runs left to the kernel before starting (untimed), so that they do not slow this run."""
+    if sync_first:
+        os.sync()
     read_fd, write_fd = os.pipe()
     launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(write_fd), *map(str, cmd)]
     fh = open(log, "w") if isinstance(log, (str, os.PathLike)) else log

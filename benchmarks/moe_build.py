@@ -1,14 +1,15 @@
 """MoE building side by side: ``llm-merging moe`` against ``mergekit-moe`` (0.1.5) on the same YAML.
 
-Builds (once, cached under ``--workdir``) an fp16 Llama-shaped base (vocabulary ``--vocab``, hidden ``--hidden``,
-``--layers`` layers, MLP width ``--intermediate``) and ``--experts`` full fine-tunes of it (base + seeded noise),
-then for each gate mode (``--modes``, default random and hidden) runs both tools on the same config ``--repeat``
-times, alternating, each run in a fresh process (the median wall seconds; the largest peak RSS of the child from
-``wait4``), and compares the outputs: every expert
-tensor and, for prompt gates, the router rows (max relative difference; mergekit's ``random`` is unseeded, so
-its routers are not compared).
+For each depth of ``--layers`` (default 4, 16 and 32), builds (once, cached under ``--workdir``) an fp16
+Llama-shaped base (vocabulary ``--vocab``, hidden ``--hidden``, MLP width ``--intermediate``) and ``--experts``
+full fine-tunes of it (base + seeded noise), then for each gate mode (``--modes``, default random and hidden)
+runs both tools on the same config ``--repeat`` times, alternating, each run in a fresh process started after
+the disk writes of the previous one are flushed (the median wall seconds; the largest peak RSS of the child
+from ``wait4``), and compares the outputs: every expert tensor and, for prompt gates, the router rows (max
+relative difference; mergekit's ``random`` is unseeded, so its routers are not compared). Our runs include
+flushing the output to the disk (fsync); mergekit-moe leaves that to the kernel after it exits.
 
-    python benchmarks/moe_build.py [--vocab 32000] [--hidden 1024] [--layers 4]
+    python benchmarks/moe_build.py [--vocab 32000] [--hidden 1024] [--layers 4 16 32]
         [--experts 4] [--modes random hidden] [--repeat 3] [--workdir DIR] [--mergekit PATH/TO/MERGEKIT-VENV]
 
 mergekit is found through ``--mergekit`` (a venv or the executable), ``$MERGEKIT_VENV`` or PATH; it runs as a
@@ -119,7 +120,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, nargs="+", default=[4, 16, 32], help="depths to measure, one after another")
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--modes", nargs="+", default=["random", "hidden"])
@@ -132,45 +133,44 @@ def main() -> int:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    models = build(workdir, args.vocab, args.hidden, args.layers, args.intermediate, args.experts)
     mk = find_mergekit("mergekit-moe", args.mergekit)
     rows = []
-    for mode in args.modes:
-        cfg = workdir / f"moe-{mode}.yml"
-        cfg.write_text(yaml.safe_dump(config(models, mode), sort_keys=False), encoding="utf-8")
-        ours_dir, theirs_dir = workdir / f"ours-{mode}", workdir / f"mergekit-{mode}"
-        for d in (ours_dir, theirs_dir):
-            shutil.rmtree(d, ignore_errors=True)
-        row = {"mode": mode}
-        tools = [("ours", [sys.executable, str(ROOT / "llm_merging" / "main.py"), "moe", str(cfg), str(ours_dir), "-q"],
-                  ours_dir)]
-        if mk:
-            tools.append(("mergekit", [mk, str(cfg), str(theirs_dir), "--device", "cpu"], theirs_dir))
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in tools}
-        for _ in range(args.repeat):  # alternating, so that both see the same load of a shared machine
-            for name, cmd, out_dir in tools:
-                shutil.rmtree(out_dir, ignore_errors=True)
-                wall, rss, rc, err = timed(cmd, workdir / f"{name}-{mode}.log")
-                if rc:
-                    print(f"{name} failed ({mode}): {err}", file=sys.stderr)
-                    return 1
-                runs[name].append((wall, rss))
-        for name in runs:  # the median wall time, the largest peak RSS
-            walls = sorted(w for w, _ in runs[name])
-            row[f"{name}_s"] = round(walls[len(walls) // 2], 2)
-            row[f"{name}_rss_mib"] = round(max(r for _, r in runs[name]))
-        if mk:
-            row.update(time_ratio=round(row["ours_s"] / row["mergekit_s"], 3),
-                       rss_ratio=round(row["ours_rss_mib"] / row["mergekit_rss_mib"], 3))
-            row.update(compare(ours_dir, theirs_dir, args.layers, args.experts, gates=mode != "random"))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    shape = (f"vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, "
-             f"{args.experts} experts, fp16")
+    for layers in args.layers:
+        models = build(workdir, args.vocab, args.hidden, layers, args.intermediate, args.experts)
+        for mode in args.modes:
+            cfg = workdir / f"moe-{mode}-l{layers}.yml"
+            cfg.write_text(yaml.safe_dump(config(models, mode), sort_keys=False), encoding="utf-8")
+            ours_dir, theirs_dir = workdir / f"ours-{mode}", workdir / f"mergekit-{mode}"
+            row = {"layers": layers, "mode": mode}
+            tools = [("ours", [sys.executable, str(ROOT / "llm_merging" / "main.py"), "moe", str(cfg), str(ours_dir),
+                               "-q"], ours_dir)]
+            if mk:
+                tools.append(("mergekit", [mk, str(cfg), str(theirs_dir), "--device", "cpu"], theirs_dir))
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in tools}
+            for _ in range(args.repeat):  # alternating, so that both see the same load of a shared machine
+                for name, cmd, out_dir in tools:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                    wall, rss, rc, err = timed(cmd, workdir / f"{name}-{mode}.log")
+                    if rc:
+                        print(f"{name} failed ({mode}, {layers} layers): {err}", file=sys.stderr)
+                        return 1
+                    runs[name].append((wall, rss))
+            for name in runs:  # the median wall time, the largest peak RSS
+                walls = sorted(w for w, _ in runs[name])
+                row[f"{name}_s"] = round(walls[len(walls) // 2], 2)
+                row[f"{name}_rss_mib"] = round(max(r for _, r in runs[name]))
+            if mk:
+                row.update(time_ratio=round(row["ours_s"] / row["mergekit_s"], 3),
+                           rss_ratio=round(row["ours_rss_mib"] / row["mergekit_rss_mib"], 3))
+                row.update(compare(ours_dir, theirs_dir, layers, args.experts, gates=mode != "random"))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    shape = f"vocab {args.vocab}, hidden {args.hidden}, MLP {args.intermediate}, {args.experts} experts, fp16"
     print(f"\n{shape}; mergekit-moe: {mk or 'not found'}")
-    print(f"{'gate_mode':<10} {'ours s':>8} {'mk s':>8} {'ours MiB':>9} {'mk MiB':>8} {'time x':>7} {'RSS x':>6}")
+    print(f"{'layers':>6} {'gate_mode':<10} {'ours s':>8} {'mk s':>8} {'ours MiB':>9} {'mk MiB':>8} {'time x':>7} "
+          f"{'RSS x':>6}")
     for r in rows:
-        print(f"{r['mode']:<10} {r['ours_s']:>8} {r.get('mergekit_s', '-'):>8} {r['ours_rss_mib']:>9} "
+        print(f"{r['layers']:>6} {r['mode']:<10} {r['ours_s']:>8} {r.get('mergekit_s', '-'):>8} {r['ours_rss_mib']:>9} "
               f"{r.get('mergekit_rss_mib', '-'):>8} {r.get('time_ratio', '-'):>7} {r.get('rss_ratio', '-'):>6}")
     return 0
 

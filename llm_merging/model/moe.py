@@ -13,10 +13,15 @@ computes it (``gate_mode``):
 * ``random``: standard normal rows; ``uniform_random``: uniform in ±1/√hidden (``nn.Linear``'s default);
   both from a seeded generator.
 
-The output is a transformers 5 directory (the same tensor names ``save_pretrained`` writes) written tensor by
-tensor into preallocated safetensors shards: at most one input tensor is in memory at a time (plus the base
-model for ``hidden`` gates, freed before writing). Every check runs before any weight is read; the directory
-(new or empty, none of the inputs) is written under a temporary name and renamed into place.
+The output is a transformers 5 directory (the tensor names ``save_pretrained`` writes, planned from the
+base's safetensors headers: :func:`moe_layout`) written tensor by tensor into preallocated safetensors shards
+(:class:`~llm_merging.model.save.ShardWriter`) by a second thread while the main one loads transformers,
+writes the config and tokenizer and computes the gates; tensors whose bytes stay as they are (same dtype, no
+LoRA, noise or scale) are copied file to file by the kernel, the others computed one at a time; the routers go
+in last. At most one input tensor is in this process's memory at a time (plus the base model for ``hidden``
+gates). Every check on the YAML, the models' configs, tensors and the tokenizer runs before any weight is read
+(the base's transformers config is checked against its weights while they are written); the directory (new or
+empty, none of the inputs) is written under a temporary name and renamed into place, or removed on failure.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import math
 import os
 import re
 import threading
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -842,12 +848,13 @@ def _fetch(plan: MoEPlan, sources: _Sources, name: str) -> torch.Tensor:
     return value
 
 
-def _write_weights(plan: MoEPlan, sources: _Sources, writer: ShardWriter, stop: threading.Event, bar) -> None:
+def _write_weights(plan: MoEPlan, sources: _Sources, writer: ShardWriter, stop: threading.Event, bar) -> float:
     """Every saved tensor but the routers into ``writer``, then flushed to the disk: bytes that stay as they
-    are copied file to file, the others computed and cast; returns early once ``stop`` is set."""
+    are copied file to file, the others computed and cast; returns early once ``stop`` is set. Returns when
+    it ended (``time.perf_counter``)."""
     for name, (_, dtype) in plan.layout.items():
         if stop.is_set():
-            return
+            return time.perf_counter()
         if tensor_source(plan, name)[0] in ("router", "shared_gate"):
             continue
         span = sources.span(name)
@@ -857,6 +864,7 @@ def _write_weights(plan: MoEPlan, sources: _Sources, writer: ShardWriter, stop: 
             writer.write(name, _fetch(plan, sources, name).detach().to(device="cpu", dtype=dtype).contiguous())
         bar.update(1)
     writer.sync()
+    return time.perf_counter()
 
 
 def _write_files(plan: MoEPlan, out_config, folder: Path) -> None:
@@ -889,12 +897,11 @@ def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = 
     are copied file to file by the kernel) while this one loads transformers, writes the config, tokenizer
     and model card and computes the gates (unless given); the routers go in last. Returns a summary (kind,
     experts, gate mode, degenerate layers, seconds)."""
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
-    t0 = time.time()
+    t0 = time.perf_counter()
     cfg = plan.config
     output_dir = check_output_dir(plan, output_dir)
     max_shard_size = parse_shard_size(max_shard_size)
@@ -912,12 +919,16 @@ def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = 
             weights = pool.submit(_write_weights, plan, sources, writer, stop, bar)
             try:
                 _write_files(plan, load_output_config(plan), tmp)
+                t_files = time.perf_counter()
                 if gates is None:
                     gates = compute_gates(plan, progress=progress)
-                weights.result()
+                t_gates = time.perf_counter()
+                t_weights = weights.result()
             except BaseException:
                 stop.set()  # the thread ends after its current tensor; leaving the block waits for it
                 raise
+        logger.info("weights written in %.1f s, meanwhile config and tokenizer in %.1f s and gates in %.1f s",
+                    t_weights - t0, t_files - t0, t_gates - t_files)
         degenerate = degenerate_layers(gates)
         if degenerate:
             logger.warning("%d of %d layers have nearly dependent router rows (e.g. layer %d): the prompts may be "
@@ -943,7 +954,8 @@ def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = 
     return {"output": str(output_dir), "architecture": plan.kind.key, "experts": n,
             "shared_experts": len(cfg.shared_experts), "experts_per_token": cfg.experts_per_token,
             "gate_mode": cfg.gate_mode, "dtype": str(plan.out_dtype).removeprefix("torch."),
-            "degenerate_layers": degenerate, "tensors": len(plan.layout), "seconds": time.time() - t0}
+            "degenerate_layers": degenerate, "tensors": len(plan.layout), "seconds": time.perf_counter() - t0,
+            "timings": {"config_and_tokenizer": t_files - t0, "gates": t_gates - t_files, "weights": t_weights - t0}}
 
 
 def build_from_file(path: str | os.PathLike, output_dir: str | os.PathLike, *, seed: int = 0, device: str = "cpu",
