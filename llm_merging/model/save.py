@@ -368,12 +368,7 @@ class ShardWriter:
 
     def close(self) -> None:
         """Close the files (idempotent)."""
-        for fd in self._fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds = []
+        _close_fds(self._fds)
 
 
 class StreamingSave:
@@ -614,12 +609,7 @@ class StreamingSave:
         """Remove the partly written directory and its journal (nothing is left behind), except after an
         interrupt or a budget stop (``exc`` a KeyboardInterrupt or a BudgetExceeded) when tensors are
         journalled: then both stay for ``--resume`` (``kept``). Idempotent."""
-        for fd in self._fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds = []
+        _close_fds(self._fds)
         self._close_journal()
         if self._finished or self.tmp is None:
             return
@@ -719,6 +709,16 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         if n <= 0:
             raise OSError(f"cannot write to the saved model (pwrite returned {n})")
         view, offset = view[n:], offset + n
+
+
+def _close_fds(fds: list[int]) -> None:
+    """Close every file descriptor of ``fds`` (errors ignored) and empty the list."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
