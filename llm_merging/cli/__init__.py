@@ -55,7 +55,7 @@ def setup_logging(quiet: bool, debug: bool, rank: int = 0) -> None:
         if quiet:
             hf_logging.disable_progress_bar()
     else:  # read by transformers when a command first imports it (importing it here would cost a second)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
         if quiet:  # transformers' bars follow huggingface_hub's
             from huggingface_hub.utils import disable_progress_bars
 

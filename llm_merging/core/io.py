@@ -124,6 +124,8 @@ def copy_span(src: str | os.PathLike, src_offset: int, dst_fd: int, dst_offset: 
                 except OSError as exc:
                     if exc.errno not in _NO_COPY_RANGE:
                         raise
+                    n = 0
+                if n <= 0:  # some file systems answer 0 for "not here": the buffer decides
                     in_kernel = False
                     continue
             else:

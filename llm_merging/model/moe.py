@@ -20,8 +20,9 @@ writes the config and tokenizer and computes the gates; tensors whose bytes stay
 LoRA, noise or scale) are copied file to file by the kernel, the others computed one at a time; the routers go
 in last. At most one input tensor is in this process's memory at a time (plus the base model for ``hidden``
 gates). Every check on the YAML, the models' configs, tensors and the tokenizer runs before any weight is read
-(the base's transformers config is checked against its weights while they are written); the directory (new or
-empty, none of the inputs) is written under a temporary name and renamed into place, or removed on failure.
+(the base's transformers config and the loaded tokenizer are checked again while the weights are written); the
+directory (new or empty, none of the inputs) is written under a temporary name and renamed into place, or
+removed on failure.
 """
 from __future__ import annotations
 
@@ -297,7 +298,7 @@ def degenerate_layers(gates: torch.Tensor, threshold: float = 5.0) -> list[int]:
 @dataclass
 class MoEPlan:
     """A checked configuration: resolved models, the output kind, the base's dimensions (from its weights)
-    and the output's tensors in the order they are saved."""
+    and the output's tensors (their order decides which shard each goes to)."""
 
     config: MoEConfig
     kind: OutputKind
@@ -309,7 +310,7 @@ class MoEPlan:
     tied: bool  # the output ties lm_head to the embeddings (as the base does)
     out_dtype: torch.dtype
     tokenizer_path: Path
-    layout: dict[str, tuple[tuple[int, ...], torch.dtype]]  # saved name -> (shape, dtype), in save order
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]]  # saved name -> (shape, dtype), sorted by name
     seed: int = 0
     device: str = "cpu"
 
@@ -890,6 +891,16 @@ def _write_files(plan: MoEPlan, out_config, folder: Path) -> None:
     (folder / "README.md").write_text(model_card(info), encoding="utf-8")
 
 
+def _join(pool, stop: threading.Event) -> None:
+    """Wait for ``pool``'s thread to end; a Ctrl-C meanwhile only sets ``stop`` again and waits on."""
+    while True:
+        try:
+            pool.shutdown(wait=True)
+            return
+        except KeyboardInterrupt:
+            stop.set()
+
+
 def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = True,
               gates: torch.Tensor | None = None, max_shard_size: str | int = "5GB") -> dict[str, Any]:
     """Write the MoE into ``output_dir`` (atomically; it must be new or empty and none of the inputs, checked
@@ -915,18 +926,22 @@ def build_moe(plan: MoEPlan, output_dir: str | os.PathLike, *, progress: bool = 
     try:
         writer = ShardWriter(tmp, plan.layout, max_shard_size)
         stop = threading.Event()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-weights") as pool:
-            weights = pool.submit(_write_weights, plan, sources, writer, stop, bar)
-            try:
-                _write_files(plan, load_output_config(plan), tmp)
-                t_files = time.perf_counter()
-                if gates is None:
-                    gates = compute_gates(plan, progress=progress)
-                t_gates = time.perf_counter()
-                t_weights = weights.result()
-            except BaseException:
-                stop.set()  # the thread ends after its current tensor; leaving the block waits for it
-                raise
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-weights")
+        weights = pool.submit(_write_weights, plan, sources, writer, stop, bar)
+        try:
+            _write_files(plan, load_output_config(plan), tmp)
+            t_files = time.perf_counter()
+            if weights.done():
+                weights.result()  # the thread failed: no gates to compute
+            if gates is None:
+                gates = compute_gates(plan, progress=progress)
+            t_gates = time.perf_counter()
+            t_weights = weights.result()
+        except BaseException:
+            stop.set()  # the thread ends after its current tensor
+            raise
+        finally:
+            _join(pool, stop)  # before anything it uses is closed or removed, even on a second Ctrl-C
         logger.info("weights written in %.1f s, meanwhile config and tokenizer in %.1f s and gates in %.1f s",
                     t_weights - t0, t_files - t0, t_gates - t_files)
         degenerate = degenerate_layers(gates)

@@ -304,8 +304,8 @@ def plan_shards(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], max_sha
 
 class ShardWriter:
     """A model of known tensors (name -> shape, dtype) written into the directory ``folder`` in any order and
-    from several threads at once (each tensor by one): the files and index ``save_pretrained`` writes
-    (:func:`plan_shards`), created at their full size, each tensor put in its place by :meth:`write` (a
+    from several threads at once (each tensor by one): files and index as ``save_pretrained`` splits those
+    tensors in that order (:func:`plan_shards`), created at their full size, each tensor put in its place by :meth:`write` (a
     tensor) or :meth:`copy` (bytes of another file, copied by the kernel). :meth:`finish` checks that every
     tensor was written, syncs the files and writes the index; :meth:`close` only closes them."""
 
