@@ -958,6 +958,11 @@ class AdapterWriter:
             raise ValueError(f"'{name}' is written as LoRA factors: give its ΔW")
         if isinstance(value, torch.Tensor):
             value = value.detach().to("cpu")
+        self._record(kind, owners, value)
+
+    def _record(self, kind: str, owners: list, value: "torch.Tensor | LazyTensor | None") -> None:
+        """Note a tensor kept whole (``kind`` "bias" or a module's weight) for each of its ``owners``;
+        ``value`` None: read from the model when the adapter is saved."""
         for alias, mod, _, _ in owners:
             if kind == "bias":
                 self.biases[alias] = value
@@ -974,12 +979,7 @@ class AdapterWriter:
         kind, owners, rank = self._route(name, tuple(delta.shape))
         if kind != "lora":
             if value is None:
-                for alias, mod, _, _ in owners:
-                    if kind == "bias":
-                        self.biases[alias] = None
-                    else:
-                        self.keep_modules.setdefault(mod)
-                        self.kept[alias] = None
+                self._record(kind, owners, None)
             else:
                 self.keep(name, value)
             return
